@@ -114,12 +114,13 @@ def gguf_to_hf_dir(gguf: Path, out_dir: Path | None = None) -> Path:
         return out_dir
     import transformers  # heavy: only when a conversion is needed
 
+    transformers.utils.logging.disable_progress_bar()
     with atomic_dir(out_dir) as tmp:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name)
+        # transformers dequantizes GGUF weights on load; dropping the quantizer makes it saveable.
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name,
-            quantization_config=transformers.GgufConfig(dequantize=True))
+            str(gguf.parent), gguf_file=gguf.name)
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:
             quantizer.remove_quantization_config(model)

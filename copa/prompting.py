@@ -231,13 +231,22 @@ def load_spec(template_path: Path, instructions: str, input_fields: Sequence[str
     )
 
 
+def default_instructions(input_fields: Sequence[str], output_fields: Sequence[str]) -> str:
+    """DSPy's own wording for a signature without instructions, so both sides agree."""
+    inputs = ", ".join(f"`{f}`" for f in input_fields)
+    outputs = ", ".join(f"`{f}`" for f in output_fields)
+    return f"Given the fields {inputs}, produce the fields {outputs}."
+
+
 def spec_from_recipe(recipe: Any) -> PromptSpec:
     """The PromptSpec a recipe describes (the program's outputs, incl. reasoning for CoT)."""
     outputs = list(recipe.task.output_fields)
     if recipe.task.module == "chain_of_thought":
         outputs = ["reasoning", *outputs]
+    instructions = recipe.task.instructions or default_instructions(
+        recipe.task.input_fields, recipe.task.output_fields)
     path = find_template(recipe.prompt.template, recipe.base_dir)
-    return load_spec(path, recipe.task.instructions, recipe.task.input_fields, outputs,
+    return load_spec(path, instructions, recipe.task.input_fields, outputs,
                      recipe.task.choices, label=str(path))
 
 

@@ -360,7 +360,8 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 def interpolate(value: Any, env: dict[str, str], where: str = "") -> Any:
     """Expand ${VAR} and ${VAR:-default} inside every string of a YAML tree."""
     if isinstance(value, dict):
-        return {k: interpolate(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        return {k: interpolate(v, env, f"{where}.{k}" if where else str(k))
+                for k, v in value.items()}
     if isinstance(value, list):
         return [interpolate(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, str):
@@ -457,8 +458,9 @@ def load_recipe(path: str | os.PathLike[str], env: dict[str, str] | None = None,
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise RecipeError([Problem(file=label, path="", message=f"{where}{problem}")]) from None
     if not isinstance(raw, dict):
-        raise RecipeError([Problem(file=label, path="",
-                                   message="a recipe is a YAML mapping of sections (name, task, data...)")])
+        raise RecipeError([Problem(
+            file=label, path="",
+            message="a recipe is a YAML mapping of sections (name, task, data, ...)")])
     for key in raw:
         if not isinstance(key, str):
             raise RecipeError([Problem(file=label, path=str(key), message="keys must be strings")])

@@ -1,0 +1,353 @@
+"""Axolotl backend: render its config from a recipe, validate it, run `axolotl train` and
+`axolotl merge-lora` as subprocesses. Knows nothing of DSPy.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from copa.files import atomic_dir, atomic_write_text, quiet_fds
+from copa.models import lora_targets
+from copa.prompting import templates_dir
+from copa.recipe import Problem, Recipe, RecipeError
+
+CONFIG_TEMPLATE = "axolotl/config.yml.j2"
+# Keys copa renders from the recipe's own sections: setting them under finetune.axolotl would
+# make the recipe say two things at once.
+OWNED_KEYS = {
+    "base_model", "adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout",
+    "lora_target_modules", "sequence_len", "micro_batch_size", "gradient_accumulation_steps",
+    "num_epochs", "max_steps", "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay",
+    "max_grad_norm", "seed", "val_set_size", "datasets", "output_dir", "trust_remote_code",
+}
+
+
+class TrainError(Exception):
+    """Axolotl failed; `tail` holds its last meaningful lines, `log` the full log path."""
+
+    def __init__(self, message: str, log: Path | None = None, tail: str = ""):
+        self.log, self.tail = log, tail
+        text = message
+        if tail:
+            text += "\n" + tail
+        if log:
+            text += f"\nfull log: {log}"
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    gpus: int = 0
+    flash_attention: bool = False
+
+    @classmethod
+    def detect(cls) -> Hardware:
+        forced = os.environ.get("COPA_DEVICE")
+        if forced == "cpu":
+            return cls(cuda=False)
+        import torch
+
+        if forced == "cuda" or torch.cuda.is_available():
+            try:
+                import flash_attn  # noqa: F401
+
+                flash = True
+            except ImportError:
+                flash = False
+            return cls(cuda=True, gpus=max(1, torch.cuda.device_count()), flash_attention=flash)
+        return cls(cuda=False)
+
+
+def adapter_kind(recipe: Recipe, hardware: Hardware) -> str:
+    """`auto` is QLoRA where there is CUDA and plain LoRA on CPU."""
+    ft = recipe.finetune
+    if ft.adapter == "auto":
+        return "qlora" if hardware.cuda and ft.load_in_4bit is not False else "lora"
+    return ft.adapter
+
+
+def render_config(recipe: Recipe, base_model: str, train_path: Path, work_dir: Path,
+                  hardware: Hardware) -> dict[str, Any]:
+    """The Axolotl config for a recipe, as data (also what gets written as axolotl.yml)."""
+    ft = recipe.finetune
+    steps_per_epoch_hint = max(1, ft.max_steps or 0)
+    values = {
+        "recipe_name": recipe.name,
+        "base_model": base_model,
+        "trust_remote_code": recipe.model.trust_remote_code,
+        "adapter": adapter_kind(recipe, hardware),
+        "lora_r": ft.lora_r,
+        "lora_alpha": ft.lora_alpha,
+        "lora_dropout": ft.lora_dropout,
+        "lora_target_modules": lora_targets(base_model, ft.lora_target_modules),
+        "train_path": str(train_path),
+        "prepared_path": str(work_dir / "prepared"),
+        "output_dir": str(work_dir / "checkpoints"),
+        "val_set_size": ft.val_set_size,
+        "sequence_len": ft.sequence_len,
+        "micro_batch_size": ft.micro_batch_size,
+        "gradient_accumulation_steps": ft.gradient_accumulation_steps,
+        "max_steps": ft.max_steps,
+        "num_epochs": None if ft.max_steps else ft.num_epochs,
+        "learning_rate": ft.learning_rate,
+        "lr_scheduler": ft.lr_scheduler,
+        "warmup_steps": ft.warmup_steps,
+        "weight_decay": ft.weight_decay,
+        "max_grad_norm": ft.max_grad_norm,
+        "seed": ft.seed,
+        # Checkpoints are what a killed run resumes from; keep them frequent but bounded.
+        "save_steps": max(1, min(25, steps_per_epoch_hint if ft.max_steps else 25)),
+        "cuda": hardware.cuda,
+        "flash_attention": hardware.flash_attention,
+        "distributed_backend": ft.distributed.backend,
+        "deepspeed_config": str(templates_dir() / "axolotl" / "deepspeed"
+                                / f"zero{ft.distributed.zero_stage}.json"),
+    }
+    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined,
+                                        trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string((templates_dir() / CONFIG_TEMPLATE).read_text()).render(values)
+    config = yaml.safe_load(text)
+    config.update(ft.axolotl)
+    if ft.distributed.backend == "fsdp":
+        config.setdefault("fsdp_config", {})["offload_params"] = False
+    return config
+
+
+def launch_command(recipe: Recipe, config_path: Path) -> list[str]:
+    """The `axolotl train` command line, with the launcher the recipe's scale asks for."""
+    dist = recipe.finetune.distributed
+    cmd = [sys.executable, "-m", "axolotl.cli.main", "train", str(config_path)]
+    if dist.processes == 1:
+        return [*cmd, "--launcher", "python"]
+    cmd += ["--launcher", dist.launcher, "--"]
+    if dist.launcher == "torchrun":
+        return [*cmd, f"--nproc_per_node={dist.processes}"]
+    return [*cmd, f"--num_processes={dist.processes}"]
+
+
+def _axolotl_keys() -> set[str]:
+    with quiet_fds():
+        from axolotl.utils.schemas.config import AxolotlInputConfig
+
+    keys = set()
+    for name, field in AxolotlInputConfig.model_fields.items():
+        keys.add(name)
+        if field.alias:
+            keys.add(field.alias)
+    return keys
+
+
+def check_passthrough(recipe: Recipe, label: str) -> list[Problem]:
+    """finetune.axolotl keys Axolotl would silently drop, or that the recipe already sets."""
+    problems = []
+    if not recipe.finetune.axolotl:
+        return problems
+    known = _axolotl_keys()
+    for key in recipe.finetune.axolotl:
+        path = f"finetune.axolotl.{key}"
+        if key in OWNED_KEYS:
+            problems.append(Problem(file=label, path=path, message=(
+                "set by copa from the recipe: write it in the finetune section instead")))
+        elif key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(Problem(file=label, path=path,
+                                    message=f"not an Axolotl config key{hint}"))
+    return problems
+
+
+def validate_config(config: dict[str, Any], label: str) -> None:
+    """Run Axolotl's own validation on a rendered config; raise RecipeError on failure."""
+    import copy
+
+    from pydantic import ValidationError
+
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    with quiet_fds():
+        from axolotl.utils.config import validate_config as axolotl_validate
+        from axolotl.utils.dict import DictDefault
+
+    try:
+        axolotl_validate(DictDefault(copy.deepcopy(config)))
+    except ValidationError as exc:
+        problems = [Problem(file=label, path="finetune (axolotl: "
+                            + ".".join(str(p) for p in e["loc"]) + ")", message=e["msg"])
+                    for e in exc.errors()]
+        raise RecipeError(problems) from None
+    except (ValueError, TypeError) as exc:
+        raise RecipeError([Problem(file=label, path="finetune",
+                                   message=f"Axolotl rejects the config: {exc}")]) from None
+
+
+def write_config(config: dict[str, Any], path: Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False, width=100))
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # `axolotl train` launches `accelerate` from PATH: put this interpreter's bin/ first.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+_LOSS = re.compile(r"\{[^{}]*'loss':[^{}]*\}")
+_NOISE = re.compile(r"warn|torchao|_C_mxfp8|kernels-community|FutureWarning|telemetry",
+                    re.IGNORECASE)
+
+
+def parse_progress(line: str) -> dict[str, float] | None:
+    """Axolotl/transformers log a dict per logging step: pick loss, epoch, step counters."""
+    match = _LOSS.search(line)
+    if not match:
+        return None
+    try:
+        data = json.loads(match.group(0).replace("'", '"'))
+    except json.JSONDecodeError:
+        return None
+    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))
+            or (isinstance(v, str) and v.replace(".", "", 1).isdigit())}
+
+
+def run_logged(cmd: list[str], log_path: Path, on_line: Callable[[str], None] | None = None,
+               what: str = "axolotl") -> None:
+    """Run a command, teeing its output to a log; raise TrainError with the last useful lines."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tail: deque[str] = deque(maxlen=400)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", env=subprocess_env(),
+                                start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                tail.append(line.rstrip())
+                if on_line:
+                    on_line(line)
+            code = proc.wait()
+        except BaseException:
+            _kill(proc)
+            raise
+    if code != 0:
+        raise TrainError(f"{what} failed (exit {code})", log=log_path, tail=meaningful_tail(tail))
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def meaningful_tail(lines: deque[str] | list[str], keep: int = 8) -> str:
+    """The error lines of a Python failure, without warnings and progress bars."""
+    lines = [ln for ln in lines if ln.strip() and not _NOISE.search(ln) and "it/s]" not in ln
+             and "s/it]" not in ln]
+    errors = [ln for ln in lines if re.match(r"^\s*[\w.]*(Error|Exception)\b", ln)
+              or "Error:" in ln or "error:" in ln]
+    chosen = errors[-3:] if errors else lines[-keep:]
+    return "\n".join("  " + ln.strip()[:300] for ln in chosen)
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = sorted(output_dir.glob("checkpoint-*"),
+                         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1]
+                         .isdigit() else -1)
+    for candidate in reversed(checkpoints):
+        if (candidate / "trainer_state.json").is_file():
+            return candidate
+    return None
+
+
+class Progress:
+    """Turns Axolotl log lines into one-line progress reports (step, loss, ETA)."""
+
+    def __init__(self, total_steps: int | None, emit: Callable[[str], None]):
+        self.total, self.emit, self.start, self.step = total_steps, emit, time.time(), 0
+
+    def __call__(self, line: str) -> None:
+        data = parse_progress(line)
+        if data is None or "loss" not in data:
+            return
+        self.step += 1
+        elapsed = time.time() - self.start
+        eta = ""
+        if self.total:
+            remaining = max(0, self.total - self.step) * elapsed / self.step
+            eta = f"  eta {remaining:4.0f}s"
+        total = f"/{self.total}" if self.total else ""
+        self.emit(f"  step {self.step}{total}  loss {data['loss']:.4f}  "
+                  f"epoch {data.get('epoch', 0):.2f}{eta}")
+
+
+def train(recipe: Recipe, config_path: Path, work_dir: Path,
+          emit: Callable[[str], None] = print, total_steps: int | None = None) -> Path:
+    """Run `axolotl train`; resume from the last checkpoint if a previous run was killed.
+
+    Returns the adapter folder (adapter_config.json + adapter weights).
+    """
+    config = yaml.safe_load(config_path.read_text())
+    output_dir = Path(config["output_dir"])
+    log_path = work_dir / "axolotl-train.log"
+    cmd = launch_command(recipe, config_path)
+    resume = last_checkpoint(output_dir)
+    if resume is not None:  # the config sets auto_resume_from_checkpoints
+        emit(f"  resuming from {resume.name}")
+    run_logged(cmd, log_path, Progress(total_steps, emit), what="axolotl train")
+    adapter = output_dir
+    if not (adapter / "adapter_config.json").is_file():
+        raise TrainError("axolotl train finished but wrote no adapter_config.json",
+                         log=log_path, tail=meaningful_tail(
+                             log_path.read_text(errors="replace").splitlines()))
+    return adapter
+
+
+def merge(config_path: Path, adapter_dir: Path, merged_dir: Path, work_dir: Path) -> Path:
+    """Run `axolotl merge-lora` and move its output to `merged_dir` (atomically)."""
+    log_path = work_dir / "axolotl-merge.log"
+    config = yaml.safe_load(config_path.read_text())
+    scratch = work_dir / "merge-scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    # merge-lora writes <output_dir>/merged; aim output_dir at scratch so checkpoints stay put.
+    cmd = [sys.executable, "-m", "axolotl.cli.main", "merge-lora", str(config_path),
+           f"--lora-model-dir={adapter_dir}", f"--output-dir={scratch}"]
+    if config.get("load_in_4bit"):
+        cmd.append("--dequant")
+    run_logged(cmd, log_path, what="axolotl merge-lora")
+    produced = scratch / "merged"
+    if not (produced / "config.json").is_file():
+        raise TrainError("axolotl merge-lora wrote no merged model", log=log_path)
+    with atomic_dir(merged_dir) as tmp:
+        for item in produced.iterdir():
+            shutil.move(str(item), tmp / item.name)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return merged_dir

@@ -1,0 +1,58 @@
+"""Cross-checks a recipe needs beyond its schema: model, template, data, rendered examples.
+
+Cheap (no torch / dspy / axolotl): this is what `copa validate` runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from copa.data import Splits, load_splits
+from copa.models import check_model
+from copa.prompting import PromptError, PromptSpec, build_messages, spec_from_recipe
+from copa.recipe import Problem, Recipe, RecipeError
+
+
+@dataclass(frozen=True)
+class Checked:
+    recipe: Recipe
+    spec: PromptSpec
+    splits: Splits
+
+
+def _label(recipe: Recipe) -> str:
+    return str(recipe.source_path) if recipe.source_path else "<recipe>"
+
+
+def check_recipe(recipe: Recipe) -> Checked:
+    """Everything a run needs, checked before any training; raises RecipeError with all problems."""
+    problems: list[Problem] = []
+    label = _label(recipe)
+    model_problem = check_model(recipe.model.base, recipe.base_dir)
+    if model_problem:
+        problems.append(Problem(file=label, path="model.base", message=model_problem))
+    spec = None
+    try:
+        spec = spec_from_recipe(recipe)
+    except PromptError as exc:
+        problems.append(Problem(file=exc.file, path=exc.where, message=exc.message))
+    splits = None
+    try:
+        splits = load_splits(recipe)
+    except RecipeError as exc:
+        problems.extend(exc.problems)
+    if spec is not None and splits is not None:
+        try:
+            # Render one example with a demo: undefined variables and sandbox refusals show here.
+            example = splits.train[0]
+            demos = splits.train[1:2]
+            if recipe.task.module == "chain_of_thought" and "reasoning" not in example:
+                example = {**example, "reasoning": "..."}
+                demos = [{**d, "reasoning": "..."} for d in demos]
+            build_messages(spec, example, demos, target=example)
+        except PromptError as exc:
+            problems.append(Problem(file=exc.file, path=exc.where, message=exc.message))
+    if problems:
+        raise RecipeError(problems)
+    assert spec is not None and splits is not None
+    return Checked(recipe=recipe, spec=spec, splits=splits)

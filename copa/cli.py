@@ -1,0 +1,245 @@
+"""The `copa` command line. Parses arguments, calls copa's Python API, prints. No logic of its own.
+
+Heavy modules (torch, dspy, axolotl) are imported only inside the commands that need them, so
+`copa --help` and `copa validate` answer at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+EXIT_RECIPE = 2
+EXIT_FAILED = 1
+
+
+def _errors(func):
+    """Turn known failures into one-line messages and exit codes; --debug shows the traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from copa.prompting import PromptError
+        from copa.recipe import RecipeError
+
+        ctx = click.get_current_context()
+        debug = (ctx.find_root().params.get("debug") or os.environ.get("COPA_DEBUG"))
+        try:
+            return func(*args, **kwargs)
+        except RecipeError as exc:
+            if debug:
+                raise
+            for problem in exc.problems:
+                click.echo(str(problem), err=True)
+            sys.exit(EXIT_RECIPE)
+        except PromptError as exc:
+            if debug:
+                raise
+            click.echo(str(exc), err=True)
+            sys.exit(EXIT_RECIPE)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if debug:
+                raise
+            name = type(exc).__name__
+            if name in ("TrainError", "ModelError", "OptimizeError", "ServeError"):
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(EXIT_FAILED)
+            click.echo(f"error: {name}: {exc} (run with --debug for the traceback)", err=True)
+            sys.exit(EXIT_FAILED)
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
+run_dir_opt = click.option("--run-dir", type=click.Path(file_okay=False),
+                           help="Run directory (default: runs/<recipe name>).")
+
+
+def _set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    overrides = {}
+    for item in values:
+        if "=" not in item:
+            raise click.BadParameter(f"'{item}': write KEY.PATH=VALUE, e.g. finetune.num_epochs=2")
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+set_opt = click.option("--set", "overrides", multiple=True, callback=_set, metavar="KEY=VALUE",
+                       help="Override a recipe value, e.g. --set finetune.num_epochs=2.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(package_name="copa")
+def cli(debug: bool) -> None:
+    """copa: fine-tune a small model for one task with Axolotl, then optimize its prompts with
+    DSPy, from one recipe file.
+
+    \b
+    Stages (each can run alone; each reads the previous stage's files in runs/<name>/):
+      render -> train -> merge -> optimize -> evaluate
+
+    \b
+    Start here:
+      copa init my-task          write a starter recipe
+      copa validate my-task.yaml check it (exit 2 with every problem if not)
+      copa run my-task.yaml      every stage, then the four-arm report
+    """
+
+
+@cli.command()
+@recipe_arg
+@click.option("--full", is_flag=True,
+              help="Also render the Axolotl config and run Axolotl's own validation (slower).")
+@set_opt
+@_errors
+def validate(recipe: str, full: bool, overrides: dict[str, Any]) -> None:
+    """Check RECIPE: schema, model, template, data columns, splits. Exit 2 on any problem."""
+    from copa.checks import check_recipe
+    from copa.recipe import load_recipe
+
+    checked = check_recipe(load_recipe(recipe, overrides=overrides))
+    if full:
+        import tempfile
+
+        _quiet_libraries()
+        from copa.render import render
+
+        with tempfile.TemporaryDirectory() as tmp:
+            render(checked, Path(tmp))
+    s = checked.splits
+    click.echo(f"{recipe}: ok ({checked.recipe.task.signature}; "
+               f"train {len(s.train)}, val {len(s.val)}, test {len(s.test)})")
+
+
+@cli.command()
+@recipe_arg
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="Folder to write into (default: runs/<name>/rendered).")
+@set_opt
+@_errors
+def render(recipe: str, output: str | None, overrides: dict[str, Any]) -> None:
+    """Render RECIPE: data splits, training rows, prompt preview and a validated axolotl.yml."""
+    _quiet_libraries()
+    from copa.checks import check_recipe
+    from copa.pipeline import run_dir_for
+    from copa.recipe import load_recipe
+    from copa.render import render as render_files
+
+    checked = check_recipe(load_recipe(recipe, overrides=overrides))
+    out = Path(output) if output else run_dir_for(checked.recipe) / "rendered"
+    result = render_files(checked, out, emit=click.echo)
+    click.echo(f"wrote {out}/ (axolotl.yml, train.jsonl [{result.train_rows} rows], val.jsonl, "
+               "splits/, prompt_preview.txt)")
+
+
+def _stage_command(name: str, help_text: str):
+    @cli.command(name=name, help=help_text)
+    @recipe_arg
+    @run_dir_opt
+    @click.option("--force", is_flag=True, help=f"Re-run {name} even if its inputs are unchanged.")
+    @set_opt
+    @_errors
+    def command(recipe: str, run_dir: str | None, force: bool,
+                overrides: dict[str, Any]) -> None:
+        _quiet_libraries()
+        from copa import pipeline
+
+        pipeline.run(recipe, stages=[name], force=[name] if force else [], run_dir=run_dir,
+                     emit=click.echo, overrides=overrides)
+
+    return command
+
+
+_stage_command("train", "Fine-tune with Axolotl (renders first if needed). LoRA on CPU, QLoRA on "
+               "CUDA. A killed run resumes from its last checkpoint.")
+_stage_command("merge", "Merge the trained adapter into a standalone model at runs/<name>/merged.")
+_stage_command("optimize", "Run the recipe's DSPy optimizer on the base and the merged model.")
+_stage_command("evaluate", "Evaluate the four arms on the test split and write the report.")
+
+
+@cli.command()
+@recipe_arg
+@run_dir_opt
+@click.option("--force", "force", multiple=True, is_flag=False, flag_value="all",
+              type=click.Choice(["all", "render", "train", "merge", "optimize", "evaluate"]),
+              help="Re-run a stage (and what follows) even if unchanged; bare --force = all.")
+@set_opt
+@_errors
+def run(recipe: str, run_dir: str | None, force: tuple[str, ...],
+        overrides: dict[str, Any]) -> None:
+    """Every stage of RECIPE in order (unchanged ones are skipped), then the report."""
+    _quiet_libraries()
+    from copa import pipeline
+
+    forced = list(pipeline.STAGES) if "all" in force else _with_downstream(force)
+    result = pipeline.run(recipe, force=forced, run_dir=run_dir, emit=click.echo,
+                          overrides=overrides)
+    report_md = result.dir / "report.md"
+    if report_md.is_file():
+        click.echo("")
+        click.echo(report_md.read_text())
+
+
+def _with_downstream(stages: tuple[str, ...]) -> list[str]:
+    from copa.pipeline import STAGES
+
+    if not stages:
+        return []
+    first = min(STAGES.index(s) for s in stages)
+    return list(STAGES[first:])
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@_errors
+def report(run_dir: str) -> None:
+    """Print the report table of a finished run directory."""
+    path = Path(run_dir) / "report.md"
+    if not path.is_file():
+        raise click.ClickException(f"{path} does not exist: run `copa run` or `copa evaluate`")
+    click.echo(path.read_text())
+
+
+@cli.command()
+@click.argument("name", default="my-task")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="File to write (default: NAME.yaml).")
+@_errors
+def init(name: str, output: str | None) -> None:
+    """Write a starter recipe NAME.yaml (Iris + the embedded model) that validates as is."""
+    from copa.prompting import templates_dir
+
+    target = Path(output or f"{name}.yaml")
+    if target.exists():
+        raise click.ClickException(f"{target} exists; choose another name or -o")
+    text = (templates_dir() / "recipe" / "starter.yaml").read_text().replace("{{ name }}", name)
+    target.write_text(text)
+    click.echo(f"wrote {target}: edit it, then `copa validate {target}`")
+
+
+def main() -> None:
+    cli(prog_name="copa")
+
+
+if __name__ == "__main__":
+    main()

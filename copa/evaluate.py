@@ -1,0 +1,166 @@
+"""The four arms on the held-out test split, with paired bootstrap confidence intervals.
+
+baseline      base model,   plain program
+prompt_only   base model,   prompt-optimized program
+finetune_only merged model, plain program
+combined      merged model, prompt-optimized program (optimized on the merged model)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ARM_MODELS = {"baseline": "base", "prompt_only": "base", "finetune_only": "merged",
+              "combined": "merged"}
+
+
+def bootstrap_ci(scores: Sequence[float], resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean."""
+    n = len(scores)
+    if n == 0:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    means = sorted(sum(scores[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    lo = means[int((1 - level) / 2 * resamples)]
+    hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return (lo, hi)
+
+
+def paired_bootstrap(per_arm: dict[str, Sequence[float]], resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, Any]:
+    """CIs of each arm's mean and of differences, resampling the same test rows for every arm.
+
+    synergy = combined - max(finetune_only, prompt_only); its CI uses the same resamples.
+    """
+    arms = list(per_arm)
+    n = len(next(iter(per_arm.values()))) if per_arm else 0
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {a: [] for a in arms}
+    synergy_draws: list[float] = []
+    ft_gain_draws: list[float] = []
+    has_synergy = all(a in per_arm for a in ("combined", "finetune_only", "prompt_only"))
+    for _ in range(resamples if n else 0):
+        idx = [rng.randrange(n) for _ in range(n)]
+        means = {a: sum(per_arm[a][i] for i in idx) / n for a in arms}
+        for a in arms:
+            draws[a].append(means[a])
+        if has_synergy:
+            synergy_draws.append(means["combined"]
+                                 - max(means["finetune_only"], means["prompt_only"]))
+        if "finetune_only" in means and "baseline" in means:
+            ft_gain_draws.append(means["finetune_only"] - means["baseline"])
+
+    def interval(values: list[float]) -> list[float]:
+        if not values:
+            return [0.0, 0.0]
+        values = sorted(values)
+        k = len(values)
+        return [values[int((1 - level) / 2 * k)], values[min(k - 1, int((1 + level) / 2 * k))]]
+
+    result: dict[str, Any] = {"arms": {a: interval(draws[a]) for a in arms}}
+    if has_synergy:
+        result["synergy"] = interval(synergy_draws)
+    if ft_gain_draws:
+        result["finetune_gain"] = interval(ft_gain_draws)
+    return result
+
+
+def summarize(per_arm: dict[str, Sequence[float]], resamples: int = 1000,
+              seed: int = 0) -> dict[str, Any]:
+    """Scores, CIs and synergy as plain data (the core of report.json)."""
+    cis = paired_bootstrap(per_arm, resamples, seed)
+    arms = {a: {"score": sum(s) / len(s) if s else 0.0, "n": len(s), "ci95": cis["arms"][a]}
+            for a, s in per_arm.items()}
+    out: dict[str, Any] = {"arms": arms}
+    if "synergy" in cis:
+        best_single = max(arms["finetune_only"]["score"], arms["prompt_only"]["score"])
+        out["synergy"] = {"value": arms["combined"]["score"] - best_single,
+                          "ci95": cis["synergy"],
+                          "definition": "combined - max(finetune_only, prompt_only)"}
+    if "finetune_gain" in cis:
+        out["finetune_gain"] = {
+            "value": arms["finetune_only"]["score"] - arms["baseline"]["score"],
+            "ci95": cis["finetune_gain"], "definition": "finetune_only - baseline"}
+    return out
+
+
+def _program_for(run: Any, arm: str, kit: Any) -> Any:
+    if arm in ("baseline", "finetune_only"):
+        return kit.program.deepcopy()
+    path = run.optimize_dir / f"program_{arm}.json"
+    program = kit.program.deepcopy()
+    program.load(str(path))
+    return program
+
+
+def evaluate_stage(run: Any) -> dict[str, Any]:
+    """Pipeline stage: run each arm on the test split, write predictions and the report."""
+    import time
+
+    import dspy
+
+    from copa.data import read_jsonl, write_jsonl
+    from copa.optimizer import base_model_path, lm_for, score, task_kit
+    from copa.pipeline import versions
+    from copa.program import to_examples
+    from copa.report import write_report
+
+    recipe = run.recipe
+    kit = task_kit(recipe, [], [], run.checked.spec)
+    test_rows = read_jsonl(run.rendered / "splits" / "test.jsonl")
+    testset = to_examples(recipe, test_rows)
+    arms = [a for a in recipe.evaluate.arms if run.finetunes or ARM_MODELS[a] == "base"]
+    per_arm: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    predictions_dir = run.dir / "predictions"
+    field = recipe.task.output_fields[-1]
+    for arm in arms:
+        model_path = base_model_path(recipe) if ARM_MODELS[arm] == "base" else str(run.merged)
+        lm = lm_for(recipe, model_path, ARM_MODELS[arm])
+        program = _program_for(run, arm, kit)
+        start = time.time()
+        with dspy.context(lm=lm, adapter=kit.adapter):
+            mean, results = score(program, testset, kit.metric, recipe.evaluate.num_threads)
+        seconds[arm] = round(time.time() - start, 2)
+        per_arm[arm] = [float(s) for _, _, s in results]
+        run.emit(f"  {arm:<14} {mean:.3f}  ({len(results)} test rows, {seconds[arm]:.0f}s)")
+        write_jsonl(predictions_dir / f"{arm}.jsonl", [
+            {"inputs": {f: ex[f] for f in recipe.task.input_fields}, "gold": ex[field],
+             "prediction": getattr(pred, field, None) if pred is not None else None,
+             "score": float(s)}
+            for ex, pred, s in results])
+    summary = summarize(per_arm, recipe.evaluate.bootstrap, recipe.data.splits.seed)
+    optimize_info = {}
+    opt_path = run.optimize_dir / "optimize.json"
+    if opt_path.is_file():
+        optimize_info = json.loads(opt_path.read_text())
+    stage_seconds = {name: entry.get("seconds") for name, entry in
+                     run.manifest.data.get("stages", {}).items() if entry.get("seconds")}
+    stage_seconds["evaluate"] = round(sum(seconds.values()), 2)
+    report = {
+        "recipe": recipe.name,
+        "metric": recipe.evaluate.metric,
+        "test_rows": len(test_rows),
+        **summary,
+        "prompt_optimization": optimize_info,
+        "eval_seconds": seconds,
+        "stage_seconds": stage_seconds,
+        "versions": versions(),
+        "settings": {
+            "model": recipe.model.base, "optimizer": recipe.optimize.optimizer,
+            "order": recipe.optimize.order, "finetune_demos": recipe.finetune.demos,
+            "adapter": recipe.optimize.adapter, "seed": recipe.finetune.seed,
+        },
+    }
+    paths = write_report(run.dir, report)
+    return {name: str(p) for name, p in paths.items()} | {
+        "predictions": str(predictions_dir)}
+
+
+def load_report(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "report.json").read_text())

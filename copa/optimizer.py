@@ -1,0 +1,296 @@
+"""COPAOptimizer: fine-tune first (Axolotl, through the pipeline's backend stages), then optimize
+prompts with any DSPy optimizer, choosing on the val split so the prompt stage can never make the
+program worse there than the plain (zero-demo) program.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from copa.adapter import TemplateAdapter
+from copa.files import atomic_write_json
+from copa.metrics import make_metric
+from copa.program import make_program, to_examples
+from copa.prompting import PromptSpec, spec_from_recipe
+from copa.recipe import Recipe
+
+Emit = Callable[[str], None]
+
+
+class OptimizeError(Exception):
+    pass
+
+
+def resolve_optimizer(name: str) -> type:
+    """A DSPy optimizer class by name (dspy.<Name>) or a user's 'package.module:Class'."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+    cls = getattr(dspy, name, None) or getattr(dspy.teleprompt, name, None)
+    if cls is None or not inspect.isclass(cls):
+        raise OptimizeError(f"optimize.optimizer: DSPy has no optimizer named '{name}' "
+                            "(e.g. BootstrapFewShot, BootstrapFewShotWithRandomSearch, MIPROv2)")
+    return cls
+
+
+def build_optimizer(recipe: Recipe, metric: Callable[..., Any]) -> Any:
+    cls = resolve_optimizer(recipe.optimize.optimizer)
+    params = dict(recipe.optimize.params)
+    accepted = inspect.signature(cls.__init__).parameters
+    if "num_threads" in accepted and "num_threads" not in params:
+        params["num_threads"] = recipe.optimize.num_threads
+    if "seed" in accepted and "seed" not in params:
+        params["seed"] = recipe.finetune.seed
+    try:
+        return cls(metric=metric, **params)
+    except TypeError as exc:
+        raise OptimizeError(f"optimize.params: {recipe.optimize.optimizer} rejects them: {exc}") \
+            from None
+
+
+def compile_program(optimizer: Any, program: dspy.Module, trainset: list[dspy.Example],
+                    valset: list[dspy.Example]) -> dspy.Module:
+    accepted = inspect.signature(optimizer.compile).parameters
+    kwargs: dict[str, Any] = {"trainset": trainset}
+    if "valset" in accepted:
+        kwargs["valset"] = valset
+    if "requires_permission_to_run" in accepted:  # MIPROv2 asks on stdin otherwise
+        kwargs["requires_permission_to_run"] = False
+    return optimizer.compile(program, **kwargs)
+
+
+def score(program: dspy.Module, devset: list[dspy.Example], metric: Callable[..., Any],
+          num_threads: int) -> tuple[float, list[Any]]:
+    """Mean metric (0..1) and per-example (example, prediction, score) on a devset."""
+    evaluator = dspy.Evaluate(devset=devset, metric=metric, num_threads=num_threads,
+                              display_progress=False, max_errors=len(devset) + 1)
+    result = evaluator(program)
+    scores = [float(s) for _, _, s in result.results]
+    return (sum(scores) / len(scores) if scores else 0.0), result.results
+
+
+def demo_count(program: dspy.Module) -> int:
+    return sum(len(p.demos) for p in program.predictors())
+
+
+def with_demos(program: dspy.Module, demos: Sequence[dict[str, str]],
+               recipe: Recipe) -> dspy.Module:
+    clone = program.deepcopy()
+    examples = to_examples(recipe, list(demos))
+    for predictor in clone.predictors():
+        predictor.demos = list(examples)
+    return clone
+
+
+@dataclass
+class PromptResult:
+    program: dspy.Module
+    winner: str
+    val_scores: dict[str, float] = field(default_factory=dict)
+    demos: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"winner": self.winner, "val_scores": self.val_scores, "demos": self.demos,
+                "seconds": round(self.seconds, 2)}
+
+
+def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter,
+                    trainset: list[dspy.Example], valset: list[dspy.Example],
+                    metric: Callable[..., Any], extra: dict[str, dspy.Module] | None = None,
+                    emit: Emit = print) -> PromptResult:
+    """Run the recipe's optimizer, then keep the best on val of: plain, optimized, extras.
+
+    Ties go to the program with fewer demos (cheaper, and what the fine-tune saw).
+    """
+    start = time.time()
+    threads = recipe.optimize.num_threads
+    with dspy.context(lm=lm, adapter=adapter):
+        candidates: dict[str, dspy.Module] = {"plain": program.deepcopy()}
+        candidates.update(extra or {})
+        optimizer = build_optimizer(recipe, metric)
+        emit(f"  {recipe.optimize.optimizer} on {len(trainset)} train / {len(valset)} val")
+        candidates["optimized"] = compile_program(optimizer, program.deepcopy(), trainset,
+                                                  valset)
+        if not recipe.optimize.guard:
+            chosen = candidates["optimized"]
+            return PromptResult(chosen, "optimized", {}, demo_count(chosen), time.time() - start)
+        val_scores = {name: score(p, valset, metric, threads)[0]
+                      for name, p in candidates.items()}
+    best = max(candidates, key=lambda n: (val_scores[n], -demo_count(candidates[n]),
+                                          n == "plain"))
+    emit("  val: " + ", ".join(f"{n} {s:.3f}" for n, s in val_scores.items())
+         + f" -> {best}")
+    chosen = candidates[best]
+    return PromptResult(chosen, best, val_scores, demo_count(chosen), time.time() - start)
+
+
+@dataclass
+class TaskKit:
+    """What every arm shares: the program, the adapter, the metric and the data splits."""
+
+    recipe: Recipe
+    spec: PromptSpec
+    program: dspy.Module
+    adapter: dspy.Adapter
+    metric: Callable[..., Any]
+    trainset: list[dspy.Example]
+    valset: list[dspy.Example]
+
+
+def make_adapter(recipe: Recipe, spec: PromptSpec) -> dspy.Adapter:
+    if recipe.optimize.adapter == "chat":
+        return dspy.ChatAdapter()
+    return TemplateAdapter(spec)
+
+
+def task_kit(recipe: Recipe, train_rows: list[dict], val_rows: list[dict],
+             spec: PromptSpec | None = None) -> TaskKit:
+    spec = spec or spec_from_recipe(recipe)
+    return TaskKit(
+        recipe=recipe, spec=spec, program=make_program(recipe), adapter=make_adapter(recipe, spec),
+        metric=make_metric(recipe.evaluate.metric, recipe.task.output_fields[-1],
+                           recipe.task.choices),
+        trainset=to_examples(recipe, train_rows), valset=to_examples(recipe, val_rows))
+
+
+def lm_for(recipe: Recipe, model_path: str, name: str) -> dspy.LM:
+    """The DSPy LM for a model folder: in-process batched engine, or a server (recipe.serve)."""
+    if recipe.serve.engine in ("vllm", "openai"):
+        from copa.serve import server_lm
+
+        return server_lm(recipe, model_path, name)
+    from copa.lm import make_lm
+
+    return make_lm(model_path, name, max_batch_size=recipe.serve.max_batch_size,
+                   batch_wait_ms=recipe.serve.batch_wait_ms,
+                   max_tokens=recipe.evaluate.max_tokens)
+
+
+def base_model_path(recipe: Recipe) -> str:
+    from copa.models import resolve_model
+
+    return resolve_model(recipe.model.base, recipe.base_dir)
+
+
+def optimize_stage(run: Any) -> dict[str, Any]:
+    """Pipeline stage: prompt-optimize on the base model (prompt_only) and on the merged model
+    (combined); save both programs with DSPy's own save and a summary."""
+    from copa.data import read_jsonl
+
+    recipe: Recipe = run.recipe
+    out: Path = run.optimize_dir
+    out.mkdir(parents=True, exist_ok=True)
+    kit = task_kit(recipe, read_jsonl(run.rendered / "splits" / "train.jsonl"),
+                   read_jsonl(run.rendered / "splits" / "val.jsonl"), run.checked.spec)
+    fixed_demos = json.loads((run.rendered / "demos.json").read_text())
+    arms = recipe.evaluate.arms
+    summary: dict[str, Any] = {}
+    artifacts: dict[str, Any] = {}
+    jobs = []
+    if "prompt_only" in arms:
+        jobs.append(("prompt_only", base_model_path(recipe), "base"))
+    if "combined" in arms and run.finetunes:
+        jobs.append(("combined", str(run.merged), "merged"))
+    for arm, model_path, lm_name in jobs:
+        run.emit(f"  [{arm}] prompt optimization on the {lm_name} model")
+        extra = {}
+        if fixed_demos and arm == "combined":
+            # The demo set the model was fine-tuned with is a candidate of its own.
+            extra["finetune_demos"] = with_demos(kit.program, fixed_demos, recipe)
+        if recipe.optimize.enabled:
+            result = prompt_optimize(recipe, kit.program, lm_for(recipe, model_path, lm_name),
+                                     kit.adapter, kit.trainset, kit.valset, kit.metric, extra,
+                                     emit=run.emit)
+        else:
+            result = PromptResult(kit.program.deepcopy(), "plain")
+        path = out / f"program_{arm}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        result.program.save(str(tmp))
+        os.replace(tmp, path)
+        summary[arm] = result.summary()
+        artifacts[arm] = str(path)
+    atomic_write_json(out / "optimize.json", summary)
+    return {"programs": artifacts, "summary": str(out / "optimize.json")}
+
+
+class COPAOptimizer(dspy.teleprompt.Teleprompter):
+    """Fine-tune the model with the recipe's backend, then prompt-optimize on the result.
+
+    `order="w->p"` (default): train + merge (Axolotl), point the program at the merged model, run
+    the recipe's DSPy optimizer, keep the best on val among plain / optimized.
+    `order="p->w"`: optimize prompts on the base model first, fine-tune with the chosen demo set
+    in every training row (as BetterTogether's "p -> w"), then choose on val again.
+
+        >>> optimizer = COPAOptimizer("recipes/iris.yaml")
+        >>> program = optimizer.compile(program, trainset=train, valset=val)
+    """
+
+    def __init__(self, recipe: str | os.PathLike[str], metric: Callable[..., Any] | None = None,
+                 run_dir: str | os.PathLike[str] | None = None, order: str | None = None,
+                 emit: Emit = print):
+        super().__init__()
+        self.recipe_path = recipe
+        self.metric = metric
+        self.run_dir = run_dir
+        self.order = order
+        self.emit = emit
+        self.result: PromptResult | None = None
+        self.model_path: str | None = None
+
+    def compile(self, student: dspy.Module, *, trainset: list[dspy.Example],
+                valset: list[dspy.Example] | None = None, **_: Any) -> dspy.Module:
+        from copa import pipeline
+        from copa.render import choose_fixed_demos
+
+        run = pipeline.open_run(self.recipe_path, run_dir=self.run_dir, emit=self.emit)
+        recipe = run.recipe
+        order = self.order or recipe.optimize.order
+        kit = task_kit(recipe, [dict(e) for e in trainset],
+                       [dict(e) for e in (valset or trainset)], run.checked.spec)
+        metric = self.metric or kit.metric
+        extra: dict[str, dspy.Module] = {}
+        if order == "p->w":
+            first = prompt_optimize(recipe, student, lm_for(recipe, base_model_path(recipe),
+                                                            "base"),
+                                    kit.adapter, kit.trainset, kit.valset, metric,
+                                    emit=self.emit)
+            demos = [{k: str(v) for k, v in d.items() if k in kit.spec.input_fields
+                      or k in kit.spec.output_fields}
+                     for p in first.program.predictors() for d in p.demos]
+            if not demos:
+                demos = choose_fixed_demos(recipe, run.checked.splits.train)
+            run.checked = pipeline.Checked(recipe, run.checked.spec, run.checked.splits)
+            self._train(run, demos)
+            extra["finetune_demos"] = first.program
+        else:
+            self._train(run, None)
+        lm = lm_for(recipe, str(run.merged), "merged")
+        self.result = prompt_optimize(recipe, student, lm, kit.adapter, kit.trainset,
+                                      kit.valset, metric, extra, emit=self.emit)
+        self.model_path = str(run.merged)
+        program = self.result.program
+        program.set_lm(lm)
+        return program
+
+    def _train(self, run: Any, demos: list[dict[str, str]] | None) -> None:
+        from copa import pipeline
+        from copa.render import render
+
+        run.dir.mkdir(parents=True, exist_ok=True)
+        if demos is not None:
+            render(run.checked, run.rendered, work_dir=run.train_dir, demos=demos,
+                   emit=self.emit)
+            run.manifest.stage("render").update({"status": "done",
+                                                 "key": pipeline.stage_key(run, "render")})
+        pipeline.run_stages(run, stages=["merge"])

@@ -1,0 +1,106 @@
+"""The render stage: a checked recipe -> data splits, training rows, prompt preview, Axolotl config.
+
+Every file is written atomically, and rendering is deterministic: the same recipe gives
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from copa.checks import Checked
+from copa.data import Row, write_jsonl
+from copa.files import atomic_write_text
+from copa.prompting import PromptSpec, preview, training_row
+from copa.recipe import Recipe
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    dir: Path
+    config_path: Path
+    train_rows: int
+    demos: list[Row]
+
+
+def choose_fixed_demos(recipe: Recipe, train: Sequence[Row]) -> list[Row]:
+    """A deterministic demo set for demo-aware fine-tuning: one row per label first."""
+    n = recipe.finetune.num_demos
+    if n == 0:
+        return []
+    label_field = recipe.task.output_fields[-1]
+    chosen: list[Row] = []
+    seen: set[str] = set()
+    for row in train:
+        if row[label_field] not in seen:
+            seen.add(row[label_field])
+            chosen.append(row)
+        if len(chosen) == n:
+            return chosen
+    for row in train:
+        if row not in chosen:
+            chosen.append(row)
+        if len(chosen) == n:
+            break
+    return chosen
+
+
+def training_rows(spec: PromptSpec, rows: Sequence[Row], demos: Sequence[Row] = ()) -> list[dict]:
+    """Chat rows for Axolotl; rows used as demos are not also trained on as targets."""
+    return [training_row(spec, row, demos) for row in rows if row not in demos]
+
+
+def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
+           base_model: str | None = None, hardware=None, demos: Sequence[Row] | None = None,
+           validate_axolotl: bool = True, emit: Callable[[str], None] = lambda _: None
+           ) -> Rendered:
+    """Write splits/, train.jsonl, val.jsonl, prompt_preview.txt, demos.json and axolotl.yml."""
+    from copa.backends import axolotl as backend  # render owns the config; axolotl import is lazy
+    from copa.models import resolve_model
+
+    recipe, spec, splits = checked.recipe, checked.spec, checked.splits
+    out_dir = Path(out_dir).resolve()
+    work_dir = Path(work_dir).resolve() if work_dir else out_dir / "train"
+    for name in SPLITS:
+        write_jsonl(out_dir / "splits" / f"{name}.jsonl", getattr(splits, name))
+    if demos is None:
+        demos = choose_fixed_demos(recipe, splits.train) if recipe.finetune.demos == "fixed" else []
+    demos = list(demos)
+    rows = training_rows(spec, splits.train, demos)
+    write_jsonl(out_dir / "train.jsonl", rows)
+    write_jsonl(out_dir / "val.jsonl", training_rows(spec, splits.val, demos))
+    atomic_write_text(out_dir / "demos.json", json.dumps(demos, indent=2) + "\n")
+    atomic_write_text(out_dir / "prompt_preview.txt", preview(spec, splits.train[:2]))
+
+    label = str(recipe.source_path) if recipe.source_path else "<recipe>"
+    if base_model is None:
+        emit(f"resolving model {recipe.model.base}")
+        base_model = resolve_model(recipe.model.base, recipe.base_dir)
+    hardware = hardware or backend.Hardware.detect()
+    config = backend.render_config(recipe, base_model, out_dir / "train.jsonl", work_dir,
+                                   hardware)
+    if validate_axolotl:
+        from copa.recipe import RecipeError
+
+        problems = backend.check_passthrough(recipe, label)
+        if problems:
+            raise RecipeError(problems)
+        backend.validate_config(config, label)
+    config_path = out_dir / "axolotl.yml"
+    backend.write_config(config, config_path)
+    return Rendered(dir=out_dir, config_path=config_path, train_rows=len(rows), demos=demos)
+
+
+def steps_for(recipe: Recipe, train_rows: int) -> int:
+    """How many optimizer steps training will take (for progress ETA and checkpoints)."""
+    ft = recipe.finetune
+    if ft.max_steps:
+        return ft.max_steps
+    per_step = ft.micro_batch_size * ft.gradient_accumulation_steps
+    per_epoch = max(1, -(-train_rows // per_step))
+    return max(1, int(per_epoch * (ft.num_epochs or 1)))

@@ -1,0 +1,94 @@
+"""Report files: report.json (data), report.md (the table), report.png (bars with 95% CIs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+ARM_LABELS = {"baseline": "baseline (base model, plain prompt)",
+              "prompt_only": "prompt-only (base model + DSPy)",
+              "finetune_only": "fine-tune-only (merged model, plain prompt)",
+              "combined": "combined (merged model + DSPy)"}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# copa report: {report['recipe']}", "",
+             f"Metric: `{report['metric']}` on {report['test_rows']} held-out test rows "
+             "(percent, with paired-bootstrap 95% CIs).", "",
+             "| arm | score | 95% CI | n |", "|---|---:|---:|---:|"]
+    for arm, data in report["arms"].items():
+        lo, hi = data["ci95"]
+        lines.append(f"| {ARM_LABELS.get(arm, arm)} | {_pct(data['score'])} | "
+                     f"[{_pct(lo)}, {_pct(hi)}] | {data['n']} |")
+    lines.append("")
+    if "finetune_gain" in report:
+        gain = report["finetune_gain"]
+        lines.append(f"- Fine-tune gain (fine-tune-only − baseline): {_pct(gain['value'])} "
+                     f"points, 95% CI [{_pct(gain['ci95'][0])}, {_pct(gain['ci95'][1])}]")
+    if "synergy" in report:
+        syn = report["synergy"]
+        lo, hi = syn["ci95"]
+        verdict = ("combined beats the better single arm" if lo > 0 else
+                   "combined is worse than the better single arm" if hi < 0 else
+                   "no significant synergy (CI includes 0)")
+        lines.append(f"- **Synergy** (combined − max(fine-tune-only, prompt-only)): "
+                     f"{_pct(syn['value'])} points, 95% CI [{_pct(lo)}, {_pct(hi)}]: {verdict}")
+    for arm, info in report.get("prompt_optimization", {}).items():
+        scores = ", ".join(f"{k} {_pct(v)}" for k, v in info.get("val_scores", {}).items())
+        lines.append(f"- Prompt stage for {arm}: kept **{info.get('winner')}** "
+                     f"({info.get('demos', 0)} demos); val: {scores or 'not compared'}")
+    stages = report.get("stage_seconds", {})
+    if stages:
+        lines.append("- Stage wall time: " + ", ".join(f"{k} {v:.0f}s"
+                                                      for k, v in stages.items()))
+    v = report.get("versions", {})
+    lines.append("- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(report["arms"])
+    scores = [100 * report["arms"][a]["score"] for a in arms]
+    lower = [s - 100 * report["arms"][a]["ci95"][0] for a, s in zip(arms, scores)]
+    upper = [100 * report["arms"][a]["ci95"][1] - s for a, s in zip(arms, scores)]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    colors = {"baseline": "#9e9e9e", "prompt_only": "#64b5f6", "finetune_only": "#ffb74d",
+              "combined": "#66bb6a"}
+    ax.bar([a.replace("_", "-") for a in arms], scores, yerr=[lower, upper], capsize=6,
+           color=[colors.get(a, "#90a4ae") for a in arms])
+    for i, s in enumerate(scores):
+        ax.text(i, s + 1, f"{s:.1f}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel(f"{report['metric']} (%)")
+    title = f"{report['recipe']}: four arms on {report['test_rows']} test rows (95% CI)"
+    if "synergy" in report:
+        title += f"\nsynergy {100 * report['synergy']['value']:+.1f} points"
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
+    run_dir = Path(run_dir)
+    paths = {"report_json": run_dir / "report.json", "report_md": run_dir / "report.md",
+             "report_png": run_dir / "report.png"}
+    atomic_write_json(paths["report_json"], report)
+    atomic_write_text(paths["report_md"], markdown(report))
+    atomic_write_bytes(paths["report_png"], plot(report))
+    return paths
