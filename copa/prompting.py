@@ -246,6 +246,10 @@ def spec_from_recipe(recipe: Any) -> PromptSpec:
     instructions = recipe.task.instructions or default_instructions(
         recipe.task.input_fields, recipe.task.output_fields)
     path = find_template(recipe.prompt.template, recipe.base_dir)
+    if not path.is_file():
+        raise PromptError(str(recipe.source_path or "<recipe>"), (
+            f"template file not found: looked for '{recipe.prompt.template}' beside the recipe "
+            f"and in {TEMPLATES_DIR}"))
     return load_spec(path, instructions, recipe.task.input_fields, outputs,
                      recipe.task.choices, label=str(path))
 

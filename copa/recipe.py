@@ -174,6 +174,8 @@ class FinetuneSection(_Section):
     max_grad_norm: float = 1.0
     val_set_size: float = 0.0
     seed: int = 0
+    save_steps: int = Field(25, description="Checkpoint every N steps (what a killed run resumes "
+                            "from).")
     demos: Literal["none", "fixed"] = Field(
         "none",
         description="Demo-aware fine-tuning: 'fixed' puts the demo set the prompt stage will use "
@@ -192,7 +194,8 @@ class FinetuneSection(_Section):
             raise ValueError(f"must be > 0 (got {value}); a typical LoRA value is 2e-4")
         return value
 
-    @field_validator("micro_batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha")
+    @field_validator("micro_batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
+                     "save_steps")
     @classmethod
     def _at_least_one(cls, value: int) -> int:
         if value < 1:

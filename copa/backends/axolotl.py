@@ -87,7 +87,6 @@ def render_config(recipe: Recipe, base_model: str, train_path: Path, work_dir: P
                   hardware: Hardware) -> dict[str, Any]:
     """The Axolotl config for a recipe, as data (also what gets written as axolotl.yml)."""
     ft = recipe.finetune
-    steps_per_epoch_hint = max(1, ft.max_steps or 0)
     values = {
         "recipe_name": recipe.name,
         "base_model": base_model,
@@ -112,8 +111,7 @@ def render_config(recipe: Recipe, base_model: str, train_path: Path, work_dir: P
         "weight_decay": ft.weight_decay,
         "max_grad_norm": ft.max_grad_norm,
         "seed": ft.seed,
-        # Checkpoints are what a killed run resumes from; keep them frequent but bounded.
-        "save_steps": max(1, min(25, steps_per_epoch_hint if ft.max_steps else 25)),
+        "save_steps": ft.save_steps,
         "cuda": hardware.cuda,
         "flash_attention": hardware.flash_attention,
         "distributed_backend": ft.distributed.backend,
@@ -244,6 +242,7 @@ def run_logged(cmd: list[str], log_path: Path, on_line: Callable[[str], None] | 
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
+                log.flush()
                 tail.append(line.rstrip())
                 if on_line:
                     on_line(line)

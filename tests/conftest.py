@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny real (random) Llama with SmolLM2's tokenizer and chat template, and a
+small recipe around it. Real parts everywhere: real transformers, Axolotl and DSPy, just small."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide Llama with random weights and the SmolLM2 tokenizer (~3 M params)."""
+    import torch
+    import transformers
+
+    from copa.models import smollm2_gguf_path
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    gguf = smollm2_gguf_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+TINY_RECIPE = """\
+name: tiny
+model:
+  base: {model}
+task:
+  signature: "sepal_length, sepal_width, petal_length, petal_width -> species"
+  instructions: "Name the iris species."
+  choices: [setosa, versicolor, virginica]
+data:
+  source: sklearn:iris
+  splits: {{train: 12, val: 6, test: 9, seed: 0}}
+prompt:
+  number_format: ".1f"
+finetune:
+  max_steps: {max_steps}
+  save_steps: {save_steps}
+  micro_batch_size: 4
+  learning_rate: 1.0e-3
+  sequence_len: 128
+optimize:
+  optimizer: BootstrapFewShotWithRandomSearch
+  params: {{max_bootstrapped_demos: 1, max_labeled_demos: 2, num_candidate_programs: 1}}
+  num_threads: 4
+evaluate:
+  metric: label_accuracy
+  max_tokens: 4
+  bootstrap: 200
+  num_threads: 4
+"""
+
+
+def write_tiny_recipe(folder: Path, model: Path, max_steps: int = 3, save_steps: int = 25,
+                      extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.yaml"
+    path.write_text(TINY_RECIPE.format(model=model, max_steps=max_steps,
+                                       save_steps=save_steps) + extra)
+    return path

@@ -1,0 +1,248 @@
+"""Malformed and hostile inputs: each is rejected by `copa validate` with exit 2 and one line per
+problem naming the file and the key, never a traceback.
+
+Each case starts from a small valid recipe and changes one thing. Read a case as: "a recipe with
+<change> makes copa say <expected>".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from copa.cli import cli
+
+BASE: dict[str, Any] = {
+    "name": "bad",
+    "model": {"base": "smollm2-135m-instruct"},
+    "task": {"signature": "text -> label", "instructions": "Classify.",
+             "choices": ["pos", "neg"]},
+    "data": {"source": "data.jsonl", "splits": {"train": 6, "val": 2, "test": 2}},
+    "prompt": {"template": "prompts/default.jinja"},
+    "finetune": {"num_epochs": 1},
+    "evaluate": {"metric": "label_accuracy"},
+}
+
+ROWS = [{"text": f"row {i}", "label": "pos" if i % 2 else "neg"} for i in range(12)]
+
+GOOD_TEMPLATE = ("{% block system %}{{ instructions }}{% endblock %}"
+                 "{% block user %}{{ text }}{% endblock %}"
+                 "{% block assistant %}{{ label }}{% endblock %}")
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[keys[-1]] = value
+
+
+def _delete(tree: dict[str, Any], dotted: str) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        tree = tree[key]
+    del tree[keys[-1]]
+
+
+# (case id, {"set": {dotted: value}, "delete": [...], "raw": text, "files": {name: content}},
+#  expected substring of the message, which must name the key path)
+CASES: list[tuple[str, dict[str, Any], str]] = [
+    # --- typos and unknown keys
+    ("typo-lora_r", {"set": {"finetune.lora_rr": 8}},
+     "finetune.lora_rr: unknown key (did you mean 'lora_r'?)"),
+    ("typo-learning_rate", {"set": {"finetune.learnin_rate": 1e-4}},
+     "finetune.learnin_rate: unknown key (did you mean 'learning_rate'?)"),
+    ("typo-section", {"set": {"finetun": {"lora_r": 8}}},
+     "finetun: unknown key (did you mean 'finetune'?)"),
+    ("typo-task-key", {"set": {"task.signatur": "a -> b"}},
+     "task.signatur: unknown key (did you mean 'signature'?)"),
+    ("typo-splits", {"set": {"data.splits.tran": 5}},
+     "data.splits.tran: unknown key (did you mean 'train'?)"),
+    ("unknown-evaluate-key", {"set": {"evaluate.arm": ["baseline"]}},
+     "evaluate.arm: unknown key (did you mean 'arms'?)"),
+    ("unknown-model-key", {"set": {"model.trust_remote": True}},
+     "model.trust_remote: unknown key (did you mean 'trust_remote_code'?)"),
+    # --- wrong types
+    ("lr-string", {"set": {"finetune.learning_rate": "fast"}}, "finetune.learning_rate:"),
+    ("batch-list", {"set": {"finetune.micro_batch_size": [8]}}, "finetune.micro_batch_size:"),
+    ("choices-string", {"set": {"task.choices": "pos,neg"}}, "task.choices:"),
+    ("splits-string", {"set": {"data.splits": "80/10/10"}}, "data.splits:"),
+    ("name-number-list", {"set": {"name": ["a"]}}, "name:"),
+    ("epochs-bool-string", {"set": {"finetune.num_epochs": "many"}}, "finetune.num_epochs:"),
+    # --- bad values
+    ("lr-zero", {"set": {"finetune.learning_rate": 0}}, "finetune.learning_rate: must be > 0"),
+    ("lr-negative", {"set": {"finetune.learning_rate": -1}},
+     "finetune.learning_rate: must be > 0"),
+    ("batch-zero", {"set": {"finetune.micro_batch_size": 0}},
+     "finetune.micro_batch_size: must be at least 1"),
+    ("grad-accum-zero", {"set": {"finetune.gradient_accumulation_steps": 0}},
+     "finetune.gradient_accumulation_steps: must be at least 1"),
+    ("qlora-without-4bit", {"set": {"finetune.adapter": "qlora", "finetune.load_in_4bit": False}},
+     "finetune: adapter 'qlora' needs 4-bit loading"),
+    ("lora-with-4bit", {"set": {"finetune.adapter": "lora", "finetune.load_in_4bit": True}},
+     "finetune: 'load_in_4bit: true' with 'adapter: lora' is QLoRA"),
+    ("adapter-unknown", {"set": {"finetune.adapter": "dora"}}, "finetune.adapter:"),
+    ("dropout-one", {"set": {"finetune.lora_dropout": 1.5}}, "finetune.lora_dropout: must be in"),
+    ("no-epochs-no-steps", {"set": {"finetune.num_epochs": None}},
+     "finetune: set num_epochs or max_steps"),
+    ("seq-len-tiny", {"set": {"finetune.sequence_len": 4}}, "finetune.sequence_len:"),
+    ("signature-no-arrow", {"set": {"task.signature": "text label"}},
+     "task.signature: write it as 'input1, input2 -> output'"),
+    ("signature-bad-field", {"set": {"task.signature": "text -> 1label"}},
+     "task.signature: field name '1label' is not an identifier"),
+    ("signature-duplicate", {"set": {"task.signature": "text -> text"}},
+     "task.signature: field names must be unique"),
+    ("module-unknown", {"set": {"task.module": "react!"}}, "task.module:"),
+    ("one-choice", {"set": {"task.choices": ["pos"]}}, "task.choices: needs at least two"),
+    ("metric-unknown", {"set": {"evaluate.metric": "bleu"}}, "evaluate.metric: unknown metric"),
+    ("arm-unknown", {"set": {"evaluate.arms": ["baseline", "magic"]}}, "evaluate.arms[1]:"),
+    ("arms-empty", {"set": {"evaluate.arms": []}}, "evaluate.arms: name at least one arm"),
+    ("order-unknown", {"set": {"optimize.order": "p->p"}}, "optimize.order:"),
+    ("optimizer-name-code", {"set": {"optimize.optimizer": "__import__('os')"}},
+     "optimize.optimizer:"),
+    ("split-negative", {"set": {"data.splits.train": -3}}, "data.splits.train: must be > 0"),
+    ("name-path", {"set": {"name": "../../etc"}}, "name: use letters"),
+    ("missing-task", {"delete": ["task"]}, "task: required key is missing"),
+    ("missing-signature", {"delete": ["task.signature"]}, "task.signature: required key"),
+    ("missing-data-source", {"delete": ["data.source"]}, "data.source: required key"),
+    ("env-unset", {"set": {"data.source": "${COPA_TEST_SURELY_UNSET}/x.csv"}},
+     "data.source: environment variable COPA_TEST_SURELY_UNSET is not set"),
+    # --- files the recipe names
+    ("missing-data-file", {"set": {"data.source": "nope.csv"}}, "data.source: no such file"),
+    ("missing-column", {"set": {"data.columns": {"text": "sentence"}}},
+     "data.columns.text: field 'text' maps to column 'sentence', which the data lacks; "
+     "columns present: text, label"),
+    ("column-not-a-field", {"set": {"data.columns": {"txt": "text"}}},
+     "data.columns.txt: 'txt' is not a field of the signature"),
+    ("label-not-in-choices", {"set": {"task.choices": ["pos", "neutral"]}},
+     "task.choices: 1 label value(s) in data.source are not among the choices: 'neg'"),
+    ("too-many-rows", {"set": {"data.splits.train": 500}},
+     "data.splits: asks for 504 rows"),
+    ("binary-data", {"set": {"data.source": "blob.csv"},
+                     "files": {"blob.csv": b"\x00\x01\x02binary\x00"}},
+     "data.source: blob.csv: looks like a binary file"),
+    ("non-utf8-data", {"set": {"data.source": "latin.csv"},
+                       "files": {"latin.csv": "text,label\ncaf\xe9,pos\n".encode("latin-1")}},
+     "data.source: latin.csv: not UTF-8 text"),
+    ("empty-data", {"set": {"data.source": "empty.jsonl"}, "files": {"empty.jsonl": ""}},
+     "data.source: no rows in the data"),
+    ("bad-jsonl", {"set": {"data.source": "bad.jsonl"}, "files": {"bad.jsonl": "{not json}\n"}},
+     "data.source: bad.jsonl: line 1: invalid JSON"),
+    ("huge-data", {"set": {"data.source": "data.jsonl", "data.max_file_mb": 0}},
+     "data.source: data.jsonl: file is 0 MB, over data.max_file_mb=0"),
+    ("unknown-extension", {"set": {"data.source": "data.xyz"}, "files": {"data.xyz": "a"}},
+     "data.source: data.xyz: cannot tell the format"),
+    ("missing-template", {"set": {"prompt.template": "prompts/none.jinja"}},
+     "prompt.template: template file not found"),
+    ("missing-model-dir", {"set": {"model.base": "./no-such-model.gguf"}},
+     "model.base: no such GGUF file"),
+    ("model-nonsense", {"set": {"model.base": "not a model"}}, "model.base: 'not a model' is"),
+    # --- templates: syntax, undefined variables, sandbox escapes
+    ("template-syntax", {"set": {"prompt.template": "t.jinja"},
+                         "files": {"t.jinja": "{% block user %}{{ text }{% endblock %}"}},
+     "prompt.template: line 1"),
+    ("template-undefined", {"set": {"prompt.template": "t.jinja"},
+                            "files": {"t.jinja": GOOD_TEMPLATE.replace("{{ text }}",
+                                                                       "{{ txet }}")}},
+     "prompt.template: block user: 'txet' is undefined"),
+    ("template-no-blocks", {"set": {"prompt.template": "t.jinja"},
+                            "files": {"t.jinja": "{{ text }}"}},
+     "prompt.template: missing block(s) user, assistant"),
+    ("template-globals", {"set": {"prompt.template": "t.jinja"},
+                          "files": {"t.jinja": GOOD_TEMPLATE.replace(
+                              "{{ text }}", "{{ cycler.__init__.__globals__.os }}")}},
+     "prompt.template: block user:"),
+    ("template-subclasses", {"set": {"prompt.template": "t.jinja"},
+                             "files": {"t.jinja": GOOD_TEMPLATE.replace(
+                                 "{{ text }}", "{{ ''.__class__.__mro__[1].__subclasses__() }}")}},
+     "prompt.template: block user:"),
+    ("template-mutation", {"set": {"prompt.template": "t.jinja"},
+                           "files": {"t.jinja": GOOD_TEMPLATE.replace(
+                               "{{ text }}", "{{ inputs.update({'x': 1}) }}")}},
+     "prompt.template: block user: refused by the sandbox"),
+    ("template-binary", {"set": {"prompt.template": "t.jinja"},
+                         "files": {"t.jinja": b"\xff\xfe\x00bad"}},
+     "prompt.template: template is not UTF-8 text"),
+    # --- the YAML itself
+    ("yaml-syntax", {"raw": "name: x\ntask: [unclosed\n"}, "line"),
+    ("yaml-not-mapping", {"raw": "- just\n- a list\n"}, "a recipe is a YAML mapping"),
+    ("yaml-python-tag", {"raw": "name: !!python/object/apply:os.system ['echo pwned']\n"},
+     "could not determine a constructor"),
+    ("yaml-empty", {"raw": ""}, "a recipe is a YAML mapping"),
+]
+
+
+def _write_case(tmp_path: Path, case: dict[str, Any]) -> Path:
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    for name, content in case.get("files", {}).items():
+        target = tmp_path / name
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content)
+    recipe_path = tmp_path / "recipe.yaml"
+    if "raw" in case:
+        recipe_path.write_text(case["raw"])
+        return recipe_path
+    recipe = copy.deepcopy(BASE)
+    for dotted, value in case.get("set", {}).items():
+        _set(recipe, dotted, value)
+    for dotted in case.get("delete", []):
+        _delete(recipe, dotted)
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return recipe_path
+
+
+def test_the_base_case_is_valid(tmp_path: Path) -> None:
+    path = _write_case(tmp_path, {})
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "ok (text -> label; train 6, val 2, test 2)" in result.output
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize("case, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_rejected_clearly(tmp_path: Path, case: dict[str, Any],
+                                       expected: str) -> None:
+    path = _write_case(tmp_path, case)
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    output = result.output.strip()
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output
+    assert len(output.splitlines()) == 1, output  # one problem, one line
+    assert output.startswith(str(tmp_path)), output  # names the file
+    assert expected in output, output
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = _write_case(tmp_path, {"set": {"finetune.lora_rr": 8, "finetune.learning_rate": -1,
+                                          "evaluate.metric": "bleu"}})
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 3
+    assert any("finetune.lora_rr: unknown key" in line for line in lines)
+    assert any("finetune.learning_rate: must be > 0" in line for line in lines)
+    assert any("evaluate.metric: unknown metric" in line for line in lines)
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    path = _write_case(tmp_path, {"set": {"finetune.lora_rr": 8}})
+    result = CliRunner().invoke(cli, ["--debug", "validate", str(path)])
+    assert result.exit_code != 0
+    assert result.exception is not None
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "no such recipe file" in result.output
