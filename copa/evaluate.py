@@ -105,7 +105,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     import dspy
 
     from copa.data import read_jsonl, write_jsonl
-    from copa.optimizer import base_model_path, lm_for, score, task_kit
+    from copa.optimizer import base_model_path, model_lm, score, task_kit
     from copa.pipeline import versions
     from copa.program import to_examples
     from copa.report import write_report
@@ -121,10 +121,10 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     field = recipe.task.output_fields[-1]
     for arm in arms:
         model_path = base_model_path(recipe) if ARM_MODELS[arm] == "base" else str(run.merged)
-        lm = lm_for(recipe, model_path, ARM_MODELS[arm])
         program = _program_for(run, arm, kit)
         start = time.time()
-        with dspy.context(lm=lm, adapter=kit.adapter):
+        with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir / "serve") as lm, \
+                dspy.context(lm=lm, adapter=kit.adapter):
             mean, results = score(program, testset, kit.metric, recipe.evaluate.num_threads)
         seconds[arm] = round(time.time() - start, 2)
         per_arm[arm] = [float(s) for _, _, s in results]

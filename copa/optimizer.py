@@ -10,7 +10,8 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,17 +165,24 @@ def task_kit(recipe: Recipe, train_rows: list[dict], val_rows: list[dict],
         trainset=to_examples(recipe, train_rows), valset=to_examples(recipe, val_rows))
 
 
-def lm_for(recipe: Recipe, model_path: str, name: str) -> dspy.LM:
-    """The DSPy LM for a model folder: in-process batched engine, or a server (recipe.serve)."""
-    if recipe.serve.engine in ("vllm", "openai"):
-        from copa.serve import server_lm
+@contextmanager
+def model_lm(recipe: Recipe, model_path: str, name: str,
+             log_dir: Path | None = None) -> Iterator[dspy.LM]:
+    """The DSPy LM for a model folder: the in-process batched engine (loaded once per process),
+    or an OpenAI-compatible server that lives exactly as long as this block (recipe.serve)."""
+    serve = recipe.serve
+    if serve.engine == "local":
+        from copa.lm import make_lm
 
-        return server_lm(recipe, model_path, name)
-    from copa.lm import make_lm
+        yield make_lm(model_path, name, max_batch_size=serve.max_batch_size,
+                      batch_wait_ms=serve.batch_wait_ms, max_tokens=recipe.evaluate.max_tokens)
+        return
+    from copa.serve import serving
 
-    return make_lm(model_path, name, max_batch_size=recipe.serve.max_batch_size,
-                   batch_wait_ms=recipe.serve.batch_wait_ms,
-                   max_tokens=recipe.evaluate.max_tokens)
+    with serving(serve.engine, model_path, name, api_base=serve.api_base,
+                 api_key=serve.api_key, max_tokens=recipe.evaluate.max_tokens,
+                 log_dir=log_dir) as lm:
+        yield lm
 
 
 def base_model_path(recipe: Recipe) -> str:
@@ -209,9 +217,9 @@ def optimize_stage(run: Any) -> dict[str, Any]:
             # The demo set the model was fine-tuned with is a candidate of its own.
             extra["finetune_demos"] = with_demos(kit.program, fixed_demos, recipe)
         if recipe.optimize.enabled:
-            result = prompt_optimize(recipe, kit.program, lm_for(recipe, model_path, lm_name),
-                                     kit.adapter, kit.trainset, kit.valset, kit.metric, extra,
-                                     emit=run.emit)
+            with model_lm(recipe, model_path, lm_name, run.dir / "serve") as lm:
+                result = prompt_optimize(recipe, kit.program, lm, kit.adapter, kit.trainset,
+                                         kit.valset, kit.metric, extra, emit=run.emit)
         else:
             result = PromptResult(kit.program.deepcopy(), "plain")
         path = out / f"program_{arm}.json"
@@ -261,10 +269,9 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
         metric = self.metric or kit.metric
         extra: dict[str, dspy.Module] = {}
         if order == "p->w":
-            first = prompt_optimize(recipe, student, lm_for(recipe, base_model_path(recipe),
-                                                            "base"),
-                                    kit.adapter, kit.trainset, kit.valset, metric,
-                                    emit=self.emit)
+            with model_lm(recipe, base_model_path(recipe), "base") as base_lm:
+                first = prompt_optimize(recipe, student, base_lm, kit.adapter, kit.trainset,
+                                        kit.valset, metric, emit=self.emit)
             demos = [{k: str(v) for k, v in d.items() if k in kit.spec.input_fields
                       or k in kit.spec.output_fields}
                      for p in first.program.predictors() for d in p.demos]
@@ -275,12 +282,13 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
             extra["finetune_demos"] = first.program
         else:
             self._train(run, None)
-        lm = lm_for(recipe, str(run.merged), "merged")
-        self.result = prompt_optimize(recipe, student, lm, kit.adapter, kit.trainset,
-                                      kit.valset, metric, extra, emit=self.emit)
+        with model_lm(recipe, str(run.merged), "merged") as lm:
+            self.result = prompt_optimize(recipe, student, lm, kit.adapter, kit.trainset,
+                                          kit.valset, metric, extra, emit=self.emit)
         self.model_path = str(run.merged)
         program = self.result.program
-        program.set_lm(lm)
+        if recipe.serve.engine == "local":  # a server's LM dies with its block
+            program.set_lm(lm)
         return program
 
     def _train(self, run: Any, demos: list[dict[str, str]] | None) -> None:

@@ -170,21 +170,21 @@ def do_render(run: Run) -> dict[str, Any]:
 
 
 def do_train(run: Run) -> dict[str, Any]:
-    from copa.backends import axolotl as backend
+    from copa.backends import get_backend
     from copa.data import read_jsonl
     from copa.render import steps_for
 
     rows = len(read_jsonl(run.rendered / "train.jsonl"))
-    adapter = backend.train(run.recipe, run.rendered / "axolotl.yml", run.train_dir,
-                            emit=run.emit, total_steps=steps_for(run.recipe, rows))
+    adapter = get_backend().train(run.recipe, run.rendered / "axolotl.yml", run.train_dir,
+                                  emit=run.emit, total_steps=steps_for(run.recipe, rows))
     return {"adapter": str(adapter), "log": str(run.train_dir / "axolotl-train.log")}
 
 
 def do_merge(run: Run) -> dict[str, Any]:
-    from copa.backends import axolotl as backend
+    from copa.backends import get_backend
 
     adapter = Path(run.manifest.stage("train")["artifacts"]["adapter"])
-    backend.merge(run.rendered / "axolotl.yml", adapter, run.merged, run.train_dir)
+    get_backend().merge(run.rendered / "axolotl.yml", adapter, run.merged, run.train_dir)
     return {"model": str(run.merged)}
 
 

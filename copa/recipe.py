@@ -301,11 +301,19 @@ class EvaluateSection(_Section):
 
 
 class ServeSection(_Section):
-    engine: Literal["local", "vllm", "openai"] = "local"
+    engine: Literal["local", "vllm", "transformers", "openai"] = Field(
+        "local", description="local: in-process batched engine; vllm / transformers: copa starts "
+        "an OpenAI-compatible server on loopback; openai: a server you run (api_base).")
     api_base: str | None = None
     api_key: str = "copa"
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
+
+    @model_validator(mode="after")
+    def _api_base(self) -> ServeSection:
+        if self.engine == "openai" and not self.api_base:
+            raise ValueError("engine 'openai' needs api_base, e.g. http://127.0.0.1:8000/v1")
+        return self
 
 
 class Recipe(_Section):

@@ -39,8 +39,9 @@ def test_banking77_uses_its_own_test_file_without_leaks() -> None:
 
 
 def test_a_different_seed_gives_different_splits() -> None:
-    recipe = load_recipe(REPO / "recipes" / "iris.yaml", overrides={"data.splits.seed": 1})
-    assert load_splits(recipe).train != load_splits(load_recipe(REPO / "recipes" / "iris.yaml")).train
+    iris = REPO / "recipes" / "iris.yaml"
+    reseeded = load_recipe(iris, overrides={"data.splits.seed": 1})
+    assert load_splits(reseeded).train != load_splits(load_recipe(iris)).train
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "json", "parquet"])

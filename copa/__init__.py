@@ -1,0 +1,33 @@
+"""copa: fine-tune a small LM for one task with Axolotl, then optimize its prompts with DSPy.
+
+The light API (recipes, rendering) imports nothing heavy; `COPAOptimizer` pulls in DSPy on use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["COPAOptimizer", "load_recipe", "run", "__version__"]
+
+
+def run(recipe: str, **kwargs: Any) -> Any:
+    """Every stage of a recipe, as `copa run` does; returns the pipeline Run."""
+    from copa.pipeline import run as run_pipeline
+
+    return run_pipeline(recipe, **kwargs)
+
+
+def load_recipe(path: str, **kwargs: Any) -> Any:
+    from copa.recipe import load_recipe as load
+
+    return load(path, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COPAOptimizer":
+        from copa.optimizer import COPAOptimizer
+
+        return COPAOptimizer
+    raise AttributeError(name)

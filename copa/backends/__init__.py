@@ -1,0 +1,42 @@
+"""Training backends. The pipeline and COPAOptimizer know a backend only through `Backend`:
+train (rendered config -> adapter folder) and merge (adapter -> standalone model folder)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Backend(Protocol):
+    name: str
+
+    def train(self, recipe: Any, config_path: Path, work_dir: Path,
+              emit: Callable[[str], None], total_steps: int | None) -> Path: ...
+
+    def merge(self, config_path: Path, adapter_dir: Path, merged_dir: Path,
+              work_dir: Path) -> Path: ...
+
+
+class AxolotlBackend:
+    """The real `axolotl train` / `axolotl merge-lora` CLIs, as subprocesses."""
+
+    name = "axolotl"
+
+    def train(self, recipe: Any, config_path: Path, work_dir: Path,
+              emit: Callable[[str], None], total_steps: int | None) -> Path:
+        from copa.backends import axolotl
+
+        return axolotl.train(recipe, config_path, work_dir, emit=emit, total_steps=total_steps)
+
+    def merge(self, config_path: Path, adapter_dir: Path, merged_dir: Path,
+              work_dir: Path) -> Path:
+        from copa.backends import axolotl
+
+        return axolotl.merge(config_path, adapter_dir, merged_dir, work_dir)
+
+
+def get_backend(name: str = "axolotl") -> Backend:
+    if name == "axolotl":
+        return AxolotlBackend()
+    raise ValueError(f"unknown training backend {name!r}")
