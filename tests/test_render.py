@@ -1,0 +1,102 @@
+"""`copa render`: the files, Axolotl's own validation, determinism, and scale-out rendering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from copa.backends.axolotl import Hardware, launch_command, render_config
+from copa.cli import cli
+from copa.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_shipped_recipe_validates(recipe: Path) -> None:
+    result = CliRunner().invoke(cli, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+
+
+def test_init_writes_a_recipe_that_validates(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["init", "starter"]).exit_code == 0
+    result = runner.invoke(cli, ["validate", "starter.yaml"])
+    assert result.exit_code == 0, result.output
+
+
+def test_render_iris_writes_valid_files_deterministically(tmp_path: Path) -> None:
+    runner = CliRunner()
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / "same"
+        result = runner.invoke(cli, ["render", str(REPO / "recipes" / "iris.yaml"), "-o",
+                                     str(out)])
+        assert result.exit_code == 0, result.output
+        outputs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*"))
+                        if p.is_file()})
+    assert outputs[0] == outputs[1]  # byte-identical
+    files = {str(p) for p in outputs[0]}
+    assert {"axolotl.yml", "train.jsonl", "val.jsonl", "prompt_preview.txt",
+            "splits/train.jsonl", "splits/val.jsonl", "splits/test.jsonl"} <= files
+    config = yaml.safe_load(outputs[0][Path("axolotl.yml")])
+    assert config["datasets"][0]["type"] == "chat_template"
+    assert config["datasets"][0]["message_field_training"] == "training"
+    assert config["lora_mlp_kernel"] is False  # CPU switches
+    preview = outputs[0][Path("prompt_preview.txt")].decode()
+    assert preview.count("--- assistant ---") == 2
+
+
+def test_passthrough_typos_are_caught_before_axolotl_drops_them(tmp_path: Path) -> None:
+    recipe = (REPO / "recipes" / "iris.yaml").read_text().replace(
+        "  seed: 0\n\noptimize", "  seed: 0\n  axolotl: {gradient_checkpointng: true}\n\noptimize")
+    path = tmp_path / "iris.yaml"
+    path.write_text(recipe)
+    result = CliRunner().invoke(cli, ["validate", "--full", str(path)])
+    assert result.exit_code == 2
+    assert ("finetune.axolotl.gradient_checkpointng: not an Axolotl config key "
+            "(did you mean 'gradient_checkpointing'?)") in result.output
+
+
+def _recipe_with(tmp_path: Path, distributed: str) -> object:
+    text = (REPO / "recipes" / "iris.yaml").read_text().replace(
+        "  seed: 0\n\noptimize", f"  seed: 0\n  distributed: {distributed}\n\noptimize")
+    path = tmp_path / "iris.yaml"
+    path.write_text(text)
+    return load_recipe(path)
+
+
+def test_cuda_renders_qlora_bf16_and_flash_attention(tmp_path: Path) -> None:
+    recipe = load_recipe(REPO / "recipes" / "iris.yaml")
+    config = render_config(recipe, "/models/x", tmp_path / "t.jsonl", tmp_path,
+                           Hardware(cuda=True, gpus=1, flash_attention=True))
+    assert config["adapter"] == "qlora" and config["load_in_4bit"] is True
+    assert config["bf16"] == "auto" and config["flash_attention"] is True
+    assert "lora_mlp_kernel" not in config
+
+
+def test_deepspeed_scale_out_renders_axolotl_keys_and_launcher(tmp_path: Path) -> None:
+    recipe = _recipe_with(tmp_path, "{processes: 4, backend: deepspeed, zero_stage: 3}")
+    config = render_config(recipe, "/m", tmp_path / "t.jsonl", tmp_path, Hardware(cuda=True))
+    assert config["deepspeed"].endswith("deepspeed/zero3.json")
+    assert Path(config["deepspeed"]).is_file()
+    cmd = launch_command(recipe, tmp_path / "axolotl.yml")
+    assert cmd[-3:] == ["accelerate", "--", "--num_processes=4"]
+
+
+def test_fsdp_with_torchrun(tmp_path: Path) -> None:
+    recipe = _recipe_with(tmp_path, "{processes: 2, backend: fsdp, launcher: torchrun}")
+    config = render_config(recipe, "/m", tmp_path / "t.jsonl", tmp_path, Hardware(cuda=True))
+    assert config["fsdp_version"] == 2 and "fsdp_config" in config
+    assert launch_command(recipe, tmp_path / "a.yml")[-1] == "--nproc_per_node=2"
+
+
+def test_single_process_uses_the_python_launcher(tmp_path: Path) -> None:
+    recipe = load_recipe(REPO / "recipes" / "iris.yaml")
+    assert launch_command(recipe, tmp_path / "a.yml")[-2:] == ["--launcher", "python"]
