@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_tiny_recipe
 
 from copa import pipeline
 from copa.data import read_jsonl
-
-from conftest import write_tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -174,8 +173,8 @@ def test_training_killed_with_sigkill_resumes_from_its_checkpoint(
 def test_an_axolotl_failure_is_a_short_clear_error(tmp_path: Path,
                                                    tiny_model_dir: Path) -> None:
     recipe = write_tiny_recipe(tmp_path, tiny_model_dir, extra="")
-    text = recipe.read_text().replace("  sequence_len: 128\n",
-                                      "  sequence_len: 128\n  axolotl: {optimizer: no_such_optim}\n")
+    text = recipe.read_text().replace(
+        "  sequence_len: 128\n", "  sequence_len: 128\n  axolotl: {optimizer: no_such_optim}\n")
     recipe.write_text(text)
     result = subprocess.run([sys.executable, "-m", "copa.cli", "train", str(recipe), "--run-dir",
                              str(tmp_path / "run")], capture_output=True, text=True, timeout=600)

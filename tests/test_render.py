@@ -34,7 +34,7 @@ def test_init_writes_a_recipe_that_validates(tmp_path: Path,
 def test_render_iris_writes_valid_files_deterministically(tmp_path: Path) -> None:
     runner = CliRunner()
     outputs = []
-    for name in ("a", "b"):
+    for _ in range(2):
         out = tmp_path / "same"
         result = runner.invoke(cli, ["render", str(REPO / "recipes" / "iris.yaml"), "-o",
                                      str(out)])
