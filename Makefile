@@ -41,6 +41,7 @@ bench: install
 	$(PY) bench/train_overhead.py
 	$(PY) bench/inference.py
 	$(PY) bench/rerun.py
+	$(PY) bench/demo.py
 
 clean:
 	rm -rf runs .pytest_cache

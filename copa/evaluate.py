@@ -105,7 +105,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     import dspy
 
     from copa.data import read_jsonl, write_jsonl
-    from copa.optimizer import base_model_path, model_lm, score, task_kit
+    from copa.optimizer import base_model_path, dspy_chatter_to, model_lm, score, task_kit
     from copa.pipeline import versions
     from copa.program import to_examples
     from copa.report import write_report
@@ -124,7 +124,8 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
         program = _program_for(run, arm, kit)
         start = time.time()
         with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir / "serve") as lm, \
-                dspy.context(lm=lm, adapter=kit.adapter):
+                dspy.context(lm=lm, adapter=kit.adapter), \
+                dspy_chatter_to(run.dir / "predictions" / "dspy-evaluate.log"):
             mean, results = score(program, testset, kit.metric, recipe.evaluate.num_threads)
         seconds[arm] = round(time.time() - start, 2)
         per_arm[arm] = [float(s) for _, _, s in results]

@@ -10,6 +10,8 @@ Imported only by the stages that need a model: torch, transformers and dspy load
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -17,12 +19,20 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import dspy
-import torch
-import transformers
+# MKL's float32 GEMM picks kernels by matrix size, so a row's result depends on how many rows
+# share the call (a batch of 8 vs 1 differs by ~1e-5). Strict conditional-numerical-
+# reproducibility mode makes every row's result independent of its batch mates; MKL reads this
+# once, at its first call, so it must be set before torch does any math (hence before import).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import dspy  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 from dspy.lm15 import Message, Request, Response, Usage, response_to_events
 
 Chat = list[dict[str, str]]
+log = logging.getLogger(__name__)
+ROWWISE_ATTENTION = "copa_rowwise_sdpa"
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,72 @@ class _PerRowStop(transformers.StoppingCriteria):
         return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
 
 
+def _rowwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                  scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA run row by row on each row's real (non-padding) keys only.
+
+    With left padding, batched SDPA reduces over the padded key range too: the masked keys add
+    exact zeros, but the reduction's blocking and alignment shift, so a padded row's logits
+    differ from the same prompt alone by ~1e-5, enough to flip a greedy near-tie. Cutting each
+    row down to exactly what it would be alone makes the attention bitwise batch-invariant.
+    The cost is one small SDPA call per row and layer.
+    """
+    bsz, _, q_len, kv_len = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+    pads = _left_pads(attention_mask, bsz, kv_len)
+    if pads is None:  # not a plain left-padded causal mask: standard SDPA
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    out = query.new_zeros(query.shape)
+    for b, pad in enumerate(pads):
+        q0 = max(0, pad - (kv_len - q_len))  # first query that is a real token
+        q = query[b:b + 1, :, q0:].contiguous()
+        k = repeat_kv(key[b:b + 1, :, pad:], groups).contiguous()
+        v = repeat_kv(value[b:b + 1, :, pad:], groups).contiguous()
+        ql, kl = q.shape[2], k.shape[2]
+        mask = None
+        if 1 < ql < kl:  # queries are the last ql of kl positions: causal with an offset
+            mask = torch.ones(ql, kl, dtype=torch.bool, device=q.device).tril(kl - ql)
+        out[b:b + 1, :, q0:] = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=1 < ql == kl)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _left_pads(mask: torch.Tensor | None, bsz: int, kv_len: int) -> list[int] | None:
+    """Each row's count of leading masked keys, or None when the mask is not left-padding+causal."""
+    if mask is None:
+        return [0] * bsz
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-1] != kv_len:
+        return None
+    last = mask[:, 0, -1, :]  # the last query sees every real key of its row
+    pads = (~last).int().cumprod(-1).sum(-1)  # leading False run
+    if int(last.sum()) != int((kv_len - pads).sum()):  # holes after the padding: not ours
+        return None
+    return [int(p) for p in pads]
+
+
+def _register_rowwise_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ROWWISE_ATTENTION, _rowwise_sdpa)
+    AttentionMaskInterface.register(ROWWISE_ATTENTION, sdpa_mask)
+
+
+def matmul_is_batch_invariant() -> bool:
+    """Whether a GEMM row's result is independent of its batch mates (MKL strict mode took)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 512, generator=gen)
+    x = torch.randn(64, 512, generator=gen)
+    full = torch.nn.functional.linear(x, w)
+    return all(torch.equal(torch.nn.functional.linear(x[:m], w), full[:m]) for m in (1, 3, 8))
+
+
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:
     """Index of the earliest stop string in text (OpenAI semantics: the stop is not returned)."""
     hits = [text.find(s) for s in stops if s]
@@ -89,14 +165,49 @@ class LocalModel:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        # fp32 on purpose: greedy outputs must not depend on what else is in the batch.
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=torch.float32).to(self.device)
-        self.model.eval()
-        eos = self.model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_ids = {int(e) for e in eos} | {int(self.tokenizer.eos_token_id)}
+        # fp32 and row-wise attention: a greedy answer must not depend on its batch mates.
+        _register_rowwise_attention()
+        try:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                self.path, dtype=torch.float32, attn_implementation=ROWWISE_ATTENTION)
+            self.rowwise_attention = True
+        except (ValueError, TypeError) as exc:  # an architecture without the attention interface
+            log.warning("%s: row-wise attention unavailable (%s); batched greedy outputs may "
+                        "differ from one-at-a-time ones on near-ties", self.path, exc)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                self.path, dtype=torch.float32)
+            self.rowwise_attention = False
+        self.model.to(self.device).eval()
+        mkl_strict = self.device == "cpu" and matmul_is_batch_invariant()
+        # True when batched greedy outputs are bitwise those of one-at-a-time generation
+        # (CPU only: cuBLAS picks kernels by batch size too).
+        self.batch_invariant = self.rowwise_attention and mkl_strict
+        if self.device == "cpu" and not mkl_strict:
+            log.warning("MKL strict mode is off (torch did math before copa.lm was imported, or "
+                        "MKL_CBWR was set otherwise): batched greedy outputs may differ from "
+                        "one-at-a-time ones on near-ties. Export MKL_CBWR=AUTO,STRICT to fix.")
+        self.eos_ids = self._end_ids()
         self._lock = threading.Lock()  # one generate at a time: torch already uses every core
+
+    def _end_ids(self) -> set[int]:
+        """Token ids that end an answer.
+
+        A tokenizer converted from GGUF can name the wrong eos (SmolLM2's says <|im_start|>),
+        while generation_config holds the real one; a chat template's end-of-turn marker ends a
+        turn whatever either says.
+        """
+        ids: set[int] = set()
+        eos = self.model.generation_config.eos_token_id
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        template = self.tokenizer.chat_template or ""
+        for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
+            if marker in template:
+                tid = self.tokenizer.convert_tokens_to_ids(marker)
+                if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                    ids.add(tid)
+        return {int(i) for i in ids}
 
     def render(self, messages: Chat) -> str:
         """The prompt text for a chat, ending where the assistant's answer starts."""

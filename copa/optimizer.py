@@ -80,6 +80,33 @@ def score(program: dspy.Module, devset: list[dspy.Example], metric: Callable[...
     return (sum(scores) / len(scores) if scores else 0.0), result.results
 
 
+@contextmanager
+def dspy_chatter_to(log_path: Path | None) -> Iterator[None]:
+    """DSPy optimizers print progress bars and notes; keep them in the run's log, not the
+    terminal (a user reads copa's own one-line progress)."""
+    import contextlib
+    import logging
+
+    if log_path is None:
+        yield
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("dspy")
+    with open(log_path, "a", encoding="utf-8") as handle:
+        handler = logging.StreamHandler(handle)
+        old_level, old_propagate = logger.level, logger.propagate
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        try:
+            with contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+                yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+            logger.propagate = old_propagate
+
+
 def demo_count(program: dspy.Module) -> int:
     return sum(len(p.demos) for p in program.predictors())
 
@@ -109,7 +136,7 @@ class PromptResult:
 def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter,
                     trainset: list[dspy.Example], valset: list[dspy.Example],
                     metric: Callable[..., Any], extra: dict[str, dspy.Module] | None = None,
-                    emit: Emit = print) -> PromptResult:
+                    emit: Emit = print, log_path: Path | None = None) -> PromptResult:
     """Run the recipe's optimizer, then keep the best on val of: plain, optimized, extras.
 
     Ties go to the program with fewer demos (cheaper, and what the fine-tune saw).
@@ -120,14 +147,17 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
         candidates: dict[str, dspy.Module] = {"plain": program.deepcopy()}
         candidates.update(extra or {})
         optimizer = build_optimizer(recipe, metric)
-        emit(f"  {recipe.optimize.optimizer} on {len(trainset)} train / {len(valset)} val")
-        candidates["optimized"] = compile_program(optimizer, program.deepcopy(), trainset,
-                                                  valset)
+        emit(f"  {recipe.optimize.optimizer} on {len(trainset)} train / {len(valset)} val"
+             + (f" (its log: {log_path})" if log_path else ""))
+        with dspy_chatter_to(log_path):
+            candidates["optimized"] = compile_program(optimizer, program.deepcopy(), trainset,
+                                                      valset)
         if not recipe.optimize.guard:
             chosen = candidates["optimized"]
             return PromptResult(chosen, "optimized", {}, demo_count(chosen), time.time() - start)
-        val_scores = {name: score(p, valset, metric, threads)[0]
-                      for name, p in candidates.items()}
+        with dspy_chatter_to(log_path):
+            val_scores = {name: score(p, valset, metric, threads)[0]
+                          for name, p in candidates.items()}
     best = max(candidates, key=lambda n: (val_scores[n], -demo_count(candidates[n]),
                                           n == "plain"))
     emit("  val: " + ", ".join(f"{n} {s:.3f}" for n, s in val_scores.items())
@@ -179,6 +209,8 @@ def model_lm(recipe: Recipe, model_path: str, name: str,
         return
     from copa.serve import serving
 
+    if serve.engine == "openai":  # the user's server knows the model by its own id
+        name = serve.model or ""
     with serving(serve.engine, model_path, name, api_base=serve.api_base,
                  api_key=serve.api_key, max_tokens=recipe.evaluate.max_tokens,
                  log_dir=log_dir) as lm:
@@ -219,7 +251,8 @@ def optimize_stage(run: Any) -> dict[str, Any]:
         if recipe.optimize.enabled:
             with model_lm(recipe, model_path, lm_name, run.dir / "serve") as lm:
                 result = prompt_optimize(recipe, kit.program, lm, kit.adapter, kit.trainset,
-                                         kit.valset, kit.metric, extra, emit=run.emit)
+                                         kit.valset, kit.metric, extra, emit=run.emit,
+                                         log_path=out / f"dspy-{arm}.log")
         else:
             result = PromptResult(kit.program.deepcopy(), "plain")
         path = out / f"program_{arm}.json"

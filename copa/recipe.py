@@ -306,6 +306,8 @@ class ServeSection(_Section):
         "an OpenAI-compatible server on loopback; openai: a server you run (api_base).")
     api_base: str | None = None
     api_key: str = "copa"
+    model: str | None = Field(None, description="The model id your server serves (engine "
+                              "'openai'); copa-started servers know their own.")
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
 

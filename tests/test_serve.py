@@ -1,0 +1,263 @@
+"""copa.serve: servers on loopback that never outlive their block.
+
+Fast tests drive ServerProcess with small stand-in processes (a stdlib HTTP server, processes that
+die or never listen). Slow tests run the real thing on CPU: `transformers serve` with the tiny
+random Llama, DSPy talking to it over HTTP, and cleanup on exception, Ctrl-C and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dspy
+import pytest
+
+from copa import serve
+from copa.serve import ServeError, ServerProcess, live_servers, server_command, serving
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP_S = 240.0  # `transformers serve` takes ~20 s alone; the CPU may be shared
+
+# A stand-in OpenAI-compatible server: answers GET /v1/models, and has a helper child in its
+# process group (as vLLM has engine processes). argv: port, "ignore-term" to ignore SIGTERM.
+FAKE_SERVER = textwrap.dedent("""\
+    import http.server, signal, subprocess, sys
+    if "ignore-term" in sys.argv:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the helper below
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{"object": "list", "data": [{"id": "fake", "object": "model"}]}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+""")
+
+
+def assert_gone(pid: int, port: int) -> None:
+    """No process with that pid, none left in its process group, nothing listening on the port."""
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
+        sock.connect(("127.0.0.1", port))
+
+
+def kill_group(pid: int | None) -> None:
+    """Failure-path cleanup so a failing test does not leak a server into the machine."""
+    if pid is not None:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# --- fast: ServerProcess with stand-in processes ------------------------------------------------
+
+def test_free_port_is_bindable() -> None:
+    port = serve.free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_server_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve, "_executable", lambda name: name)
+    assert server_command("vllm", "/m/merged", 8123, name="merged") == [
+        "vllm", "serve", "/m/merged", "--host", "127.0.0.1", "--port", "8123",
+        "--served-model-name", "merged"]
+    assert server_command("transformers", "/m/merged", 8123) == [
+        "transformers", "serve", "/m/merged", "--host", "127.0.0.1", "--port", "8123"]
+    with pytest.raises(ServeError, match="'@'"):
+        server_command("transformers", "/m/a@b", 8123)
+    with pytest.raises(ServeError, match="unknown"):
+        server_command("llamacpp", "/m/merged", 8123)
+
+
+def test_serving_rejects_bad_engines() -> None:
+    with pytest.raises(ServeError, match="api_base"), serving("openai", "/m", "m"):
+        pass
+    with pytest.raises(ServeError, match="unknown"), serving("tgi", "/m", "m"):
+        pass
+
+
+def test_ready_then_stops_whole_group(tmp_path: Path) -> None:
+    port = serve.free_port()
+    server = ServerProcess([sys.executable, "-c", FAKE_SERVER, str(port)], port,
+                           tmp_path / "fake.log", startup_timeout_s=60)
+    try:
+        with server:
+            assert server in live_servers()
+            assert server.api_base == f"http://127.0.0.1:{port}/v1"
+        assert server not in live_servers()
+        assert_gone(server.pid, port)
+    finally:
+        kill_group(server.pid)
+
+
+def test_sigkill_when_sigterm_is_ignored(tmp_path: Path) -> None:
+    port = serve.free_port()
+    server = ServerProcess([sys.executable, "-c", FAKE_SERVER, str(port), "ignore-term"], port,
+                           tmp_path / "fake.log", startup_timeout_s=60)
+    try:
+        server.start()
+        server.wait_ready()
+        server.stop(grace_s=1.0)
+        assert_gone(server.pid, port)
+        server.stop()  # idempotent
+    finally:
+        kill_group(server.pid)
+
+
+def test_server_that_dies_reports_its_log(tmp_path: Path) -> None:
+    port = serve.free_port()
+    command = [sys.executable, "-c", "print('no GPU found, giving up'); raise SystemExit(3)"]
+    server = ServerProcess(command, port, tmp_path / "dies.log", startup_timeout_s=60)
+    with pytest.raises(ServeError, match=r"code 3(.|\n)*no GPU found"), server:
+        pass
+    assert not live_servers()
+
+
+def test_startup_timeout_stops_the_server(tmp_path: Path) -> None:
+    port = serve.free_port()
+    command = [sys.executable, "-c", "import time; time.sleep(600)"]  # never listens
+    server = ServerProcess(command, port, tmp_path / "silent.log", startup_timeout_s=1.0)
+    try:
+        with pytest.raises(ServeError, match="did not answer"), server:
+            pass
+        assert_gone(server.pid, port)
+    finally:
+        kill_group(server.pid)
+
+
+# --- slow: a real `transformers serve` on CPU ---------------------------------------------------
+
+class RawAdapter(dspy.ChatAdapter):
+    """ChatAdapter's prompt, the completion taken verbatim as the one output: a random tiny model
+    writes no field markers, so ChatAdapter's own parse would fail."""
+
+    def __init__(self) -> None:
+        super().__init__(use_json_adapter_fallback=False)
+
+    def parse(self, signature: Any, completion: str) -> dict[str, Any]:
+        return {name: completion for name in signature.output_fields}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[tuple[Any, ServerProcess]]:
+    """One `serving("transformers", ...)` block shared by the slow tests that only talk to it;
+    leaving it must stop the server (checked on teardown)."""
+    before = set(live_servers())
+    with serving("transformers", str(tiny_model_dir), "tiny", max_tokens=8,
+                 log_dir=tmp_path_factory.mktemp("serve-logs"),
+                 startup_timeout_s=STARTUP_S) as lm:
+        (server,) = set(live_servers()) - before
+        yield lm, server
+    assert server not in live_servers()
+    assert_gone(server.pid, server.port)
+
+
+@pytest.mark.slow
+def test_transformers_engine_round_trip(served: tuple[Any, ServerProcess]) -> None:
+    lm, server = served
+    assert lm.model == f"hosted_vllm/{server.command[2]}"  # the FORCE_MODEL path is the id
+    messages = [{"role": "user", "content": "Name a flower."}]
+    first = lm(messages=messages)
+    assert isinstance(first, list) and len(first) == 1 and isinstance(first[0], str)
+    assert lm(messages=messages) == first  # temperature 0 is greedy on this server
+    with dspy.context(lm=lm, adapter=RawAdapter()):
+        prediction = dspy.Predict("question -> answer")(question="What is 2 + 2?")
+    assert isinstance(prediction.answer, str)
+
+
+@pytest.mark.slow
+def test_openai_engine_uses_a_running_server(served: tuple[Any, ServerProcess],
+                                             tiny_model_dir: Path) -> None:
+    _, server = served
+    before = set(live_servers())
+    # The user's server: `transformers serve` answers only to its FORCE_MODEL path as model id.
+    with serving("openai", "", str(tiny_model_dir), api_base=server.api_base,
+                 max_tokens=4) as lm:
+        out = lm(messages=[{"role": "user", "content": "Hello"}])
+        assert set(live_servers()) == before  # nothing started
+    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
+    assert server.pid is not None
+    os.kill(server.pid, 0)  # a user-run server is left running
+
+
+@pytest.mark.slow
+def test_exception_inside_serving_stops_server(tiny_model_dir: Path, tmp_path: Path) -> None:
+    class Boom(Exception):
+        pass
+
+    before = set(live_servers())
+    server: ServerProcess | None = None
+    try:
+        with pytest.raises(Boom), serving("transformers", str(tiny_model_dir), "tiny",
+                                          log_dir=tmp_path, startup_timeout_s=STARTUP_S):
+            (server,) = set(live_servers()) - before
+            os.kill(server.pid, 0)
+            raise Boom
+        assert server is not None and server not in live_servers()
+        assert_gone(server.pid, server.port)
+    finally:
+        kill_group(server.pid if server else None)
+
+
+INTERRUPTED_SCRIPT = textwrap.dedent("""\
+    import sys, time
+    from pathlib import Path
+    from copa.serve import live_servers, serving
+    with serving("transformers", sys.argv[1], "tiny", log_dir=Path(sys.argv[2]),
+                 startup_timeout_s=float(sys.argv[3])):
+        (server,) = live_servers()
+        print(server.pid, server.port, "ready", flush=True)
+        time.sleep(600)  # "optimizing"
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_signal_to_parent_stops_server(signum: int, tiny_model_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    stderr_path = tmp_path / "script.err"
+    with open(stderr_path, "w") as stderr:  # a file: an undrained pipe could block the script
+        proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_SCRIPT, str(tiny_model_dir),
+                                 str(tmp_path), str(STARTUP_S)],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr,
+                                text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    pid: int | None = None
+    try:
+        line = lines.get(timeout=STARTUP_S + 60)
+        pid_text, port_text, word = line.split()
+        assert word == "ready"
+        pid, port = int(pid_text), int(port_text)
+        os.kill(pid, 0)
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+        assert proc.returncode != 0  # interrupted, not finished
+        assert_gone(pid, port)
+    except (queue.Empty, ValueError):
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"script never got ready: {stderr_path.read_text()[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_group(pid)
