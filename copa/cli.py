@@ -69,6 +69,18 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
 
 
+def _preload_noisy_modules() -> None:
+    """torchao prints load failures of its CUDA kernels on import (harmless on CPU); import it
+    once here with those prints silenced, before a model load pulls it in loudly."""
+    import importlib.util
+
+    from copa.files import quiet_fds
+
+    if importlib.util.find_spec("torchao") is not None:
+        with quiet_fds():
+            import torchao  # noqa: F401
+
+
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 run_dir_opt = click.option("--run-dir", type=click.Path(file_okay=False),
                            help="Run directory (default: runs/<recipe name>).")
@@ -165,6 +177,7 @@ def _stage_command(name: str, help_text: str):
     def command(recipe: str, run_dir: str | None, force: bool,
                 overrides: dict[str, Any]) -> None:
         _quiet_libraries()
+        _preload_noisy_modules()
         from copa import pipeline
 
         pipeline.run(recipe, stages=[name], force=[name] if force else [], run_dir=run_dir,
@@ -192,6 +205,7 @@ def run(recipe: str, run_dir: str | None, force: tuple[str, ...],
         overrides: dict[str, Any]) -> None:
     """Every stage of RECIPE in order (unchanged ones are skipped), then the report."""
     _quiet_libraries()
+    _preload_noisy_modules()
     from copa import pipeline
 
     forced = list(pipeline.STAGES) if "all" in force else _with_downstream(force)

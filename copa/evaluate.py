@@ -140,8 +140,11 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     opt_path = run.optimize_dir / "optimize.json"
     if opt_path.is_file():
         optimize_info = json.loads(opt_path.read_text())
-    stage_seconds = {name: entry.get("seconds") for name, entry in
-                     run.manifest.data.get("stages", {}).items() if entry.get("seconds")}
+    from copa.pipeline import STAGES
+
+    recorded = run.manifest.data.get("stages", {})
+    stage_seconds = {name: recorded[name]["seconds"] for name in STAGES
+                     if recorded.get(name, {}).get("seconds")}
     stage_seconds["evaluate"] = round(sum(seconds.values()), 2)
     report = {
         "recipe": recipe.name,

@@ -333,6 +333,8 @@ class BatchingEngine:
 
     def submit(self, messages: Chat, max_tokens: int, stop: Sequence[str] | None = None) -> Future:
         """Queue one chat; the Future resolves to a Generation (or the generation's exception)."""
+        if int(max_tokens) < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         item = _Pending(list(messages), int(max_tokens), list(stop or []))
         with self._cond:
             if self._closed:
@@ -341,12 +343,13 @@ class BatchingEngine:
             self._cond.notify_all()
         return item.future
 
-    def close(self) -> None:
-        """Stop the worker; requests still queued fail with EngineClosed."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the worker after the batch it is running; requests still queued fail with
+        EngineClosed. wait=False returns without waiting for that batch to finish."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._worker is not threading.current_thread():
+        if wait and self._worker is not threading.current_thread():
             self._worker.join()
 
     @property
@@ -372,30 +375,35 @@ class BatchingEngine:
             return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                break
-            self._generate(batch)
-        with self._cond:
-            pending, self._queue = self._queue, []
-        for item in pending:
-            item.future.set_exception(EngineClosed("the engine was closed before this request ran"))
+        try:
+            while (batch := self._take_batch()) is not None:
+                self._generate(batch)
+        finally:
+            # Also reached if the worker dies: nobody may wait forever on a queued request.
+            with self._cond:
+                self._closed = True
+                pending, self._queue = self._queue, []
+            for item in pending:
+                item.future.set_exception(EngineClosed("the engine closed before this request ran"))
 
     def _generate(self, batch: list[_Pending]) -> None:
         self.batch_sizes.append(len(batch))
         try:
             gens = self.model.generate_detailed(
                 [b.messages for b in batch], [b.max_tokens for b in batch], [b.stop for b in batch])
-        except BaseException as exc:  # noqa: BLE001 - every failure must reach the callers
+        except Exception as exc:
             if len(batch) == 1:
                 batch[0].future.set_exception(exc)
                 return
-            # One bad request must not fail its batch mates: retry them one by one, so each
+            # One bad request must not fail its batch mates: rerun them one by one, so each
             # caller gets its own result or its own exception.
             for item in batch:
                 self._generate([item])
             return
+        except BaseException as exc:
+            for item in batch:
+                item.future.set_exception(exc)
+            raise
         for item, gen in zip(batch, gens, strict=True):
             item.future.set_result(gen)
 

@@ -146,10 +146,10 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
     with dspy.context(lm=lm, adapter=adapter):
         candidates: dict[str, dspy.Module] = {"plain": program.deepcopy()}
         candidates.update(extra or {})
-        optimizer = build_optimizer(recipe, metric)
         emit(f"  {recipe.optimize.optimizer} on {len(trainset)} train / {len(valset)} val"
              + (f" (its log: {log_path})" if log_path else ""))
         with dspy_chatter_to(log_path):
+            optimizer = build_optimizer(recipe, metric)
             candidates["optimized"] = compile_program(optimizer, program.deepcopy(), trainset,
                                                       valset)
         if not recipe.optimize.guard:
@@ -256,7 +256,7 @@ def optimize_stage(run: Any) -> dict[str, Any]:
         else:
             result = PromptResult(kit.program.deepcopy(), "plain")
         path = out / f"program_{arm}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.stem}.tmp.json")  # DSPy infers the format from .json
         result.program.save(str(tmp))
         os.replace(tmp, path)
         summary[arm] = result.summary()

@@ -1,0 +1,229 @@
+"""copa.lm: greedy batched generation equals one-at-a-time generation, and the DSPy engine
+batches concurrent callers, hands each its own answer or its own exception, and shuts down.
+
+The model tests use the tiny random Llama (SmolLM2 tokenizer and chat template); the engine's
+plumbing tests use a scripted stand-in model, so they assert behaviour, not model output.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+lm_mod = pytest.importorskip("copa.lm")  # sets MKL_CBWR before torch does any math
+dspy = pytest.importorskip("dspy")
+
+from dspy.lm15 import Message, Request  # noqa: E402
+
+from copa.lm import BatchingEngine, EngineClosed, Generation, LocalModel  # noqa: E402
+
+WORDS = "the a cat dog runs blue quickly seven over under house tree red green why how".split()
+
+
+def prompt(i: int) -> list[dict[str, str]]:
+    """Deterministic chats of 1 to ~40 words, so left padding differs a lot within a batch."""
+    n = 1 + (i * 13) % 40
+    words = " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n))
+    chat = [{"role": "user", "content": f"{i}: {words}"}]
+    return [{"role": "system", "content": "Answer briefly."}, *chat] if i % 3 == 0 else chat
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path) -> LocalModel:
+    return LocalModel(str(tiny_model_dir))
+
+
+@pytest.fixture
+def fresh_engines() -> Iterator[None]:
+    yield
+    lm_mod.close_all()
+
+
+# --- (a) batched == one at a time ------------------------------------------------------------
+
+def test_batched_greedy_outputs_equal_one_at_a_time(tiny: LocalModel) -> None:
+    n = 10
+    prompts = [prompt(i) for i in range(n)]
+    max_new = [3 + (i * 5) % 17 for i in range(n)]
+    stops: list[list[str] | None] = [["e"] if i % 2 else None for i in range(n)]
+
+    alone = [tiny.generate_detailed([p], [m], [s])[0] for p, m, s in zip(prompts, max_new, stops)]
+    batched = tiny.generate_detailed(prompts, max_new, stops)
+
+    assert [g.text for g in batched] == [g.text for g in alone]
+    assert batched == alone  # token counts and finish reasons too
+    for gen, m in zip(batched, max_new):
+        assert 1 <= gen.output_tokens <= m
+    # The prompts really give different answers, and some were cut by their stop string.
+    assert len({g.text for g in batched}) > n // 2
+    unstopped = tiny.generate(prompts, max_new, [None] * n)
+    cut = [i for i in range(n) if stops[i] and batched[i].text != unstopped[i]]
+    assert cut, "no stop string fired: the test would not check stops"
+    for i in cut:
+        assert "e" not in batched[i].text
+        assert unstopped[i].startswith(batched[i].text)
+        assert batched[i].finish_reason == "stop"
+    assert all(batched[i].finish_reason == "length" for i in range(n) if not stops[i])
+
+
+def test_batch_invariance_is_active(tiny: LocalModel) -> None:
+    """Both halves of the fix are on: MKL strict mode and per-row attention."""
+    assert tiny.rowwise_attention
+    if tiny.device == "cpu":
+        assert lm_mod.matmul_is_batch_invariant()
+        assert tiny.batch_invariant
+
+
+def test_chat_end_of_turn_ends_an_answer(tiny: LocalModel) -> None:
+    # The GGUF tokenizer names <|im_start|> as eos; <|im_end|> must end a turn all the same.
+    assert tiny.tokenizer.convert_tokens_to_ids("<|im_end|>") in tiny.eos_ids
+
+
+# --- (b) many threads through dspy.LM ----------------------------------------------------------
+
+def test_concurrent_dspy_calls_are_batched_and_each_gets_its_own_answer(
+        tiny_model_dir: Path, fresh_engines: None) -> None:
+    n = 8
+    expected = lm_mod.make_lm(str(tiny_model_dir), "seq", max_batch_size=1, max_tokens=12)
+    sequential = [expected(messages_request(expected, i)).text for i in range(n)]
+
+    # A long window: the batch closes when all 8 have arrived, so it is full however slowly
+    # the threads start (the test waits on arrivals, never on a clock).
+    lm = lm_mod.make_lm(str(tiny_model_dir), "batched", max_batch_size=n,
+                        batch_wait_ms=60_000, max_tokens=12)
+    start = threading.Barrier(n)
+
+    def call(i: int) -> str:
+        start.wait()
+        return lm(messages_request(lm, i)).text
+
+    with ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(call, range(n)))
+
+    assert answers == sequential
+    assert len(set(answers)) > 1
+    engine = lm.engine
+    assert sum(engine.batch_sizes) == n
+    assert max(engine.batch_sizes) > 1
+    assert engine.model is expected.engine.model  # one model per folder, shared by both engines
+
+
+def messages_request(lm: dspy.LM, i: int) -> Request:
+    chat = prompt(i)
+    system = chat[0]["content"] if chat[0]["role"] == "system" else None
+    user = chat[-1]["content"]
+    return Request(model=lm.model, messages=(Message.user(user),), system=system)
+
+
+def test_make_lm_caches_one_engine_and_copies_share_it(
+        tiny_model_dir: Path, fresh_engines: None) -> None:
+    a = lm_mod.make_lm(str(tiny_model_dir), "a")
+    b = lm_mod.make_lm(str(tiny_model_dir), "b")
+    assert a.engine is b.engine
+    # Optimizers deep-copy programs: the copy must reuse the engine, not clone a model + thread.
+    assert copy.deepcopy(a).engine is a.engine
+    engine = a.engine
+    lm_mod.close_all()
+    assert not engine.alive
+    assert lm_mod.make_lm(str(tiny_model_dir), "a").engine is not engine
+
+
+# --- engine plumbing with a scripted model ------------------------------------------------------
+
+class ScriptedModel:
+    """Stands in for LocalModel: answers from a function, records batches, can block or fail."""
+
+    path = "scripted"
+
+    def __init__(self, answer=lambda chat: "ok", gate: threading.Event | None = None) -> None:
+        self.answer = answer
+        self.gate = gate
+        self.started = threading.Event()
+        self.seen: list[list[list[dict[str, str]]]] = []
+
+    def generate_detailed(self, prompts, max_new_tokens, stop) -> list[Generation]:
+        self.seen.append(prompts)
+        self.started.set()
+        if self.gate is not None:
+            self.gate.wait()
+        return [Generation(self.answer(p), 1, 1, "stop") for p in prompts]
+
+
+def test_predict_with_chat_adapter_goes_through_the_engine_without_warnings() -> None:
+    model = ScriptedModel(lambda chat: "[[ ## answer ## ]]\n4\n\n[[ ## completed ## ]]")
+    engine = BatchingEngine(model)  # type: ignore[arg-type]
+    try:
+        lm = dspy.LM("local/scripted", engine=engine, cache=False, max_tokens=16)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+                pred = dspy.Predict("question -> answer")(question="What is 2+2?")
+        assert pred.answer == "4"
+        chat = model.seen[-1][0]
+        assert chat[0]["role"] == "system" and "answer" in chat[0]["content"]
+        assert "What is 2+2?" in chat[-1]["content"]
+        noisy = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))
+                 and "dspy" in str(w.filename) + str(w.message)]
+        assert not noisy, [str(w.message) for w in noisy]
+    finally:
+        engine.close()
+
+
+# --- (c) exceptions reach the caller ----------------------------------------------------------
+
+def test_a_generation_error_reaches_its_caller_and_spares_its_batch_mates() -> None:
+    def answer(chat):
+        if "boom" in chat[-1]["content"]:
+            raise RuntimeError("generation exploded")
+        return chat[-1]["content"].upper()
+
+    model = ScriptedModel(answer)
+    engine = BatchingEngine(model, max_batch_size=3, batch_wait_ms=60_000)  # type: ignore[arg-type]
+    try:
+        futures = [engine.submit([{"role": "user", "content": c}], 4) for c in ("a", "boom", "c")]
+        assert futures[0].result().text == "A"
+        assert futures[2].result().text == "C"
+        with pytest.raises(RuntimeError, match="generation exploded"):
+            futures[1].result()
+        assert engine.batch_sizes[0] == 3  # they did run together first
+
+        # Through dspy.LM the caller gets DSPy's error, caused by the model's.
+        lm = dspy.LM("local/scripted", engine=engine, cache=False, max_tokens=4, num_retries=0)
+        with pytest.raises(Exception, match="generation exploded") as info:
+            lm(Request(model=lm.model, messages=(Message.user("boom"),)))
+        chain, exc = [], info.value
+        while exc is not None:
+            chain.append(exc)
+            exc = exc.__cause__
+        assert any(isinstance(e, RuntimeError) and "exploded" in str(e) for e in chain)
+        assert engine.alive  # the worker survives a failed batch
+    finally:
+        engine.close()
+
+
+# --- (d) close --------------------------------------------------------------------------------
+
+def test_close_stops_the_worker_and_fails_what_is_still_queued() -> None:
+    gate = threading.Event()
+    model = ScriptedModel(gate=gate)
+    engine = BatchingEngine(model, max_batch_size=1)  # type: ignore[arg-type]
+    running = engine.submit([{"role": "user", "content": "first"}], 4)
+    model.started.wait()  # the worker is inside generate with the first request
+    queued = engine.submit([{"role": "user", "content": "second"}], 4)
+
+    engine.close(wait=False)
+    gate.set()
+    engine.close()
+
+    assert running.result().text == "ok"  # the batch in flight finishes
+    with pytest.raises(EngineClosed):
+        queued.result()
+    assert not engine.alive
+    with pytest.raises(EngineClosed):
+        engine.submit([{"role": "user", "content": "late"}], 4)
