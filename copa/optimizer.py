@@ -127,6 +127,7 @@ class PromptResult:
     val_scores: dict[str, float] = field(default_factory=dict)
     demos: int = 0
     seconds: float = 0.0
+    optimized: dspy.Module | None = None  # the optimizer's own pick, even if the guard declined
 
     def summary(self) -> dict[str, Any]:
         return {"winner": self.winner, "val_scores": self.val_scores, "demos": self.demos,
@@ -154,7 +155,8 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
                                                       valset)
         if not recipe.optimize.guard:
             chosen = candidates["optimized"]
-            return PromptResult(chosen, "optimized", {}, demo_count(chosen), time.time() - start)
+            return PromptResult(chosen, "optimized", {}, demo_count(chosen), time.time() - start,
+                                chosen)
         with dspy_chatter_to(log_path):
             val_scores = {name: score(p, valset, metric, threads)[0]
                           for name, p in candidates.items()}
@@ -163,7 +165,8 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
     emit("  val: " + ", ".join(f"{n} {s:.3f}" for n, s in val_scores.items())
          + f" -> {best}")
     chosen = candidates[best]
-    return PromptResult(chosen, best, val_scores, demo_count(chosen), time.time() - start)
+    return PromptResult(chosen, best, val_scores, demo_count(chosen), time.time() - start,
+                        candidates["optimized"])
 
 
 @dataclass
@@ -223,44 +226,75 @@ def base_model_path(recipe: Recipe) -> str:
     return resolve_model(recipe.model.base, recipe.base_dir)
 
 
-def optimize_stage(run: Any) -> dict[str, Any]:
-    """Pipeline stage: prompt-optimize on the base model (prompt_only) and on the merged model
-    (combined); save both programs with DSPy's own save and a summary."""
-    from copa.data import read_jsonl
+def _save_program(program: dspy.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.json")  # DSPy infers the format from .json
+    program.save(str(tmp))
+    os.replace(tmp, path)
 
+
+def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: str,
+                  extra: dict[str, dspy.Module]) -> PromptResult:
+    """Prompt-optimize one arm's program on one model and save it as program_<arm>.json."""
     recipe: Recipe = run.recipe
     out: Path = run.optimize_dir
     out.mkdir(parents=True, exist_ok=True)
-    kit = task_kit(recipe, read_jsonl(run.rendered / "splits" / "train.jsonl"),
-                   read_jsonl(run.rendered / "splits" / "val.jsonl"), run.checked.spec)
+    run.emit(f"  [{arm}] prompt optimization on the {lm_name} model")
+    if recipe.optimize.enabled:
+        with model_lm(recipe, model_path, lm_name, run.dir / "serve") as lm:
+            result = prompt_optimize(recipe, kit.program, lm, kit.adapter, kit.trainset,
+                                     kit.valset, kit.metric, extra, emit=run.emit,
+                                     log_path=out / f"dspy-{arm}.log")
+    else:
+        result = PromptResult(kit.program.deepcopy(), "plain")
+    _save_program(result.program, out / f"program_{arm}.json")
+    return result
+
+
+def _kit_for(run: Any) -> TaskKit:
+    splits = run.checked.splits
+    return task_kit(run.recipe, list(splits.train), list(splits.val), run.checked.spec)
+
+
+def prompt_first(run: Any) -> list[dict[str, str]]:
+    """The "p" of "p -> w": optimize prompts on the base model before fine-tuning; the demo set
+    the optimizer chose goes into every training row (called by the render stage)."""
+    kit = _kit_for(run)
+    result = _optimize_arm(run, kit, "prompt_only", base_model_path(run.recipe), "base", {})
+    atomic_write_json(run.optimize_dir / "prompt_first.json", result.summary())
+    fields = set(kit.spec.input_fields) | set(kit.spec.output_fields)
+    source = result.optimized if result.optimized is not None else result.program
+    demos = [{k: str(v) for k, v in dict(d).items() if k in fields}
+             for p in source.predictors() for d in p.demos]
+    return [d for d in demos if set(d) == fields]
+
+
+def optimize_stage(run: Any) -> dict[str, Any]:
+    """Pipeline stage: prompt-optimize on the base model (prompt_only) and on the merged model
+    (combined); save both programs with DSPy's own save and a summary."""
+    recipe: Recipe = run.recipe
+    out: Path = run.optimize_dir
+    kit = _kit_for(run)
     fixed_demos = json.loads((run.rendered / "demos.json").read_text())
     arms = recipe.evaluate.arms
     summary: dict[str, Any] = {}
     artifacts: dict[str, Any] = {}
-    jobs = []
+    first = out / "prompt_first.json"
     if "prompt_only" in arms:
-        jobs.append(("prompt_only", base_model_path(recipe), "base"))
+        if recipe.optimize.order == "p->w" and run.finetunes and first.is_file():
+            # Already optimized on the base model by the render stage ("p" before "w").
+            summary["prompt_only"] = json.loads(first.read_text())
+        else:
+            summary["prompt_only"] = _optimize_arm(run, kit, "prompt_only",
+                                                   base_model_path(recipe), "base", {}).summary()
+        artifacts["prompt_only"] = str(out / "program_prompt_only.json")
     if "combined" in arms and run.finetunes:
-        jobs.append(("combined", str(run.merged), "merged"))
-    for arm, model_path, lm_name in jobs:
-        run.emit(f"  [{arm}] prompt optimization on the {lm_name} model")
         extra = {}
-        if fixed_demos and arm == "combined":
+        if fixed_demos:
             # The demo set the model was fine-tuned with is a candidate of its own.
             extra["finetune_demos"] = with_demos(kit.program, fixed_demos, recipe)
-        if recipe.optimize.enabled:
-            with model_lm(recipe, model_path, lm_name, run.dir / "serve") as lm:
-                result = prompt_optimize(recipe, kit.program, lm, kit.adapter, kit.trainset,
-                                         kit.valset, kit.metric, extra, emit=run.emit,
-                                         log_path=out / f"dspy-{arm}.log")
-        else:
-            result = PromptResult(kit.program.deepcopy(), "plain")
-        path = out / f"program_{arm}.json"
-        tmp = path.with_name(f".{path.stem}.tmp.json")  # DSPy infers the format from .json
-        result.program.save(str(tmp))
-        os.replace(tmp, path)
-        summary[arm] = result.summary()
-        artifacts[arm] = str(path)
+        summary["combined"] = _optimize_arm(run, kit, "combined", str(run.merged), "merged",
+                                            extra).summary()
+        artifacts["combined"] = str(out / "program_combined.json")
     atomic_write_json(out / "optimize.json", summary)
     return {"programs": artifacts, "summary": str(out / "optimize.json")}
 
@@ -275,6 +309,8 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
 
         >>> optimizer = COPAOptimizer("recipes/iris.yaml")
         >>> program = optimizer.compile(program, trainset=train, valset=val)
+        >>> with dspy.context(adapter=optimizer.adapter):
+        ...     program(**inputs)
     """
 
     def __init__(self, recipe: str | os.PathLike[str], metric: Callable[..., Any] | None = None,
@@ -288,50 +324,32 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
         self.emit = emit
         self.result: PromptResult | None = None
         self.model_path: str | None = None
+        self.adapter: dspy.Adapter | None = None
 
     def compile(self, student: dspy.Module, *, trainset: list[dspy.Example],
                 valset: list[dspy.Example] | None = None, **_: Any) -> dspy.Module:
         from copa import pipeline
-        from copa.render import choose_fixed_demos
 
-        run = pipeline.open_run(self.recipe_path, run_dir=self.run_dir, emit=self.emit)
+        overrides = {"optimize.order": self.order} if self.order else None
+        run = pipeline.open_run(self.recipe_path, run_dir=self.run_dir, emit=self.emit,
+                                overrides=overrides)
+        run.dir.mkdir(parents=True, exist_ok=True)
+        # render (with "p" first when order is p->w), train and merge, through the stage cache
+        pipeline.run_stages(run, stages=["merge"])
         recipe = run.recipe
-        order = self.order or recipe.optimize.order
         kit = task_kit(recipe, [dict(e) for e in trainset],
                        [dict(e) for e in (valset or trainset)], run.checked.spec)
-        metric = self.metric or kit.metric
         extra: dict[str, dspy.Module] = {}
-        if order == "p->w":
-            with model_lm(recipe, base_model_path(recipe), "base") as base_lm:
-                first = prompt_optimize(recipe, student, base_lm, kit.adapter, kit.trainset,
-                                        kit.valset, metric, emit=self.emit)
-            demos = [{k: str(v) for k, v in d.items() if k in kit.spec.input_fields
-                      or k in kit.spec.output_fields}
-                     for p in first.program.predictors() for d in p.demos]
-            if not demos:
-                demos = choose_fixed_demos(recipe, run.checked.splits.train)
-            run.checked = pipeline.Checked(recipe, run.checked.spec, run.checked.splits)
-            self._train(run, demos)
-            extra["finetune_demos"] = first.program
-        else:
-            self._train(run, None)
+        demos = json.loads((run.rendered / "demos.json").read_text())
+        if demos:
+            extra["finetune_demos"] = with_demos(student, demos, recipe)
         with model_lm(recipe, str(run.merged), "merged") as lm:
             self.result = prompt_optimize(recipe, student, lm, kit.adapter, kit.trainset,
-                                          kit.valset, metric, extra, emit=self.emit)
+                                          kit.valset, self.metric or kit.metric, extra,
+                                          emit=self.emit)
         self.model_path = str(run.merged)
+        self.adapter = kit.adapter  # run the program under dspy.context(adapter=...)
         program = self.result.program
         if recipe.serve.engine == "local":  # a server's LM dies with its block
             program.set_lm(lm)
         return program
-
-    def _train(self, run: Any, demos: list[dict[str, str]] | None) -> None:
-        from copa import pipeline
-        from copa.render import render
-
-        run.dir.mkdir(parents=True, exist_ok=True)
-        if demos is not None:
-            render(run.checked, run.rendered, work_dir=run.train_dir, demos=demos,
-                   emit=self.emit)
-            run.manifest.stage("render").update({"status": "done",
-                                                 "key": pipeline.stage_key(run, "render")})
-        pipeline.run_stages(run, stages=["merge"])

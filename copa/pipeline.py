@@ -139,8 +139,10 @@ def stage_key(run: Run, stage: str) -> str:
     r = run.recipe
     v = versions()
     if stage == "render":
-        return sha256_json([recipe_section_dict(r, "model", "task", "data", "prompt", "finetune"),
-                            _template_text(run), v["copa"]])
+        sections = ["model", "task", "data", "prompt", "finetune"]
+        if r.optimize.order == "p->w":  # the training rows carry the prompt stage's demos
+            sections += ["optimize", "evaluate", "serve"]
+        return sha256_json([recipe_section_dict(r, *sections), _template_text(run), v["copa"]])
     if stage == "train":
         return sha256_json([sha256_file(run.rendered / "axolotl.yml"),
                             sha256_file(run.rendered / "train.jsonl"),
@@ -165,7 +167,15 @@ def stage_key(run: Run, stage: str) -> str:
 def do_render(run: Run) -> dict[str, Any]:
     from copa.render import render
 
-    result = render(run.checked, run.rendered, work_dir=run.train_dir, emit=run.emit)
+    demos = None
+    if run.recipe.optimize.order == "p->w" and run.finetunes:
+        from copa.optimizer import prompt_first
+
+        run.emit("  p -> w: optimizing prompts on the base model first")
+        demos = prompt_first(run)
+        run.emit(f"  fine-tuning rows will carry the {len(demos)} demos it chose")
+    result = render(run.checked, run.rendered, work_dir=run.train_dir, demos=demos,
+                    emit=run.emit)
     return {"config": str(result.config_path), "train_rows": result.train_rows}
 
 

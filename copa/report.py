@@ -88,7 +88,7 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     run_dir = Path(run_dir)
     paths = {"report_json": run_dir / "report.json", "report_md": run_dir / "report.md",
              "report_png": run_dir / "report.png"}
-    atomic_write_json(paths["report_json"], report)
+    atomic_write_json(paths["report_json"], report, sort_keys=False)  # arms in table order
     atomic_write_text(paths["report_md"], markdown(report))
     atomic_write_bytes(paths["report_png"], plot(report))
     return paths

@@ -104,11 +104,13 @@ def test_test_split_is_never_seen_by_training_or_optimization(tiny_run) -> None:
 
 def test_editing_only_optimize_skips_training_and_merge(tiny_run) -> None:
     run, recipe, _ = tiny_run
-    text = recipe.read_text().replace("num_candidate_programs: 1", "num_candidate_programs: 2")
-    edited = recipe.with_name("tiny-edited.yaml")
-    edited.write_text(text)
+    original = recipe.read_text()
+    recipe.write_text(original.replace("num_candidate_programs: 1", "num_candidate_programs: 2"))
     messages: list[str] = []
-    pipeline.run(edited, run_dir=run.dir, emit=messages.append, force=())
+    try:
+        pipeline.run(recipe, run_dir=run.dir, emit=messages.append, force=())
+    finally:
+        recipe.write_text(original)
     assert "[train] unchanged, skipped" in messages
     assert "[merge] unchanged, skipped" in messages
     assert "[optimize] running" in messages
@@ -181,4 +183,24 @@ def test_an_axolotl_failure_is_a_short_clear_error(tmp_path: Path,
     assert result.returncode in (1, 2)
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) < 15
-    assert "optimizer" in result.stderr
+    assert "no_such_optim is not a valid" in result.stderr
+    assert "full log:" in result.stderr
+
+
+def test_copa_optimizer_fine_tunes_then_optimizes_prompts(tiny_run) -> None:
+    import dspy
+
+    from copa import COPAOptimizer
+    from copa.program import make_program, to_examples
+
+    run, recipe, _ = tiny_run
+    train = to_examples(run.recipe, read_jsonl(run.rendered / "splits" / "train.jsonl"))
+    val = to_examples(run.recipe, read_jsonl(run.rendered / "splits" / "val.jsonl"))
+    messages: list[str] = []
+    optimizer = COPAOptimizer(recipe, run_dir=run.dir, emit=messages.append)
+    program = optimizer.compile(make_program(run.recipe), trainset=train, valset=val)
+    assert "[train] unchanged, skipped" in messages  # the stage cache, not a second training
+    assert optimizer.result.winner in ("plain", "optimized")
+    with dspy.context(adapter=optimizer.adapter):
+        prediction = program(**val[0].inputs())
+    assert isinstance(prediction.species, str)
