@@ -1,0 +1,363 @@
+"""The recipe schema: typed, strict sections (unknown keys are errors, values are checked).
+
+Loading, `${VAR}` interpolation and error messages live in `copa.recipe`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODEL_ALIASES = ("smollm2-135m-instruct",)
+ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
+BUILTIN_METRICS = ("exact_match", "label_accuracy", "gsm8k_answer", "token_f1")
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+USER_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class Problem(BaseModel):
+    """One thing wrong with a recipe, located by file and dotted key path."""
+
+    file: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.file}: {where}{self.message}"
+
+
+class RecipeError(Exception):
+    """A recipe (or something it names) is unusable; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(_Section):
+    base: str = Field(
+        "smollm2-135m-instruct",
+        description="Built-in alias, a local HF model dir, a .gguf file or a hub id.",
+    )
+    trust_remote_code: bool = False
+
+
+class TaskSection(_Section):
+    signature: str = Field(..., description="DSPy signature, e.g. 'text -> label'.")
+    instructions: str = ""
+    module: Literal["predict", "chain_of_thought"] | str = "predict"
+    choices: list[str] | None = None
+
+    @field_validator("signature")
+    @classmethod
+    def _signature_shape(cls, value: str) -> str:
+        parse_signature(value)
+        return value
+
+    @field_validator("module")
+    @classmethod
+    def _module_name(cls, value: str) -> str:
+        if value not in ("predict", "chain_of_thought") and not USER_CODE.match(value):
+            raise ValueError(
+                "must be 'predict', 'chain_of_thought' or a user module 'package.module:Class'"
+            )
+        return value
+
+    @field_validator("choices")
+    @classmethod
+    def _choices_unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if len(value) < 2:
+                raise ValueError("needs at least two choices (or leave it out)")
+            if len(set(value)) != len(value):
+                raise ValueError("choices must be unique")
+        return value
+
+    @property
+    def input_fields(self) -> list[str]:
+        return parse_signature(self.signature)[0]
+
+    @property
+    def output_fields(self) -> list[str]:
+        return parse_signature(self.signature)[1]
+
+
+class SplitSizes(_Section):
+    train: int | float = 0.6
+    val: int | float = 0.1
+    test: int | float = 0.3
+    seed: int = 0
+
+    @field_validator("train", "val", "test")
+    @classmethod
+    def _positive(cls, value: int | float) -> int | float:
+        if value <= 0:
+            raise ValueError("must be > 0 (a row count, or a fraction below 1)")
+        if isinstance(value, float) and value >= 1 and not value.is_integer():
+            raise ValueError("a fraction must be below 1; write a whole number for a row count")
+        return value
+
+
+class DataSection(_Section):
+    source: str = Field(
+        ...,
+        description="A file (csv, jsonl, json, parquet), 'sklearn:iris', or 'hf:<dataset name>'.",
+    )
+    format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="signature field -> column name in the data."
+    )
+    splits: SplitSizes = Field(default_factory=SplitSizes)
+    split_from: Literal["source", "files"] = "source"
+    test_source: str | None = Field(
+        None, description="Optional separate file for the test split (e.g. a dataset's test.csv)."
+    )
+    stratify: bool = True
+    dedupe: bool = True
+    filter_labels: list[str] | None = Field(
+        None, description="Keep only rows whose output value is one of these."
+    )
+    max_file_mb: int = 512
+
+
+class PromptSection(_Section):
+    template: str = Field("prompts/default.jinja", description="Jinja prompt template file.")
+    number_format: str | None = Field(
+        None, description="Python format spec applied to float inputs, e.g. '.1f'."
+    )
+
+
+class DistributedSection(_Section):
+    processes: int = 1
+    backend: Literal["none", "deepspeed", "fsdp"] = "none"
+    zero_stage: Literal[1, 2, 3] = 2
+    launcher: Literal["accelerate", "torchrun"] = "accelerate"
+
+    @field_validator("processes")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+
+class FinetuneSection(_Section):
+    enabled: bool = True
+    adapter: Literal["qlora", "lora", "auto"] = "auto"
+    load_in_4bit: bool | None = None
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None
+    sequence_len: int = 512
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_epochs: float | None = 3
+    max_steps: int | None = None
+    learning_rate: float = 2e-4
+    lr_scheduler: Literal["constant", "cosine", "linear", "constant_with_warmup"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    val_set_size: float = 0.0
+    seed: int = 0
+    save_steps: int = Field(25, description="Checkpoint every N steps (what a killed run resumes "
+                            "from).")
+    demos: Literal["none", "fixed"] = Field(
+        "none",
+        description="Demo-aware fine-tuning: 'fixed' puts the demo set the prompt stage will use "
+        "into every training row, rendered exactly as at inference.",
+    )
+    num_demos: int = 3
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+    axolotl: dict[str, Any] = Field(
+        default_factory=dict, description="Passed through into the Axolotl config."
+    )
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"must be > 0 (got {value}); a typical LoRA value is 2e-4")
+        return value
+
+    @field_validator("micro_batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
+                     "save_steps")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1 (got {value})")
+        return value
+
+    @field_validator("sequence_len")
+    @classmethod
+    def _seq(cls, value: int) -> int:
+        if value < 16:
+            raise ValueError(f"must be at least 16 tokens (got {value})")
+        return value
+
+    @field_validator("lora_dropout", "val_set_size")
+    @classmethod
+    def _unit(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError(f"must be in [0, 1) (got {value})")
+        return value
+
+    @field_validator("weight_decay", "max_grad_norm")
+    @classmethod
+    def _non_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError(f"must be >= 0 (got {value})")
+        return value
+
+    @field_validator("warmup_steps", "num_demos")
+    @classmethod
+    def _count(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be >= 0 (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneSection:
+        if self.num_epochs is None and self.max_steps is None:
+            raise ValueError("set num_epochs or max_steps")
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            raise ValueError("num_epochs must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be at least 1")
+        if self.adapter == "qlora" and self.load_in_4bit is False:
+            raise ValueError(
+                "adapter 'qlora' needs 4-bit loading: remove 'load_in_4bit: false' "
+                "or write 'adapter: lora'"
+            )
+        if self.adapter == "lora" and self.load_in_4bit:
+            raise ValueError(
+                "'load_in_4bit: true' with 'adapter: lora' is QLoRA: write 'adapter: qlora'"
+            )
+        return self
+
+
+class OptimizeSection(_Section):
+    enabled: bool = True
+    optimizer: str = Field(
+        "BootstrapFewShotWithRandomSearch",
+        description="A DSPy optimizer class name (dspy.<Name>) or 'package.module:Class'.",
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+    order: Literal["w->p", "p->w"] = "w->p"
+    guard: bool = Field(
+        True,
+        description="Keep the plain program if prompt optimization does not beat it on val.",
+    )
+    adapter: Literal["template", "chat"] = "template"
+    num_threads: int = 8
+
+    @field_validator("optimizer")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not (FIELD_NAME.match(value) or USER_CODE.match(value)):
+            raise ValueError("must be a DSPy optimizer name such as 'MIPROv2' or 'pkg.mod:Class'")
+        return value
+
+
+class EvaluateSection(_Section):
+    metric: str = "exact_match"
+    arms: list[Literal["baseline", "prompt_only", "finetune_only", "combined"]] = Field(
+        default_factory=lambda: list(ARMS)
+    )
+    bootstrap: int = 1000
+    max_tokens: int = 64
+    num_threads: int = 8
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if value not in BUILTIN_METRICS and not USER_CODE.match(value):
+            raise ValueError(
+                f"unknown metric {value!r}: use one of {', '.join(BUILTIN_METRICS)} "
+                "or a user function 'package.module:function'"
+            )
+        return value
+
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"name at least one arm of {', '.join(ARMS)}")
+        return list(dict.fromkeys(value))
+
+
+class ServeSection(_Section):
+    engine: Literal["local", "vllm", "transformers", "openai"] = Field(
+        "local", description="local: in-process batched engine; vllm / transformers: copa starts "
+        "an OpenAI-compatible server on loopback; openai: a server you run (api_base).")
+    api_base: str | None = None
+    api_key: str = "copa"
+    model: str | None = Field(None, description="The model id your server serves (engine "
+                              "'openai'); copa-started servers know their own.")
+    max_batch_size: int = 8
+    batch_wait_ms: float = 5.0
+
+    @model_validator(mode="after")
+    def _api_base(self) -> ServeSection:
+        if self.engine == "openai" and not self.api_base:
+            raise ValueError("engine 'openai' needs api_base, e.g. http://127.0.0.1:8000/v1")
+        return self
+
+
+class Recipe(_Section):
+    name: str
+    model: ModelSection = Field(default_factory=ModelSection)
+    task: TaskSection
+    data: DataSection
+    prompt: PromptSection = Field(default_factory=PromptSection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    optimize: OptimizeSection = Field(default_factory=OptimizeSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+    run_dir: str | None = Field(None, description="Where runs go; default runs/<name>.")
+
+    # Where the recipe was read from; not part of the YAML.
+    source_path: Path | None = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", value):
+            raise ValueError("use letters, digits, '-', '_' or '.' (it names the run folder)")
+        return value
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source_path.parent if self.source_path else Path.cwd()
+
+    def resolve(self, value: str) -> Path:
+        """A path from the recipe, relative to the recipe file's folder."""
+        path = Path(os.path.expanduser(value))
+        return path if path.is_absolute() else (self.base_dir / path)
+
+
+def parse_signature(signature: str) -> tuple[list[str], list[str]]:
+    """'a, b -> c' -> (['a', 'b'], ['c']); raises ValueError with the fix."""
+    if signature.count("->") != 1:
+        raise ValueError("write it as 'input1, input2 -> output', with exactly one '->'")
+    left, right = (side.strip() for side in signature.split("->"))
+    inputs = [f.strip().split(":")[0].strip() for f in left.split(",") if f.strip()]
+    outputs = [f.strip().split(":")[0].strip() for f in right.split(",") if f.strip()]
+    if not inputs or not outputs:
+        raise ValueError("needs at least one input and one output field, e.g. 'text -> label'")
+    for name in inputs + outputs:
+        if not FIELD_NAME.match(name):
+            raise ValueError(f"field name {name!r} is not an identifier")
+    if len(set(inputs + outputs)) != len(inputs) + len(outputs):
+        raise ValueError("field names must be unique")
+    return inputs, outputs
