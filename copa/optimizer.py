@@ -130,8 +130,9 @@ class PromptResult:
     optimized: dspy.Module | None = None  # the optimizer's own pick, even if the guard declined
 
     def summary(self) -> dict[str, Any]:
+        optimized = demo_count(self.optimized) if self.optimized is not None else None
         return {"winner": self.winner, "val_scores": self.val_scores, "demos": self.demos,
-                "seconds": round(self.seconds, 2)}
+                "optimized_demos": optimized, "seconds": round(self.seconds, 2)}
 
 
 def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter,

@@ -41,8 +41,10 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{_pct(syn['value'])} points, 95% CI [{_pct(lo)}, {_pct(hi)}]: {verdict}")
     for arm, info in report.get("prompt_optimization", {}).items():
         scores = ", ".join(f"{k} {_pct(v)}" for k, v in info.get("val_scores", {}).items())
+        offered = info.get("optimized_demos")
+        offered = f"; the optimizer's pick had {offered} demos" if offered is not None else ""
         lines.append(f"- Prompt stage for {arm}: kept **{info.get('winner')}** "
-                     f"({info.get('demos', 0)} demos); val: {scores or 'not compared'}")
+                     f"({info.get('demos', 0)} demos{offered}); val: {scores or 'not compared'}")
     stages = report.get("stage_seconds", {})
     if stages:
         lines.append("- Stage wall time: " + ", ".join(f"{k} {v:.0f}s"
