@@ -62,6 +62,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # Batch-size-independent float32 matmuls, so batched greedy outputs equal one-at-a-time
+    # ones; MKL reads it once, before torch's first matmul (see copa.lm).
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings

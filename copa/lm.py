@@ -78,7 +78,8 @@ class _PerRowStop(transformers.StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     def _decode(self, ids: torch.Tensor) -> str:
-        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
 
 
 def _rowwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -252,7 +253,8 @@ class LocalModel:
             n_out = int(new.shape[0])
             if n_out and int(new[-1]) in self.eos_ids:
                 new = new[:-1]
-            text = self.tokenizer.decode(new.tolist(), skip_special_tokens=True)
+            text = self.tokenizer.decode(new.tolist(), skip_special_tokens=True,
+                                         clean_up_tokenization_spaces=False)
             cut = _find_stop(text, stops[i])
             if cut is not None:
                 text = text[:cut]

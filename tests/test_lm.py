@@ -14,14 +14,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import dspy
 import pytest
+from dspy.lm15 import Message, Request
 
-lm_mod = pytest.importorskip("copa.lm")  # sets MKL_CBWR before torch does any math
-dspy = pytest.importorskip("dspy")
-
-from dspy.lm15 import Message, Request  # noqa: E402
-
-from copa.lm import BatchingEngine, EngineClosed, Generation, LocalModel  # noqa: E402
+import copa.lm as lm_mod  # MKL_CBWR itself is set by conftest, before any torch import
+from copa.lm import BatchingEngine, EngineClosed, Generation, LocalModel
 
 WORDS = "the a cat dog runs blue quickly seven over under house tree red green why how".split()
 
@@ -35,8 +33,27 @@ def prompt(i: int) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir: Path) -> LocalModel:
-    return LocalModel(str(tiny_model_dir))
+def varied_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama re-drawn with larger random weights (init std 0.3, not 0.02).
+
+    At std 0.02 the tiny model answers every prompt with the same newlines, which would let a
+    batching bug (wrong mask, rows mixed up) pass unseen; at 0.3 each prompt gets its own text.
+    """
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.3
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("varied-llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(varied_model_dir: Path) -> LocalModel:
+    return LocalModel(str(varied_model_dir))
 
 
 @pytest.fixture
@@ -88,14 +105,14 @@ def test_chat_end_of_turn_ends_an_answer(tiny: LocalModel) -> None:
 # --- (b) many threads through dspy.LM ----------------------------------------------------------
 
 def test_concurrent_dspy_calls_are_batched_and_each_gets_its_own_answer(
-        tiny_model_dir: Path, fresh_engines: None) -> None:
+        varied_model_dir: Path, fresh_engines: None) -> None:
     n = 8
-    expected = lm_mod.make_lm(str(tiny_model_dir), "seq", max_batch_size=1, max_tokens=12)
+    expected = lm_mod.make_lm(str(varied_model_dir), "seq", max_batch_size=1, max_tokens=12)
     sequential = [expected(messages_request(expected, i)).text for i in range(n)]
 
     # A long window: the batch closes when all 8 have arrived, so it is full however slowly
     # the threads start (the test waits on arrivals, never on a clock).
-    lm = lm_mod.make_lm(str(tiny_model_dir), "batched", max_batch_size=n,
+    lm = lm_mod.make_lm(str(varied_model_dir), "batched", max_batch_size=n,
                         batch_wait_ms=60_000, max_tokens=12)
     start = threading.Barrier(n)
 
@@ -193,7 +210,12 @@ def test_a_generation_error_reaches_its_caller_and_spares_its_batch_mates() -> N
             futures[1].result()
         assert engine.batch_sizes[0] == 3  # they did run together first
 
-        # Through dspy.LM the caller gets DSPy's error, caused by the model's.
+    finally:
+        engine.close()
+
+    # Through dspy.LM the caller gets DSPy's error, caused by the model's.
+    engine = BatchingEngine(model, batch_wait_ms=0)  # type: ignore[arg-type]
+    try:
         lm = dspy.LM("local/scripted", engine=engine, cache=False, max_tokens=4, num_retries=0)
         with pytest.raises(Exception, match="generation exploded") as info:
             lm(Request(model=lm.model, messages=(Message.user("boom"),)))
