@@ -19,7 +19,8 @@ import pytest
 from dspy.lm15 import Message, Request
 
 import copa.lm as lm_mod  # MKL_CBWR itself is set by conftest, before any torch import
-from copa.lm import BatchingEngine, EngineClosed, Generation, LocalModel
+from copa.generate import Generation, LocalModel
+from copa.lm import BatchingEngine, EngineClosed
 
 WORDS = "the a cat dog runs blue quickly seven over under house tree red green why how".split()
 
