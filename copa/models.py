@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from copa.files import atomic_dir
 
@@ -101,9 +102,26 @@ def check_model(base: str, base_dir: Path | None = None) -> str | None:
     return None
 
 
+CONVERSION_VERSION = 2  # bump when the conversion's output changes (v2: end-of-turn eos)
+
+
+def fix_chat_tokens(tokenizer: Any) -> Any:
+    """GGUF metadata gives SmolLM2's tokenizer eos = <|im_start|> and no pad token; the chat
+    template ends a turn with <|im_end|>, which is what training must teach and generation stop
+    at. Point eos and pad at the template's end-of-turn token when the vocabulary has it."""
+    end = "<|im_end|>"
+    if end in tokenizer.get_vocab() and tokenizer.eos_token != end:
+        tokenizer.eos_token = end
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.clean_up_tokenization_spaces = False  # destructive for BPE tokenizers
+    return tokenizer
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:"
+                         f"v{CONVERSION_VERSION}".encode())
     return copa_home() / "models" / f"{gguf.stem}-{key.hexdigest()[:12]}"
 
 
@@ -116,8 +134,8 @@ def gguf_to_hf_dir(gguf: Path, out_dir: Path | None = None) -> Path:
 
     transformers.utils.logging.disable_progress_bar()
     with atomic_dir(out_dir) as tmp:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = fix_chat_tokens(transformers.AutoTokenizer.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name))
         # transformers dequantizes GGUF weights on load; dropping the quantizer makes it saveable.
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name)

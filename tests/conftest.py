@@ -24,11 +24,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     import transformers
 
-    from copa.models import smollm2_gguf_path
+    from copa.models import fix_chat_tokens, smollm2_gguf_path
 
     out = tmp_path_factory.mktemp("tiny-llama")
     gguf = smollm2_gguf_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = fix_chat_tokens(
+        transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
     config = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
