@@ -21,12 +21,13 @@ def count_tokens(train_jsonl: Path, model_dir: str, rows: int) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lines = train_jsonl.read_text().splitlines()[:rows]
+    lines = train_jsonl.read_text().splitlines()
     total = 0
-    for line in lines:
+    for i in range(rows):  # the trainer cycles through the rows epoch after epoch
         messages = [{"role": m["role"], "content": m["content"]}
-                    for m in json.loads(line)["messages"]]
-        total += len(tokenizer.apply_chat_template(messages, tokenize=True))
+                    for m in json.loads(lines[i % len(lines)])["messages"]]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        total += len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return total
 
 

@@ -89,6 +89,31 @@ def summarize(per_arm: dict[str, Sequence[float]], resamples: int = 1000,
     return out
 
 
+def arm_key(run: Any, arm: str, program: Any) -> str:
+    """What an arm's predictions depend on: its program (demos, instructions), its model, the
+    test rows, the prompt template and the evaluation settings."""
+    from copa.files import sha256_file, sha256_json
+
+    recipe = run.recipe
+    model = "base" if ARM_MODELS[arm] == "base" else run.keys.get("merge", "merged")
+    return sha256_json([arm, json.dumps(program.dump_state(), sort_keys=True, default=str),
+                        model, recipe.model.base, run.checked.spec.template.text,
+                        recipe.model_dump(mode="json")["evaluate"],
+                        recipe.model_dump(mode="json")["serve"], recipe.task.signature,
+                        recipe.optimize.adapter,
+                        sha256_file(run.rendered / "splits" / "test.jsonl")])
+
+
+def _cached_scores(folder: Path, arm: str, key: str) -> list[float] | None:
+    key_file, rows_file = folder / f"{arm}.key", folder / f"{arm}.jsonl"
+    if not (key_file.is_file() and rows_file.is_file()):
+        return None
+    if key_file.read_text().strip() != key:
+        return None
+    return [float(json.loads(line)["score"]) for line in rows_file.read_text().splitlines()
+            if line.strip()]
+
+
 def _program_for(run: Any, arm: str, kit: Any) -> Any:
     if arm in ("baseline", "finetune_only"):
         return kit.program.deepcopy()
@@ -105,6 +130,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     import dspy
 
     from copa.data import read_jsonl, write_jsonl
+    from copa.files import atomic_write_text
     from copa.optimizer import base_model_path, dspy_chatter_to, model_lm, score, task_kit
     from copa.pipeline import versions
     from copa.program import to_examples
@@ -122,6 +148,14 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     for arm in arms:
         model_path = base_model_path(recipe) if ARM_MODELS[arm] == "base" else str(run.merged)
         program = _program_for(run, arm, kit)
+        key = arm_key(run, arm, program)
+        cached = _cached_scores(predictions_dir, arm, key)
+        if cached is not None:
+            # Same program, model, test rows and settings as last time: the same predictions.
+            per_arm[arm], seconds[arm] = cached, 0.0
+            run.emit(f"  {arm:<14} {sum(cached) / len(cached):.3f}  (unchanged, from "
+                     f"predictions/{arm}.jsonl)")
+            continue
         start = time.time()
         with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir / "serve") as lm, \
                 dspy.context(lm=lm, adapter=kit.adapter), \
@@ -135,6 +169,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
              "prediction": getattr(pred, field, None) if pred is not None else None,
              "score": float(s)}
             for ex, pred, s in results])
+        atomic_write_text(predictions_dir / f"{arm}.key", key + "\n")
     summary = summarize(per_arm, recipe.evaluate.bootstrap, recipe.data.splits.seed)
     optimize_info = {}
     opt_path = run.optimize_dir / "optimize.json"

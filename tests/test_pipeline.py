@@ -115,6 +115,9 @@ def test_editing_only_optimize_skips_training_and_merge(tiny_run) -> None:
     assert "[merge] unchanged, skipped" in messages
     assert "[optimize] running" in messages
     assert "[evaluate] running" in messages
+    # Arms that do not depend on the optimizer are not re-generated either.
+    assert any(m.strip().startswith("baseline") and "unchanged" in m for m in messages)
+    assert any(m.strip().startswith("finetune_only") and "unchanged" in m for m in messages)
 
 
 def test_run_directory_of_another_recipe_is_protected(tiny_run, tmp_path: Path,

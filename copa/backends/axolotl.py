@@ -290,8 +290,9 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 class Progress:
     """Turns Axolotl log lines into one-line progress reports (step, loss, ETA)."""
 
-    def __init__(self, total_steps: int | None, emit: Callable[[str], None]):
-        self.total, self.emit, self.start, self.step = total_steps, emit, time.time(), 0
+    def __init__(self, total_steps: int | None, emit: Callable[[str], None], first_step: int = 0):
+        self.total, self.emit, self.start = total_steps, emit, time.time()
+        self.step = self.first = first_step
 
     def __call__(self, line: str) -> None:
         data = parse_progress(line)
@@ -301,7 +302,7 @@ class Progress:
         elapsed = time.time() - self.start
         eta = ""
         if self.total:
-            remaining = max(0, self.total - self.step) * elapsed / self.step
+            remaining = max(0, self.total - self.step) * elapsed / (self.step - self.first)
             eta = f"  eta {remaining:4.0f}s"
         total = f"/{self.total}" if self.total else ""
         self.emit(f"  step {self.step}{total}  loss {data['loss']:.4f}  "
@@ -319,9 +320,11 @@ def train(recipe: Recipe, config_path: Path, work_dir: Path,
     log_path = work_dir / "axolotl-train.log"
     cmd = launch_command(recipe, config_path)
     resume = last_checkpoint(output_dir)
+    first_step = 0
     if resume is not None:  # the config sets auto_resume_from_checkpoints
         emit(f"  resuming from {resume.name}")
-    run_logged(cmd, log_path, Progress(total_steps, emit), what="axolotl train")
+        first_step = int(resume.name.split("-")[-1])
+    run_logged(cmd, log_path, Progress(total_steps, emit, first_step), what="axolotl train")
     adapter = output_dir
     if not (adapter / "adapter_config.json").is_file():
         raise TrainError("axolotl train finished but wrote no adapter_config.json",
