@@ -20,6 +20,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "iris.yaml"))
     parser.add_argument("--run-dir", default=None, help="reuse a finished run directory")
+    parser.add_argument("--candidates", type=int, default=2,
+                        help="the edit: optimize.params.num_candidate_programs becomes this")
     args = parser.parse_args()
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="copa-bench-rerun-"))
     copa = [sys.executable, "-m", "copa.cli", "run", args.recipe, "--run-dir", str(run_dir)]
@@ -33,8 +35,7 @@ def main() -> None:
         if result.returncode:
             sys.exit(result.stderr)
     # The optimizer's settings change: training and merge must come from the cache.
-    edit = ["--set", "optimize.params.num_candidate_programs=2", "--set", "evaluate.arms="
-            "[baseline, prompt_only, finetune_only, combined]"]
+    edit = ["--set", f"optimize.params.num_candidate_programs={args.candidates}"]
     rerun_s, result = timed([*copa, *edit])
     if result.returncode:
         sys.exit(result.stderr)
