@@ -83,6 +83,11 @@ def _preload_noisy_modules() -> None:
         with quiet_fds():
             import torchao  # noqa: F401
 
+            try:  # its prototype formats register enums with torch's pytree, loudly
+                importlib.import_module("torchao.prototype.mx_formats")
+            except Exception:  # an optional, experimental module: never fail a run on it
+                pass
+
 
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 run_dir_opt = click.option("--run-dir", type=click.Path(file_okay=False),
