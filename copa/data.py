@@ -142,8 +142,6 @@ def format_value(value: Any, number_format: str | None) -> str:
         return "" if value is None else str(value)
     if isinstance(value, (int, float)) and number_format:
         return format(value, number_format)
-    if isinstance(value, float) and value.is_integer():
-        return str(value)
     if isinstance(value, str):
         if number_format:
             try:

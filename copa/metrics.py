@@ -32,15 +32,14 @@ def to_choice(prediction: str, choices: Sequence[str] | None) -> str:
 
 
 def gsm8k_number(text: Any) -> float | None:
-    """The number after '####', else the last number in the text."""
+    """The first number after '####' (GSM8K's answer line), else the last number in the text."""
     text = str(text or "")
-    if "####" in text:
-        text = text.split("####")[-1]
-    numbers = _NUMBER.findall(text)
+    marked = "####" in text
+    numbers = _NUMBER.findall(text.split("####")[-1] if marked else text)
     if not numbers:
         return None
     try:
-        return float(numbers[-1 if "####" not in str(text) else 0].replace(",", ""))
+        return float(numbers[0 if marked else -1].replace(",", ""))
     except ValueError:
         return None
 

@@ -216,36 +216,43 @@ STAGE_FUNCS: dict[str, Callable[[Run], dict[str, Any]]] = {
 }
 
 
-def _invalidate(run: Run, stage: str) -> None:
-    """A stage about to re-run with new inputs: clear what its old run left behind."""
+def _invalidate(run: Run, stage: str, forced: bool = False) -> None:
+    """A stage about to re-run with new inputs (or by --force): clear what its old run left
+    behind, so Axolotl does not resume from checkpoints of other inputs."""
     if stage == "train":
         entry = run.manifest.stage("train")
-        if entry.get("key") and entry.get("key") != run.keys.get("train"):
+        if forced or (entry.get("key") and entry.get("key") != run.keys.get("train")):
             shutil.rmtree(run.train_dir / "checkpoints", ignore_errors=True)
             shutil.rmtree(run.train_dir / "prepared", ignore_errors=True)
 
 
+def _paths(artifacts: Any) -> list[Path]:
+    if isinstance(artifacts, dict):
+        return [p for value in artifacts.values() for p in _paths(value)]
+    return [Path(artifacts)] if isinstance(artifacts, str) else []
+
+
+def is_current(run: Run, stage: str, key: str) -> bool:
+    """Done with this very key, and every artifact it recorded is still on disk."""
+    if not run.manifest.is_done(stage, key):
+        return False
+    return all(path.exists() for path in _paths(run.manifest.stage(stage).get("artifacts")))
+
+
 def run_stages(run: Run, stages: Sequence[str] = STAGES, force: Sequence[str] = ()) -> Run:
-    """Run stages in order; skip those whose key is unchanged and whose artifacts are done."""
-    wanted = [s for s in STAGES if s in stages]
-    forced = set(force)
-    for stage in STAGES:
+    """Run the named stages and every stage before them, in order; a stage whose key is
+    unchanged and whose artifacts are on disk is skipped (keys chain, so a changed stage makes
+    everything after it re-run)."""
+    last = max((STAGES.index(s) for s in stages), default=-1)
+    for stage in STAGES[:last + 1]:
         if not run.finetunes and stage in ("train", "merge"):
-            continue
-        if stage not in wanted and stage not in _needed_before(wanted):
             continue
         key = stage_key(run, stage)
         run.keys[stage] = key
-        if run.manifest.is_done(stage, key) and stage not in forced and stage != "render":
+        if stage not in force and is_current(run, stage, key):
             run.emit(f"[{stage}] unchanged, skipped")
             continue
-        if stage == "render" and run.manifest.is_done(stage, key) and stage not in forced and \
-                (run.rendered / "axolotl.yml").is_file():
-            run.emit("[render] unchanged, skipped")
-            continue
-        if stage in forced and stage == "train":
-            shutil.rmtree(run.train_dir / "checkpoints", ignore_errors=True)
-        _invalidate(run, stage)
+        _invalidate(run, stage, forced=stage in force)
         run.emit(f"[{stage}] running")
         entry = run.manifest.stage(stage)
         entry.update({"key": key, "status": "running", "started": _now()})
@@ -262,30 +269,9 @@ def run_stages(run: Run, stages: Sequence[str] = STAGES, force: Sequence[str] = 
         run.timings[stage] = time.time() - start
         entry.update({"status": "done", "ended": _now(), "seconds": round(run.timings[stage], 2),
                       "artifacts": artifacts})
-        # Anything downstream must re-run against the new artifacts.
-        for later in STAGES[STAGES.index(stage) + 1:]:
-            later_entry = run.manifest.data["stages"].get(later)
-            if later_entry and later_entry.get("status") == "done" and \
-                    later_entry.get("key") != stage_key_or_none(run, later):
-                later_entry["status"] = "stale"
         run.manifest.save()
         run.emit(f"[{stage}] done in {run.timings[stage]:.1f}s")
     return run
-
-
-def stage_key_or_none(run: Run, stage: str) -> str | None:
-    try:
-        return stage_key(run, stage)
-    except (KeyError, FileNotFoundError):
-        return None
-
-
-def _needed_before(wanted: Sequence[str]) -> set[str]:
-    """Stages a wanted stage reads from (they run if stale, else are skipped as unchanged)."""
-    if not wanted:
-        return set()
-    last = max(STAGES.index(s) for s in wanted)
-    return set(STAGES[:last])
 
 
 def run(recipe_path: str | os.PathLike[str], *, stages: Sequence[str] = STAGES,

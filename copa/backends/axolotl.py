@@ -278,13 +278,10 @@ def meaningful_tail(lines: deque[str] | list[str], keep: int = 8) -> str:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = sorted(output_dir.glob("checkpoint-*"),
-                         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1]
-                         .isdigit() else -1)
-    for candidate in reversed(checkpoints):
-        if (candidate / "trainer_state.json").is_file():
-            return candidate
-    return None
+    """The newest complete `checkpoint-N` (one with its trainer state written)."""
+    complete = [p for p in output_dir.glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 class Progress:
