@@ -1,6 +1,8 @@
-"""Examples/s of DSPy Evaluate on task test splits: one request at a time vs. copa's batching
-engine, same base model, same TemplateAdapter prompts, 8 threads (as dspy.Evaluate runs them).
-The two runs must give identical predictions. Results: bench/results/inference.json.
+"""Examples/s of DSPy Evaluate on task test splits: one request at a time (plain generate) vs.
+copa's engine (prefix cache + batching), and the prefix cache alone; same base model, same
+TemplateAdapter prompts, 8 threads (as dspy.Evaluate runs them), for a zero-shot program and
+one with few-shot demos. All runs must give identical predictions.
+Results: bench/results/inference.json.
 
     python bench/inference.py [--recipes iris banking77] [--n 64] [--threads 8]
 """
@@ -23,7 +25,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def bench_recipe(name: str, n: int, threads: int, batch_size: int) -> dict[str, Any]:
+ARMS = (  # name, prefix cache, max batch size
+    ("one_at_a_time", False, 1),   # the baseline: plain generate, one request after another
+    ("prefix_cache_only", True, 1),
+    ("engine", True, None),        # copa's engine: prefix cache + batching
+)
+
+
+def bench_recipe(name: str, n: int, threads: int, batch_size: int,
+                 demos: int) -> dict[str, Any]:
     import logging
 
     import dspy
@@ -39,11 +49,19 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int) -> dict[str, 
     recipe = checked.recipe
     kit = task_kit(recipe, [], [], checked.spec)
     testset = to_examples(recipe, list(checked.splits.test[:n]))
+    program = kit.program
+    if demos:  # as a few-shot optimizer leaves it: the same labeled demos in every prompt
+        program = program.deepcopy()
+        for predictor in program.predictors():
+            predictor.demos = to_examples(recipe, list(checked.splits.train[:demos]))
     model = LocalModel(base_model_path(recipe))
     arms: dict[str, Any] = {}
     predictions: dict[str, list[str]] = {}
     field = recipe.task.output_fields[-1]
-    for arm, size in (("batch_1", 1), (f"batch_{batch_size}", batch_size)):
+    for arm, prefix_cache, size in ARMS:
+        size = size or batch_size
+        model.prefix_cache = prefix_cache
+        model._prefixes.clear()  # every arm starts cold
         engine = BatchingEngine(model, max_batch_size=size,
                                 default_max_tokens=recipe.evaluate.max_tokens)
         lm = dspy.LM(f"local/{name}", engine=engine, cache=False,
@@ -51,23 +69,31 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int) -> dict[str, 
         try:
             with dspy.context(lm=lm, adapter=kit.adapter):
                 start = time.perf_counter()
-                mean, results = score(kit.program, testset, kit.metric, threads)
+                mean, results = score(program, testset, kit.metric, threads)
                 seconds = time.perf_counter() - start
         finally:
             engine.close()
         predictions[arm] = [str(getattr(p, field, "")) for _, p, _ in results]
-        arms[arm] = {"max_batch_size": size, "seconds": round(seconds, 2),
+        arms[arm] = {"prefix_cache": prefix_cache, "max_batch_size": size,
+                     "seconds": round(seconds, 2),
+                     "generating_s": round(engine.generate_seconds, 2),
                      "examples_per_s": round(len(testset) / seconds, 3),
                      "metric": round(mean, 4),
                      "batch_sizes": {str(k): v for k, v in
                                      sorted(Counter(engine.batch_sizes).items())}}
-    one, many = predictions["batch_1"], predictions[f"batch_{batch_size}"]
-    mismatches = [i for i, (a, b) in enumerate(zip(one, many)) if a != b]
-    return {"n": len(testset), "arms": arms,
-            "speedup": round(arms[f"batch_{batch_size}"]["examples_per_s"]
-                             / arms["batch_1"]["examples_per_s"], 2),
-            "outputs_identical": not mismatches, "mismatched_rows": mismatches,
-            "max_tokens": recipe.evaluate.max_tokens}
+    prompt = model.split_prompt(kit.adapter.format(
+        program.predictors()[0].signature, program.predictors()[0].demos,
+        {k: testset[0][k] for k in testset[0].inputs().keys()}))
+    base = predictions["one_at_a_time"]
+    mismatches = sorted({i for arm in predictions for i, (a, b)
+                         in enumerate(zip(base, predictions[arm])) if a != b})
+    per_s = {arm: arms[arm]["examples_per_s"] for arm in arms}
+    return {"n": len(testset), "demos": demos, "max_tokens": recipe.evaluate.max_tokens,
+            "prompt_tokens": {"cached_prefix": len(prompt[0]), "rest": len(prompt[1])},
+            "arms": arms,
+            "speedup": round(per_s["engine"] / per_s["one_at_a_time"], 2),
+            "speedup_from_batching": round(per_s["engine"] / per_s["prefix_cache_only"], 2),
+            "outputs_identical": not mismatches, "mismatched_rows": mismatches}
 
 
 def main() -> None:
@@ -77,12 +103,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--demos", nargs="+", type=int, default=[0, 3],
+                        help="programs to time: with this many few-shot demos each")
     args = parser.parse_args()
     import torch
 
     load = os.getloadavg()[0]
-    results = {name: bench_recipe(name, args.n, args.threads, args.batch_size)
-               for name in args.recipes}
+    results = {f"{name}, {demos} demos": bench_recipe(name, args.n, args.threads,
+                                                      args.batch_size, demos)
+               for name in args.recipes for demos in args.demos}
     write_result("inference", {"threads": args.threads, "torch_threads": torch.get_num_threads(),
                                "mkl_cbwr": os.environ.get("MKL_CBWR"),
                                "load_average_at_start": round(load, 2), "recipes": results})

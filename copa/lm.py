@@ -45,11 +45,16 @@ class EngineClosed(RuntimeError):
 class BatchingEngine:
     """DSPy 3.4 engine (`complete(Request) -> Response`) that batches concurrent callers.
 
-    Callers block in complete(); one worker thread gathers requests for up to `batch_wait_ms`
-    after the first arrives (or until `max_batch_size`), runs one generate and resolves each
-    caller's Future. max_batch_size=1 gives plain one-at-a-time generation (for comparison).
+    Callers block in complete(); one worker thread gathers requests, runs one generate and
+    resolves each caller's Future. It waits for as many requests as were outstanding around
+    the last batch (the callers it served come back with their next request), at most
+    `max_batch_size`, and for no longer than `batch_wait_ms` or a tenth of the last generate,
+    whichever is longer: on CPU a row more costs little, a batch less costs a whole generate.
+    max_batch_size=1 gives plain one-at-a-time generation (for comparison).
     Decoding is always greedy: temperature and other sampling settings are ignored.
     """
+
+    MAX_WAIT_S = 0.25
 
     def __init__(self, model: LocalModel, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
                  default_max_tokens: int = 64) -> None:
@@ -60,6 +65,9 @@ class BatchingEngine:
         self.batch_wait_s = max(0.0, float(batch_wait_ms)) / 1000.0
         self.default_max_tokens = int(default_max_tokens)
         self.batch_sizes: list[int] = []  # one entry per generate call: shows batching happened
+        self._expected = self.max_batch_size  # callers to wait for (unknown at first: all)
+        self._last_generate_s = 0.0
+        self.generate_seconds = 0.0  # time spent generating: the rest of a run is callers' work
         self._queue: list[_Pending] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -84,13 +92,15 @@ class BatchingEngine:
         """Lets a program whose predictors hold this LM be saved (the engine is re-made on load)."""
         return {"model_path": self.model.path, "max_batch_size": self.max_batch_size,
                 "batch_wait_ms": self.batch_wait_s * 1000.0,
-                "default_max_tokens": self.default_max_tokens}
+                "default_max_tokens": self.default_max_tokens,
+                "prefix_cache": getattr(self.model, "prefix_cache", True)}
 
     @classmethod
     def load_state(cls, state: dict[str, Any]) -> BatchingEngine:
         return get_engine(state["model_path"], max_batch_size=state["max_batch_size"],
                           batch_wait_ms=state["batch_wait_ms"],
-                          default_max_tokens=state.get("default_max_tokens", 64))
+                          default_max_tokens=state.get("default_max_tokens", 64),
+                          prefix_cache=state.get("prefix_cache", True))
 
     # Optimizers deep-copy programs and the LMs they hold; the engine (model, thread) is shared.
     def __copy__(self) -> BatchingEngine:
@@ -132,10 +142,12 @@ class BatchingEngine:
                 self._cond.wait()
             if self._closed:
                 return None
-            # Wait a little for other threads' requests: they arrive microseconds apart when an
+            # Wait a little for other threads' requests: they arrive milliseconds apart when an
             # evaluator fans out, and a fuller batch costs little more than a single row.
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(self._queue) < self.max_batch_size and not self._closed:
+            wait = max(self.batch_wait_s, min(self.MAX_WAIT_S, 0.1 * self._last_generate_s))
+            deadline = time.monotonic() + wait
+            target = min(self.max_batch_size, self._expected)
+            while len(self._queue) < target and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -158,9 +170,14 @@ class BatchingEngine:
 
     def _generate(self, batch: list[_Pending]) -> None:
         self.batch_sizes.append(len(batch))
+        start = time.monotonic()
         try:
             gens = self.model.generate_detailed(
                 [b.messages for b in batch], [b.max_tokens for b in batch], [b.stop for b in batch])
+            with self._cond:
+                self._last_generate_s = time.monotonic() - start
+                self.generate_seconds += self._last_generate_s
+                self._expected = max(1, len(batch) + len(self._queue))
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].future.set_exception(exc)
@@ -235,22 +252,24 @@ def _response(request: Request, gen: Generation) -> Response:
 
 
 # One engine (one loaded model, one worker) per model folder and batching setup per process.
-_ENGINES: dict[tuple[str, int, float, int], BatchingEngine] = {}
-_MODELS: dict[str, LocalModel] = {}
+_ENGINES: dict[tuple[str, int, float, int, bool], BatchingEngine] = {}
+_MODELS: dict[tuple[str, bool], LocalModel] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
 def get_engine(model_path: str, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
-               default_max_tokens: int = 64) -> BatchingEngine:
+               default_max_tokens: int = 64, prefix_cache: bool = True) -> BatchingEngine:
     """The process-wide engine for a model folder (the model itself is loaded once per folder)."""
     path = str(model_path)
-    key = (path, int(max_batch_size), float(batch_wait_ms), int(default_max_tokens))
+    key = (path, int(max_batch_size), float(batch_wait_ms), int(default_max_tokens),
+           bool(prefix_cache))
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None or not engine.alive:
-            model = _MODELS.get(path)
+            model = _MODELS.get((path, bool(prefix_cache)))
             if model is None:
-                model = _MODELS[path] = LocalModel(path)
+                model = _MODELS[(path, bool(prefix_cache))] = LocalModel(
+                    path, prefix_cache=prefix_cache)
             engine = _ENGINES[key] = BatchingEngine(
                 model, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                 default_max_tokens=default_max_tokens)
@@ -258,14 +277,18 @@ def get_engine(model_path: str, max_batch_size: int = 8, batch_wait_ms: float = 
 
 
 def make_lm(model_path: str, name: str, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
-            max_tokens: int = 64) -> dspy.LM:
+            max_tokens: int = 64, prefix_cache: bool = True,
+            cache_tag: str | None = None) -> dspy.LM:
     """A dspy.LM ("local/<name>") generating greedily with the local model at model_path.
 
-    cache=False: DSPy's response cache would key on the name, not on the weights behind it.
+    DSPy's response cache keys on the LM's name, not on the weights behind it: it is used only
+    with a cache_tag (a hash of the weights, see copa.cache), which joins the name
+    ("local/<name>@<tag>").
     """
-    engine = get_engine(model_path, max_batch_size, batch_wait_ms, max_tokens)
-    return dspy.LM(f"local/{name}", engine=engine, async_engine=AsyncBatchingEngine(engine),
-                   cache=False, max_tokens=max_tokens)
+    engine = get_engine(model_path, max_batch_size, batch_wait_ms, max_tokens, prefix_cache)
+    model = f"local/{name}@{cache_tag}" if cache_tag else f"local/{name}"
+    return dspy.LM(model, engine=engine, async_engine=AsyncBatchingEngine(engine),
+                   cache=cache_tag is not None, max_tokens=max_tokens)
 
 
 def close_all() -> None:

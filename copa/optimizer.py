@@ -201,15 +201,24 @@ def task_kit(recipe: Recipe, train_rows: list[dict], val_rows: list[dict],
 
 @contextmanager
 def model_lm(recipe: Recipe, model_path: str, name: str,
-             log_dir: Path | None = None) -> Iterator[dspy.LM]:
+             run_dir: Path | None = None) -> Iterator[dspy.LM]:
     """The DSPy LM for a model folder: the in-process batched engine (loaded once per process),
-    or an OpenAI-compatible server that lives exactly as long as this block (recipe.serve)."""
+    or an OpenAI-compatible server that lives exactly as long as this block (recipe.serve).
+    With a run directory, the local engine's answers go to DSPy's response cache there
+    (run_dir/cache) and a copa-started server logs to run_dir/serve."""
     serve = recipe.serve
     if serve.engine == "local":
         from copa.lm import make_lm
 
+        tag = None
+        if serve.response_cache and run_dir is not None:
+            from copa.cache import model_fingerprint, use_response_cache
+
+            use_response_cache(run_dir / "cache" / "dspy")
+            tag = model_fingerprint(model_path, run_dir / "cache" / "fingerprints.json")[:16]
         yield make_lm(model_path, name, max_batch_size=serve.max_batch_size,
-                      batch_wait_ms=serve.batch_wait_ms, max_tokens=recipe.evaluate.max_tokens)
+                      batch_wait_ms=serve.batch_wait_ms, max_tokens=recipe.evaluate.max_tokens,
+                      prefix_cache=serve.prefix_cache, cache_tag=tag)
         return
     from copa.serve import serving
 
@@ -217,7 +226,7 @@ def model_lm(recipe: Recipe, model_path: str, name: str,
         name = serve.model or ""
     with serving(serve.engine, model_path, name, api_base=serve.api_base,
                  api_key=serve.api_key, max_tokens=recipe.evaluate.max_tokens,
-                 log_dir=log_dir) as lm:
+                 log_dir=run_dir / "serve" if run_dir is not None else None) as lm:
         yield lm
 
 
@@ -241,7 +250,7 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
     out.mkdir(parents=True, exist_ok=True)
     run.emit(f"  [{arm}] prompt optimization on the {lm_name} model")
     if recipe.optimize.enabled:
-        with model_lm(recipe, model_path, lm_name, run.dir / "serve") as lm:
+        with model_lm(recipe, model_path, lm_name, run.dir) as lm:
             result = prompt_optimize(recipe, kit.program, lm, kit.adapter, kit.trainset,
                                      kit.valset, kit.metric, extra, emit=run.emit,
                                      log_path=out / f"dspy-{arm}.log")
@@ -344,7 +353,7 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
         demos = json.loads((run.rendered / "demos.json").read_text())
         if demos:
             extra["finetune_demos"] = with_demos(student, demos, recipe)
-        with model_lm(recipe, str(run.merged), "merged") as lm:
+        with model_lm(recipe, str(run.merged), "merged", run.dir) as lm:
             self.result = prompt_optimize(recipe, student, lm, kit.adapter, kit.trainset,
                                           kit.valset, self.metric or kit.metric, extra,
                                           emit=self.emit)

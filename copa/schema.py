@@ -306,6 +306,11 @@ class ServeSection(_Section):
                               "'openai'); copa-started servers know their own.")
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
+    prefix_cache: bool = Field(True, description="local engine: compute the turns before a "
+                               "prompt's last one (system turn, demos) once and reuse them.")
+    response_cache: bool = Field(True, description="local engine: keep DSPy's response cache "
+                                 "in the run directory, keyed by the model weights' hash, so a "
+                                 "re-run repeats no generation (greedy decoding is deterministic).")
 
     @model_validator(mode="after")
     def _api_base(self) -> ServeSection:

@@ -103,6 +103,82 @@ def test_chat_end_of_turn_ends_an_answer(tiny: LocalModel) -> None:
     assert tiny.tokenizer.convert_tokens_to_ids("<|im_end|>") in tiny.eos_ids
 
 
+# --- (a') the prefix cache: turns before the last are computed once --------------------------
+
+SYSTEMS = ["Answer briefly.", "You name colours. Reply with one word only, please."]
+
+
+def few_shot(i: int) -> list[dict[str, str]]:
+    """Chats as a few-shot program sends them: a system turn and demo turns shared by many
+    calls (two different programs here), then the call's own question; every 4th has none."""
+    if i % 4 == 3:
+        return prompt(i)[-1:]
+    system = SYSTEMS[i % 2]
+    demos = [{"role": "user", "content": "the red tree"}, {"role": "assistant", "content": "red"},
+             {"role": "user", "content": "a blue house"}, {"role": "assistant", "content": "blue"}]
+    return [{"role": "system", "content": system}, *demos[:2 + 2 * (i % 2)], prompt(i)[-1]]
+
+
+def test_prefix_cache_keeps_batched_outputs_equal_to_one_at_a_time(tiny: LocalModel) -> None:
+    n = 12
+    prompts = [few_shot(i) for i in range(n)]
+    max_new = [4 + (i * 3) % 9 for i in range(n)]
+    tiny._prefixes.clear()
+
+    alone = [tiny.generate_detailed([p], [m], [None])[0] for p, m in zip(prompts, max_new)]
+    batched = tiny.generate_detailed(prompts, max_new, [None] * n)
+
+    assert batched == alone
+    assert len({g.text for g in batched}) > n // 2
+    prefixes = {tiny.split_prompt(p)[0] for p in prompts}
+    assert len(prefixes - {()}) == 2  # two programs, each prefix cached once and reused
+    assert len(tiny._prefixes) == 2 and tiny.prefix_stats["hits"] > 0
+    # A prompt's token count includes its cached prefix.
+    assert all(g.prompt_tokens == len(tiny._ids(tiny.render(p))) for g, p in zip(batched, prompts))
+
+
+def test_prefix_is_the_turns_before_the_last(tiny: LocalModel) -> None:
+    chat = few_shot(0)
+    prefix, rest = tiny.split_prompt(chat)
+    full = tiny._ids(tiny.render(chat))
+    assert list(prefix) + rest == full
+    head = tiny.tokenizer.decode(list(prefix))
+    assert head.endswith("<|im_end|>\n") and "the red tree" in head
+    assert chat[-1]["content"] not in head
+    assert tiny.split_prompt(prompt(1))[0] == ()  # a single user turn: nothing to share
+
+
+def test_cached_prefix_gives_the_logits_of_the_whole_prompt(tiny: LocalModel) -> None:
+    """Keys and values computed once for the prefix, then the rest on top, give the next-token
+    logits of the whole prompt run at once (up to float rounding), also with padding between
+    the prefix and a shorter row's rest."""
+    import torch
+
+    chats = [few_shot(0), few_shot(4)]  # same program, questions of different lengths
+    splits = [tiny.split_prompt(c) for c in chats]
+    assert splits[0][0] == splits[1][0] and len(splits[0][1]) != len(splits[1][1])
+    prefix = splits[0][0]
+    width = max(len(r) for _, r in splits)
+    pad = tiny.tokenizer.pad_token_id
+    ids = [[*prefix, *[pad] * (width - len(r)), *r] for _, r in splits]
+    mask = [[1] * len(prefix) + [0] * (width - len(r)) + [1] * len(r) for _, r in splits]
+    with torch.inference_mode():
+        cached = tiny.model.generate(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+            past_key_values=tiny._prefix_kv(prefix, 2), max_new_tokens=1, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=pad).logits[0]
+        for row, (_, rest) in enumerate(splits):
+            whole = tiny.model(torch.tensor([[*prefix, *rest]])).logits[0, -1]
+            torch.testing.assert_close(cached[row], whole, atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_cache_stays_within_its_byte_budget(varied_model_dir: Path) -> None:
+    model = LocalModel(str(varied_model_dir), prefix_cache_bytes=1)
+    for i in range(3):
+        model.generate([few_shot(i)], [2], [None])
+    assert len(model._prefixes) == 1  # only the newest prefix is kept
+
+
 # --- (b) many threads through dspy.LM ----------------------------------------------------------
 
 def test_concurrent_dspy_calls_are_batched_and_each_gets_its_own_answer(

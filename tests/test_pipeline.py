@@ -118,6 +118,11 @@ def test_editing_only_optimize_skips_training_and_merge(tiny_run) -> None:
     # Arms that do not depend on the optimizer are not re-generated either.
     assert any(m.strip().startswith("baseline") and "unchanged" in m for m in messages)
     assert any(m.strip().startswith("finetune_only") and "unchanged" in m for m in messages)
+    # The LM calls the new optimizer setting repeats are DSPy response-cache hits, kept in the
+    # run directory under the weights' hashes (copa.cache; tests/test_cache.py).
+    fingerprints = json.loads((run.dir / "cache" / "fingerprints.json").read_text())
+    assert str(run.merged.resolve()) in fingerprints
+    assert any((run.dir / "cache" / "dspy").iterdir())
 
 
 def test_run_directory_of_another_recipe_is_protected(tiny_run, tmp_path: Path,

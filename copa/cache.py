@@ -1,0 +1,62 @@
+"""DSPy's response cache, scoped to a run directory and keyed by the weights behind an LM.
+
+Greedy local generation is deterministic, so a re-run (a new optimizer setting, a resumed
+stage) may answer every request it already made from the cache. DSPy keys its cache on the
+LM's name and the request; copa puts a hash of the model folder's files into the name, so new
+weights (a re-trained adapter, even with the same recipe) never meet old answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from copa.files import atomic_write_json, sha256_tree
+
+_configured: str | None = None
+_lock = threading.Lock()
+
+
+def _stat_signature(model_dir: Path) -> list[list]:
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    return [[str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files]
+
+
+def model_fingerprint(model_dir: str | os.PathLike[str], index: Path) -> str:
+    """sha256 of a model folder's files, remembered in `index` while their sizes and
+    modification times stay the same (hashing weights takes seconds; a stat, microseconds)."""
+    model_dir = Path(model_dir).resolve()
+    signature = _stat_signature(model_dir)
+    with _lock:
+        try:
+            known = json.loads(index.read_text())
+        except (OSError, ValueError):
+            known = {}
+        entry = known.get(str(model_dir))
+        if isinstance(entry, dict) and entry.get("files") == signature:
+            return str(entry["sha256"])
+        digest = sha256_tree(model_dir)
+        known[str(model_dir)] = {"files": signature, "sha256": digest}
+        index.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(index, known)
+        return digest
+
+
+def use_response_cache(cache_dir: Path) -> None:
+    """Point DSPy's response cache (memory + disk) at cache_dir for this process."""
+    global _configured
+    import dspy
+
+    target = str(cache_dir.resolve())
+    with _lock:
+        if _configured == target:
+            return
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # restrict_pickle: a run directory may come from someone else; its cache must not be
+        # able to run code when read (copa's entries are plain data).
+        dspy.configure_cache(enable_disk_cache=True, enable_memory_cache=True,
+                             disk_cache_dir=target, restrict_pickle=True)
+        _configured = target

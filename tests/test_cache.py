@@ -1,0 +1,62 @@
+"""copa.cache: DSPy's response cache lives in the run directory and is keyed by the weights,
+so a re-run repeats no generation, and new weights never get old answers."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import copa.lm as lm_mod
+from copa.cache import model_fingerprint, use_response_cache
+
+
+@pytest.fixture
+def fresh_engines() -> Iterator[None]:
+    yield
+    lm_mod.close_all()
+
+
+def test_fingerprint_follows_the_weights_and_is_remembered(tiny_model_dir: Path,
+                                                           tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    index = tmp_path / "fingerprints.json"
+    first = model_fingerprint(model, index)
+    assert index.is_file() and model_fingerprint(model, index) == first
+
+    weights = next(model.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(model, index) != first
+
+
+def test_a_repeated_request_is_answered_from_the_cache(tiny_model_dir: Path, tmp_path: Path,
+                                                       fresh_engines: None) -> None:
+    use_response_cache(tmp_path / "dspy")
+    tag = model_fingerprint(tiny_model_dir, tmp_path / "fingerprints.json")[:16]
+    lm = lm_mod.make_lm(str(tiny_model_dir), "tiny", max_tokens=4, cache_tag=tag)
+    assert lm.model == f"local/tiny@{tag}" and lm.cache
+    messages = [{"role": "user", "content": "say something"}]
+
+    first = lm(messages=messages)
+    generated = sum(lm.engine.batch_sizes)
+    assert lm(messages=messages) == first
+    assert sum(lm.engine.batch_sizes) == generated  # no new generation
+
+    # Other weights (another tag): the same request is generated again.
+    other = lm_mod.make_lm(str(tiny_model_dir), "tiny", max_tokens=4, cache_tag="0" * 16)
+    other(messages=messages)
+    assert sum(lm.engine.batch_sizes) == generated + 1
+    assert any((tmp_path / "dspy").iterdir())  # on disk, in the run directory
+
+
+def test_without_a_tag_nothing_is_cached(tiny_model_dir: Path, fresh_engines: None) -> None:
+    lm = lm_mod.make_lm(str(tiny_model_dir), "tiny", max_tokens=4)
+    messages = [{"role": "user", "content": "say something else"}]
+    lm(messages=messages)
+    lm(messages=messages)
+    assert sum(lm.engine.batch_sizes) == 2
