@@ -204,6 +204,10 @@ def subprocess_env() -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # MKL's float32 GEMM may pick kernels by the buffers' memory alignment, which differs run
+    # to run: the same recipe and seed would train to different weights. Strict conditional
+    # numerical reproducibility pins the kernels (and is no slower here: docs/performance.md).
+    env.setdefault("MKL_CBWR", "AUTO,STRICT")
     # `axolotl train` launches `accelerate` from PATH: put this interpreter's bin/ first.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
