@@ -146,6 +146,13 @@ def test_same_recipe_and_seed_give_the_same_metrics(tiny_run, tmp_path: Path) ->
         assert first["arms"][arm] == second["arms"][arm]
     assert read_jsonl(run.dir / "predictions" / "finetune_only.jsonl") == read_jsonl(
         again.dir / "predictions" / "finetune_only.jsonl")
+    # Bitwise the same adapter: LoRA's random init is seeded (copa.backends.axolotl_plugin).
+    from safetensors.torch import load_file
+
+    adapters = [load_file(Path(r.manifest.stage("train")["artifacts"]["adapter"])
+                          / "adapter_model.safetensors") for r in (run, again)]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(adapters[0][k].equal(adapters[1][k]) for k in adapters[0])
 
 
 def test_training_killed_with_sigkill_resumes_from_its_checkpoint(

@@ -123,6 +123,9 @@ def render_config(recipe: Recipe, base_model: str, train_path: Path, work_dir: P
     text = env.from_string((templates_dir() / CONFIG_TEMPLATE).read_text()).render(values)
     config = yaml.safe_load(text)
     config.update(ft.axolotl)
+    # Seeds LoRA's init (see copa.backends.axolotl_plugin); a recipe's own plugins come first.
+    plugin = "copa.backends.axolotl_plugin.SeedBeforeAdapter"
+    config["plugins"] = [p for p in config.get("plugins") or [] if p != plugin] + [plugin]
     if ft.distributed.backend == "fsdp":
         config.setdefault("fsdp_config", {})["offload_params"] = False
     return config
