@@ -28,6 +28,9 @@ from copa.prompting import templates_dir
 from copa.recipe import Problem, Recipe, RecipeError
 
 CONFIG_TEMPLATE = "axolotl/config.yml.j2"
+# An Axolotl plugin (copa/backends/axolotl_plugin.py) named in every rendered config: Axolotl
+# seeds only when it builds the Trainer, after the LoRA adapter exists; it seeds before that.
+SEED_PLUGIN = "copa.backends.axolotl_plugin.SeedBeforeAdapter"
 # Keys copa renders from the recipe's own sections: setting them under finetune.axolotl would
 # make the recipe say two things at once.
 OWNED_KEYS = {
@@ -123,9 +126,8 @@ def render_config(recipe: Recipe, base_model: str, train_path: Path, work_dir: P
     text = env.from_string((templates_dir() / CONFIG_TEMPLATE).read_text()).render(values)
     config = yaml.safe_load(text)
     config.update(ft.axolotl)
-    # Seeds LoRA's init (see copa.backends.axolotl_plugin); a recipe's own plugins come first.
-    plugin = "copa.backends.axolotl_plugin.SeedBeforeAdapter"
-    config["plugins"] = [p for p in config.get("plugins") or [] if p != plugin] + [plugin]
+    # Seeds LoRA's init; a recipe's own plugins come first.
+    config["plugins"] = [p for p in config.get("plugins") or [] if p != SEED_PLUGIN] + [SEED_PLUGIN]
     if ft.distributed.backend == "fsdp":
         config.setdefault("fsdp_config", {})["offload_params"] = False
     return config
@@ -207,9 +209,10 @@ def subprocess_env() -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
-    # MKL's float32 GEMM may pick kernels by the buffers' memory alignment, which differs run
-    # to run: the same recipe and seed would train to different weights. Strict conditional
-    # numerical reproducibility pins the kernels (and is no slower here: docs/performance.md).
+    # Strict conditional numerical reproducibility: MKL picks the same float32 kernels whatever
+    # the buffers' alignment or the batch size (as for inference, copa.generate), and is no
+    # slower here (docs/performance.md). Not what made same-seed runs differ: that was LoRA's
+    # unseeded init (SEED_PLUGIN).
     env.setdefault("MKL_CBWR", "AUTO,STRICT")
     # `axolotl train` launches `accelerate` from PATH: put this interpreter's bin/ first.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")

@@ -13,8 +13,6 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
-NAME = "copa.backends.axolotl_plugin.SeedBeforeAdapter"
-
 
 class SeedBeforeAdapter(BasePlugin):
     def pre_lora_load(self, cfg: Any, model: Any) -> None:
