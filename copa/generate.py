@@ -1,5 +1,5 @@
 """A local HF causal LM that generates greedy answers for a batch of chats, bitwise equal to
-generating each chat alone (row-wise attention over real keys only, MKL strict mode).
+generating each chat alone (packed rows with per-row attention, MKL strict mode).
 
 Imported only by the stages that need a model: torch and transformers load at import.
 """
@@ -23,6 +23,8 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: E402
+
+from copa import packed  # noqa: E402
 
 Chat = list[dict[str, str]]
 log = logging.getLogger(__name__)
@@ -79,63 +81,16 @@ class _PerRowStop(transformers.StoppingCriteria):
 def _rowwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                   value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
                   scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """SDPA run row by row on each row's real (non-padding) queries and keys only.
-
-    With padding, batched SDPA reduces over the padded key range too: the masked keys add
-    exact zeros, but the reduction's blocking and alignment shift, so a padded row's logits
-    differ from the same prompt alone by ~1e-5, enough to flip a greedy near-tie. Cutting each
-    row down to exactly what it would be alone makes the attention bitwise batch-invariant.
-    Padding may sit at the start (left padding) or between a cached prefix and the rest of
-    the prompt (see LocalModel's prefix cache). The cost is one small SDPA call per row and layer.
-    """
-    bsz, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
-    real = _real_keys(attention_mask, bsz, q_len, kv_len)
-    if real is None:  # not a causal mask over padded rows: standard SDPA
+    """Inside a packed forward (copa.packed), attention row by row over each row's own keys,
+    so a row's result is bitwise what it is alone; anywhere else, transformers' SDPA."""
+    batch = packed.ACTIVE.get()
+    if batch is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     gqa = getattr(module, "num_key_value_groups", 1) > 1
-    rows = []
-    for b, keys in enumerate(real):
-        if keys is None:  # no padding: the row as it is (contiguous, as it would be alone)
-            q, k, v = (t[b:b + 1].contiguous() for t in (query, key, value))
-            queries = None
-        else:  # gathering copies: the kernel sees the same layout as for the row alone
-            queries = keys[keys >= kv_len - q_len] - (kv_len - q_len)
-            q, k, v = query[b:b + 1, :, queries], key[b:b + 1, :, keys], value[b:b + 1, :, keys]
-        ql, kl = q.shape[2], k.shape[2]
-        mask = None
-        if 1 < ql < kl:  # queries are the last ql of kl positions: causal with an offset
-            mask = torch.ones(ql, kl, dtype=torch.bool, device=q.device).tril(kl - ql)
-        row = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-            is_causal=1 < ql == kl, enable_gqa=gqa)
-        if queries is not None and ql < q_len:  # padding queries: zeros (nothing reads them)
-            full = row.new_zeros(1, row.shape[1], q_len, row.shape[3])
-            full[:, :, queries] = row
-            row = full
-        rows.append(row)
-    out = torch.cat(rows)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _real_keys(mask: torch.Tensor | None, bsz: int, q_len: int,
-               kv_len: int) -> list[torch.Tensor | None] | None:
-    """Per row, the indices of its real keys (None: all are real), or None for the whole batch
-    when the mask is not "causal over each row's real tokens" (then standard SDPA runs)."""
-    if mask is None:
-        return [None] * bsz
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-1] != kv_len \
-            or mask.shape[-2] != q_len or mask.shape[1] != 1:
-        return None
-    real = mask[:, 0, -1, :]  # the last query is a real token and sees every real key
-    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
-    expected = real[:, None, :] & causal
-    real_query = real[:, kv_len - q_len:, None]
-    if not bool(((mask[:, 0] == expected) | ~real_query).all()):  # e.g. a sliding window
-        return None
-    return [None if bool(row.all()) else row.nonzero().squeeze(-1) for row in real]
+    return batch.attend(module.layer_idx, query, scaling, gqa), None
 
 
 def _register_rowwise_attention() -> None:
@@ -176,12 +131,12 @@ class LocalModel:
                  prefix_cache_bytes: int = 256 * 2**20) -> None:
         self.path = str(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # Prompts are padded on the left: every row's last prompt token sits at the same
-        # position, where generation continues; position ids come from the attention mask.
+        # Left padding, for the generate() fallback: every row's last prompt token sits at the
+        # same position, where generation continues (packed decoding needs no padding).
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        # fp32 and row-wise attention: a greedy answer must not depend on its batch mates.
+        # fp32 and per-row attention: a greedy answer must not depend on its batch mates.
         _register_rowwise_attention()
         try:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -194,21 +149,24 @@ class LocalModel:
                 self.path, dtype=torch.float32)
             self.rowwise_attention = False
         self.model.to(self.device).eval()
+        # Packed decoding (copa.packed) needs copa's attention and plain full-attention layers
+        # (no sliding windows); other models go through generate() with left padding.
+        self.packed = self.rowwise_attention and self._plain_cache()
+        if not self.packed:
+            log.warning("%s: no packed decoding for this architecture; batched greedy outputs "
+                        "may differ from one-at-a-time ones on near-ties", self.path)
         mkl_strict = self.device == "cpu" and matmul_is_batch_invariant()
         # True when batched greedy outputs are bitwise those of one-at-a-time generation
         # (CPU only: cuBLAS picks kernels by batch size too).
-        self.batch_invariant = self.rowwise_attention and mkl_strict
+        self.batch_invariant = self.packed and mkl_strict
         if self.device == "cpu" and not mkl_strict:
             log.warning("MKL strict mode is off (torch did math before copa.lm was imported, or "
                         "MKL_CBWR was set otherwise): batched greedy outputs may differ from "
                         "one-at-a-time ones on near-ties. Export MKL_CBWR=AUTO,STRICT to fix.")
         self.eos_ids = self._end_ids()
-        # Padding between a cached prefix and the rest needs copa's attention (which reads any
-        # padding layout) and plain full-attention cache layers (no sliding windows).
-        self.prefix_cache = prefix_cache and self.rowwise_attention and self._plain_cache()
+        self.prefix_cache = prefix_cache and self.packed
         self.prefix_cache_bytes = int(prefix_cache_bytes)
-        self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = \
-            OrderedDict()
+        self._prefixes: OrderedDict[tuple[int, ...], list[packed.KV]] = OrderedDict()
         self.prefix_stats = {"hits": 0, "misses": 0, "tokens_reused": 0}
         self._lock = threading.Lock()  # one generate at a time: torch already uses every core
 
@@ -281,34 +239,61 @@ class LocalModel:
         if any(int(m) < 1 for m in max_new_tokens):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         stops = [list(s or []) for s in stop]
-        split = [self.split_prompt(p) for p in prompts]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (prefix, _) in enumerate(split):
-            groups.setdefault(prefix, []).append(i)
-        results: list[Generation | None] = [None] * len(prompts)
+        max_new = [int(m) for m in max_new_tokens]
         with self._lock, torch.inference_mode():
-            for prefix, rows in groups.items():
-                gens = self._generate_rows(prefix, [split[i][1] for i in rows],
-                                           [int(max_new_tokens[i]) for i in rows],
-                                           [stops[i] for i in rows])
-                for i, gen in zip(rows, gens, strict=True):
-                    results[i] = gen
-        return [g for g in results if g is not None]
+            if self.packed:
+                return self._generate_packed(prompts, max_new, stops)
+            return self._generate_padded(prompts, max_new, stops)
 
-    def _generate_rows(self, prefix: tuple[int, ...], rests: list[list[int]],
-                       max_new: list[int], stops: list[list[str]]) -> list[Generation]:
-        """One generate() for rows sharing a prefix: [prefix | padding | rest] each."""
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (a benchmark arm or a test starts cold)."""
+        with self._lock:
+            self._prefixes.clear()
+
+    def _generate_packed(self, prompts: list[Chat], max_new: list[int],
+                         stops: list[list[str]]) -> list[Generation]:
+        rows = []
+        for chat, m in zip(prompts, max_new, strict=True):
+            prefix, rest = self.split_prompt(chat)
+            kv = self._prefix_kv(prefix) if prefix else []
+            rows.append(packed.Row(tokens=rest, max_new=m, prefix=kv, prefix_len=len(prefix)))
+
+        def is_done(i: int, new: list[int]) -> str | None:
+            if new[-1] in self.eos_ids or (
+                    stops[i] and _find_stop(self._decode(new), stops[i]) is not None):
+                return "stop"
+            return None
+
+        return [self._finish(new, reason, stops[i], row.prefix_len + len(row.tokens))
+                for i, (row, (new, reason)) in enumerate(
+                    zip(rows, packed.greedy(self.model, rows, is_done), strict=True))]
+
+    def _finish(self, new: list[int], reason: str, stops: list[str],
+                prompt_tokens: int) -> Generation:
+        """The answer text: without a closing end-of-turn token, cut before a stop string."""
+        n_out = len(new)
+        if new and new[-1] in self.eos_ids:
+            new = new[:-1]
+        text = self._decode(new)
+        cut = _find_stop(text, stops)
+        return Generation(text=text if cut is None else text[:cut], prompt_tokens=prompt_tokens,
+                          output_tokens=n_out, finish_reason=reason)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+
+    def _generate_padded(self, prompts: list[Chat], max_new: list[int],
+                         stops: list[list[str]]) -> list[Generation]:
+        """The fallback: one left-padded generate() (no prefix cache, no per-row attention)."""
         pad_id = self.tokenizer.pad_token_id
-        width = max(len(r) for r in rests)
-        ids = [[*prefix, *[pad_id] * (width - len(r)), *r] for r in rests]
-        mask = [[1] * len(prefix) + [0] * (width - len(r)) + [1] * len(r) for r in rests]
-        input_ids = torch.tensor(ids, device=self.device)
-        attention_mask = torch.tensor(mask, device=self.device)
-        extra: dict[str, Any] = {}
-        if prefix:
-            extra["past_key_values"] = self._prefix_kv(prefix, len(rests))
-        prompt_len = input_ids.shape[1]
-        criteria = _PerRowStop(self.tokenizer, prompt_len, max_new, stops, self.eos_ids)
+        rows = [self._ids(self.render(p)) for p in prompts]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows],
+                                 device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                                      device=self.device)
+        criteria = _PerRowStop(self.tokenizer, width, max_new, stops, self.eos_ids)
         # A fresh config, so sampling settings in the model's generation_config.json are not
         # merged in (they would warn with do_sample=False).
         config = transformers.GenerationConfig(
@@ -316,44 +301,31 @@ class LocalModel:
             eos_token_id=sorted(self.eos_ids), pad_token_id=pad_id)
         out = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-            stopping_criteria=transformers.StoppingCriteriaList([criteria]), **extra)
+            stopping_criteria=transformers.StoppingCriteriaList([criteria]))
         results = []
-        for i in range(len(rests)):
+        for i, row in enumerate(rows):
             end = criteria.ended_at[i]
-            new = out[i, prompt_len:prompt_len + (end if end is not None else max_new[i])]
-            n_out = int(new.shape[0])
-            if n_out and int(new[-1]) in self.eos_ids:
-                new = new[:-1]
-            text = self.tokenizer.decode(new.tolist(), skip_special_tokens=True,
-                                         clean_up_tokenization_spaces=False)
-            cut = _find_stop(text, stops[i])
-            if cut is not None:
-                text = text[:cut]
-            results.append(Generation(
-                text=text, prompt_tokens=len(prefix) + len(rests[i]),
-                output_tokens=n_out, finish_reason=criteria.reason[i]))
+            new = out[i, width:width + (end if end is not None else max_new[i])].tolist()
+            results.append(self._finish(new, criteria.reason[i], stops[i], len(row)))
         return results
 
-    def _prefix_kv(self, prefix: tuple[int, ...], rows: int) -> DynamicCache:
-        """A fresh cache holding the prefix's keys and values for each of `rows` rows."""
+    def _prefix_kv(self, prefix: tuple[int, ...]) -> list[packed.KV]:
+        """The prefix's keys and values per layer, computed once (alone) and kept."""
         layers = self._prefixes.get(prefix)
         if layers is None:
             self.prefix_stats["misses"] += 1
-            out = self.model(torch.tensor([prefix], device=self.device), use_cache=True,
-                             logits_to_keep=1)
-            layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-            self._prefixes[prefix] = layers
+            batch = packed.PackedBatch([packed.Row(tokens=list(prefix), max_new=0)])
+            batch.forward(self.model, {0: list(prefix)})
+            layers = self._prefixes[prefix] = batch.prefix_of(0)
             self._evict()
         else:
             self.prefix_stats["hits"] += 1
-            self.prefix_stats["tokens_reused"] += len(prefix) * rows
+            self.prefix_stats["tokens_reused"] += len(prefix)
             self._prefixes.move_to_end(prefix)
-        # generate() appends to the cache: every call gets its own copy.
-        return DynamicCache(ddp_cache_data=[(k.repeat(rows, 1, 1, 1), v.repeat(rows, 1, 1, 1))
-                                            for k, v in layers], config=self.model.config)
+        return layers
 
     def _evict(self) -> None:
-        def size(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        def size(layers: list[packed.KV]) -> int:
             return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
                        for k, v in layers)
 

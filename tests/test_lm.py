@@ -19,6 +19,7 @@ import pytest
 from dspy.lm15 import Message, Request
 
 import copa.lm as lm_mod  # MKL_CBWR itself is set by conftest, before any torch import
+from copa import packed
 from copa.generate import Generation, LocalModel
 from copa.lm import BatchingEngine, EngineClosed
 
@@ -123,7 +124,7 @@ def test_prefix_cache_keeps_batched_outputs_equal_to_one_at_a_time(tiny: LocalMo
     n = 12
     prompts = [few_shot(i) for i in range(n)]
     max_new = [4 + (i * 3) % 9 for i in range(n)]
-    tiny._prefixes.clear()
+    tiny.clear_prefix_cache()
 
     alone = [tiny.generate_detailed([p], [m], [None])[0] for p, m in zip(prompts, max_new)]
     batched = tiny.generate_detailed(prompts, max_new, [None] * n)
@@ -150,26 +151,71 @@ def test_prefix_is_the_turns_before_the_last(tiny: LocalModel) -> None:
 
 def test_cached_prefix_gives_the_logits_of_the_whole_prompt(tiny: LocalModel) -> None:
     """Keys and values computed once for the prefix, then the rest on top, give the next-token
-    logits of the whole prompt run at once (up to float rounding), also with padding between
-    the prefix and a shorter row's rest."""
+    logits of the whole prompt run at once (up to float rounding)."""
     import torch
 
     chats = [few_shot(0), few_shot(4)]  # same program, questions of different lengths
     splits = [tiny.split_prompt(c) for c in chats]
     assert splits[0][0] == splits[1][0] and len(splits[0][1]) != len(splits[1][1])
     prefix = splits[0][0]
-    width = max(len(r) for _, r in splits)
-    pad = tiny.tokenizer.pad_token_id
-    ids = [[*prefix, *[pad] * (width - len(r)), *r] for _, r in splits]
-    mask = [[1] * len(prefix) + [0] * (width - len(r)) + [1] * len(r) for _, r in splits]
+    kv = tiny._prefix_kv(prefix)
+    rows = [packed.Row(tokens=rest, max_new=1, prefix=kv, prefix_len=len(prefix))
+            for _, rest in splits]
     with torch.inference_mode():
-        cached = tiny.model.generate(
-            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-            past_key_values=tiny._prefix_kv(prefix, 2), max_new_tokens=1, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=pad).logits[0]
+        cached = packed.PackedBatch(rows).forward(tiny.model, {0: rows[0].tokens,
+                                                               1: rows[1].tokens})
         for row, (_, rest) in enumerate(splits):
             whole = tiny.model(torch.tensor([[*prefix, *rest]])).logits[0, -1]
             torch.testing.assert_close(cached[row], whole, atol=1e-4, rtol=1e-4)
+
+
+def test_a_rows_logits_in_a_pack_are_bitwise_its_logits_alone(tiny: LocalModel) -> None:
+    """Packed decoding's guarantee, at the level of logits: rows of different lengths, with
+    and without a cached prefix, prefill and then decode steps with a row dropping out."""
+    import torch
+
+    chats = [few_shot(i) for i in range(6)]
+    splits = [tiny.split_prompt(c) for c in chats]
+    assert {len(rest) for _, rest in splits} != 1 and any(not p for p, _ in splits)
+
+    def row(i: int) -> packed.Row:
+        prefix, rest = splits[i]
+        kv = tiny._prefix_kv(prefix) if prefix else []
+        return packed.Row(tokens=rest, max_new=4, prefix=kv, prefix_len=len(prefix))
+
+    def steps(batch: packed.PackedBatch, drop_first: bool) -> list[list[torch.Tensor]]:
+        """Prefill, then two decode steps; with drop_first, row 0 leaves after the first."""
+        seen: list[list[torch.Tensor]] = [[] for _ in batch.rows]
+        feed = {k: r.tokens for k, r in enumerate(batch.rows)}
+        for step in range(3):
+            logits = batch.forward(tiny.model, feed)
+            for k, out in zip(feed, logits):
+                seen[k].append(out)
+            feed = {k: [int(out.argmax())] for k, out in zip(feed, logits)
+                    if not (drop_first and step and k == 0)}
+        return seen
+
+    with torch.inference_mode():
+        together = steps(packed.PackedBatch([row(i) for i in range(6)]), drop_first=True)
+        assert [len(t) for t in together] == [2, 3, 3, 3, 3, 3]
+        for i in range(6):
+            alone = steps(packed.PackedBatch([row(i)]), drop_first=False)[0]
+            for a, b in zip(alone, together[i]):
+                assert torch.equal(a, b), f"row {i} differs when packed with others"
+
+
+def test_packed_decoding_answers_as_transformers_generate_does(tiny: LocalModel) -> None:
+    """copa's decoding loop gives the answers of transformers' own generate(), one at a time."""
+    prompts = [prompt(i) for i in range(6)]
+    max_new = [6] * 6
+    ours = tiny.generate_detailed(prompts, max_new, [None] * 6)
+    tiny.packed = False  # the fallback: model.generate with standard attention
+    try:
+        theirs = [tiny.generate_detailed([p], [6], [None])[0] for p in prompts]
+    finally:
+        tiny.packed = True
+    assert [g.text for g in ours] == [g.text for g in theirs]
+    assert ours == theirs
 
 
 def test_prefix_cache_stays_within_its_byte_budget(varied_model_dir: Path) -> None:

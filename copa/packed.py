@@ -1,0 +1,162 @@
+"""Packed greedy decoding: a batch of rows as one token sequence, no padding.
+
+Each forward concatenates the rows' new tokens (a whole prompt's rest at first, then one token
+per unfinished row) into a single [1, tokens] input. Linear layers see one matrix whose rows
+MKL strict mode computes independently of each other; attention runs row by row over that
+row's own key/value buffer. So a row's logits are bitwise those it gets alone, a finished row
+simply leaves the batch, and nothing is spent on padding or on growing caches by concatenation.
+
+The model sees a `PackedBatch` as its cache (`past_key_values`): each attention layer hands it
+the new keys and values, and copa's attention function (registered in copa.generate) reads the
+active batch to attend per row. Imported only where a model runs (torch at import).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [1, kv_heads, tokens, head_dim]
+
+# The batch whose forward is running (None outside one): read by the attention function.
+ACTIVE: contextvars.ContextVar[PackedBatch | None] = contextvars.ContextVar(
+    "copa_packed_batch", default=None)
+# create_causal_mask returns a 4-D mask as it is: this placeholder skips building a mask the
+# per-row attention never reads.
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
+@dataclass
+class Row:
+    """One prompt to continue: cached prefix keys/values per layer (maybe none), then tokens."""
+
+    tokens: list[int]
+    max_new: int
+    prefix: list[KV] = field(default_factory=list)
+    prefix_len: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.prefix_len + len(self.tokens) + self.max_new
+
+
+class PackedBatch:
+    """Per-row key/value buffers, and which slice of the packed input belongs to which row.
+
+    A row's buffer holds capacity = its own prompt + max new tokens, so its tensors have the
+    same shape and strides whatever its batch mates are.
+    """
+
+    def __init__(self, rows: Sequence[Row]) -> None:
+        self.rows = list(rows)
+        self.lengths = [r.prefix_len for r in self.rows]  # tokens already in each row's buffer
+        self.buffers: list[list[KV]] = []  # [layer][row], made at a layer's first update
+        self.segments: list[tuple[int, int, int]] = []  # (row, start in packed input, tokens)
+
+    # --- the cache protocol the model's attention layers call ------------------------------
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> KV:
+        while len(self.buffers) <= layer_idx:
+            self.buffers.append([])
+        layer = self.buffers[layer_idx]
+        if not layer:
+            for row in self.rows:
+                shape = (1, keys.shape[1], row.capacity, keys.shape[3])
+                k, v = keys.new_empty(shape), values.new_empty(shape)
+                if row.prefix_len:
+                    pk, pv = row.prefix[layer_idx]
+                    k[:, :, :row.prefix_len] = pk
+                    v[:, :, :row.prefix_len] = pv
+                layer.append((k, v))
+        for row, start, n in self.segments:
+            at = self.lengths[row]
+            k, v = layer[row]
+            k[:, :, at:at + n] = keys[:, :, start:start + n]
+            v[:, :, at:at + n] = values[:, :, start:start + n]
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.lengths, default=0)
+
+    # --- attention, row by row --------------------------------------------------------------
+
+    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None,
+               gqa: bool) -> torch.Tensor:
+        """Attention output [1, tokens, heads, head_dim] for the packed query [1, heads,
+        tokens, head_dim]: each row's queries against its own buffer, causally."""
+        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+        layer = self.buffers[layer_idx]
+        for row, start, n in self.segments:
+            total = self.lengths[row] + n
+            k, v = layer[row]
+            q = query[:, :, start:start + n].contiguous()
+            mask = None
+            if 1 < n < total:  # the queries are the last n of total positions
+                mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, k[:, :, :total], v[:, :, :total], attn_mask=mask, scale=scaling,
+                is_causal=1 < n == total, enable_gqa=gqa)
+            out[:, start:start + n] = o.transpose(1, 2)
+        return out
+
+    # --- one forward --------------------------------------------------------------------------
+
+    def forward(self, model: torch.nn.Module, feed: dict[int, list[int]]) -> torch.Tensor:
+        """Run the rows in `feed` (row -> its new tokens) as one packed forward; returns the
+        logits [rows, vocab] at each fed row's last token, in feed's order."""
+        ids: list[int] = []
+        positions: list[int] = []
+        self.segments = []
+        for row, tokens in feed.items():
+            self.segments.append((row, len(ids), len(tokens)))
+            ids.extend(tokens)
+            positions.extend(range(self.lengths[row], self.lengths[row] + len(tokens)))
+        device = next(model.parameters()).device
+        last = torch.tensor([start + n - 1 for _, start, n in self.segments], device=device)
+        token = ACTIVE.set(self)
+        try:
+            out = model(input_ids=torch.tensor([ids], device=device),
+                        position_ids=torch.tensor([positions], device=device),
+                        attention_mask=_NO_MASK.to(device), past_key_values=self,
+                        use_cache=True, logits_to_keep=last)
+        finally:
+            ACTIVE.reset(token)
+        for row, _, n in self.segments:
+            self.lengths[row] += n
+        return out.logits[0]
+
+    def prefix_of(self, row: int) -> list[KV]:
+        """A row's keys and values so far, copied out (to cache them as a prefix)."""
+        n = self.lengths[row]
+        return [(layer[row][0][:, :, :n].clone(), layer[row][1][:, :, :n].clone())
+                for layer in self.buffers]
+
+
+def greedy(model: torch.nn.Module, rows: Sequence[Row],
+           is_done: Callable[[int, list[int]], str | None]) -> list[tuple[list[int], str]]:
+    """Greedy continuation of every row: (new token ids, finish reason) per row.
+
+    is_done(row, new_ids) says why a row ends after its newest token ("stop", "length") or
+    None to go on; a row that reaches its max_new tokens ends with "length" regardless.
+    """
+    batch = PackedBatch(rows)
+    new: list[list[int]] = [[] for _ in rows]
+    reasons = ["length"] * len(rows)
+    feed = {i: list(r.tokens) for i, r in enumerate(rows)}
+    while feed:
+        next_ids = batch.forward(model, feed).argmax(-1).tolist()
+        still: dict[int, list[int]] = {}
+        for row, token in zip(feed, next_ids, strict=True):
+            new[row].append(int(token))
+            reason = is_done(row, new[row])
+            if reason is not None:
+                reasons[row] = reason
+            elif len(new[row]) < rows[row].max_new:
+                still[row] = [int(token)]
+        feed = still
+    return list(zip(new, reasons, strict=True))
