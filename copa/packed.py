@@ -48,14 +48,27 @@ class PackedBatch:
     """Per-row key/value buffers, and which slice of the packed input belongs to which row.
 
     A row's buffer holds capacity = its own prompt + max new tokens, so its tensors have the
-    same shape and strides whatever its batch mates are.
+    same shape and strides whatever its batch mates are. Rows of equal capacity share one
+    tensor (a row is one index of it), so rows that also have equal lengths, as templated
+    prompts often do, attend in one call: SDPA computes each batch entry on its own.
     """
 
     def __init__(self, rows: Sequence[Row]) -> None:
         self.rows = list(rows)
         self.lengths = [r.prefix_len for r in self.rows]  # tokens already in each row's buffer
-        self.buffers: list[list[KV]] = []  # [layer][row], made at a layer's first update
-        self.segments: list[tuple[int, int, int]] = []  # (row, start in packed input, tokens)
+        classes: dict[int, int] = {}  # capacity -> index of the tensor its rows share
+        self.members: list[list[int]] = []
+        self.slots: list[tuple[int, int]] = []  # row -> (shared tensor, index in it)
+        for i, row in enumerate(self.rows):
+            c = classes.setdefault(row.capacity, len(classes))
+            if c == len(self.members):
+                self.members.append([])
+            self.slots.append((c, len(self.members[c])))
+            self.members[c].append(i)
+        self.buffers: list[list[KV]] = []  # [layer][shared tensor], made at first update
+        # This forward's rows, as runs of consecutive rows that can attend in one call:
+        # (start in packed input, tokens per row, keys per row after it, tensor, index, rows).
+        self.runs: list[tuple[int, int, int, int, int, int]] = []
 
     # --- the cache protocol the model's attention layers call ------------------------------
 
@@ -65,19 +78,21 @@ class PackedBatch:
             self.buffers.append([])
         layer = self.buffers[layer_idx]
         if not layer:
-            for row in self.rows:
-                shape = (1, keys.shape[1], row.capacity, keys.shape[3])
+            for members in self.members:
+                shape = (len(members), keys.shape[1], self.rows[members[0]].capacity,
+                         keys.shape[3])
                 k, v = keys.new_empty(shape), values.new_empty(shape)
-                if row.prefix_len:
-                    pk, pv = row.prefix[layer_idx]
-                    k[:, :, :row.prefix_len] = pk
-                    v[:, :, :row.prefix_len] = pv
+                for j, i in enumerate(members):
+                    row = self.rows[i]
+                    if row.prefix_len:
+                        pk, pv = row.prefix[layer_idx]
+                        k[j, :, :row.prefix_len] = pk[0]
+                        v[j, :, :row.prefix_len] = pv[0]
                 layer.append((k, v))
-        for row, start, n in self.segments:
-            at = self.lengths[row]
-            k, v = layer[row]
-            k[:, :, at:at + n] = keys[:, :, start:start + n]
-            v[:, :, at:at + n] = values[:, :, start:start + n]
+        for start, n, total, c, j, g in self.runs:
+            k, v = layer[c]
+            k[j:j + g, :, total - n:total] = _rows_of(keys, start, n, g)
+            v[j:j + g, :, total - n:total] = _rows_of(values, start, n, g)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -91,18 +106,33 @@ class PackedBatch:
         tokens, head_dim]: each row's queries against its own buffer, causally."""
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
         layer = self.buffers[layer_idx]
-        for row, start, n in self.segments:
-            total = self.lengths[row] + n
-            k, v = layer[row]
-            q = query[:, :, start:start + n].contiguous()
+        for start, n, total, c, j, g in self.runs:
+            k, v = layer[c]
+            q = _rows_of(query, start, n, g).contiguous()
             mask = None
             if 1 < n < total:  # the queries are the last n of total positions
                 mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
             o = torch.nn.functional.scaled_dot_product_attention(
-                q, k[:, :, :total], v[:, :, :total], attn_mask=mask, scale=scaling,
-                is_causal=1 < n == total, enable_gqa=gqa)
-            out[:, start:start + n] = o.transpose(1, 2)
+                q, k[j:j + g, :, :total], v[j:j + g, :, :total], attn_mask=mask,
+                scale=scaling, is_causal=1 < n == total, enable_gqa=gqa)
+            out[0, start:start + g * n] = o.transpose(1, 2).reshape(g * n, o.shape[1],
+                                                                     o.shape[3])
         return out
+
+    def _plan(self, segments: list[tuple[int, int, int]]) -> None:
+        """Group this forward's rows (row, start, tokens) into runs that attend in one call:
+        consecutive in the packed input and in a shared tensor, with equal lengths."""
+        self.runs = []
+        for row, start, n in segments:
+            c, j = self.slots[row]
+            total = self.lengths[row] + n
+            if self.runs:
+                r_start, r_n, r_total, r_c, r_j, g = self.runs[-1]
+                if (r_n, r_total, r_c, r_j + g) == (n, total, c, j) \
+                        and r_start + g * r_n == start:
+                    self.runs[-1] = (r_start, r_n, r_total, r_c, r_j, g + 1)
+                    continue
+            self.runs.append((start, n, total, c, j, 1))
 
     # --- one forward --------------------------------------------------------------------------
 
@@ -111,13 +141,14 @@ class PackedBatch:
         logits [rows, vocab] at each fed row's last token, in feed's order."""
         ids: list[int] = []
         positions: list[int] = []
-        self.segments = []
+        segments = []
         for row, tokens in feed.items():
-            self.segments.append((row, len(ids), len(tokens)))
+            segments.append((row, len(ids), len(tokens)))
             ids.extend(tokens)
             positions.extend(range(self.lengths[row], self.lengths[row] + len(tokens)))
+        self._plan(segments)
         device = next(model.parameters()).device
-        last = torch.tensor([start + n - 1 for _, start, n in self.segments], device=device)
+        last = torch.tensor([start + n - 1 for _, start, n in segments], device=device)
         token = ACTIVE.set(self)
         try:
             out = model(input_ids=torch.tensor([ids], device=device),
@@ -126,15 +157,23 @@ class PackedBatch:
                         use_cache=True, logits_to_keep=last)
         finally:
             ACTIVE.reset(token)
-        for row, _, n in self.segments:
+        for row, _, n in segments:
             self.lengths[row] += n
         return out.logits[0]
 
     def prefix_of(self, row: int) -> list[KV]:
         """A row's keys and values so far, copied out (to cache them as a prefix)."""
         n = self.lengths[row]
-        return [(layer[row][0][:, :, :n].clone(), layer[row][1][:, :, :n].clone())
+        c, j = self.slots[row]
+        return [(layer[c][0][j:j + 1, :, :n].clone(), layer[c][1][j:j + 1, :, :n].clone())
                 for layer in self.buffers]
+
+
+def _rows_of(packed_states: torch.Tensor, start: int, n: int, g: int) -> torch.Tensor:
+    """The g rows of n tokens each from `start` of packed [1, heads, tokens, dim] states, as a
+    [g, heads, n, dim] view."""
+    heads, dim = packed_states.shape[1], packed_states.shape[3]
+    return packed_states[0, :, start:start + g * n].view(heads, g, n, dim).transpose(0, 1)
 
 
 def greedy(model: torch.nn.Module, rows: Sequence[Row],
