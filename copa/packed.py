@@ -2,9 +2,10 @@
 
 Each forward concatenates the rows' new tokens (a whole prompt's rest at first, then one token
 per unfinished row) into a single [1, tokens] input. Linear layers see one matrix whose rows
-MKL strict mode computes independently of each other; attention runs row by row over that
-row's own key/value buffer. So a row's logits are bitwise those it gets alone, a finished row
-simply leaves the batch, and nothing is spent on padding or on growing caches by concatenation.
+MKL strict mode computes independently of each other; attention runs per row over that row's
+own key/value buffer (rows of equal length in one call, as separate batch entries). So a row's
+logits are bitwise those it gets alone, a finished row simply leaves the batch, and nothing is
+spent on padding or on growing caches by concatenation.
 
 The model sees a `PackedBatch` as its cache (`past_key_values`): each attention layer hands it
 the new keys and values, and copa's attention function (registered in copa.generate) reads the
