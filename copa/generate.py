@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,19 +42,17 @@ class Generation:
 
 
 class _PerRowStop(transformers.StoppingCriteria):
-    """Marks each row done on eos, on its own max tokens, or when one of its stop strings shows.
+    """Marks each row done when is_done(row, new ids) says so, or at its own max tokens.
 
     Returns a per-row bool tensor, so generate() pads finished rows and ends when all are done.
     It records where each row ended, so the caller cuts exactly there (not at the batch's end).
     """
 
-    def __init__(self, tokenizer: Any, prompt_len: int, max_new: Sequence[int],
-                 stops: Sequence[Sequence[str]], eos_ids: set[int]) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, prompt_len: int, max_new: Sequence[int],
+                 is_done: Callable[[int, list[int]], str | None]) -> None:
         self.prompt_len = prompt_len
         self.max_new = list(max_new)
-        self.stops = [list(s) for s in stops]
-        self.eos_ids = eos_ids
+        self.is_done = is_done
         self.ended_at: list[int | None] = [None] * len(self.max_new)
         self.reason: list[str] = ["length"] * len(self.max_new)
 
@@ -64,18 +62,13 @@ class _PerRowStop(transformers.StoppingCriteria):
         for i in range(new.shape[0]):
             if self.ended_at[i] is not None:
                 continue
-            if int(new[i, -1]) in self.eos_ids:
-                self.ended_at[i], self.reason[i] = n, "stop"
-            elif self.stops[i] and _find_stop(self._decode(new[i]), self.stops[i]) is not None:
-                self.ended_at[i], self.reason[i] = n, "stop"
+            reason = self.is_done(i, new[i].tolist())
+            if reason is not None:
+                self.ended_at[i], self.reason[i] = n, reason
             elif n >= self.max_new[i]:
                 self.ended_at[i] = n
         done = [end is not None for end in self.ended_at]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    def _decode(self, ids: torch.Tensor) -> str:
-        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False)
 
 
 def _rowwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -255,18 +248,17 @@ class LocalModel:
         rows = []
         for chat, m in zip(prompts, max_new, strict=True):
             prefix, rest = self.split_prompt(chat)
-            kv = self._prefix_kv(prefix) if prefix else []
-            rows.append(packed.Row(tokens=rest, max_new=m, prefix=kv, prefix_len=len(prefix)))
-
-        def is_done(i: int, new: list[int]) -> str | None:
-            if new[-1] in self.eos_ids or (
-                    stops[i] and _find_stop(self._decode(new), stops[i]) is not None):
-                return "stop"
-            return None
-
+            rows.append(packed.Row(tokens=rest, max_new=m,
+                                   prefix=self._prefix_kv(prefix) if prefix else []))
+        ends = packed.greedy(self.model, rows, lambda i, new: self._stop_reason(new, stops[i]))
         return [self._finish(new, reason, stops[i], row.prefix_len + len(row.tokens))
-                for i, (row, (new, reason)) in enumerate(
-                    zip(rows, packed.greedy(self.model, rows, is_done), strict=True))]
+                for i, (row, (new, reason)) in enumerate(zip(rows, ends, strict=True))]
+
+    def _stop_reason(self, new: list[int], stops: list[str]) -> str | None:
+        """"stop" once an answer's newest token ends the turn or its text shows a stop string."""
+        if new[-1] in self.eos_ids or (stops and _find_stop(self._decode(new), stops) is not None):
+            return "stop"
+        return None
 
     def _finish(self, new: list[int], reason: str, stops: list[str],
                 prompt_tokens: int) -> Generation:
@@ -293,7 +285,7 @@ class LocalModel:
                                  device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
                                       device=self.device)
-        criteria = _PerRowStop(self.tokenizer, width, max_new, stops, self.eos_ids)
+        criteria = _PerRowStop(width, max_new, lambda i, new: self._stop_reason(new, stops[i]))
         # A fresh config, so sampling settings in the model's generation_config.json are not
         # merged in (they would warn with do_sample=False).
         config = transformers.GenerationConfig(

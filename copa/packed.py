@@ -38,7 +38,10 @@ class Row:
     tokens: list[int]
     max_new: int
     prefix: list[KV] = field(default_factory=list)
-    prefix_len: int = 0
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix[0][0].shape[2] if self.prefix else 0
 
     @property
     def capacity(self) -> int:
@@ -181,8 +184,8 @@ def greedy(model: torch.nn.Module, rows: Sequence[Row],
            is_done: Callable[[int, list[int]], str | None]) -> list[tuple[list[int], str]]:
     """Greedy continuation of every row: (new token ids, finish reason) per row.
 
-    is_done(row, new_ids) says why a row ends after its newest token ("stop", "length") or
-    None to go on; a row that reaches its max_new tokens ends with "length" regardless.
+    is_done(row, new_ids) gives the reason a row ends at its newest token (e.g. "stop"), or
+    None to go on; a row that reaches its max_new tokens ends with "length".
     """
     batch = PackedBatch(rows)
     new: list[list[int]] = [[] for _ in rows]

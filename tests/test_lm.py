@@ -159,7 +159,7 @@ def test_cached_prefix_gives_the_logits_of_the_whole_prompt(tiny: LocalModel) ->
     assert splits[0][0] == splits[1][0] and len(splits[0][1]) != len(splits[1][1])
     prefix = splits[0][0]
     kv = tiny._prefix_kv(prefix)
-    rows = [packed.Row(tokens=rest, max_new=1, prefix=kv, prefix_len=len(prefix))
+    rows = [packed.Row(tokens=rest, max_new=1, prefix=kv)
             for _, rest in splits]
     with torch.inference_mode():
         cached = packed.PackedBatch(rows).forward(tiny.model, {0: rows[0].tokens,
@@ -182,7 +182,7 @@ def test_a_rows_logits_in_a_pack_are_bitwise_its_logits_alone(tiny: LocalModel) 
     def row(i: int) -> packed.Row:
         prefix, rest = splits[i]
         kv = tiny._prefix_kv(prefix) if prefix else []
-        return packed.Row(tokens=rest, max_new=4, prefix=kv, prefix_len=len(prefix))
+        return packed.Row(tokens=rest, max_new=4, prefix=kv)
 
     def steps(batch: packed.PackedBatch, drop_first: bool) -> list[list[torch.Tensor]]:
         """Prefill, then two decode steps; with drop_first, row 0 leaves after the first."""
