@@ -1,5 +1,6 @@
 """A local HF causal LM that generates greedy answers for a batch of chats, bitwise equal to
-generating each chat alone (packed rows with per-row attention, MKL strict mode).
+generating each chat alone (packed rows with per-row attention, row-independent matrix products:
+copa.rowgemm).
 
 Imported only by the stages that need a model: torch and transformers load at import.
 """
@@ -15,16 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 # MKL's float32 GEMM picks kernels by matrix size, so a row's result depends on how many rows
-# share the call (a batch of 8 vs 1 differs by ~1e-5). Strict conditional-numerical-
-# reproducibility mode makes every row's result independent of its batch mates; MKL reads this
-# once, at its first call, so it must be set before torch does any math (hence before import).
+# share the call (a batch of 8 vs 1 differs by ~1e-5). On Intel CPUs strict conditional-
+# numerical-reproducibility mode makes every row's result independent of its batch mates (on
+# others copa.rowgemm computes in fixed-size row blocks instead); MKL reads this once, at its
+# first call, so it must be set before torch does any math (hence before import).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: E402
 
-from copa import packed  # noqa: E402
+from copa import packed, rowgemm  # noqa: E402
 
 Chat = list[dict[str, str]]
 log = logging.getLogger(__name__)
@@ -95,12 +97,9 @@ def _register_rowwise_attention() -> None:
 
 
 def matmul_is_batch_invariant() -> bool:
-    """Whether a GEMM row's result is independent of its batch mates (MKL strict mode took)."""
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(256, 512, generator=gen)
-    x = torch.randn(64, 512, generator=gen)
-    full = torch.nn.functional.linear(x, w)
-    return all(torch.equal(torch.nn.functional.linear(x[:m], w), full[:m]) for m in (1, 3, 8))
+    """Whether the BLAS alone computes a GEMM row independently of its batch mates (MKL strict
+    mode on Intel CPUs); where it does not, LocalModel computes in row blocks (copa.rowgemm)."""
+    return rowgemm.rows_independent(rowgemm.native_linear, 512, 256)
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -148,14 +147,19 @@ class LocalModel:
         if not self.packed:
             log.warning("%s: no packed decoding for this architecture; batched greedy outputs "
                         "may differ from one-at-a-time ones on near-ties", self.path)
-        mkl_strict = self.device == "cpu" and matmul_is_batch_invariant()
-        # True when batched greedy outputs are bitwise those of one-at-a-time generation
-        # (CPU only: cuBLAS picks kernels by batch size too).
-        self.batch_invariant = self.packed and mkl_strict
-        if self.device == "cpu" and not mkl_strict:
-            log.warning("MKL strict mode is off (torch did math before copa.lm was imported, or "
-                        "MKL_CBWR was set otherwise): batched greedy outputs may differ from "
-                        "one-at-a-time ones on near-ties. Export MKL_CBWR=AUTO,STRICT to fix.")
+        # How linear layers keep rows independent of their batch mates, measured on this
+        # CPU and this model's shapes (copa.rowgemm); on GPU cuBLAS picks kernels by batch size
+        # and nothing here claims otherwise.
+        self.gemm = rowgemm.choose(rowgemm.linear_shapes(self.model)) \
+            if self.device == "cpu" else "none"
+        if self.gemm == "blocked":
+            rowgemm.use_blocked(self.model)
+        # True when batched greedy outputs are bitwise those of one-at-a-time generation.
+        self.batch_invariant = self.packed and self.gemm != "none"
+        if self.device == "cpu" and self.gemm == "none":
+            log.warning("%s: neither this CPU's BLAS nor fixed-size row blocks compute matrix "
+                        "rows independently of each other: batched greedy outputs may differ "
+                        "from one-at-a-time ones on near-ties", self.path)
         self.eos_ids = self._end_ids()
         self.prefix_cache = prefix_cache and self.packed
         self.prefix_cache_bytes = int(prefix_cache_bytes)

@@ -92,11 +92,37 @@ def test_batched_greedy_outputs_equal_one_at_a_time(tiny: LocalModel) -> None:
 
 
 def test_batch_invariance_is_active(tiny: LocalModel) -> None:
-    """Both halves of the fix are on: MKL strict mode and per-row attention."""
+    """Both halves of the fix are on: row-independent matrix products and per-row attention."""
+    import torch
+
     assert tiny.rowwise_attention
     if tiny.device == "cpu":
-        assert lm_mod.matmul_is_batch_invariant()
         assert tiny.batch_invariant
+        # The mode the model got is the one this CPU needs: MKL's own GEMM where strict mode
+        # makes rows independent (Intel), row blocks where it does not (AMD).
+        assert tiny.gemm == ("native" if lm_mod.matmul_is_batch_invariant() else "blocked")
+        linears = [m for m in tiny.model.modules() if isinstance(m, torch.nn.Linear)]
+        patched = ["forward" in vars(m) for m in linears]
+        assert all(patched) if tiny.gemm == "blocked" else not any(patched)
+
+
+def test_blocked_linear_rows_do_not_depend_on_their_batch_mates() -> None:
+    """copa.rowgemm's blocked products: a row's result is bitwise the same alone, at any offset
+    and in any group, on any CPU, and equal (to rounding) to a plain linear layer."""
+    import torch
+
+    from copa import rowgemm
+
+    gen = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
+    x = torch.randn(1, 70, 40, generator=gen)  # [batch, tokens, features], as a layer sees it
+    full = rowgemm.blocked_linear(x, weight, bias)
+    assert full.shape == (1, 70, 96)
+    torch.testing.assert_close(full, torch.nn.functional.linear(x, weight, bias))
+    for start, rows in [(0, 1), (7, 1), (3, 2), (0, 16), (15, 2), (9, 33), (1, 69)]:
+        part = rowgemm.blocked_linear(x[:, start:start + rows], weight, bias)
+        assert torch.equal(part, full[:, start:start + rows]), (start, rows)
+    assert rowgemm.rows_independent(rowgemm.blocked_linear, 576, 1536)
 
 
 def test_chat_end_of_turn_ends_an_answer(tiny: LocalModel) -> None:
