@@ -31,8 +31,8 @@ ARMS = (  # name, packed decoding + prefix cache, max batch size
     ("engine_batch_1", True, 1),   # copa's decoding without batching
     ("engine", True, None),        # copa's engine: packed decoding, prefix cache, batching
 )
-# Where the CPU's BLAS does not keep GEMM rows independent (AMD), the model computes in row
-# blocks (copa.rowgemm); this extra arm times the engine with plain GEMMs, i.e. what the
+# Where the CPU's BLAS does not keep GEMM rows independent (AMD), the model pads or blocks its
+# rows (copa.inference.rowgemm); this extra arm times the engine with plain GEMMs, i.e. what the
 # batch-invariance costs. Its predictions may differ from the others: not counted as a failure.
 NATIVE_ARM = ("engine_native_gemm", True, None)
 
@@ -43,11 +43,12 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
 
     import dspy
 
-    from copa.checks import check_recipe
-    from copa.lm import BatchingEngine, LocalModel
-    from copa.optimizer import base_model_path, score, task_kit
-    from copa.program import to_examples
+    from copa.dspy.kit import base_model_path, task_kit
+    from copa.dspy.program import to_examples
+    from copa.dspy.search import score
+    from copa.inference.engine import BatchingEngine, LocalModel
     from copa.recipe import load_recipe
+    from copa.recipe.checks import check_recipe
 
     logging.getLogger("dspy").setLevel(logging.ERROR)
     checked = check_recipe(load_recipe(REPO / "recipes" / f"{name}.yaml"))
@@ -63,13 +64,13 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
     arms: dict[str, Any] = {}
     predictions: dict[str, list[str]] = {}
     field = recipe.task.output_fields[-1]
-    from copa import rowgemm
+    from copa.inference import rowgemm
 
-    arms_here = ARMS + ((NATIVE_ARM,) if model.gemm == "blocked" else ())
+    arms_here = ARMS + ((NATIVE_ARM,) if model.gemm in ("padded", "blocked") else ())
     for arm, copa_decoding, size in arms_here:
         size = size or batch_size
         if arm == NATIVE_ARM[0]:
-            rowgemm.use_native(model.model)
+            rowgemm.use(model.model, "native")
         model.packed = model.prefix_cache = copa_decoding
         model.clear_prefix_cache()  # every arm starts cold
         engine = BatchingEngine(model, max_batch_size=size,
@@ -84,7 +85,7 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
         finally:
             engine.close()
             if arm == NATIVE_ARM[0]:
-                rowgemm.use_blocked(model.model)
+                rowgemm.use(model.model, model.gemm)
         predictions[arm] = [str(getattr(p, field, "")) for _, p, _ in results]
         arms[arm] = {"copa_decoding": copa_decoding, "max_batch_size": size,
                      "seconds": round(seconds, 2),

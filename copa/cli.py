@@ -63,7 +63,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")
     # Batch-size-independent float32 matmuls, so batched greedy outputs equal one-at-a-time
-    # ones; MKL reads it once, before torch's first matmul (see copa.lm).
+    # ones; MKL reads it once, before torch's first matmul (see copa.inference.engine).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -137,15 +137,15 @@ def cli(debug: bool) -> None:
 @_errors
 def validate(recipe: str, full: bool, overrides: dict[str, Any]) -> None:
     """Check RECIPE: schema, model, template, data columns, splits. Exit 2 on any problem."""
-    from copa.checks import check_recipe
     from copa.recipe import load_recipe
+    from copa.recipe.checks import check_recipe
 
     checked = check_recipe(load_recipe(recipe, overrides=overrides))
     if full:
         import tempfile
 
         _quiet_libraries()
-        from copa.render import render
+        from copa.stages.render import render
 
         with tempfile.TemporaryDirectory() as tmp:
             render(checked, Path(tmp))
@@ -163,10 +163,10 @@ def validate(recipe: str, full: bool, overrides: dict[str, Any]) -> None:
 def render(recipe: str, output: str | None, overrides: dict[str, Any]) -> None:
     """Render RECIPE: data splits, training rows, prompt preview and a validated axolotl.yml."""
     _quiet_libraries()
-    from copa.checks import check_recipe
-    from copa.pipeline import run_dir_for
     from copa.recipe import load_recipe
-    from copa.render import render as render_files
+    from copa.recipe.checks import check_recipe
+    from copa.runs import run_dir_for
+    from copa.stages.render import render as render_files
 
     checked = check_recipe(load_recipe(recipe, overrides=overrides))
     out = Path(output) if output else run_dir_for(checked.recipe) / "rendered"

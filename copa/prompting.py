@@ -5,8 +5,8 @@ sees: `instructions`, `choices`, `inputs` (field -> value), `outputs` (field -> 
 assistant block), `input_fields`, `output_fields`, and every field by its own name.
 
 Demos become earlier user/assistant turns rendered by the same blocks. The Axolotl training rows
-(`training_row`) and the DSPy adapter's messages (`copa.adapter`) both come from `build_messages`,
-so a fine-tuned model is always prompted in the format it was trained on.
+(`training_row`) and the DSPy adapter's messages (`copa.dspy.adapter`) both come from
+`build_messages`, so a fine-tuned model is always prompted in the format it was trained on.
 """
 
 from __future__ import annotations

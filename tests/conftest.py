@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Batch-invariant MKL GEMM (see copa/lm.py): MKL reads this once, before any test does torch
-# math, so it is set here rather than left to whichever test imports copa.lm first.
+# math, so it is set here rather than left to whichever test imports copa.inference.engine first.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
-"""copa.cache: DSPy's response cache lives in the run directory and is keyed by the weights,
-so a re-run repeats no generation, and new weights never get old answers."""
+"""copa.inference.cache: DSPy's response cache lives in the run directory and is keyed by the
+weights, so a re-run repeats no generation, and new weights never get old answers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import copa.lm as lm_mod
-from copa.cache import model_fingerprint, use_response_cache
+import copa.inference.engine as lm_mod
+from copa.inference.cache import model_fingerprint, use_response_cache
 
 
 @pytest.fixture

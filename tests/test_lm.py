@@ -1,5 +1,6 @@
-"""copa.lm: greedy batched generation equals one-at-a-time generation, and the DSPy engine
-batches concurrent callers, hands each its own answer or its own exception, and shuts down.
+"""copa.inference (engine, local): greedy batched generation equals one-at-a-time generation,
+and the DSPy engine batches concurrent callers, hands each its own answer or its own exception,
+and shuts down.
 
 The model tests use the tiny random Llama (SmolLM2 tokenizer and chat template); the engine's
 plumbing tests use a scripted stand-in model, so they assert behaviour, not model output.
@@ -18,10 +19,11 @@ import dspy
 import pytest
 from dspy.lm15 import Message, Request
 
-import copa.lm as lm_mod  # MKL_CBWR itself is set by conftest, before any torch import
-from copa import packed
-from copa.generate import Generation, LocalModel
-from copa.lm import BatchingEngine, EngineClosed
+# MKL_CBWR itself is set by conftest, before any torch import
+import copa.inference.engine as lm_mod
+from copa.inference import packed
+from copa.inference.engine import BatchingEngine, EngineClosed
+from copa.inference.local import Generation, LocalModel
 
 WORDS = "the a cat dog runs blue quickly seven over under house tree red green why how".split()
 
@@ -99,19 +101,23 @@ def test_batch_invariance_is_active(tiny: LocalModel) -> None:
     if tiny.device == "cpu":
         assert tiny.batch_invariant
         # The mode the model got is the one this CPU needs: MKL's own GEMM where strict mode
-        # makes rows independent (Intel), row blocks where it does not (AMD).
-        assert tiny.gemm == ("native" if lm_mod.matmul_is_batch_invariant() else "blocked")
+        # makes rows independent (Intel), padded or blocked rows where it does not (AMD).
+        if lm_mod.matmul_is_batch_invariant():
+            assert tiny.gemm == "native"
+        else:
+            assert tiny.gemm in ("padded", "blocked")
         linears = [m for m in tiny.model.modules() if isinstance(m, torch.nn.Linear)]
         patched = ["forward" in vars(m) for m in linears]
-        assert all(patched) if tiny.gemm == "blocked" else not any(patched)
+        assert all(patched) if tiny.gemm != "native" else not any(patched)
 
 
 def test_blocked_linear_rows_do_not_depend_on_their_batch_mates() -> None:
-    """copa.rowgemm's blocked products: a row's result is bitwise the same alone, at any offset
-    and in any group, on any CPU, and equal (to rounding) to a plain linear layer."""
+    """Blocked products (copa.inference.rowgemm), the mode that needs nothing of the BLAS: a
+    row's result is bitwise the same alone, at any offset and in any group, on any CPU, and
+    equal (to rounding) to a plain linear layer; the padded mode computes the same values."""
     import torch
 
-    from copa import rowgemm
+    from copa.inference import rowgemm
 
     gen = torch.Generator().manual_seed(1)
     weight, bias = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
@@ -119,6 +125,7 @@ def test_blocked_linear_rows_do_not_depend_on_their_batch_mates() -> None:
     full = rowgemm.blocked_linear(x, weight, bias)
     assert full.shape == (1, 70, 96)
     torch.testing.assert_close(full, torch.nn.functional.linear(x, weight, bias))
+    torch.testing.assert_close(rowgemm.padded_linear(x, weight, bias), full)
     for start, rows in [(0, 1), (7, 1), (3, 2), (0, 16), (15, 2), (9, 33), (1, 69)]:
         part = rowgemm.blocked_linear(x[:, start:start + rows], weight, bias)
         assert torch.equal(part, full[:, start:start + rows]), (start, rows)

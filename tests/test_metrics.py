@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dspy
 
-from copa.metrics import gsm8k_number, make_metric, to_choice, token_f1
+from copa.dspy.metrics import gsm8k_number, make_metric, to_choice, token_f1
 
 
 def test_gsm8k_takes_the_number_after_the_marker_else_the_last_one() -> None:

@@ -119,7 +119,7 @@ def test_editing_only_optimize_skips_training_and_merge(tiny_run) -> None:
     assert any(m.strip().startswith("baseline") and "unchanged" in m for m in messages)
     assert any(m.strip().startswith("finetune_only") and "unchanged" in m for m in messages)
     # The LM calls the new optimizer setting repeats are DSPy response-cache hits, kept in the
-    # run directory under the weights' hashes (copa.cache; tests/test_cache.py).
+    # run directory under the weights' hashes (copa.inference.cache; tests/test_cache.py).
     fingerprints = json.loads((run.dir / "cache" / "fingerprints.json").read_text())
     assert str(run.merged.resolve()) in fingerprints
     assert any((run.dir / "cache" / "dspy").iterdir())
@@ -206,7 +206,7 @@ def test_copa_optimizer_fine_tunes_then_optimizes_prompts(tiny_run) -> None:
     import dspy
 
     from copa import COPAOptimizer
-    from copa.program import make_program, to_examples
+    from copa.dspy.program import make_program, to_examples
 
     run, recipe, _ = tiny_run
     train = to_examples(run.recipe, read_jsonl(run.rendered / "splits" / "train.jsonl"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import dspy
 import pytest
 
-from copa.adapter import TemplateAdapter
+from copa.dspy.adapter import TemplateAdapter
 from copa.prompting import (
     PromptError,
     PromptTemplate,

@@ -1,4 +1,4 @@
-"""copa.serve: servers on loopback that never outlive their block.
+"""copa.inference.servers: servers on loopback that never outlive their block.
 
 Fast tests drive ServerProcess with small stand-in processes (a stdlib HTTP server, processes that
 die or never listen). Slow tests run the real thing on CPU: `transformers serve` with the tiny
@@ -22,8 +22,8 @@ from typing import Any
 import dspy
 import pytest
 
-from copa import serve
-from copa.serve import ServeError, ServerProcess, live_servers, server_command, serving
+from copa.inference import servers as serve
+from copa.inference.servers import ServeError, ServerProcess, live_servers, server_command, serving
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_S = 240.0  # `transformers serve` takes ~20 s alone; the CPU may be shared
@@ -221,7 +221,7 @@ def test_exception_inside_serving_stops_server(tiny_model_dir: Path, tmp_path: P
 INTERRUPTED_SCRIPT = textwrap.dedent("""\
     import sys, time
     from pathlib import Path
-    from copa.serve import live_servers, serving
+    from copa.inference.servers import live_servers, serving
     with serving("transformers", sys.argv[1], "tiny", log_dir=Path(sys.argv[2]),
                  startup_timeout_s=float(sys.argv[3])):
         (server,) = live_servers()

@@ -210,7 +210,7 @@ def subprocess_env() -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Strict conditional numerical reproducibility: MKL picks the same float32 kernels whatever
-    # the buffers' alignment or the batch size (as for inference, copa.generate), and is no
+    # the buffers' alignment or the batch size (as for inference, copa.inference.local), and is no
     # slower here (docs/performance.md). Not what made same-seed runs differ: that was LoRA's
     # unseeded init (SEED_PLUGIN).
     env.setdefault("MKL_CBWR", "AUTO,STRICT")

@@ -19,13 +19,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-# Before anything can import torch: see copa.generate for why batched matmuls need this.
+# Before anything can import torch: see copa.inference.local for why batched matmuls need this.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import dspy  # noqa: E402
 from dspy.lm15 import Message, Request, Response, Usage, response_to_events
 
-from copa.generate import Chat, Generation, LocalModel, matmul_is_batch_invariant  # noqa: E402,F401
+from copa.inference.local import Chat, Generation, LocalModel, matmul_is_batch_invariant  # noqa: E402,F401
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def make_lm(model_path: str, name: str, max_batch_size: int = 8, batch_wait_ms: 
     """A dspy.LM ("local/<name>") generating greedily with the local model at model_path.
 
     DSPy's response cache keys on the LM's name, not on the weights behind it: it is used only
-    with a cache_tag (a hash of the weights, see copa.cache), which joins the name
+    with a cache_tag (a hash of the weights, see copa.inference.cache), which joins the name
     ("local/<name>@<tag>").
     """
     engine = get_engine(model_path, max_batch_size, batch_wait_ms, max_tokens, prefix_cache)

@@ -8,7 +8,7 @@ logits are bitwise those it gets alone, a finished row simply leaves the batch, 
 spent on padding or on growing caches by concatenation.
 
 The model sees a `PackedBatch` as its cache (`past_key_values`): each attention layer hands it
-the new keys and values, and copa's attention function (registered in copa.generate) reads the
+the new keys and values, and copa's attention function (registered in .local) reads the
 active batch to attend per row. Imported only where a model runs (torch at import).
 """
 

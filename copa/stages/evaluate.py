@@ -9,84 +9,11 @@ combined      merged model, prompt-optimized program (optimized on the merged mo
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 ARM_MODELS = {"baseline": "base", "prompt_only": "base", "finetune_only": "merged",
               "combined": "merged"}
-
-
-def bootstrap_ci(scores: Sequence[float], resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean."""
-    n = len(scores)
-    if n == 0:
-        return (0.0, 0.0)
-    rng = random.Random(seed)
-    means = sorted(sum(scores[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    lo = means[int((1 - level) / 2 * resamples)]
-    hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
-    return (lo, hi)
-
-
-def paired_bootstrap(per_arm: dict[str, Sequence[float]], resamples: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> dict[str, Any]:
-    """CIs of each arm's mean and of differences, resampling the same test rows for every arm.
-
-    synergy = combined - max(finetune_only, prompt_only); its CI uses the same resamples.
-    """
-    arms = list(per_arm)
-    n = len(next(iter(per_arm.values()))) if per_arm else 0
-    rng = random.Random(seed)
-    draws: dict[str, list[float]] = {a: [] for a in arms}
-    synergy_draws: list[float] = []
-    ft_gain_draws: list[float] = []
-    has_synergy = all(a in per_arm for a in ("combined", "finetune_only", "prompt_only"))
-    for _ in range(resamples if n else 0):
-        idx = [rng.randrange(n) for _ in range(n)]
-        means = {a: sum(per_arm[a][i] for i in idx) / n for a in arms}
-        for a in arms:
-            draws[a].append(means[a])
-        if has_synergy:
-            synergy_draws.append(means["combined"]
-                                 - max(means["finetune_only"], means["prompt_only"]))
-        if "finetune_only" in means and "baseline" in means:
-            ft_gain_draws.append(means["finetune_only"] - means["baseline"])
-
-    def interval(values: list[float]) -> list[float]:
-        if not values:
-            return [0.0, 0.0]
-        values = sorted(values)
-        k = len(values)
-        return [values[int((1 - level) / 2 * k)], values[min(k - 1, int((1 + level) / 2 * k))]]
-
-    result: dict[str, Any] = {"arms": {a: interval(draws[a]) for a in arms}}
-    if has_synergy:
-        result["synergy"] = interval(synergy_draws)
-    if ft_gain_draws:
-        result["finetune_gain"] = interval(ft_gain_draws)
-    return result
-
-
-def summarize(per_arm: dict[str, Sequence[float]], resamples: int = 1000,
-              seed: int = 0) -> dict[str, Any]:
-    """Scores, CIs and synergy as plain data (the core of report.json)."""
-    cis = paired_bootstrap(per_arm, resamples, seed)
-    arms = {a: {"score": sum(s) / len(s) if s else 0.0, "n": len(s), "ci95": cis["arms"][a]}
-            for a, s in per_arm.items()}
-    out: dict[str, Any] = {"arms": arms}
-    if "synergy" in cis:
-        best_single = max(arms["finetune_only"]["score"], arms["prompt_only"]["score"])
-        out["synergy"] = {"value": arms["combined"]["score"] - best_single,
-                          "ci95": cis["synergy"],
-                          "definition": "combined - max(finetune_only, prompt_only)"}
-    if "finetune_gain" in cis:
-        out["finetune_gain"] = {
-            "value": arms["finetune_only"]["score"] - arms["baseline"]["score"],
-            "ci95": cis["finetune_gain"], "definition": "finetune_only - baseline"}
-    return out
 
 
 def arm_key(run: Any, arm: str, program: Any) -> str:
@@ -130,11 +57,13 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     import dspy
 
     from copa.data import read_jsonl, write_jsonl
+    from copa.dspy.kit import base_model_path, model_lm, task_kit
+    from copa.dspy.program import to_examples
+    from copa.dspy.search import dspy_chatter_to, score
     from copa.files import atomic_write_text
-    from copa.optimizer import base_model_path, dspy_chatter_to, model_lm, score, task_kit
-    from copa.pipeline import versions
-    from copa.program import to_examples
-    from copa.report import write_report
+    from copa.runs import versions
+    from copa.stages.report import write_report
+    from copa.stats import summarize
 
     recipe = run.recipe
     kit = task_kit(recipe, [], [], run.checked.spec)
@@ -175,11 +104,10 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     opt_path = run.optimize_dir / "optimize.json"
     if opt_path.is_file():
         optimize_info = json.loads(opt_path.read_text())
-    from copa.pipeline import STAGES
-
+    # The manifest lists stages in the order they first ran.
     recorded = run.manifest.data.get("stages", {})
-    stage_seconds = {name: recorded[name]["seconds"] for name in STAGES
-                     if recorded.get(name, {}).get("seconds")}
+    stage_seconds = {name: entry["seconds"] for name, entry in recorded.items()
+                     if entry.get("seconds")}
     stage_seconds["evaluate"] = round(sum(seconds.values()), 2)
     report = {
         "recipe": recipe.name,

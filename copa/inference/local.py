@@ -1,6 +1,6 @@
 """A local HF causal LM that generates greedy answers for a batch of chats, bitwise equal to
 generating each chat alone (packed rows with per-row attention, row-independent matrix products:
-copa.rowgemm).
+copa.inference.rowgemm).
 
 Imported only by the stages that need a model: torch and transformers load at import.
 """
@@ -18,7 +18,7 @@ from typing import Any
 # MKL's float32 GEMM picks kernels by matrix size, so a row's result depends on how many rows
 # share the call (a batch of 8 vs 1 differs by ~1e-5). On Intel CPUs strict conditional-
 # numerical-reproducibility mode makes every row's result independent of its batch mates (on
-# others copa.rowgemm computes in fixed-size row blocks instead); MKL reads this once, at its
+# others .rowgemm computes in fixed-size row blocks instead); MKL reads this once, at its
 # first call, so it must be set before torch does any math (hence before import).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
@@ -26,7 +26,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: E402
 
-from copa import packed, rowgemm  # noqa: E402
+from copa.inference import (
+    packed,
+    rowgemm,  # noqa: E402
+)
 
 Chat = list[dict[str, str]]
 log = logging.getLogger(__name__)
@@ -76,7 +79,7 @@ class _PerRowStop(transformers.StoppingCriteria):
 def _rowwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                   value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
                   scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Inside a packed forward (copa.packed), attention row by row over each row's own keys,
+    """Inside a packed forward (.packed), attention row by row over each row's own keys,
     so a row's result is bitwise what it is alone; anywhere else, transformers' SDPA."""
     batch = packed.ACTIVE.get()
     if batch is None:
@@ -98,7 +101,7 @@ def _register_rowwise_attention() -> None:
 
 def matmul_is_batch_invariant() -> bool:
     """Whether the BLAS alone computes a GEMM row independently of its batch mates (MKL strict
-    mode on Intel CPUs); where it does not, LocalModel computes in row blocks (copa.rowgemm)."""
+    mode on Intel CPUs); where it does not, LocalModel computes in row blocks (.rowgemm)."""
     return rowgemm.rows_independent(rowgemm.native_linear, 512, 256)
 
 
@@ -141,19 +144,19 @@ class LocalModel:
                 self.path, dtype=torch.float32)
             self.rowwise_attention = False
         self.model.to(self.device).eval()
-        # Packed decoding (copa.packed) needs copa's attention and plain full-attention layers
+        # Packed decoding (.packed) needs copa's attention and plain full-attention layers
         # (no sliding windows); other models go through generate() with left padding.
         self.packed = self.rowwise_attention and self._plain_cache()
         if not self.packed:
             log.warning("%s: no packed decoding for this architecture; batched greedy outputs "
                         "may differ from one-at-a-time ones on near-ties", self.path)
         # How linear layers keep rows independent of their batch mates, measured on this
-        # CPU and this model's shapes (copa.rowgemm); on GPU cuBLAS picks kernels by batch size
+        # CPU and this model's shapes (.rowgemm); on GPU cuBLAS picks kernels by batch size
         # and nothing here claims otherwise.
         self.gemm = rowgemm.choose(rowgemm.linear_shapes(self.model)) \
             if self.device == "cpu" else "none"
-        if self.gemm == "blocked":
-            rowgemm.use_blocked(self.model)
+        if self.gemm in ("padded", "blocked"):
+            rowgemm.use(self.model, self.gemm)
         # True when batched greedy outputs are bitwise those of one-at-a-time generation.
         self.batch_invariant = self.packed and self.gemm != "none"
         if self.device == "cpu" and self.gemm == "none":

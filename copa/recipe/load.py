@@ -1,4 +1,5 @@
-"""The recipe: one YAML file, read safely, interpolated and validated into `copa.schema.Recipe`.
+"""The recipe: one YAML file, read safely, interpolated and validated into
+`copa.recipe.schema.Recipe`.
 
 Loading never imports torch, transformers, dspy or axolotl, so `copa validate` answers fast.
 Every problem found is collected and reported at once as `file: key.path: message`.
@@ -15,22 +16,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from copa.schema import (  # noqa: F401  (re-exported: the recipe API in one place)
-    ARMS,
-    BUILTIN_METRICS,
-    MODEL_ALIASES,
-    DataSection,
-    EvaluateSection,
-    FinetuneSection,
-    ModelSection,
-    OptimizeSection,
+from copa.recipe.schema import (
     Problem,
-    PromptSection,
     Recipe,
     RecipeError,
-    ServeSection,
-    TaskSection,
-    parse_signature,
 )
 
 MAX_RECIPE_BYTES = 1_000_000

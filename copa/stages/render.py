@@ -10,12 +10,16 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from copa.checks import Checked
 from copa.data import Row, write_jsonl
 from copa.files import atomic_write_text
 from copa.prompting import PromptSpec, preview, training_row
 from copa.recipe import Recipe
+from copa.recipe.checks import Checked
+
+if TYPE_CHECKING:
+    from copa.runs import Run
 
 SPLITS = ("train", "val", "test")
 
@@ -53,6 +57,21 @@ def choose_fixed_demos(recipe: Recipe, train: Sequence[Row]) -> list[Row]:
 def training_rows(spec: PromptSpec, rows: Sequence[Row], demos: Sequence[Row] = ()) -> list[dict]:
     """Chat rows for Axolotl; rows used as demos are not also trained on as targets."""
     return [training_row(spec, row, demos) for row in rows if row not in demos]
+
+
+def render_stage(run: Run) -> dict[str, Any]:
+    """Pipeline stage: the run's rendered/ folder. With `optimize.order: p->w` the prompt stage
+    runs first on the base model and every training row carries the demos it chose."""
+    demos = None
+    if run.recipe.optimize.order == "p->w" and run.finetunes:
+        from copa.stages.optimize import prompt_first
+
+        run.emit("  p -> w: optimizing prompts on the base model first")
+        demos = prompt_first(run)
+        run.emit(f"  fine-tuning rows will carry the {len(demos)} demos it chose")
+    result = render(run.checked, run.rendered, work_dir=run.train_dir, demos=demos,
+                    emit=run.emit)
+    return {"config": str(result.config_path), "train_rows": result.train_rows}
 
 
 def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,

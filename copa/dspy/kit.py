@@ -1,0 +1,84 @@
+"""What every arm of a run shares on the DSPy side: the program, the adapter, the metric, the
+data as DSPy examples, and the DSPy LM for a model folder (local engine or a server)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from copa.dspy.adapter import TemplateAdapter
+from copa.dspy.metrics import make_metric
+from copa.dspy.program import make_program, to_examples
+from copa.prompting import PromptSpec, spec_from_recipe
+from copa.recipe import Recipe
+
+
+@dataclass
+class TaskKit:
+    """What every arm shares: the program, the adapter, the metric and the data splits."""
+
+    recipe: Recipe
+    spec: PromptSpec
+    program: dspy.Module
+    adapter: dspy.Adapter
+    metric: Callable[..., Any]
+    trainset: list[dspy.Example]
+    valset: list[dspy.Example]
+
+
+def make_adapter(recipe: Recipe, spec: PromptSpec) -> dspy.Adapter:
+    if recipe.optimize.adapter == "chat":
+        return dspy.ChatAdapter()
+    return TemplateAdapter(spec)
+
+
+def task_kit(recipe: Recipe, train_rows: list[dict], val_rows: list[dict],
+             spec: PromptSpec | None = None) -> TaskKit:
+    spec = spec or spec_from_recipe(recipe)
+    return TaskKit(
+        recipe=recipe, spec=spec, program=make_program(recipe), adapter=make_adapter(recipe, spec),
+        metric=make_metric(recipe.evaluate.metric, recipe.task.output_fields[-1],
+                           recipe.task.choices),
+        trainset=to_examples(recipe, train_rows), valset=to_examples(recipe, val_rows))
+
+
+@contextmanager
+def model_lm(recipe: Recipe, model_path: str, name: str,
+             run_dir: Path | None = None) -> Iterator[dspy.LM]:
+    """The DSPy LM for a model folder: the in-process batched engine (loaded once per process),
+    or an OpenAI-compatible server that lives exactly as long as this block (recipe.serve).
+    With a run directory, the local engine's answers go to DSPy's response cache there
+    (run_dir/cache) and a copa-started server logs to run_dir/serve."""
+    serve = recipe.serve
+    if serve.engine == "local":
+        from copa.inference.engine import make_lm
+
+        tag = None
+        if serve.response_cache and run_dir is not None:
+            from copa.inference.cache import model_fingerprint, use_response_cache
+
+            use_response_cache(run_dir / "cache" / "dspy")
+            tag = model_fingerprint(model_path, run_dir / "cache" / "fingerprints.json")[:16]
+        yield make_lm(model_path, name, max_batch_size=serve.max_batch_size,
+                      batch_wait_ms=serve.batch_wait_ms, max_tokens=recipe.evaluate.max_tokens,
+                      prefix_cache=serve.prefix_cache, cache_tag=tag)
+        return
+    from copa.inference.servers import serving
+
+    if serve.engine == "openai":  # the user's server knows the model by its own id
+        name = serve.model or ""
+    with serving(serve.engine, model_path, name, api_base=serve.api_base,
+                 api_key=serve.api_key, max_tokens=recipe.evaluate.max_tokens,
+                 log_dir=run_dir / "serve" if run_dir is not None else None) as lm:
+        yield lm
+
+
+def base_model_path(recipe: Recipe) -> str:
+    from copa.models import resolve_model
+
+    return resolve_model(recipe.model.base, recipe.base_dir)

@@ -1,0 +1,92 @@
+"""The optimize stage: prompt-optimize the task program on the base model (prompt_only) and on
+the merged model (combined), and save each program with DSPy's own save.
+
+With `optimize.order: p->w` the render stage calls `prompt_first` before fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from copa.dspy.kit import TaskKit, base_model_path, model_lm, task_kit
+from copa.dspy.search import PromptResult, prompt_optimize, with_demos
+from copa.files import atomic_write_json
+from copa.recipe import Recipe
+
+
+def _save_program(program: dspy.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.json")  # DSPy infers the format from .json
+    program.save(str(tmp))
+    os.replace(tmp, path)
+
+
+def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: str,
+                  extra: dict[str, dspy.Module]) -> PromptResult:
+    """Prompt-optimize one arm's program on one model and save it as program_<arm>.json."""
+    recipe: Recipe = run.recipe
+    out: Path = run.optimize_dir
+    out.mkdir(parents=True, exist_ok=True)
+    run.emit(f"  [{arm}] prompt optimization on the {lm_name} model")
+    if recipe.optimize.enabled:
+        with model_lm(recipe, model_path, lm_name, run.dir) as lm:
+            result = prompt_optimize(recipe, kit.program, lm, kit.adapter, kit.trainset,
+                                     kit.valset, kit.metric, extra, emit=run.emit,
+                                     log_path=out / f"dspy-{arm}.log")
+    else:
+        result = PromptResult(kit.program.deepcopy(), "plain")
+    _save_program(result.program, out / f"program_{arm}.json")
+    return result
+
+
+def _kit_for(run: Any) -> TaskKit:
+    splits = run.checked.splits
+    return task_kit(run.recipe, list(splits.train), list(splits.val), run.checked.spec)
+
+
+def prompt_first(run: Any) -> list[dict[str, str]]:
+    """The "p" of "p -> w": optimize prompts on the base model before fine-tuning; the demo set
+    the optimizer chose goes into every training row (called by the render stage)."""
+    kit = _kit_for(run)
+    result = _optimize_arm(run, kit, "prompt_only", base_model_path(run.recipe), "base", {})
+    atomic_write_json(run.optimize_dir / "prompt_first.json", result.summary())
+    fields = set(kit.spec.input_fields) | set(kit.spec.output_fields)
+    source = result.optimized if result.optimized is not None else result.program
+    demos = [{k: str(v) for k, v in dict(d).items() if k in fields}
+             for p in source.predictors() for d in p.demos]
+    return [d for d in demos if set(d) == fields]
+
+
+def optimize_stage(run: Any) -> dict[str, Any]:
+    """Pipeline stage: prompt-optimize on the base model (prompt_only) and on the merged model
+    (combined); save both programs with DSPy's own save and a summary."""
+    recipe: Recipe = run.recipe
+    out: Path = run.optimize_dir
+    kit = _kit_for(run)
+    fixed_demos = json.loads((run.rendered / "demos.json").read_text())
+    arms = recipe.evaluate.arms
+    summary: dict[str, Any] = {}
+    artifacts: dict[str, Any] = {}
+    first = out / "prompt_first.json"
+    if "prompt_only" in arms:
+        if recipe.optimize.order == "p->w" and run.finetunes and first.is_file():
+            # Already optimized on the base model by the render stage ("p" before "w").
+            summary["prompt_only"] = json.loads(first.read_text())
+        else:
+            summary["prompt_only"] = _optimize_arm(run, kit, "prompt_only",
+                                                   base_model_path(recipe), "base", {}).summary()
+        artifacts["prompt_only"] = str(out / "program_prompt_only.json")
+    if "combined" in arms and run.finetunes:
+        extra = {}
+        if fixed_demos:
+            # The demo set the model was fine-tuned with is a candidate of its own.
+            extra["finetune_demos"] = with_demos(kit.program, fixed_demos, recipe)
+        summary["combined"] = _optimize_arm(run, kit, "combined", str(run.merged), "merged",
+                                            extra).summary()
+        artifacts["combined"] = str(out / "program_combined.json")
+    atomic_write_json(out / "optimize.json", summary)
+    return {"programs": artifacts, "summary": str(out / "optimize.json")}
