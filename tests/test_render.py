@@ -49,7 +49,7 @@ def test_render_iris_writes_valid_files_deterministically(tmp_path: Path) -> Non
     assert config["datasets"][0]["type"] == "chat_template"
     assert config["datasets"][0]["message_field_training"] == "training"
     assert config["lora_mlp_kernel"] is False  # CPU switches
-    assert config["plugins"] == ["copa.backends.axolotl_plugin.SeedBeforeAdapter"]
+    assert config["plugins"] == ["copa.backends.axolotl_plugin.CopaPlugin"]
     preview = outputs[0][Path("prompt_preview.txt")].decode()
     assert preview.count("--- assistant ---") == 2
 
