@@ -38,7 +38,35 @@ def resolve_optimizer(name: str) -> type:
     return cls
 
 
-def build_optimizer(recipe: Recipe, metric: Callable[..., Any]) -> Any:
+# The optimizer arguments that name the LM writing instructions or reflections (not answers).
+WRITER_LM_PARAMS = ("prompt_model", "reflection_lm")
+
+
+def feedback_metric(metric: Callable[..., Any], output_field: str) -> Callable[..., Any]:
+    """The five-argument metric GEPA calls, with a short textual feedback beside the score.
+    A user metric that already returns a dspy.Prediction(score=..., feedback=...) passes
+    through unchanged."""
+
+    def gepa_metric(gold: Any, pred: Any, trace: Any = None, pred_name: str | None = None,
+                    pred_trace: Any = None) -> Any:
+        result = metric(gold, pred, trace)
+        if isinstance(result, dspy.Prediction):
+            return result
+        score = float(result)
+        expected, got = gold.get(output_field), getattr(pred, output_field, None)
+        feedback = ("correct" if score >= 1.0 else
+                    f"expected {expected!r}, got {got!r}" + ("" if score <= 0.0 else
+                                                             f" (score {score:.2f})"))
+        return dspy.Prediction(score=score, feedback=feedback)
+
+    return gepa_metric
+
+
+def build_optimizer(recipe: Recipe, metric: Callable[..., Any],
+                    lm: dspy.LM | None = None) -> Any:
+    """The recipe's optimizer. The LM that writes instructions or reflections (MIPROv2's
+    prompt_model, GEPA's reflection_lm) defaults to the task's LM with its own token budget
+    (optimize.max_tokens): at the task's answer length it would be cut after a few words."""
     cls = resolve_optimizer(recipe.optimize.optimizer)
     params = dict(recipe.optimize.params)
     accepted = inspect.signature(cls.__init__).parameters
@@ -46,6 +74,14 @@ def build_optimizer(recipe: Recipe, metric: Callable[..., Any]) -> Any:
         params["num_threads"] = recipe.optimize.num_threads
     if "seed" in accepted and "seed" not in params:
         params["seed"] = recipe.finetune.seed
+    if lm is not None:
+        if "task_model" in accepted and params.get("task_model") is None:
+            params["task_model"] = lm  # MIPROv2 wants both models named, or neither
+        for name in WRITER_LM_PARAMS:
+            if name in accepted and params.get(name) is None:
+                params[name] = lm.copy(max_tokens=recipe.optimize.max_tokens)
+    if "reflection_lm" in accepted:  # GEPA: a score and a feedback per example
+        metric = feedback_metric(metric, recipe.task.output_fields[-1])
     try:
         return cls(metric=metric, **params)
     except TypeError as exc:
@@ -145,7 +181,7 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
         emit(f"  {recipe.optimize.optimizer} on {len(trainset)} train / {len(valset)} val"
              + (f" (its log: {log_path})" if log_path else ""))
         with dspy_chatter_to(log_path):
-            optimizer = build_optimizer(recipe, metric)
+            optimizer = build_optimizer(recipe, metric, lm)
             candidates["optimized"] = compile_program(optimizer, program.deepcopy(), trainset,
                                                       valset)
         if not recipe.optimize.guard:

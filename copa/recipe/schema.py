@@ -260,6 +260,11 @@ class OptimizeSection(_Section):
     )
     adapter: Literal["template", "chat"] = "template"
     num_threads: int = 8
+    max_tokens: int = Field(
+        512, ge=16,
+        description="Token budget of the optimizer's own generations (instruction proposals, "
+                    "GEPA's reflections), apart from the task's answer length.",
+    )
 
     @field_validator("optimizer")
     @classmethod

@@ -1,0 +1,61 @@
+"""The prompt optimizers a recipe names get what they need from copa: a writer LM with its own
+token budget (MIPROv2's proposer, GEPA's reflection), and for GEPA a metric with feedback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dspy
+import pytest
+from conftest import write_tiny_recipe
+
+from copa.dspy.search import build_optimizer, feedback_metric
+from copa.recipe import load_recipe
+
+
+@pytest.fixture()
+def recipe_for(tmp_path: Path, tiny_model_dir: Path):
+    def make(optimizer: str, params: str) -> object:
+        path = write_tiny_recipe(tmp_path, tiny_model_dir)
+        text = path.read_text()
+        text = text.replace("  optimizer: BootstrapFewShotWithRandomSearch\n",
+                            f"  optimizer: {optimizer}\n  max_tokens: 300\n")
+        text = text.replace(
+            "  params: {max_bootstrapped_demos: 1, max_labeled_demos: 2, "
+            "num_candidate_programs: 1}\n", f"  params: {params}\n")
+        path.write_text(text)
+        return load_recipe(path)
+
+    return make
+
+
+def _metric(example, prediction, trace=None) -> float:
+    return float(example.species == prediction.species)
+
+
+def test_mipro_proposes_with_the_task_lm_at_the_optimizers_token_budget(recipe_for) -> None:
+    recipe = recipe_for("MIPROv2", "{auto: light}")
+    task_lm = dspy.LM("openai/never-called", max_tokens=4)
+    optimizer = build_optimizer(recipe, _metric, task_lm)
+    assert optimizer.prompt_model.kwargs["max_tokens"] == 300
+    assert optimizer.prompt_model.model == task_lm.model
+    assert task_lm.kwargs["max_tokens"] == 4  # the task's own LM keeps the answer length
+
+
+def test_gepa_from_a_recipe_gets_a_reflection_lm_and_a_five_argument_metric(recipe_for) -> None:
+    recipe = recipe_for("GEPA", "{auto: light}")
+    optimizer = build_optimizer(recipe, _metric, dspy.LM("openai/never-called", max_tokens=4))
+    assert optimizer.reflection_lm.kwargs["max_tokens"] == 300
+    gold = dspy.Example(species="setosa")
+    wrong = optimizer.metric_fn(gold, dspy.Prediction(species="virginica"), None, "predict", None)
+    right = optimizer.metric_fn(gold, dspy.Prediction(species="setosa"), None, "predict", None)
+    assert (wrong.score, right.score) == (0.0, 1.0)
+    assert wrong.feedback == "expected 'setosa', got 'virginica'"
+
+
+def test_a_user_metric_with_its_own_feedback_passes_through() -> None:
+    def mine(gold, pred, trace=None):
+        return dspy.Prediction(score=0.5, feedback="half right")
+
+    result = feedback_metric(mine, "species")(dspy.Example(species="a"), dspy.Prediction())
+    assert (result.score, result.feedback) == (0.5, "half right")
