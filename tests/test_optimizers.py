@@ -59,3 +59,36 @@ def test_a_user_metric_with_its_own_feedback_passes_through() -> None:
 
     result = feedback_metric(mine, "species")(dspy.Example(species="a"), dspy.Prediction())
     assert (result.score, result.feedback) == (0.5, "half right")
+
+
+def test_a_teacher_and_a_proposer_reach_the_optimizer(recipe_for) -> None:
+    recipe = recipe_for("BootstrapFewShot", "{max_bootstrapped_demos: 1}")
+    task_lm, teacher = dspy.LM("openai/task", max_tokens=4), dspy.LM("openai/teacher")
+    optimizer = build_optimizer(recipe, _metric, task_lm, teacher=teacher)
+    assert optimizer.teacher_settings == {"lm": teacher}
+    mipro = build_optimizer(recipe_for("MIPROv2", "{auto: light}"), _metric, task_lm,
+                            proposer=dspy.LM("openai/proposer", max_tokens=300))
+    assert mipro.prompt_model.model == "openai/proposer"
+    assert mipro.task_model is task_lm
+
+
+@pytest.mark.parametrize("role, value, says", [
+    ("proposer", "./no-such-model", "optimize.proposer"),
+    ("teacher", "merged", "optimize.teacher: 'merged' exists only after fine-tuning"),
+])
+def test_validate_rejects_a_role_model_that_cannot_exist(tmp_path: Path, tiny_model_dir: Path,
+                                                         role: str, value: str,
+                                                         says: str) -> None:
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    path = write_tiny_recipe(tmp_path, tiny_model_dir)
+    text = path.read_text().replace("  num_threads: 4\nevaluate",
+                                    f"  num_threads: 4\n  {role}: {value}\nevaluate", 1)
+    if value == "merged":
+        text = text.replace("finetune:\n", "finetune:\n  enabled: false\n", 1)
+    path.write_text(text)
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert says in result.output

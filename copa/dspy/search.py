@@ -62,11 +62,12 @@ def feedback_metric(metric: Callable[..., Any], output_field: str) -> Callable[.
     return gepa_metric
 
 
-def build_optimizer(recipe: Recipe, metric: Callable[..., Any],
-                    lm: dspy.LM | None = None) -> Any:
+def build_optimizer(recipe: Recipe, metric: Callable[..., Any], lm: dspy.LM | None = None,
+                    proposer: dspy.LM | None = None, teacher: dspy.LM | None = None) -> Any:
     """The recipe's optimizer. The LM that writes instructions or reflections (MIPROv2's
-    prompt_model, GEPA's reflection_lm) defaults to the task's LM with its own token budget
-    (optimize.max_tokens): at the task's answer length it would be cut after a few words."""
+    prompt_model, GEPA's reflection_lm) is the recipe's proposer, or else the task's LM with
+    its own token budget (optimize.max_tokens): at the task's answer length it would be cut
+    after a few words. A teacher bootstraps demos where the optimizer takes teacher_settings."""
     cls = resolve_optimizer(recipe.optimize.optimizer)
     params = dict(recipe.optimize.params)
     accepted = inspect.signature(cls.__init__).parameters
@@ -79,7 +80,9 @@ def build_optimizer(recipe: Recipe, metric: Callable[..., Any],
             params["task_model"] = lm  # MIPROv2 wants both models named, or neither
         for name in WRITER_LM_PARAMS:
             if name in accepted and params.get(name) is None:
-                params[name] = lm.copy(max_tokens=recipe.optimize.max_tokens)
+                params[name] = proposer or lm.copy(max_tokens=recipe.optimize.max_tokens)
+    if teacher is not None and "teacher_settings" in accepted:
+        params["teacher_settings"] = {**(params.get("teacher_settings") or {}), "lm": teacher}
     if "reflection_lm" in accepted:  # GEPA: a score and a feedback per example
         metric = feedback_metric(metric, recipe.task.output_fields[-1])
     try:
@@ -168,7 +171,9 @@ class PromptResult:
 def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter,
                     trainset: list[dspy.Example], valset: list[dspy.Example],
                     metric: Callable[..., Any], extra: dict[str, dspy.Module] | None = None,
-                    emit: Emit = print, log_path: Path | None = None) -> PromptResult:
+                    emit: Emit = print, log_path: Path | None = None,
+                    proposer: dspy.LM | None = None,
+                    teacher: dspy.LM | None = None) -> PromptResult:
     """Run the recipe's optimizer, then keep the best on val of: plain, optimized, extras.
 
     Ties go to the program with fewer demos (cheaper, and what the fine-tune saw).
@@ -181,7 +186,7 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
         emit(f"  {recipe.optimize.optimizer} on {len(trainset)} train / {len(valset)} val"
              + (f" (its log: {log_path})" if log_path else ""))
         with dspy_chatter_to(log_path):
-            optimizer = build_optimizer(recipe, metric, lm)
+            optimizer = build_optimizer(recipe, metric, lm, proposer, teacher)
             candidates["optimized"] = compile_program(optimizer, program.deepcopy(), trainset,
                                                       valset)
         if not recipe.optimize.guard:

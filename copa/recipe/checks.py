@@ -24,6 +24,27 @@ def _label(recipe: Recipe) -> str:
     return str(recipe.source_path) if recipe.source_path else "<recipe>"
 
 
+def _role_problems(recipe: Recipe, label: str) -> list[Problem]:
+    """optimize.proposer / optimize.teacher name a model that exists when the prompt stage runs."""
+    problems = []
+    opt = recipe.optimize
+    for role in ("proposer", "teacher"):
+        ref = getattr(opt, role)
+        if not isinstance(ref, str) or ref == "base":
+            continue
+        where = f"optimize.{role}"
+        if ref == "merged":
+            if not recipe.finetune.enabled or opt.order == "p->w":
+                problems.append(Problem(file=label, path=where, message=(
+                    "'merged' exists only after fine-tuning, and with order p->w the prompt "
+                    "stage runs before it: write base, a model, or {engine: openai, ...}")))
+            continue
+        found = check_model(ref, recipe.base_dir)
+        if found:
+            problems.append(Problem(file=label, path=where, message=found))
+    return problems
+
+
 def check_recipe(recipe: Recipe) -> Checked:
     """Everything a run needs, checked before any training; raises RecipeError with all problems."""
     problems: list[Problem] = []
@@ -31,6 +52,7 @@ def check_recipe(recipe: Recipe) -> Checked:
     model_problem = check_model(recipe.model.base, recipe.base_dir)
     if model_problem:
         problems.append(Problem(file=label, path="model.base", message=model_problem))
+    problems.extend(_role_problems(recipe, label))
     spec = None
     try:
         spec = spec_from_recipe(recipe)

@@ -246,6 +246,20 @@ class FinetuneSection(_Section):
         return self
 
 
+class ServedModel(_Section):
+    """A model on an OpenAI-compatible server you run."""
+
+    engine: Literal["openai"] = "openai"
+    api_base: str
+    model: str
+    api_key: str = "copa"
+
+
+# Who writes for the optimizer: "base" / "merged" (the run's models), a model alias, local
+# folder, .gguf file or hub id, or a served model. None: the arm's own model.
+ModelRef = str | ServedModel | None
+
+
 class OptimizeSection(_Section):
     enabled: bool = True
     optimizer: str = Field(
@@ -260,6 +274,11 @@ class OptimizeSection(_Section):
     )
     adapter: Literal["template", "chat"] = "template"
     num_threads: int = 8
+    proposer: ModelRef = Field(
+        None, description="The model that writes instructions / reflections (MIPROv2 "
+        "prompt_model, GEPA reflection_lm): base | merged | model | {engine: openai, ...}.")
+    teacher: ModelRef = Field(
+        None, description="The model that bootstraps demos (BootstrapFewShot* teacher).")
     max_tokens: int = Field(
         512, ge=16,
         description="Token budget of the optimizer's own generations (instruction proposals, "

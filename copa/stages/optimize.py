@@ -14,6 +14,7 @@ from typing import Any
 import dspy
 
 from copa.dspy.kit import TaskKit, base_model_path, model_lm, task_kit
+from copa.dspy.roles import role_lm
 from copa.dspy.search import PromptResult, prompt_optimize, with_demos
 from copa.files import atomic_write_json
 from copa.recipe import Recipe
@@ -33,10 +34,16 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
     out.mkdir(parents=True, exist_ok=True)
     run.emit(f"  [{arm}] prompt optimization on the {lm_name} model")
     if recipe.optimize.enabled:
-        with model_lm(recipe, model_path, lm_name, run.dir) as lm:
+        base = base_model_path(recipe)
+        merged = str(run.merged) if run.finetunes and run.merged.is_dir() else None
+        opt = recipe.optimize
+        with model_lm(recipe, model_path, lm_name, run.dir) as lm, \
+                role_lm(recipe, opt.proposer, "proposer", base, merged) as proposer, \
+                role_lm(recipe, opt.teacher, "teacher", base, merged) as teacher:
             result = prompt_optimize(recipe, kit.program, lm, kit.adapter, kit.trainset,
                                      kit.valset, kit.metric, extra, emit=run.emit,
-                                     log_path=out / f"dspy-{arm}.log")
+                                     log_path=out / f"dspy-{arm}.log", proposer=proposer,
+                                     teacher=teacher)
     else:
         result = PromptResult(kit.program.deepcopy(), "plain")
     _save_program(result.program, out / f"program_{arm}.json")
