@@ -3,6 +3,7 @@ token budget (MIPROv2's proposer, GEPA's reflection), and for GEPA a metric with
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dspy
@@ -92,3 +93,26 @@ def test_validate_rejects_a_role_model_that_cannot_exist(tmp_path: Path, tiny_mo
     result = CliRunner().invoke(cli, ["validate", str(path)])
     assert result.exit_code == 2, result.output
     assert says in result.output
+
+
+@pytest.mark.slow
+def test_gepa_runs_from_a_recipe_with_a_reflection_model(tmp_path: Path,
+                                                          tiny_model_dir: Path) -> None:
+    """`optimizer: GEPA` from a recipe, its reflection model named as `proposer`: the prompt
+    stage compiles end to end (the tiny random model's reflections do not parse, so GEPA keeps
+    the seed instruction, which is GEPA's own behaviour, and copa keeps plain on val)."""
+    from copa import pipeline
+
+    path = write_tiny_recipe(tmp_path, tiny_model_dir)
+    text = path.read_text().replace("finetune:\n", "finetune:\n  enabled: false\n", 1)
+    text = text.replace(
+        "  optimizer: BootstrapFewShotWithRandomSearch\n  params: {max_bootstrapped_demos: 1, "
+        "max_labeled_demos: 2, num_candidate_programs: 1}\n",
+        "  optimizer: GEPA\n  params: {max_metric_calls: 20}\n  proposer: base\n"
+        "  max_tokens: 32\n")
+    path.write_text(text)
+    run = pipeline.run(path, stages=["optimize"], run_dir=tmp_path / "run", emit=lambda _: None)
+    log = (run.optimize_dir / "dspy-prompt_only.log").read_text()
+    assert "Iteration 1: Selected program" in log  # GEPA's loop ran, reflecting
+    summary = json.loads((run.optimize_dir / "optimize.json").read_text())
+    assert set(summary["prompt_only"]["val_scores"]) == {"plain", "optimized"}
