@@ -143,6 +143,28 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("missing-model-dir", {"set": {"model.base": "./no-such-model.gguf"}},
      "model.base: no such GGUF file"),
     ("model-nonsense", {"set": {"model.base": "not a model"}}, "model.base: 'not a model' is"),
+    # --- the user's own code, imported by validate (module names unique per case: one process)
+    ("user-metric-no-such-function",
+     {"set": {"evaluate.metric": "case_metrics_a:f1"},
+      "files": {"case_metrics_a.py": "def accuracy(example, prediction, trace=None):\n"
+                                     "    return 1.0\n"}},
+     "evaluate.metric: cannot import 'case_metrics_a:f1': module 'case_metrics_a'"),
+    ("user-metric-no-such-module", {"set": {"evaluate.metric": "case_no_such_module:f1"}},
+     "evaluate.metric: cannot import 'case_no_such_module:f1': ModuleNotFoundError"),
+    ("user-metric-not-callable",
+     {"set": {"evaluate.metric": "case_metrics_b:THRESHOLD"},
+      "files": {"case_metrics_b.py": "THRESHOLD = 0.5\n"}},
+     "evaluate.metric: cannot import 'case_metrics_b:THRESHOLD': case_metrics_b:THRESHOLD is a "
+     "float, not callable"),
+    ("user-module-typo",
+     {"set": {"task.module": "case_modules:MyModul"},
+      "files": {"case_modules.py": "class MyModule:\n    pass\n"}},
+     "task.module: cannot import 'case_modules:MyModul': module 'case_modules'"),
+    ("user-optimizer-raises-on-import",
+     {"set": {"optimize.optimizer": "case_optimizers:Mine"},
+      "files": {"case_optimizers.py": "raise RuntimeError('boom')\n"}},
+     "optimize.optimizer: cannot import 'case_optimizers:Mine': importing case_optimizers "
+     "raised RuntimeError: boom"),
     # --- templates: syntax, undefined variables, sandbox escapes
     ("template-syntax", {"set": {"prompt.template": "t.jinja"},
                          "files": {"t.jinja": "{% block user %}{{ text }{% endblock %}"}},
@@ -246,3 +268,17 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["validate", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2
     assert "no such recipe file" in result.output
+
+
+def test_a_user_metric_next_to_the_recipe_validates_and_is_the_one_the_run_uses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from copa.dspy.metrics import make_metric
+
+    code = "def f1(example, prediction, trace=None):\n    return 0.25\n"
+    path = _write_case(tmp_path, {"set": {"evaluate.metric": "case_good_metrics:f1"},
+                                  "files": {"case_good_metrics.py": code}})
+    monkeypatch.chdir(tmp_path.parent)  # found through the recipe's folder, not the cwd
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    metric = make_metric("case_good_metrics:f1", "label", base_dir=tmp_path)
+    assert metric({}, {}) == 0.25

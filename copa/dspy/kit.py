@@ -43,7 +43,7 @@ def task_kit(recipe: Recipe, train_rows: list[dict], val_rows: list[dict],
     return TaskKit(
         recipe=recipe, spec=spec, program=make_program(recipe), adapter=make_adapter(recipe, spec),
         metric=make_metric(recipe.evaluate.metric, recipe.task.output_fields[-1],
-                           recipe.task.choices),
+                           recipe.task.choices, recipe.base_dir),
         trainset=to_examples(recipe, train_rows), valset=to_examples(recipe, val_rows))
 
 
