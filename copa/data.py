@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from copa.files import missing_file_reason
 from copa.recipe import Problem, Recipe, RecipeError
 
 IRIS_COLUMNS = ("sepal_length", "sepal_width", "petal_length", "petal_width")
@@ -62,8 +63,11 @@ def _iris_rows() -> list[dict[str, Any]]:
 
 def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[str, Any]]:
     """Rows of a csv / jsonl / json / parquet file as dicts. Raises ValueError with the cause."""
-    if not path.is_file():
+    reason = missing_file_reason(path)
+    if reason == "no such file":
         raise FileNotFoundError(f"no such file: {path}")
+    if reason:
+        raise ValueError(f"{reason}; point data.source at a CSV, JSONL, JSON or Parquet file")
     size_mb = path.stat().st_size / 1e6
     if size_mb > max_mb:
         raise ValueError(f"file is {size_mb:.0f} MB, over data.max_file_mb={max_mb}")

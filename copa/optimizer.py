@@ -32,8 +32,9 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
 
     def __init__(self, recipe: str | os.PathLike[str], metric: Callable[..., Any] | None = None,
                  run_dir: str | os.PathLike[str] | None = None, order: str | None = None,
-                 emit: Emit = print):
+                 emit: Emit = print, wait: bool = False):
         super().__init__()
+        self.wait = wait  # another process in the run directory: wait for it (else RunDirBusy)
         self.recipe_path = recipe
         self.metric = metric
         self.run_dir = run_dir
@@ -49,22 +50,22 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
         from copa.runs import open_run
 
         overrides = {"optimize.order": self.order} if self.order else None
-        run = open_run(self.recipe_path, run_dir=self.run_dir, emit=self.emit,
-                                overrides=overrides)
-        run.dir.mkdir(parents=True, exist_ok=True)
-        # render (with "p" first when order is p->w), train and merge, through the stage cache
-        pipeline.run_stages(run, stages=["merge"])
-        recipe = run.recipe
-        kit = task_kit(recipe, [dict(e) for e in trainset],
-                       [dict(e) for e in (valset or trainset)], run.checked.spec)
-        extra: dict[str, dspy.Module] = {}
-        demos = json.loads((run.rendered / "demos.json").read_text())
-        if demos:
-            extra["finetune_demos"] = with_demos(student, demos, recipe)
-        with model_lm(recipe, str(run.merged), "merged", run.dir) as lm:
-            self.result = prompt_optimize(recipe, student, lm, kit.adapter, kit.trainset,
-                                          kit.valset, self.metric or kit.metric, extra,
-                                          emit=self.emit)
+        # the run directory stays locked while this writes there (stages, the response cache)
+        with open_run(self.recipe_path, run_dir=self.run_dir, emit=self.emit,
+                      overrides=overrides, wait=self.wait) as run:
+            # render (with "p" first when order is p->w), train and merge, through the stage cache
+            pipeline.run_stages(run, stages=["merge"])
+            recipe = run.recipe
+            kit = task_kit(recipe, [dict(e) for e in trainset],
+                           [dict(e) for e in (valset or trainset)], run.checked.spec)
+            extra: dict[str, dspy.Module] = {}
+            demos = json.loads((run.rendered / "demos.json").read_text())
+            if demos:
+                extra["finetune_demos"] = with_demos(student, demos, recipe)
+            with model_lm(recipe, str(run.merged), "merged", run.dir) as lm:
+                self.result = prompt_optimize(recipe, student, lm, kit.adapter, kit.trainset,
+                                              kit.valset, self.metric or kit.metric, extra,
+                                              emit=self.emit)
         self.model_path = str(run.merged)
         self.adapter = kit.adapter  # run the program under dspy.context(adapter=...)
         program = self.result.program

@@ -43,7 +43,7 @@ def task_kit(recipe: Recipe, train_rows: list[dict], val_rows: list[dict],
     return TaskKit(
         recipe=recipe, spec=spec, program=make_program(recipe), adapter=make_adapter(recipe, spec),
         metric=make_metric(recipe.evaluate.metric, recipe.task.output_fields[-1],
-                           recipe.task.choices),
+                           recipe.task.choices, recipe.base_dir),
         trainset=to_examples(recipe, train_rows), valset=to_examples(recipe, val_rows))
 
 
@@ -66,7 +66,8 @@ def model_lm(recipe: Recipe, model_path: str, name: str,
             tag = model_fingerprint(model_path, run_dir / "cache" / "fingerprints.json")[:16]
         yield make_lm(model_path, name, max_batch_size=serve.max_batch_size,
                       batch_wait_ms=serve.batch_wait_ms, max_tokens=recipe.evaluate.max_tokens,
-                      prefix_cache=serve.prefix_cache, cache_tag=tag)
+                      prefix_cache=serve.prefix_cache, cache_tag=tag,
+                      trust_remote_code=recipe.model.trust_remote_code)
         return
     from copa.inference.servers import serving
 
@@ -74,7 +75,8 @@ def model_lm(recipe: Recipe, model_path: str, name: str,
         name = serve.model or ""
     with serving(serve.engine, model_path, name, api_base=serve.api_base,
                  api_key=serve.api_key, max_tokens=recipe.evaluate.max_tokens,
-                 log_dir=run_dir / "serve" if run_dir is not None else None) as lm:
+                 log_dir=run_dir / "serve" if run_dir is not None else None,
+                 trust_remote_code=recipe.model.trust_remote_code) as lm:
         yield lm
 
 

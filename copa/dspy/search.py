@@ -5,7 +5,6 @@ a program worse on val than the plain (zero-demo) one.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +17,7 @@ import dspy
 
 from copa.dspy.program import to_examples
 from copa.recipe import Recipe
+from copa.recipe.usercode import import_object
 
 Emit = Callable[[str], None]
 
@@ -26,11 +26,11 @@ class OptimizeError(Exception):
     pass
 
 
-def resolve_optimizer(name: str) -> type:
-    """A DSPy optimizer class by name (dspy.<Name>) or a user's 'package.module:Class'."""
+def resolve_optimizer(name: str, base_dir: Path | None = None) -> type:
+    """A DSPy optimizer class by name (dspy.<Name>) or a user's 'package.module:Class' (looked up
+    with the recipe's folder, base_dir, on sys.path)."""
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        return getattr(importlib.import_module(module_name), attr)
+        return import_object(name, base_dir)
     cls = getattr(dspy, name, None) or getattr(dspy.teleprompt, name, None)
     if cls is None or not inspect.isclass(cls):
         raise OptimizeError(f"optimize.optimizer: DSPy has no optimizer named '{name}' "
@@ -68,7 +68,7 @@ def build_optimizer(recipe: Recipe, metric: Callable[..., Any], lm: dspy.LM | No
     prompt_model, GEPA's reflection_lm) is the recipe's proposer, or else the task's LM with
     its own token budget (optimize.max_tokens): at the task's answer length it would be cut
     after a few words. A teacher bootstraps demos where the optimizer takes teacher_settings."""
-    cls = resolve_optimizer(recipe.optimize.optimizer)
+    cls = resolve_optimizer(recipe.optimize.optimizer, recipe.base_dir)
     params = dict(recipe.optimize.params)
     accepted = inspect.signature(cls.__init__).parameters
     if "num_threads" in accepted and "num_threads" not in params:

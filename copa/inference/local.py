@@ -123,25 +123,29 @@ class LocalModel:
     """
 
     def __init__(self, path: str, device: str | None = None, prefix_cache: bool = True,
-                 prefix_cache_bytes: int = 256 * 2**20) -> None:
+                 prefix_cache_bytes: int = 256 * 2**20, trust_remote_code: bool = False) -> None:
         self.path = str(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # the recipe's model.trust_remote_code, for every load of this folder
+        self.trust_remote_code = bool(trust_remote_code)
+        trust = {"trust_remote_code": self.trust_remote_code}
         # Left padding, for the generate() fallback: every row's last prompt token sits at the
         # same position, where generation continues (packed decoding needs no padding).
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, padding_side="left")
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, padding_side="left",
+                                                                    **trust)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # fp32 and per-row attention: a greedy answer must not depend on its batch mates.
         _register_rowwise_attention()
         try:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.path, dtype=torch.float32, attn_implementation=ROWWISE_ATTENTION)
+                self.path, dtype=torch.float32, attn_implementation=ROWWISE_ATTENTION, **trust)
             self.rowwise_attention = True
         except (ValueError, TypeError) as exc:  # an architecture without the attention interface
             log.warning("%s: row-wise attention unavailable (%s); batched greedy outputs may "
                         "differ from one-at-a-time ones on near-ties", self.path, exc)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.path, dtype=torch.float32)
+                self.path, dtype=torch.float32, **trust)
             self.rowwise_attention = False
         self.model.to(self.device).eval()
         # Packed decoding (.packed) needs copa's attention and plain full-attention layers

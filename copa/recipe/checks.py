@@ -11,6 +11,7 @@ from copa.data import Splits, load_splits
 from copa.models import check_model
 from copa.prompting import PromptError, PromptSpec, build_messages, spec_from_recipe
 from copa.recipe import Problem, Recipe, RecipeError
+from copa.recipe.usercode import user_code_problems
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ def check_recipe(recipe: Recipe) -> Checked:
     if model_problem:
         problems.append(Problem(file=label, path="model.base", message=model_problem))
     problems.extend(_role_problems(recipe, label))
+    user_code = user_code_problems({"task.module": recipe.task.module,
+                                    "evaluate.metric": recipe.evaluate.metric,
+                                    "optimize.optimizer": recipe.optimize.optimizer},
+                                   recipe.base_dir)
+    problems += [Problem(file=label, path=key, message=msg) for key, msg in user_code.items()]
     spec = None
     try:
         spec = spec_from_recipe(recipe)
