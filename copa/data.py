@@ -120,7 +120,7 @@ def load_source(recipe: Recipe, source: str, key: str) -> list[dict[str, Any]]:
         if source == "sklearn:iris":
             return _iris_rows()
         if source.startswith("hf:"):
-            return _hub_rows(source[3:])
+            return _hub_rows(source[3:], recipe.base_dir)
         return read_table(recipe.resolve(source), recipe.data.format, recipe.data.max_file_mb)
     except FileNotFoundError as exc:
         raise _problem(recipe, key, str(exc)) from None
@@ -128,14 +128,32 @@ def load_source(recipe: Recipe, source: str, key: str) -> list[dict[str, Any]]:
         raise _problem(recipe, key, f"{source}: {exc}") from None
 
 
-def _hub_rows(name: str) -> list[dict[str, Any]]:
+def _hub_rows(name: str, base_dir: Path) -> list[dict[str, Any]]:
+    """`hf:NAME[:SPLIT]`: a folder written by `datasets`' save_to_disk (relative to the recipe;
+    no hub needed), else a dataset on the hub (or in its local cache)."""
     dataset_name, _, split = name.partition(":")
     try:
         import datasets
     except ImportError:
         raise ValueError("the 'datasets' package is needed for hf: sources") from None
+    folder = Path(dataset_name).expanduser()
+    folder = folder if folder.is_absolute() else base_dir / folder
+    saved = folder.is_dir() and any((folder / f).is_file()
+                                    for f in ("dataset_dict.json", "state.json"))
+    split = split or "train"
+    if saved:
+        try:
+            dataset = datasets.load_from_disk(str(folder))
+        except Exception as exc:  # a damaged or foreign folder: say which
+            raise ValueError(f"could not load the saved dataset {folder} ({exc})") from None
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"no split '{split}' in {folder} (it has "
+                                 f"{', '.join(dataset)}); write hf:{dataset_name}:SPLIT")
+            dataset = dataset[split]
+        return [dict(row) for row in dataset]
     try:
-        dataset = datasets.load_dataset(dataset_name, split=split or "train")
+        dataset = datasets.load_dataset(dataset_name, split=split)
     except Exception as exc:  # offline, unknown name: say which
         raise ValueError(f"could not load '{dataset_name}' from the hub ({exc})") from None
     return [dict(row) for row in dataset]

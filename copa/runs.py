@@ -243,7 +243,9 @@ def stage_key(run: Run, stage: str) -> str:
         sections = ["model", "task", "data", "prompt", "finetune"]
         if r.optimize.order == "p->w":  # the training rows carry the prompt stage's demos
             sections += ["optimize", "evaluate", "serve"]
-        return sha256_json([recipe_section_dict(r, *sections), _template_text(run), v["copa"]])
+        # The splits' content too: COPAOptimizer.compile renders the examples it is given.
+        return sha256_json([recipe_section_dict(r, *sections), _template_text(run), v["copa"],
+                            sha256_json(run.checked.splits.as_dict())])
     if stage == "train":
         return sha256_json([sha256_file(run.rendered / "axolotl.yml"),
                             sha256_file(run.rendered / "train.jsonl"),

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ import yaml
 from click.testing import CliRunner
 
 from copa.cli import cli
+
+REPO = Path(__file__).resolve().parent.parent
 
 BASE: dict[str, Any] = {
     "name": "bad",
@@ -311,10 +316,20 @@ def test_a_recipe_that_is_not_a_regular_file() -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    """What a user sees in the terminal: one line and exit 2 without --debug; the traceback of
+    the RecipeError with it (a real process, so nothing of click's test runner in between)."""
     path = _write_case(tmp_path, {"set": {"finetune.lora_rr": 8}})
-    result = CliRunner().invoke(cli, ["--debug", "validate", str(path)])
-    assert result.exit_code != 0
-    assert result.exception is not None
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COPA_DEBUG": ""}
+    runs = {flag: subprocess.run([sys.executable, "-m", "copa.cli", *flag, "validate", str(path)],
+                                 capture_output=True, text=True, env=env, timeout=120)
+            for flag in ((), ("--debug",))}
+    plain, debug = runs[()], runs[("--debug",)]
+    assert plain.returncode == 2
+    assert "Traceback" not in plain.stderr
+    assert plain.stderr.strip().endswith("finetune.lora_rr: unknown key (did you mean 'lora_r'?)")
+    assert debug.returncode == 1  # an uncaught exception
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert "RecipeError" in debug.stderr.strip().splitlines()[-1]
 
 
 def test_missing_recipe_file(tmp_path: Path) -> None:

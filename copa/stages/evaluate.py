@@ -50,6 +50,25 @@ def _program_for(run: Any, arm: str, kit: Any) -> Any:
     return program
 
 
+def _unfair_synergy_reason(run: Any) -> str | None:
+    """Why synergy would compare against a crippled arm, or None: when every training row
+    carried demos (finetune.demos: fixed, optimize.order: p->w), the fine-tune-only arm is a
+    model trained to see demos, prompted without them; combined - max(single arms) would then
+    credit the prompt stage with putting back what the fine-tune-only arm's prompt took away."""
+    if not run.finetunes:
+        return None
+    demos = json.loads((run.rendered / "demos.json").read_text())
+    if not demos:
+        return None
+    recipe = run.recipe
+    why = ("optimize.order: p->w" if recipe.optimize.order == "p->w"
+           else f"finetune.demos: {recipe.finetune.demos}")
+    return (f"the model was fine-tuned with {len(demos)} demos in every training row ({why}), "
+            "and the fine-tune-only arm prompts it without them, so it is not a fair weights-only "
+            "arm; compare with a run fine-tuned demo-free on the same rows (finetune.demos: none, "
+            "optimize.order: w->p)")
+
+
 def evaluate_stage(run: Any) -> dict[str, Any]:
     """Pipeline stage: run each arm on the test split, write predictions and the report."""
     import time
@@ -63,7 +82,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     from copa.files import atomic_write_text
     from copa.runs import versions
     from copa.stages.report import write_report
-    from copa.stats import summarize
+    from copa.stats import not_comparable, summarize
 
     recipe = run.recipe
     kit = task_kit(recipe, [], [], run.checked.spec)
@@ -100,6 +119,9 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
             for ex, pred, s in results])
         atomic_write_text(predictions_dir / f"{arm}.key", key + "\n")
     summary = summarize(per_arm, recipe.evaluate.bootstrap, recipe.data.splits.seed)
+    reason = _unfair_synergy_reason(run)
+    if reason and "synergy" in summary:
+        summary["synergy"] = not_comparable(summary["synergy"], reason)
     optimize_info = {}
     opt_path = run.optimize_dir / "optimize.json"
     if opt_path.is_file():

@@ -31,8 +31,12 @@ def markdown(report: dict[str, Any]) -> str:
         gain = report["finetune_gain"]
         lines.append(f"- Fine-tune gain (fine-tune-only − baseline): {_pct(gain['value'])} "
                      f"points, 95% CI [{_pct(gain['ci95'][0])}, {_pct(gain['ci95'][1])}]")
-    if "synergy" in report:
-        syn = report["synergy"]
+    syn = report.get("synergy")
+    if syn is not None and syn.get("comparable") is False:
+        # Arms not prompted as they were trained: no number, and never a verdict.
+        lines.append("- **Synergy** (combined − max(fine-tune-only, prompt-only)): "
+                     f"not comparable: {syn.get('reason', 'no reason recorded')}")
+    elif syn is not None:
         lo, hi = syn["ci95"]
         verdict = ("combined beats the better single arm" if lo > 0 else
                    "combined is worse than the better single arm" if hi < 0 else
@@ -76,7 +80,7 @@ def plot(report: dict[str, Any]) -> bytes:
     ax.set_ylim(0, 105)
     ax.set_ylabel(f"{report['metric']} (%)")
     title = f"{report['recipe']}: four arms on {report['test_rows']} test rows (95% CI)"
-    if "synergy" in report:
+    if report.get("synergy", {}).get("value") is not None:
         title += f"\nsynergy {100 * report['synergy']['value']:+.1f} points"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
