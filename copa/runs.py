@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from copa.data import data_identity
 from copa.files import atomic_write_json, sha256_file, sha256_json
 from copa.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_section_dict
 from copa.recipe.checks import Checked, check_recipe
@@ -137,7 +138,9 @@ def stage_key(run: Run, stage: str) -> str:
         sections = ["model", "task", "data", "prompt", "finetune"]
         if r.optimize.order == "p->w":  # the training rows carry the prompt stage's demos
             sections += ["optimize", "evaluate", "serve"]
-        return sha256_json([recipe_section_dict(r, *sections), _template_text(run), v["copa"]])
+        # The data's content, not just its name: a file edited in place re-renders the splits.
+        return sha256_json([recipe_section_dict(r, *sections), _template_text(run), v["copa"],
+                            data_identity(r)])
     if stage == "train":
         return sha256_json([sha256_file(run.rendered / "axolotl.yml"),
                             sha256_file(run.rendered / "train.jsonl"),
