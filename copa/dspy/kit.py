@@ -47,9 +47,12 @@ def task_kit(recipe: Recipe, train_rows: list[dict], val_rows: list[dict],
         trainset=to_examples(recipe, train_rows), valset=to_examples(recipe, val_rows))
 
 
+_UNCACHED_SAID: set[str] = set()  # models already reported as not cached, said once each
+
+
 @contextmanager
-def model_lm(recipe: Recipe, model_path: str, name: str,
-             run_dir: Path | None = None) -> Iterator[dspy.LM]:
+def model_lm(recipe: Recipe, model_path: str, name: str, run_dir: Path | None = None,
+             emit: Callable[[str], None] = print) -> Iterator[dspy.LM]:
     """The DSPy LM for a model folder: the in-process batched engine (loaded once per process),
     or an OpenAI-compatible server that lives exactly as long as this block (recipe.serve).
     With a run directory, the local engine's answers go to DSPy's response cache there
@@ -63,7 +66,12 @@ def model_lm(recipe: Recipe, model_path: str, name: str,
             from copa.inference.cache import model_fingerprint, use_response_cache
 
             use_response_cache(run_dir / "cache" / "dspy")
-            tag = model_fingerprint(model_path, run_dir / "cache" / "fingerprints.json")[:16]
+            digest = model_fingerprint(model_path, run_dir / "cache" / "fingerprints.json")
+            tag = digest[:16] if digest else None
+            if digest is None and model_path not in _UNCACHED_SAID:
+                _UNCACHED_SAID.add(model_path)
+                emit(f"  response cache off for {model_path}: nothing identifies its weights "
+                     "(not a local folder, not in the local hub cache)")
         yield make_lm(model_path, name, max_batch_size=serve.max_batch_size,
                       batch_wait_ms=serve.batch_wait_ms, max_tokens=recipe.evaluate.max_tokens,
                       prefix_cache=serve.prefix_cache, cache_tag=tag)

@@ -86,7 +86,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
                      f"predictions/{arm}.jsonl)")
             continue
         start = time.time()
-        with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir) as lm, \
+        with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir, emit=run.emit) as lm, \
                 dspy.context(lm=lm, adapter=kit.adapter), \
                 dspy_chatter_to(run.dir / "predictions" / "dspy-evaluate.log"):
             mean, results = score(program, testset, kit.metric, recipe.evaluate.num_threads)

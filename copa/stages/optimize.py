@@ -33,7 +33,7 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
     out.mkdir(parents=True, exist_ok=True)
     run.emit(f"  [{arm}] prompt optimization on the {lm_name} model")
     if recipe.optimize.enabled:
-        with model_lm(recipe, model_path, lm_name, run.dir) as lm:
+        with model_lm(recipe, model_path, lm_name, run.dir, emit=run.emit) as lm:
             result = prompt_optimize(recipe, kit.program, lm, kit.adapter, kit.trainset,
                                      kit.valset, kit.metric, extra, emit=run.emit,
                                      log_path=out / f"dspy-{arm}.log")
