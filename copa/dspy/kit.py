@@ -78,8 +78,8 @@ def model_lm(recipe: Recipe, model_path: str, name: str, run_dir: Path | None = 
         return
     from copa.inference.servers import serving
 
-    if serve.engine == "openai":  # the user's server knows the model by its own id
-        name = serve.model or ""
+    if serve.engine == "openai":  # the user's server knows each arm's model by its own id
+        name = serve.model_for(name) or ""
     with serving(serve.engine, model_path, name, api_base=serve.api_base,
                  api_key=serve.api_key, max_tokens=recipe.evaluate.max_tokens,
                  log_dir=run_dir / "serve" if run_dir is not None else None) as lm:

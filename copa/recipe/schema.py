@@ -296,6 +296,12 @@ class EvaluateSection(_Section):
         return list(dict.fromkeys(value))
 
 
+class ServeModels(_Section):
+    base: str | None = Field(None, description="The id your server serves the base model under.")
+    merged: str | None = Field(None, description="The id your server serves the fine-tuned "
+                               "(merged) model under.")
+
+
 class ServeSection(_Section):
     engine: Literal["local", "vllm", "transformers", "openai"] = Field(
         "local", description="local: in-process batched engine; vllm / transformers: copa starts "
@@ -303,7 +309,11 @@ class ServeSection(_Section):
     api_base: str | None = None
     api_key: str = "copa"
     model: str | None = Field(None, description="The model id your server serves (engine "
-                              "'openai'); copa-started servers know their own.")
+                              "'openai', no fine-tuned arms); copa-started servers know their "
+                              "own.")
+    models: ServeModels = Field(default_factory=ServeModels, description="engine 'openai': "
+                                "each arm's model id, {base: ..., merged: ...}; needed when "
+                                "fine-tuning.")
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
     prefix_cache: bool = Field(True, description="local engine: compute the turns before a "
@@ -311,6 +321,20 @@ class ServeSection(_Section):
     response_cache: bool = Field(True, description="local engine: keep DSPy's response cache "
                                  "in the run directory, keyed by the model weights' hash, so a "
                                  "re-run repeats no generation (greedy decoding is deterministic).")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: ServeModels, info: Any) -> ServeModels:
+        named = value.base is not None or value.merged is not None
+        if named and info.data.get("engine") != "openai":
+            raise ValueError("only for engine 'openai'; copa-started servers know their models")
+        if named and info.data.get("model"):
+            raise ValueError("write serve.models or serve.model, not both")
+        return value
+
+    def model_for(self, role: str) -> str | None:
+        """engine 'openai': the id the user's server knows the 'base' or 'merged' model by."""
+        return getattr(self.models, role, None) or self.model
 
     @model_validator(mode="after")
     def _api_base(self) -> ServeSection:
