@@ -277,6 +277,17 @@ class EvaluateSection(_Section):
     bootstrap: int = 1000
     max_tokens: int = 64
     num_threads: int = 8
+    max_errors: int = Field(
+        0, description="Failed calls (the engine or server raised) one arm, or one candidate on "
+        "val, may have before the stage fails; those within it score 0 and are counted in the "
+        "report. An answer that does not parse is a wrong answer, not a failed call.")
+
+    @field_validator("max_errors")
+    @classmethod
+    def _max_errors(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be >= 0 (got {value}); 0 fails on the first failed call")
+        return value
 
     @field_validator("metric")
     @classmethod
