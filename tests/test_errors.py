@@ -181,3 +181,17 @@ def test_an_arm_whose_every_call_failed_is_marked_failed_not_zero(tmp_path: Path
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert len(table) == 3 and not any("| 0.0 |" in line for line in table), table
     assert not (run.dir / "predictions" / "baseline.key").exists()  # a re-run retries
+
+
+def test_the_report_shows_failed_calls_within_the_budget() -> None:
+    from copa.stages.report import markdown
+
+    report = {"recipe": "r", "metric": "exact_match", "test_rows": 9, "arms": {
+        "baseline": {"score": 0.5, "ci95": [0.2, 0.8], "n": 9, "errors": 0},
+        "prompt_only": {"score": 0.3, "ci95": [0.1, 0.6], "n": 9, "errors": 2}},
+        "prompt_optimization": {"prompt_only": {"winner": "plain", "val_scores": {"plain": 0.5},
+                                                "val_errors": {"plain": 1}, "lm_errors": 3}}}
+    text = markdown(report)
+    assert "| prompt-only (base model + DSPy) | 30.0 | [10.0, 60.0] | 9 | 2 |" in text
+    assert "- prompt_only: 2 of 9 calls failed and score 0" in text
+    assert "failed calls: 3 while optimizing; on val plain 1" in text

@@ -59,13 +59,16 @@ def model_lm(recipe: Recipe, model_path: str, name: str, run_dir: Path | None = 
     (run_dir/cache) and a copa-started server logs to run_dir/serve."""
     serve = recipe.serve
     if serve.engine == "local":
-        from copa.inference.engine import make_lm
+        from copa.inference.engine import get_engine, make_lm
 
         tag = None
         if serve.response_cache and run_dir is not None:
             from copa.inference.cache import model_fingerprint, use_response_cache
 
             use_response_cache(run_dir / "cache" / "dspy")
+            if not Path(model_path).is_dir():  # a hub id: load (fetch) it before naming its commit
+                get_engine(model_path, serve.max_batch_size, serve.batch_wait_ms,
+                           recipe.evaluate.max_tokens, serve.prefix_cache)
             digest = model_fingerprint(model_path, run_dir / "cache" / "fingerprints.json")
             tag = digest[:16] if digest else None
             if digest is None and model_path not in _UNCACHED_SAID:
