@@ -7,6 +7,7 @@ Splits are deterministic for a seed, stratified by label for classification, and
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -157,6 +158,60 @@ def _hub_rows(name: str, base_dir: Path) -> list[dict[str, Any]]:
     except Exception as exc:  # offline, unknown name: say which
         raise ValueError(f"could not load '{dataset_name}' from the hub ({exc})") from None
     return [dict(row) for row in dataset]
+
+
+def _hub_cache() -> Path:
+    # huggingface_hub's cache folder, found as it finds it (without importing it: light module).
+    import os
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def source_identity(recipe: Recipe, source: str) -> dict[str, Any]:
+    """What identifies a data source's rows: the sha256 of a file, the package version (and
+    file) of built-in data, a local dataset folder's hash or a hub dataset's cached revision.
+    The render stage's key holds it, so data edited in place re-renders the splits."""
+    from copa.files import sha256_file, sha256_tree
+
+    if source == "sklearn:iris":
+        identity: dict[str, Any] = {"source": source,
+                                    "scikit-learn": _package_version("scikit-learn")}
+        spec = importlib.util.find_spec("sklearn")
+        if spec is not None and spec.submodule_search_locations:
+            csv_path = (Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+                        / "iris.csv")
+            identity["sha256"] = sha256_file(csv_path) if csv_path.is_file() else None
+        return identity
+    if source.startswith("hf:"):
+        name = source[3:].partition(":")[0]
+        identity = {"source": source, "datasets": _package_version("datasets")}
+        for folder in dict.fromkeys([Path(name), recipe.resolve(name)]):
+            if folder.exists():  # a local dataset folder or file: its content
+                identity[str(folder.resolve())] = sha256_tree(folder)
+        ref = _hub_cache() / f"datasets--{name.replace('/', '--')}" / "refs" / "main"
+        if ref.is_file():  # a hub dataset: the revision its cache resolves to
+            identity["revision"] = ref.read_text().strip()
+        return identity
+    path = recipe.resolve(source)
+    return {"source": source, "sha256": sha256_file(path) if path.is_file() else None}
+
+
+def data_identity(recipe: Recipe) -> list[dict[str, Any]]:
+    """source_identity of every data source the recipe reads."""
+    sources = [recipe.data.source] + ([recipe.data.test_source] if recipe.data.test_source else [])
+    return [source_identity(recipe, s) for s in sources]
 
 
 def format_value(value: Any, number_format: str | None) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 import filelock
 
+from copa.data import data_identity
 from copa.files import atomic_write_json, sha256_file, sha256_json
 from copa.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_section_dict
 from copa.recipe.checks import Checked, check_recipe
@@ -243,9 +244,11 @@ def stage_key(run: Run, stage: str) -> str:
         sections = ["model", "task", "data", "prompt", "finetune"]
         if r.optimize.order == "p->w":  # the training rows carry the prompt stage's demos
             sections += ["optimize", "evaluate", "serve"]
-        # The splits' content too: COPAOptimizer.compile renders the examples it is given.
+        # The data's content, not just its name (a file edited in place re-renders the
+        # splits), and the splits themselves (COPAOptimizer.compile renders the examples it
+        # is given).
         return sha256_json([recipe_section_dict(r, *sections), _template_text(run), v["copa"],
-                            sha256_json(run.checked.splits.as_dict())])
+                            data_identity(r), sha256_json(run.checked.splits.as_dict())])
     if stage == "train":
         return sha256_json([sha256_file(run.rendered / "axolotl.yml"),
                             sha256_file(run.rendered / "train.jsonl"),

@@ -46,10 +46,32 @@ def _role_problems(recipe: Recipe, label: str) -> list[Problem]:
     return problems
 
 
+def serve_problems(recipe: Recipe, label: str) -> list[Problem]:
+    """engine 'openai' with fine-tuned arms: each arm must ask the server for its own model,
+    or the merged arms score the base model and the fine-tune gain silently reads 0."""
+    serve = recipe.serve
+    merged_arms = {"finetune_only", "combined"} & set(recipe.evaluate.arms)
+    if serve.engine != "openai" or not recipe.finetune.enabled or not merged_arms:
+        return []
+    merged = serve.models.merged
+    fix = "write serve.models: {base: <id of the base model>, merged: <id of the fine-tuned model>}"
+    if merged is None and serve.model:
+        message = (f"serve.model '{serve.model}' would be asked for by the base AND the "
+                   f"fine-tuned arms ({', '.join(sorted(merged_arms))}): {fix} instead")
+    elif merged is None:
+        message = f"engine 'openai' with fine-tuning needs the fine-tuned model's id: {fix}"
+    elif merged == serve.model_for("base"):
+        message = (f"base and merged are both '{merged}': the fine-tuned arms would score the "
+                   f"base model; {fix}")
+    else:
+        return []
+    return [Problem(file=label, path="serve.models", message=message)]
+
+
 def check_recipe(recipe: Recipe) -> Checked:
     """Everything a run needs, checked before any training; raises RecipeError with all problems."""
-    problems: list[Problem] = []
     label = _label(recipe)
+    problems: list[Problem] = serve_problems(recipe, label)
     model_problem = check_model(recipe.model.base, recipe.base_dir)
     if model_problem:
         problems.append(Problem(file=label, path="model.base", message=model_problem))

@@ -37,7 +37,7 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
         base = base_model_path(recipe)
         merged = str(run.merged) if run.finetunes and run.merged.is_dir() else None
         opt = recipe.optimize
-        with model_lm(recipe, model_path, lm_name, run.dir) as lm, \
+        with model_lm(recipe, model_path, lm_name, run.dir, emit=run.emit) as lm, \
                 role_lm(recipe, opt.proposer, "proposer", base, merged) as proposer, \
                 role_lm(recipe, opt.teacher, "teacher", base, merged) as teacher:
             result = prompt_optimize(recipe, kit.program, lm, kit.adapter, kit.trainset,
@@ -51,8 +51,13 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
 
 
 def _kit_for(run: Any) -> TaskKit:
-    splits = run.checked.splits
-    return task_kit(run.recipe, list(splits.train), list(splits.val), run.checked.spec)
+    """The optimizer's train and val rows: the rendered splits and nothing else, so it sees the
+    very rows the test split was held out from (never a fresh load of an edited data file)."""
+    from copa.data import read_jsonl
+
+    splits = run.rendered / "splits"
+    return task_kit(run.recipe, read_jsonl(splits / "train.jsonl"),
+                    read_jsonl(splits / "val.jsonl"), run.checked.spec)
 
 
 def prompt_first(run: Any) -> list[dict[str, str]]:
