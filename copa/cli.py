@@ -49,7 +49,7 @@ def _errors(func):
             if debug:
                 raise
             name = type(exc).__name__
-            if name in ("TrainError", "ModelError", "OptimizeError", "ServeError"):
+            if name in ("TrainError", "ModelError", "OptimizeError", "EvaluateError", "ServeError"):
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_FAILED)
             click.echo(f"error: {name}: {exc} (run with --debug for the traceback)", err=True)

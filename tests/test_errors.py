@@ -26,7 +26,7 @@ class FailingModel:
 
     path = "failing"
 
-    def generate_detailed(self, prompts, max_new_tokens, stop) -> list[Generation]:
+    def generate_detailed(self, prompts, max_new_tokens, stop, sampling=None) -> list[Generation]:
         out = []
         for chat in prompts:
             text = chat[-1]["content"]
