@@ -49,3 +49,24 @@ def test_an_unfair_synergy_prints_why_and_no_number(with_plot: bool) -> None:
     assert "beats" not in text and "points" not in line and "CI" not in line
     if with_plot:  # the figure's title would print the value too
         assert plot(report)[:4] == b"\x89PNG"
+
+
+def test_the_prompt_stage_shows_the_instruction_it_kept_and_what_the_optimizer_proposed() -> None:
+    """What the prompt stage did is visible: the kept program's instruction and demo count,
+    and the optimizer's own instruction when the val guard did not keep it."""
+    import dspy
+
+    from copa.dspy.search import PromptResult
+
+    plain = dspy.Predict(dspy.Signature("text -> label", "Label the text."))
+    proposed = plain.deepcopy()
+    proposed.signature = proposed.signature.with_instructions("Decide  if the text\nis kind.")
+    proposed.demos = [dspy.Example(text="nice", label="pos")]
+    summary = PromptResult(plain, "plain", {"plain": 0.5, "optimized": 0.4},
+                           optimized=proposed).summary()
+    assert summary["kept"] == [{"predictor": "self", "instructions": "Label the text.",
+                                "demos": []}]
+    assert summary["optimizer_pick"][0]["demos"] == [{"text": "nice", "label": "pos"}]
+    text = markdown({**_report(STRONG), "prompt_optimization": {"combined": summary}})
+    assert '  - instruction kept (self): "Label the text."; 0 demos' in text
+    assert '  - the optimizer proposed (self): "Decide if the text is kind."' in text

@@ -267,7 +267,18 @@ class PromptResult:
         optimized = demo_count(self.optimized) if self.optimized is not None else None
         return {"winner": self.winner, "val_scores": self.val_scores, "demos": self.demos,
                 "optimized_demos": optimized, "seconds": round(self.seconds, 2),
-                "val_errors": self.val_errors, "lm_errors": self.lm_errors}
+                "val_errors": self.val_errors, "lm_errors": self.lm_errors,
+                "kept": program_view(self.program),
+                "optimizer_pick": program_view(self.optimized)
+                if self.optimized is not None else None}
+
+
+def program_view(program: dspy.Module) -> list[dict[str, Any]]:
+    """What a program says to its model, per predictor: its instruction and its demos."""
+    return [{"predictor": name, "instructions": predictor.signature.instructions,
+             "demos": [{k: str(v) for k, v in dict(demo).items()
+                        if not k.startswith("augmented")} for demo in predictor.demos]}
+            for name, predictor in program.named_predictors()]
 
 
 def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter,

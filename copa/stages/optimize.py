@@ -44,6 +44,10 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
                                      kit.valset, kit.metric, extra, emit=run.emit,
                                      log_path=out / f"dspy-{arm}.log", proposer=proposer,
                                      teacher=teacher)
+        for view in result.summary()["kept"]:
+            run.emit(f"  kept instruction ({view['predictor']}): "
+                     f"{' '.join(view['instructions'].split())[:200]!r}, "
+                     f"{len(view['demos'])} demos")
     else:
         result = PromptResult(kit.program.deepcopy(), "plain")
     _save_program(result.program, out / f"program_{arm}.json")

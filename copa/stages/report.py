@@ -17,6 +17,11 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# copa report: {report['recipe']}", "",
              f"Metric: `{report['metric']}` on {report['test_rows']} held-out test rows "
@@ -62,6 +67,15 @@ def markdown(report: dict[str, Any]) -> str:
         offered = f"; the optimizer's pick had {offered} demos" if offered is not None else ""
         lines.append(f"- Prompt stage for {arm}: kept **{info.get('winner')}** "
                      f"({info.get('demos', 0)} demos{offered}); val: {scores or 'not compared'}")
+        for view in info.get("kept") or []:
+            lines.append(f"  - instruction kept ({view['predictor']}): "
+                         f"\"{_one_line(view['instructions'])}\"; {len(view['demos'])} demos")
+        pick = info.get("optimizer_pick") or []
+        kept = info.get("kept") or []
+        for view, mine in zip(pick, kept):
+            if view["instructions"] != mine["instructions"]:
+                lines.append(f"  - the optimizer proposed ({view['predictor']}): "
+                             f"\"{_one_line(view['instructions'])}\"")
         failed = {k: v for k, v in info.get("val_errors", {}).items() if v}
         if failed or info.get("lm_errors"):
             lines.append(f"  - failed calls: {info.get('lm_errors', 0)} while optimizing; on val "
