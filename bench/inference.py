@@ -60,7 +60,7 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
         program = program.deepcopy()
         for predictor in program.predictors():
             predictor.demos = to_examples(recipe, list(checked.splits.train[:demos]))
-    model = LocalModel(base_model_path(recipe))
+    model = LocalModel(base_model_path(recipe), trust_remote_code=recipe.model.trust_remote_code)
     arms: dict[str, Any] = {}
     predictions: dict[str, list[str]] = {}
     field = recipe.task.output_fields[-1]

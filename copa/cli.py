@@ -25,6 +25,7 @@ def _errors(func):
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from copa.prompting import PromptError
         from copa.recipe import RecipeError
+        from copa.runs import RunDirBusy
 
         ctx = click.get_current_context()
         debug = (ctx.find_root().params.get("debug") or os.environ.get("COPA_DEBUG"))
@@ -36,7 +37,7 @@ def _errors(func):
             for problem in exc.problems:
                 click.echo(str(problem), err=True)
             sys.exit(EXIT_RECIPE)
-        except PromptError as exc:
+        except (PromptError, RunDirBusy) as exc:
             if debug:
                 raise
             click.echo(str(exc), err=True)
@@ -48,7 +49,7 @@ def _errors(func):
             if debug:
                 raise
             name = type(exc).__name__
-            if name in ("TrainError", "ModelError", "OptimizeError", "ServeError"):
+            if name in ("TrainError", "ModelError", "OptimizeError", "EvaluateError", "ServeError"):
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_FAILED)
             click.echo(f"error: {name}: {exc} (run with --debug for the traceback)", err=True)
@@ -106,6 +107,9 @@ def _set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
     return overrides
 
 
+wait_opt = click.option("--wait", is_flag=True,
+                        help="If another copa command works in the run directory, wait for it "
+                             "(default: exit 2 saying who holds it).")
 set_opt = click.option("--set", "overrides", multiple=True, callback=_set, metavar="KEY=VALUE",
                        help="Override a recipe value, e.g. --set finetune.num_epochs=2.")
 
@@ -158,19 +162,26 @@ def validate(recipe: str, full: bool, overrides: dict[str, Any]) -> None:
 @recipe_arg
 @click.option("-o", "--output", type=click.Path(file_okay=False),
               help="Folder to write into (default: runs/<name>/rendered).")
+@wait_opt
 @set_opt
 @_errors
-def render(recipe: str, output: str | None, overrides: dict[str, Any]) -> None:
+def render(recipe: str, output: str | None, wait: bool, overrides: dict[str, Any]) -> None:
     """Render RECIPE: data splits, training rows, prompt preview and a validated axolotl.yml."""
     _quiet_libraries()
     from copa.recipe import load_recipe
     from copa.recipe.checks import check_recipe
-    from copa.runs import run_dir_for
+    from copa.runs import run_dir_for, run_dir_locked
     from copa.stages.render import render as render_files
 
     checked = check_recipe(load_recipe(recipe, overrides=overrides))
-    out = Path(output) if output else run_dir_for(checked.recipe) / "rendered"
-    result = render_files(checked, out, emit=click.echo)
+    if output:
+        out = Path(output)
+        result = render_files(checked, out, emit=click.echo)
+    else:  # into the run directory: not while another command works there
+        directory = run_dir_for(checked.recipe).resolve()
+        out = directory / "rendered"
+        with run_dir_locked(directory, wait=wait, emit=click.echo):
+            result = render_files(checked, out, emit=click.echo)
     click.echo(f"wrote {out}/ (axolotl.yml, train.jsonl [{result.train_rows} rows], val.jsonl, "
                "splits/, prompt_preview.txt)")
 
@@ -180,16 +191,17 @@ def _stage_command(name: str, help_text: str):
     @recipe_arg
     @run_dir_opt
     @click.option("--force", is_flag=True, help=f"Re-run {name} even if its inputs are unchanged.")
+    @wait_opt
     @set_opt
     @_errors
-    def command(recipe: str, run_dir: str | None, force: bool,
+    def command(recipe: str, run_dir: str | None, force: bool, wait: bool,
                 overrides: dict[str, Any]) -> None:
         _quiet_libraries()
         _preload_noisy_modules()
         from copa import pipeline
 
         pipeline.run(recipe, stages=[name], force=[name] if force else [], run_dir=run_dir,
-                     emit=click.echo, overrides=overrides)
+                     emit=click.echo, overrides=overrides, wait=wait)
 
     return command
 
@@ -207,9 +219,10 @@ _stage_command("evaluate", "Evaluate the four arms on the test split and write t
 @click.option("--force", "force", multiple=True, is_flag=False, flag_value="all",
               type=click.Choice(["all", "render", "train", "merge", "optimize", "evaluate"]),
               help="Re-run a stage (and what follows) even if unchanged; bare --force = all.")
+@wait_opt
 @set_opt
 @_errors
-def run(recipe: str, run_dir: str | None, force: tuple[str, ...],
+def run(recipe: str, run_dir: str | None, force: tuple[str, ...], wait: bool,
         overrides: dict[str, Any]) -> None:
     """Every stage of RECIPE in order (unchanged ones are skipped), then the report."""
     _quiet_libraries()
@@ -218,7 +231,7 @@ def run(recipe: str, run_dir: str | None, force: tuple[str, ...],
 
     forced = list(pipeline.STAGES) if "all" in force else _with_downstream(force)
     result = pipeline.run(recipe, force=forced, run_dir=run_dir, emit=click.echo,
-                          overrides=overrides)
+                          overrides=overrides, wait=wait)
     report_md = result.dir / "report.md"
     if report_md.is_file():
         click.echo("")

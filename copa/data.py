@@ -7,6 +7,7 @@ Splits are deterministic for a seed, stratified by label for classification, and
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from copa.files import missing_file_reason
 from copa.recipe import Problem, Recipe, RecipeError
 
 IRIS_COLUMNS = ("sepal_length", "sepal_width", "petal_length", "petal_width")
@@ -62,8 +64,11 @@ def _iris_rows() -> list[dict[str, Any]]:
 
 def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[str, Any]]:
     """Rows of a csv / jsonl / json / parquet file as dicts. Raises ValueError with the cause."""
-    if not path.is_file():
+    reason = missing_file_reason(path)
+    if reason == "no such file":
         raise FileNotFoundError(f"no such file: {path}")
+    if reason:
+        raise ValueError(f"{reason}; point data.source at a CSV, JSONL, JSON or Parquet file")
     size_mb = path.stat().st_size / 1e6
     if size_mb > max_mb:
         raise ValueError(f"file is {size_mb:.0f} MB, over data.max_file_mb={max_mb}")
@@ -116,7 +121,7 @@ def load_source(recipe: Recipe, source: str, key: str) -> list[dict[str, Any]]:
         if source == "sklearn:iris":
             return _iris_rows()
         if source.startswith("hf:"):
-            return _hub_rows(source[3:])
+            return _hub_rows(source[3:], recipe.base_dir)
         return read_table(recipe.resolve(source), recipe.data.format, recipe.data.max_file_mb)
     except FileNotFoundError as exc:
         raise _problem(recipe, key, str(exc)) from None
@@ -124,17 +129,89 @@ def load_source(recipe: Recipe, source: str, key: str) -> list[dict[str, Any]]:
         raise _problem(recipe, key, f"{source}: {exc}") from None
 
 
-def _hub_rows(name: str) -> list[dict[str, Any]]:
+def _hub_rows(name: str, base_dir: Path) -> list[dict[str, Any]]:
+    """`hf:NAME[:SPLIT]`: a folder written by `datasets`' save_to_disk (relative to the recipe;
+    no hub needed), else a dataset on the hub (or in its local cache)."""
     dataset_name, _, split = name.partition(":")
     try:
         import datasets
     except ImportError:
         raise ValueError("the 'datasets' package is needed for hf: sources") from None
+    folder = Path(dataset_name).expanduser()
+    folder = folder if folder.is_absolute() else base_dir / folder
+    saved = folder.is_dir() and any((folder / f).is_file()
+                                    for f in ("dataset_dict.json", "state.json"))
+    split = split or "train"
+    if saved:
+        try:
+            dataset = datasets.load_from_disk(str(folder))
+        except Exception as exc:  # a damaged or foreign folder: say which
+            raise ValueError(f"could not load the saved dataset {folder} ({exc})") from None
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"no split '{split}' in {folder} (it has "
+                                 f"{', '.join(dataset)}); write hf:{dataset_name}:SPLIT")
+            dataset = dataset[split]
+        return [dict(row) for row in dataset]
     try:
-        dataset = datasets.load_dataset(dataset_name, split=split or "train")
+        dataset = datasets.load_dataset(dataset_name, split=split)
     except Exception as exc:  # offline, unknown name: say which
         raise ValueError(f"could not load '{dataset_name}' from the hub ({exc})") from None
     return [dict(row) for row in dataset]
+
+
+def _hub_cache() -> Path:
+    # huggingface_hub's cache folder, found as it finds it (without importing it: light module).
+    import os
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def source_identity(recipe: Recipe, source: str) -> dict[str, Any]:
+    """What identifies a data source's rows: the sha256 of a file, the package version (and
+    file) of built-in data, a local dataset folder's hash or a hub dataset's cached revision.
+    The render stage's key holds it, so data edited in place re-renders the splits."""
+    from copa.files import sha256_file, sha256_tree
+
+    if source == "sklearn:iris":
+        identity: dict[str, Any] = {"source": source,
+                                    "scikit-learn": _package_version("scikit-learn")}
+        spec = importlib.util.find_spec("sklearn")
+        if spec is not None and spec.submodule_search_locations:
+            csv_path = (Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+                        / "iris.csv")
+            identity["sha256"] = sha256_file(csv_path) if csv_path.is_file() else None
+        return identity
+    if source.startswith("hf:"):
+        name = source[3:].partition(":")[0]
+        identity = {"source": source, "datasets": _package_version("datasets")}
+        for folder in dict.fromkeys([Path(name), recipe.resolve(name)]):
+            if folder.exists():  # a local dataset folder or file: its content
+                identity[str(folder.resolve())] = sha256_tree(folder)
+        ref = _hub_cache() / f"datasets--{name.replace('/', '--')}" / "refs" / "main"
+        if ref.is_file():  # a hub dataset: the revision its cache resolves to
+            identity["revision"] = ref.read_text().strip()
+        return identity
+    path = recipe.resolve(source)
+    return {"source": source, "sha256": sha256_file(path) if path.is_file() else None}
+
+
+def data_identity(recipe: Recipe) -> list[dict[str, Any]]:
+    """source_identity of every data source the recipe reads."""
+    sources = [recipe.data.source] + ([recipe.data.test_source] if recipe.data.test_source else [])
+    return [source_identity(recipe, s) for s in sources]
 
 
 def format_value(value: Any, number_format: str | None) -> str:

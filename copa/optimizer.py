@@ -32,8 +32,9 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
 
     def __init__(self, recipe: str | os.PathLike[str], metric: Callable[..., Any] | None = None,
                  run_dir: str | os.PathLike[str] | None = None, order: str | None = None,
-                 emit: Emit = print):
+                 emit: Emit = print, wait: bool = False):
         super().__init__()
+        self.wait = wait  # another process in the run directory: wait for it (else RunDirBusy)
         self.recipe_path = recipe
         self.metric = metric
         self.run_dir = run_dir
@@ -45,29 +46,70 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
 
     def compile(self, student: dspy.Module, *, trainset: list[dspy.Example],
                 valset: list[dspy.Example] | None = None, **_: Any) -> dspy.Module:
+        """Fine-tune on `trainset` (rendered through the recipe's template, as `copa train`
+        would render the recipe's own train split), then prompt-optimize, choosing on `valset`.
+        Without a valset, a seeded fifth of the trainset is held out as val (and not trained
+        on): choosing on training rows would reward memorising them."""
+        import dataclasses
+
         from copa import pipeline
+        from copa.data import Splits
         from copa.runs import open_run
 
         overrides = {"optimize.order": self.order} if self.order else None
-        run = open_run(self.recipe_path, run_dir=self.run_dir, emit=self.emit,
-                                overrides=overrides)
-        run.dir.mkdir(parents=True, exist_ok=True)
-        # render (with "p" first when order is p->w), train and merge, through the stage cache
-        pipeline.run_stages(run, stages=["merge"])
-        recipe = run.recipe
-        kit = task_kit(recipe, [dict(e) for e in trainset],
-                       [dict(e) for e in (valset or trainset)], run.checked.spec)
-        extra: dict[str, dspy.Module] = {}
-        demos = json.loads((run.rendered / "demos.json").read_text())
-        if demos:
-            extra["finetune_demos"] = with_demos(student, demos, recipe)
-        with model_lm(recipe, str(run.merged), "merged", run.dir) as lm:
-            self.result = prompt_optimize(recipe, student, lm, kit.adapter, kit.trainset,
-                                          kit.valset, self.metric or kit.metric, extra,
-                                          emit=self.emit)
+        # the run directory stays locked while this writes there (stages, the response cache)
+        with open_run(self.recipe_path, run_dir=self.run_dir, emit=self.emit,
+                      overrides=overrides, wait=self.wait) as run:
+            recipe = run.recipe
+            train_rows, val_rows = self._split_rows(recipe, trainset, valset)
+            # The given examples are the run's train / val splits: render writes them, trains
+            # on them and keys its cache on them; the test split stays the recipe's.
+            splits = Splits(train=train_rows, val=val_rows, test=run.checked.splits.test)
+            run.checked = dataclasses.replace(run.checked, splits=splits)
+            run.dir.mkdir(parents=True, exist_ok=True)
+            # render (with "p" first when order is p->w), train and merge, through the cache
+            pipeline.run_stages(run, stages=["merge"])
+            kit = task_kit(recipe, train_rows, val_rows, run.checked.spec)
+            extra: dict[str, dspy.Module] = {}
+            demos = json.loads((run.rendered / "demos.json").read_text())
+            if demos:
+                extra["finetune_demos"] = with_demos(student, demos, recipe)
+            with model_lm(recipe, str(run.merged), "merged", run.dir) as lm:
+                self.result = prompt_optimize(recipe, student, lm, kit.adapter, kit.trainset,
+                                              kit.valset, self.metric or kit.metric, extra,
+                                              emit=self.emit)
         self.model_path = str(run.merged)
         self.adapter = kit.adapter  # run the program under dspy.context(adapter=...)
         program = self.result.program
         if recipe.serve.engine == "local":  # a server's LM dies with its block
             program.set_lm(lm)
         return program
+
+    def _split_rows(self, recipe: Any, trainset: list[dspy.Example],
+                    valset: list[dspy.Example] | None) -> tuple[list[dict], list[dict]]:
+        """Rows (the signature's fields, as strings) of the train and val examples."""
+        import random
+
+        fields = [*recipe.task.input_fields, *recipe.task.output_fields]
+
+        def rows(examples: list[dspy.Example]) -> list[dict]:
+            missing = sorted({f for e in examples for f in fields if f not in e})
+            if missing:
+                raise ValueError(f"examples lack the signature's field(s) {', '.join(missing)}")
+            return [{f: str(e[f]) for f in fields} for e in examples]
+
+        train = rows(list(trainset))
+        if valset:
+            return train, rows(list(valset))
+        if len(train) < 2:
+            raise ValueError("compile needs a valset, or a trainset of at least 2 examples to "
+                             "hold some out as val")
+        order = list(range(len(train)))
+        random.Random(recipe.data.splits.seed).shuffle(order)
+        n_val = max(1, len(train) // 5)
+        held = set(order[:n_val])
+        self.emit(f"COPAOptimizer: no valset given; holding out {n_val} of the {len(train)} "
+                  f"trainset examples as val (seed {recipe.data.splits.seed}), training on "
+                  f"the other {len(train) - n_val}")
+        return ([r for i, r in enumerate(train) if i not in held],
+                [r for i, r in enumerate(train) if i in held])

@@ -95,9 +95,10 @@ def run_stages(run: Run, stages: Sequence[str] = STAGES, force: Sequence[str] = 
 
 def run(recipe_path: str | os.PathLike[str], *, stages: Sequence[str] = STAGES,
         force: Sequence[str] = (), run_dir: str | os.PathLike[str] | None = None,
-        emit: Emit = print, overrides: dict[str, Any] | None = None) -> Run:
-    """What `copa run` does: every stage in order (or the named ones and what they need)."""
-    opened = open_run(recipe_path, run_dir=run_dir, force=bool(force), emit=emit,
-                      overrides=overrides)
-    opened.dir.mkdir(parents=True, exist_ok=True)
-    return run_stages(opened, stages, force)
+        emit: Emit = print, overrides: dict[str, Any] | None = None,
+        wait: bool = False) -> Run:
+    """What `copa run` does: every stage in order (or the named ones and what they need), with
+    the run directory locked throughout (busy: RunDirBusy, or with `wait`, wait for it)."""
+    with open_run(recipe_path, run_dir=run_dir, force=bool(force), emit=emit,
+                  overrides=overrides, wait=wait) as opened:
+        return run_stages(opened, stages, force)

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from copa.files import missing_file_reason
 
 BLOCKS = ("system", "user", "assistant")
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -53,7 +56,7 @@ def find_template(name: str, base_dir: Path | None = None) -> Path:
     candidate = Path(name).expanduser()
     if candidate.is_absolute():
         return candidate
-    if base_dir is not None and (base_dir / candidate).is_file():
+    if base_dir is not None and (base_dir / candidate).exists():
         return base_dir / candidate
     return TEMPLATES_DIR / candidate
 
@@ -69,8 +72,11 @@ class PromptTemplate:
     @classmethod
     def from_file(cls, path: Path, label: str | None = None) -> PromptTemplate:
         label = label or str(path)
-        if not path.is_file():
+        reason = missing_file_reason(path)
+        if reason == "no such file":
             raise PromptError(label, "template file not found", where="prompt.template")
+        if reason:
+            raise PromptError(label, f"{reason}, not a template file")
         if path.stat().st_size > MAX_TEMPLATE_BYTES:
             raise PromptError(label, "template file is over 100 kB")
         try:
@@ -81,10 +87,18 @@ class PromptTemplate:
 
     @classmethod
     def from_string(cls, text: str, label: str = "<template>") -> PromptTemplate:
+        environment = _environment()
         try:
-            template = _environment().from_string(text)
+            tree = environment.parse(text)
         except jinja2.TemplateSyntaxError as exc:
             raise PromptError(label, f"line {exc.lineno}: {exc.message}") from None
+        # A template is one file: its text is what the run's cache keys hash, so a second file
+        # it pulled in could change without anything re-running.
+        for node in tree.find_all((nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport)):
+            tag = {"Include": "include", "Extends": "extends"}.get(type(node).__name__, "import")
+            raise PromptError(label, f"line {node.lineno}: {{% {tag} %}} is not allowed: a "
+                                     "prompt template is one file; paste the other file's text in")
+        template = environment.from_string(tree)
         missing = [b for b in ("user", "assistant") if b not in template.blocks]
         if missing:
             raise PromptError(
@@ -246,10 +260,14 @@ def spec_from_recipe(recipe: Any) -> PromptSpec:
     instructions = recipe.task.instructions or default_instructions(
         recipe.task.input_fields, recipe.task.output_fields)
     path = find_template(recipe.prompt.template, recipe.base_dir)
-    if not path.is_file():
+    reason = missing_file_reason(path)
+    if reason == "no such file":
         raise PromptError(str(recipe.source_path or "<recipe>"), (
             f"template file not found: looked for '{recipe.prompt.template}' beside the recipe "
             f"and in {TEMPLATES_DIR}"))
+    if reason:
+        raise PromptError(str(recipe.source_path or "<recipe>"),
+                          f"{recipe.prompt.template}: {reason}, not a template file")
     return load_spec(path, instructions, recipe.task.input_fields, outputs,
                      recipe.task.choices, label=str(path))
 

@@ -7,6 +7,12 @@ runs/<name>/
   merged/                  the standalone merged model
   optimize/                program_<arm>.json, optimize.json
   report.json, report.md, report.png, predictions/<arm>.jsonl
+  .copa.lock, .copa.lock.json   held while a command works here; who holds it
+
+One command at a time works in a run directory: open_run takes an OS-level file lock
+(filelock: flock on Unix), which the OS releases when its process ends, even by SIGKILL, so a
+killed holder never blocks the next command. The holder writes its pid, host, command and start
+time next to the lock, for the message a second command prints.
 """
 
 from __future__ import annotations
@@ -14,12 +20,19 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-from collections.abc import Callable
+import shlex
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import filelock
+
+from copa.data import data_identity
 from copa.files import atomic_write_json, sha256_file, sha256_json
 from copa.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_section_dict
 from copa.recipe.checks import Checked, check_recipe
@@ -74,6 +87,19 @@ class Run:
     emit: Emit = print
     keys: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    lock: filelock.BaseFileLock | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        """Let other commands work in the run directory again."""
+        if self.lock is not None:
+            release_run_dir(self.dir, self.lock)
+            self.lock = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
 
     @property
     def rendered(self) -> Path:
@@ -104,24 +130,105 @@ def run_dir_for(recipe: Recipe, override: str | os.PathLike[str] | None = None) 
     return Path.cwd() / "runs" / recipe.name
 
 
+# ---- one command at a time in a run directory -------------------------------------------------
+
+LOCK_NAME = ".copa.lock"
+HOLDER_NAME = ".copa.lock.json"
+
+
+class RunDirBusy(Exception):
+    """Another process works in this run directory (the CLI exits 2 with this message)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def describe_holder(directory: Path) -> str:
+    """Who holds the run directory's lock, from the info its holder wrote. Info that a killed
+    holder left behind (its pid is gone) is not believed: the lock's real holder has taken it
+    but not yet written its own."""
+    try:
+        info = json.loads((directory / HOLDER_NAME).read_text())
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+    if host == socket.gethostname() and not _alive(pid):
+        return "another process"
+    return f"pid {pid} on {host} (`{info.get('command', '?')}`, since {info.get('since', '?')})"
+
+
+def lock_run_dir(directory: Path, wait: bool = False, emit: Emit = print,
+                 command: str | None = None) -> filelock.BaseFileLock:
+    """Take the run directory's lock, creating the directory. Busy: raise RunDirBusy, or with
+    `wait` say who holds it and wait until it is free."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(directory / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        holder = describe_holder(directory)
+        if not wait:
+            raise RunDirBusy(f"{directory}: in use by {holder}; wait until it ends or pass "
+                             "--wait (a killed holder frees it at once)") from None
+        emit(f"waiting for {directory}: in use by {holder}")
+        lock.acquire()
+    try:
+        atomic_write_json(directory / HOLDER_NAME, {
+            "pid": os.getpid(), "host": socket.gethostname(), "since": now(),
+            "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])})
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def release_run_dir(directory: Path, lock: filelock.BaseFileLock) -> None:
+    (directory / HOLDER_NAME).unlink(missing_ok=True)  # before the lock: never a stale claim
+    lock.release()
+
+
+@contextmanager
+def run_dir_locked(directory: Path, wait: bool = False, emit: Emit = print) -> Iterator[None]:
+    """Hold the run directory's lock for a block (commands that write there without a Run)."""
+    lock = lock_run_dir(directory, wait=wait, emit=emit)
+    try:
+        yield
+    finally:
+        release_run_dir(directory, lock)
+
+
 def open_run(recipe_path: str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None,
              force: bool = False, emit: Emit = print,
-             overrides: dict[str, Any] | None = None) -> Run:
-    """Load and check the recipe and claim its run directory."""
+             overrides: dict[str, Any] | None = None, wait: bool = False) -> Run:
+    """Load and check the recipe and claim its run directory: the Run holds the directory's
+    lock until `run.close()` (or the end of a `with open_run(...) as run:` block)."""
     recipe = load_recipe(recipe_path, overrides=overrides)
     checked = check_recipe(recipe)
     directory = run_dir_for(recipe, run_dir).resolve()
-    manifest = Manifest.load(directory / "manifest.json")
-    owner = manifest.data.get("recipe")
-    here = str(recipe.source_path)
-    if owner and owner != here and not force:
-        raise RecipeError([Problem(
-            file=str(recipe_path), path="name",
-            message=f"run directory {directory} belongs to recipe {owner}; "
-                    "rename this recipe, set run_dir, or pass --force")])
+    lock = lock_run_dir(directory, wait=wait, emit=emit)
+    try:  # the manifest is read under the lock: a waiting command sees what the holder wrote
+        manifest = Manifest.load(directory / "manifest.json")
+        owner = manifest.data.get("recipe")
+        here = str(recipe.source_path)
+        if owner and owner != here and not force:
+            raise RecipeError([Problem(
+                file=str(recipe_path), path="name",
+                message=f"run directory {directory} belongs to recipe {owner}; "
+                        "rename this recipe, set run_dir, or pass --force")])
+    except BaseException:
+        release_run_dir(directory, lock)
+        raise
     manifest.data["recipe"] = here
     manifest.data["name"] = recipe.name
-    return Run(recipe=recipe, checked=checked, dir=directory, manifest=manifest, emit=emit)
+    return Run(recipe=recipe, checked=checked, dir=directory, manifest=manifest, emit=emit,
+               lock=lock)
 
 
 # ---- content keys: what each stage reads ------------------------------------------------------
@@ -137,7 +244,11 @@ def stage_key(run: Run, stage: str) -> str:
         sections = ["model", "task", "data", "prompt", "finetune"]
         if r.optimize.order == "p->w":  # the training rows carry the prompt stage's demos
             sections += ["optimize", "evaluate", "serve"]
-        return sha256_json([recipe_section_dict(r, *sections), _template_text(run), v["copa"]])
+        # The data's content, not just its name (a file edited in place re-renders the
+        # splits), and the splits themselves (COPAOptimizer.compile renders the examples it
+        # is given).
+        return sha256_json([recipe_section_dict(r, *sections), _template_text(run), v["copa"],
+                            data_identity(r), sha256_json(run.checked.splits.as_dict())])
     if stage == "train":
         return sha256_json([sha256_file(run.rendered / "axolotl.yml"),
                             sha256_file(run.rendered / "train.jsonl"),

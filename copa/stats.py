@@ -74,3 +74,10 @@ def summarize(per_arm: Mapping[str, Sequence[float]], resamples: int = 1000,
             "value": arms["finetune_only"]["score"] - arms["baseline"]["score"],
             "ci95": cis["finetune_gain"], "definition": "finetune_only - baseline"}
     return out
+
+
+def not_comparable(entry: Mapping[str, Any], reason: str) -> dict[str, Any]:
+    """A difference (synergy) whose arms were not prompted as they were trained: no value, no
+    interval, so no report can print one as a result; the reason says why."""
+    return {"value": None, "ci95": None, "definition": entry.get("definition"),
+            "comparable": False, "reason": reason}

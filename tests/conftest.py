@@ -16,6 +16,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 REPO = Path(__file__).resolve().parent.parent
+# Small slices of Banking77 / GSM8K laid out like ../shared/data (tests/fixtures/README.md): the
+# shipped recipes read ${COPA_DATA:-../../shared/data}, and no test may need ../shared.
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
+os.environ["COPA_DATA"] = str(FIXTURE_DATA)
+# Split sizes the fixtures can hold, for recipes whose own sizes need the full data sets.
+FIXTURE_SPLITS = {"banking77": {"train": 40, "val": 20, "test": 30, "seed": 0},
+                  "gsm8k": {"train": 12, "val": 4, "test": 8, "seed": 0}}
 
 
 @pytest.fixture(scope="session")

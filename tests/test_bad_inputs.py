@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ import yaml
 from click.testing import CliRunner
 
 from copa.cli import cli
+
+REPO = Path(__file__).resolve().parent.parent
 
 BASE: dict[str, Any] = {
     "name": "bad",
@@ -68,6 +73,17 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
      "evaluate.arm: unknown key (did you mean 'arms'?)"),
     ("unknown-model-key", {"set": {"model.trust_remote": True}},
      "model.trust_remote: unknown key (did you mean 'trust_remote_code'?)"),
+    # --- other trainers' names for a key (no spelling distance to copa's)
+    ("other-name-lr", {"set": {"finetune.lr": 1e-4}},
+     "finetune.lr: unknown key (did you mean 'learning_rate'?)"),
+    ("other-name-epochs", {"set": {"finetune.epochs": 2}},
+     "finetune.epochs: unknown key (did you mean 'num_epochs'?)"),
+    ("other-name-batch_size", {"set": {"finetune.batch_size": 8}},
+     "finetune.batch_size: unknown key (did you mean 'micro_batch_size'?)"),
+    ("other-name-max_seq_length", {"set": {"finetune.max_seq_length": 256}},
+     "finetune.max_seq_length: unknown key (did you mean 'sequence_len'?)"),
+    ("other-name-model_name", {"set": {"model.model_name": "x"}},
+     "model.model_name: unknown key (did you mean 'base'?)"),
     # --- wrong types
     ("lr-string", {"set": {"finetune.learning_rate": "fast"}}, "finetune.learning_rate:"),
     ("batch-list", {"set": {"finetune.micro_batch_size": [8]}}, "finetune.micro_batch_size:"),
@@ -138,11 +154,39 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
      "data.source: data.jsonl: file is 0 MB, over data.max_file_mb=0"),
     ("unknown-extension", {"set": {"data.source": "data.xyz"}, "files": {"data.xyz": "a"}},
      "data.source: data.xyz: cannot tell the format"),
+    ("data-source-device", {"set": {"data.source": "/dev/zero"}},
+     "data.source: /dev/zero: not a regular file (a character device)"),
+    ("data-source-directory", {"set": {"data.source": "."}},
+     "data.source: .: not a regular file (a directory)"),
+    ("template-device", {"set": {"prompt.template": "/dev/zero"}},
+     "prompt.template: /dev/zero: not a regular file (a character device), not a template"),
     ("missing-template", {"set": {"prompt.template": "prompts/none.jinja"}},
      "prompt.template: template file not found"),
     ("missing-model-dir", {"set": {"model.base": "./no-such-model.gguf"}},
      "model.base: no such GGUF file"),
     ("model-nonsense", {"set": {"model.base": "not a model"}}, "model.base: 'not a model' is"),
+    # --- the user's own code, imported by validate (module names unique per case: one process)
+    ("user-metric-no-such-function",
+     {"set": {"evaluate.metric": "case_metrics_a:f1"},
+      "files": {"case_metrics_a.py": "def accuracy(example, prediction, trace=None):\n"
+                                     "    return 1.0\n"}},
+     "evaluate.metric: cannot import 'case_metrics_a:f1': module 'case_metrics_a'"),
+    ("user-metric-no-such-module", {"set": {"evaluate.metric": "case_no_such_module:f1"}},
+     "evaluate.metric: cannot import 'case_no_such_module:f1': ModuleNotFoundError"),
+    ("user-metric-not-callable",
+     {"set": {"evaluate.metric": "case_metrics_b:THRESHOLD"},
+      "files": {"case_metrics_b.py": "THRESHOLD = 0.5\n"}},
+     "evaluate.metric: cannot import 'case_metrics_b:THRESHOLD': case_metrics_b:THRESHOLD is a "
+     "float, not callable"),
+    ("user-module-typo",
+     {"set": {"task.module": "case_modules:MyModul"},
+      "files": {"case_modules.py": "class MyModule:\n    pass\n"}},
+     "task.module: cannot import 'case_modules:MyModul': module 'case_modules'"),
+    ("user-optimizer-raises-on-import",
+     {"set": {"optimize.optimizer": "case_optimizers:Mine"},
+      "files": {"case_optimizers.py": "raise RuntimeError('boom')\n"}},
+     "optimize.optimizer: cannot import 'case_optimizers:Mine': importing case_optimizers "
+     "raised RuntimeError: boom"),
     # --- templates: syntax, undefined variables, sandbox escapes
     ("template-syntax", {"set": {"prompt.template": "t.jinja"},
                          "files": {"t.jinja": "{% block user %}{{ text }{% endblock %}"}},
@@ -166,6 +210,19 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
                            "files": {"t.jinja": GOOD_TEMPLATE.replace(
                                "{{ text }}", "{{ inputs.update({'x': 1}) }}")}},
      "prompt.template: block user: refused by the sandbox"),
+    ("template-include", {"set": {"prompt.template": "t.jinja"},
+                          "files": {"other.jinja": "{{ text }}",
+                                    "t.jinja": GOOD_TEMPLATE.replace(
+                                        "{{ text }}", "{% include 'other.jinja' %}")}},
+     "prompt.template: line 1: {% include %} is not allowed: a prompt template is one file"),
+    ("template-extends", {"set": {"prompt.template": "t.jinja"},
+                          "files": {"base.jinja": GOOD_TEMPLATE,
+                                    "t.jinja": "{% extends 'base.jinja' %}" + GOOD_TEMPLATE}},
+     "prompt.template: line 1: {% extends %} is not allowed"),
+    ("template-import", {"set": {"prompt.template": "t.jinja"},
+                         "files": {"m.jinja": "{% macro f() %}x{% endmacro %}",
+                                   "t.jinja": "{% from 'm.jinja' import f %}" + GOOD_TEMPLATE}},
+     "prompt.template: line 1: {% import %} is not allowed"),
     ("template-binary", {"set": {"prompt.template": "t.jinja"},
                          "files": {"t.jinja": b"\xff\xfe\x00bad"}},
      "prompt.template: template is not UTF-8 text"),
@@ -235,14 +292,61 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert any("evaluate.metric: unknown metric" in line for line in lines)
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("name.x=1", "name.x: 'name' is a value (str), not a section with keys; "
+                 "write --set name=VALUE"),
+    ("finetune.num_epochs.x=1", "finetune.num_epochs.x: 'finetune.num_epochs' is a value (int)"),
+    ("finetune..lora_r=1", "finetune..lora_r: not a key path"),
+])
+def test_a_set_through_a_value_is_a_recipe_problem(tmp_path: Path, override: str,
+                                                   expected: str) -> None:
+    path = _write_case(tmp_path, {})
+    result = CliRunner().invoke(cli, ["validate", str(path), "--set", override])
+    output = result.output.strip()
+    assert result.exit_code == 2, output
+    assert len(output.splitlines()) == 1, output
+    assert output.startswith(f"{path}: {expected}"), output
+
+
+def test_a_recipe_that_is_not_a_regular_file() -> None:
+    result = CliRunner().invoke(cli, ["validate", "/dev/zero"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "/dev/zero: not a regular file (a character device), not a " \
+                                    "recipe"
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    """What a user sees in the terminal: one line and exit 2 without --debug; the traceback of
+    the RecipeError with it (a real process, so nothing of click's test runner in between)."""
     path = _write_case(tmp_path, {"set": {"finetune.lora_rr": 8}})
-    result = CliRunner().invoke(cli, ["--debug", "validate", str(path)])
-    assert result.exit_code != 0
-    assert result.exception is not None
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COPA_DEBUG": ""}
+    runs = {flag: subprocess.run([sys.executable, "-m", "copa.cli", *flag, "validate", str(path)],
+                                 capture_output=True, text=True, env=env, timeout=120)
+            for flag in ((), ("--debug",))}
+    plain, debug = runs[()], runs[("--debug",)]
+    assert plain.returncode == 2
+    assert "Traceback" not in plain.stderr
+    assert plain.stderr.strip().endswith("finetune.lora_rr: unknown key (did you mean 'lora_r'?)")
+    assert debug.returncode == 1  # an uncaught exception
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert "RecipeError" in debug.stderr.strip().splitlines()[-1]
 
 
 def test_missing_recipe_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["validate", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2
     assert "no such recipe file" in result.output
+
+
+def test_a_user_metric_next_to_the_recipe_validates_and_is_the_one_the_run_uses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from copa.dspy.metrics import make_metric
+
+    code = "def f1(example, prediction, trace=None):\n    return 0.25\n"
+    path = _write_case(tmp_path, {"set": {"evaluate.metric": "case_good_metrics:f1"},
+                                  "files": {"case_good_metrics.py": code}})
+    monkeypatch.chdir(tmp_path.parent)  # found through the recipe's folder, not the cwd
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    metric = make_metric("case_good_metrics:f1", "label", base_dir=tmp_path)
+    assert metric({}, {}) == 0.25

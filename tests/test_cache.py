@@ -60,3 +60,45 @@ def test_without_a_tag_nothing_is_cached(tiny_model_dir: Path, fresh_engines: No
     lm(messages=messages)
     lm(messages=messages)
     assert sum(lm.engine.batch_sizes) == 2
+
+
+def _hub_snapshot(cache: Path, model_id: str, commit: str, weights: bytes) -> None:
+    """A model in a local hub cache, laid out as huggingface_hub writes it (no network)."""
+    repo = cache / f"models--{model_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(weights)
+
+
+def test_hub_ids_nothing_identifies_are_never_cached(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no folder named like the ids below
+    index = tmp_path / "fingerprints.json"
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    # Two different hub models absent from the local hub cache: no fingerprint, so no shared
+    # cache entries (the hash of no files would be the same for both).
+    assert model_fingerprint("org-a/model", index, hub_cache=hub) is None
+    assert model_fingerprint("org-b/model", index, hub_cache=hub) is None
+    assert model_fingerprint(tmp_path / "no-such-folder", index) is None
+
+
+def test_hub_ids_are_fingerprinted_by_their_cached_commit(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    index = tmp_path / "fingerprints.json"
+    hub = tmp_path / "hub"
+    _hub_snapshot(hub, "org-a/model", "a" * 40, b"weights a")
+    _hub_snapshot(hub, "org-b/model", "b" * 40, b"weights b")
+    a = model_fingerprint("org-a/model", index, hub_cache=hub)
+    b = model_fingerprint("org-b/model", index, hub_cache=hub)
+    assert a is not None and b is not None and a != b
+    assert model_fingerprint("org-a/model", index, hub_cache=hub) == a
+    # A new revision of the same id (refs/main moves): other weights, another fingerprint.
+    _hub_snapshot(hub, "org-a/model", "c" * 40, b"weights a, retrained")
+    assert model_fingerprint("org-a/model", index, hub_cache=hub) not in (a, b)

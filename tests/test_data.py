@@ -7,9 +7,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURE_DATA, FIXTURE_SPLITS
 
 from copa.data import load_splits, read_table
-from copa.recipe import load_recipe
+from copa.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,11 +32,24 @@ def test_iris_splits_are_disjoint_stratified_and_deterministic() -> None:
 
 
 def test_banking77_uses_its_own_test_file_without_leaks() -> None:
-    recipe = load_recipe(REPO / "recipes" / "banking77.yaml")
+    # COPA_DATA points at tests/fixtures/data (conftest); its train.csv repeats one test message.
+    path = REPO / "recipes" / "banking77.yaml"
+    recipe = load_recipe(path, overrides={"data.splits": FIXTURE_SPLITS["banking77"]})
+    assert str(recipe.resolve(recipe.data.source)).startswith(str(FIXTURE_DATA))
     splits = load_splits(recipe)
-    assert len(splits.test) == 200
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (40, 20, 30)
     assert not _inputs(recipe, splits.test) & _inputs(recipe, splits.train + splits.val)
-    assert {r["label"] for r in splits.train} <= set(recipe.task.choices)
+    labels = {r["label"] for s in (splits.train, splits.val, splits.test) for r in s}
+    assert labels <= set(recipe.task.choices)  # filter_labels dropped card_arrival & co
+    assert len({r["label"] for r in splits.train}) == 10  # stratified: every intent trains
+    # The 80 train-file rows of the kept intents; the 81st repeats a test message and is dropped.
+    leaked = read_table(FIXTURE_DATA / "banking77" / "train.csv")[-1]["text"]
+    everything = load_splits(load_recipe(path, overrides={
+        "data.splits": {"train": 79, "val": 1, "test": 30, "seed": 0}}))
+    assert leaked not in {r["text"] for r in everything.train + everything.val}
+    with pytest.raises(RecipeError, match="asks for train 80 \\+ val 1 of 80 rows"):
+        load_splits(load_recipe(path, overrides={
+            "data.splits": {"train": 80, "val": 1, "test": 30, "seed": 0}}))
 
 
 def test_a_different_seed_gives_different_splits() -> None:

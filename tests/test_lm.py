@@ -254,6 +254,47 @@ def test_packed_decoding_answers_as_transformers_generate_does(tiny: LocalModel)
     assert ours == theirs
 
 
+def test_seeded_sampling_is_reproducible_alone_or_batched_and_differs_across_seeds(
+        tiny: LocalModel) -> None:
+    """Sampled rows: a seed gives the same answer alone and inside a batch of other rows
+    (greedy and sampled mixed); other seeds give other answers; greedy rows stay greedy."""
+    prompts = [prompt(i) for i in range(6)]
+    n = len(prompts)
+    seeded = [packed.Sampling(temperature=1.0, seed=s) for s in range(n)]
+    mixed = [None if i % 3 == 0 else seeded[i] for i in range(n)]
+    batched = tiny.generate_detailed(prompts, [12] * n, [None] * n, mixed)
+    alone = [tiny.generate_detailed([p], [12], [None], [s])[0] for p, s in zip(prompts, mixed)]
+    assert batched == alone
+    greedy = tiny.generate_detailed(prompts, [12] * n, [None] * n)
+    assert all(batched[i] == greedy[i] for i in range(n) if mixed[i] is None)
+    # One prompt, eight seeds: sampling at temperature 1 really varies with the seed.
+    again = [tiny.generate_detailed([prompts[1]], [12], [None],
+                                    [packed.Sampling(temperature=1.0, seed=s)])[0].text
+             for s in range(8)]
+    assert len(set(again)) > 1
+    assert again[1] == batched[1].text  # seed 1, as in the batch
+    # top_k=1 leaves only the best token: sampling then is greedy decoding.
+    top1 = tiny.generate_detailed(prompts[:2], [12, 12], [None, None],
+                                  [packed.Sampling(temperature=1.0, seed=5, top_k=1)] * 2)
+    assert [g.text for g in top1] == [g.text for g in greedy[:2]]
+
+
+def test_unseeded_sampled_requests_through_dspy_differ_and_repeat_on_a_rerun(
+        varied_model_dir: Path, fresh_engines: None) -> None:
+    """DSPy asks for several samples of one prompt (rollouts): each call gets its own sample,
+    and a fresh engine given the same calls in the same order gives the same samples."""
+
+    def samples() -> list[str]:
+        lm_mod.close_all()
+        lm = lm_mod.make_lm(str(varied_model_dir), "varied", max_tokens=10)
+        return [lm(messages=[{"role": "user", "content": "Say something."}], temperature=1.0,
+                   rollout_id=k)[0] for k in range(4)]
+
+    first = samples()
+    assert len(set(first)) > 1
+    assert samples() == first
+
+
 def test_prefix_cache_stays_within_its_byte_budget(varied_model_dir: Path) -> None:
     model = LocalModel(str(varied_model_dir), prefix_cache_bytes=1)
     for i in range(3):
@@ -323,7 +364,7 @@ class ScriptedModel:
         self.started = threading.Event()
         self.seen: list[list[list[dict[str, str]]]] = []
 
-    def generate_detailed(self, prompts, max_new_tokens, stop) -> list[Generation]:
+    def generate_detailed(self, prompts, max_new_tokens, stop, sampling=None) -> list[Generation]:
         self.seen.append(prompts)
         self.started.set()
         if self.gate is not None:

@@ -90,3 +90,26 @@ def test_template_needs_user_and_assistant_blocks() -> None:
 def test_shipped_templates_load() -> None:
     for path in Path(find_template("prompts/default.jinja")).parent.glob("*.jinja"):
         PromptTemplate.from_file(path)
+
+
+def test_only_the_task_signature_goes_through_the_template(spec) -> None:
+    """An optimizer's own signatures (an instruction proposer here) are formatted by DSPy's
+    ChatAdapter, not squeezed into the task template with its label list; the task's
+    signature, also with ChainOfThought's reasoning or new instructions, uses the template."""
+    lm = dspy.utils.DummyLM([{"proposed_instruction": "Classify the flower."},
+                             {"species": "setosa"}, {"reasoning": "small", "species": "setosa"}])
+    proposer = dspy.Predict("basic_instruction, tip -> proposed_instruction")
+    task = dspy.Predict(dspy.Signature("sepal_length, petal_length -> species", "Be exact."))
+    thinking = dspy.ChainOfThought("sepal_length, petal_length -> species")
+    inputs = {k: EXAMPLE[k] for k in FIELDS_IN}
+    with dspy.context(lm=lm, adapter=TemplateAdapter(spec)):
+        assert proposer(basic_instruction="Name it.", tip="be short").proposed_instruction \
+            == "Classify the flower."
+        task(**inputs)  # DummyLM answers in DSPy's markers; only the prompts matter here
+        thinking(**inputs)
+    sent = [entry["messages"] for entry in lm.history]
+    proposer_text = "\n".join(m["content"] for m in sent[0])
+    assert "[[ ## proposed_instruction ## ]]" in proposer_text
+    assert "Answer with exactly one of" not in proposer_text
+    assert sent[1] == build_messages(spec.with_instructions("Be exact."), inputs)
+    assert "Answer with exactly one of: setosa, virginica." in sent[2][0]["content"]

@@ -156,6 +156,18 @@ class RawAdapter(dspy.ChatAdapter):
         return {name: completion for name in signature.output_fields}
 
 
+def local_greedy(model_dir: Path, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+    """What the model itself answers, greedily, in this process: what a server of it must send."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 @pytest.fixture(scope="module")
 def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[Any, ServerProcess]]:
@@ -172,16 +184,21 @@ def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.mark.slow
-def test_transformers_engine_round_trip(served: tuple[Any, ServerProcess]) -> None:
+def test_transformers_engine_round_trip(served: tuple[Any, ServerProcess],
+                                        tiny_model_dir: Path) -> None:
     lm, server = served
     assert lm.model == f"hosted_vllm/{server.command[2]}"  # the FORCE_MODEL path is the id
     messages = [{"role": "user", "content": "Name a flower."}]
     first = lm(messages=messages)
-    assert isinstance(first, list) and len(first) == 1 and isinstance(first[0], str)
+    # The served model's own greedy answer (8 tokens), not an empty or another model's reply.
+    assert first == [local_greedy(tiny_model_dir, messages, 8)]
     assert lm(messages=messages) == first  # temperature 0 is greedy on this server
     with dspy.context(lm=lm, adapter=RawAdapter()):
         prediction = dspy.Predict("question -> answer")(question="What is 2 + 2?")
-    assert isinstance(prediction.answer, str)
+    # DSPy's prompt went to the server and the server's answer came back as the field.
+    sent = lm.history[-1]["messages"]
+    assert "What is 2 + 2?" in sent[-1]["content"]
+    assert prediction.answer == local_greedy(tiny_model_dir, sent, 8)
 
 
 @pytest.mark.slow
@@ -194,7 +211,8 @@ def test_openai_engine_uses_a_running_server(served: tuple[Any, ServerProcess],
                  max_tokens=4) as lm:
         out = lm(messages=[{"role": "user", "content": "Hello"}])
         assert set(live_servers()) == before  # nothing started
-    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
+    # The user's server answered with the model it serves, under the recipe's max_tokens (4).
+    assert out == [local_greedy(tiny_model_dir, [{"role": "user", "content": "Hello"}], 4)]
     assert server.pid is not None
     os.kill(server.pid, 0)  # a user-run server is left running
 

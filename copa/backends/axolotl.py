@@ -5,13 +5,11 @@
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,15 +20,17 @@ import jinja2
 import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from copa.backends.progress import PROGRESS_ENV, TrainingProgress
 from copa.files import atomic_dir, atomic_write_text, quiet_fds
 from copa.models import lora_targets
 from copa.prompting import templates_dir
 from copa.recipe import Problem, Recipe, RecipeError
 
 CONFIG_TEMPLATE = "axolotl/config.yml.j2"
-# An Axolotl plugin (copa/backends/axolotl_plugin.py) named in every rendered config: Axolotl
-# seeds only when it builds the Trainer, after the LoRA adapter exists; it seeds before that.
-SEED_PLUGIN = "copa.backends.axolotl_plugin.SeedBeforeAdapter"
+# An Axolotl plugin (copa/backends/axolotl_plugin.py) named in every rendered config: it seeds
+# before the LoRA adapter exists (Axolotl seeds only when it builds the Trainer, after that) and
+# reports progress from a TrainerCallback.
+SEED_PLUGIN = "copa.backends.axolotl_plugin.CopaPlugin"
 # Keys copa renders from the recipe's own sections: setting them under finetune.axolotl would
 # make the recipe say two things at once.
 OWNED_KEYS = {
@@ -219,26 +219,12 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-_LOSS = re.compile(r"\{[^{}]*'loss':[^{}]*\}")
 _NOISE = re.compile(r"warn|torchao|_C_mxfp8|kernels-community|FutureWarning|telemetry",
                     re.IGNORECASE)
 
 
-def parse_progress(line: str) -> dict[str, float] | None:
-    """Axolotl/transformers log a dict per logging step: pick loss, epoch, step counters."""
-    match = _LOSS.search(line)
-    if not match:
-        return None
-    try:
-        data = json.loads(match.group(0).replace("'", '"'))
-    except json.JSONDecodeError:
-        return None
-    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))
-            or (isinstance(v, str) and v.replace(".", "", 1).isdigit())}
-
-
 def run_logged(cmd: list[str], log_path: Path, on_line: Callable[[str], None] | None = None,
-               what: str = "axolotl") -> None:
+               what: str = "axolotl", env: dict[str, str] | None = None) -> None:
     """Run a command, teeing its output to a log; raise TrainError with the last useful lines."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=400)
@@ -246,7 +232,7 @@ def run_logged(cmd: list[str], log_path: Path, on_line: Callable[[str], None] | 
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", env=subprocess_env(),
+                                text=True, errors="replace", env=env or subprocess_env(),
                                 start_new_session=True)
         try:
             assert proc.stdout is not None
@@ -294,28 +280,6 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-class Progress:
-    """Turns Axolotl log lines into one-line progress reports (step, loss, ETA)."""
-
-    def __init__(self, total_steps: int | None, emit: Callable[[str], None], first_step: int = 0):
-        self.total, self.emit, self.start = total_steps, emit, time.time()
-        self.step = self.first = first_step
-
-    def __call__(self, line: str) -> None:
-        data = parse_progress(line)
-        if data is None or "loss" not in data:
-            return
-        self.step += 1
-        elapsed = time.time() - self.start
-        eta = ""
-        if self.total:
-            remaining = max(0, self.total - self.step) * elapsed / (self.step - self.first)
-            eta = f"  eta {remaining:4.0f}s"
-        total = f"/{self.total}" if self.total else ""
-        self.emit(f"  step {self.step}{total}  loss {data['loss']:.4f}  "
-                  f"epoch {data.get('epoch', 0):.2f}{eta}")
-
-
 def train(recipe: Recipe, config_path: Path, work_dir: Path,
           emit: Callable[[str], None] = print, total_steps: int | None = None) -> Path:
     """Run `axolotl train`; resume from the last checkpoint if a previous run was killed.
@@ -327,11 +291,16 @@ def train(recipe: Recipe, config_path: Path, work_dir: Path,
     log_path = work_dir / "axolotl-train.log"
     cmd = launch_command(recipe, config_path)
     resume = last_checkpoint(output_dir)
-    first_step = 0
     if resume is not None:  # the config sets auto_resume_from_checkpoints
         emit(f"  resuming from {resume.name}")
-        first_step = int(resume.name.split("-")[-1])
-    run_logged(cmd, log_path, Progress(total_steps, emit, first_step), what="axolotl train")
+    env = subprocess_env()
+    env[PROGRESS_ENV] = str(work_dir / "progress.jsonl")
+    if not Hardware.detect().cuda:
+        # Accelerate's shared state must know it runs on the CPU from its first use, or
+        # several processes each train alone ("not parallel") instead of as one gloo group.
+        env.setdefault("ACCELERATE_USE_CPU", "true")
+    with TrainingProgress(work_dir / "progress.jsonl", emit, total_steps):
+        run_logged(cmd, log_path, what="axolotl train", env=env)
     adapter = output_dir
     if not (adapter / "adapter_config.json").is_file():
         raise TrainError("axolotl train finished but wrote no adapter_config.json",

@@ -2,6 +2,10 @@
 
 `format` and `format_finetune_data` both call `copa.prompting.build_messages`: the prompts DSPy
 sends at inference are, by construction, the ones the model was fine-tuned on.
+
+Only the task's own signature goes through the template. The other signatures an optimizer runs
+(MIPROv2's instruction proposer, GEPA's reflection, dataset summaries) have other fields and
+need DSPy's own formatting: they go to ChatAdapter (which falls back to JSONAdapter itself).
 """
 
 from __future__ import annotations
@@ -16,9 +20,28 @@ from copa.prompting import PromptSpec, build_messages, parse_completion, trainin
 class TemplateAdapter(dspy.Adapter):
     """Formats instructions, demos and inputs with a recipe's Jinja template (see prompting)."""
 
-    def __init__(self, spec: PromptSpec, **kwargs: Any):
+    def __init__(self, spec: PromptSpec, other: dspy.Adapter | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.spec = spec
+        self.other = other or dspy.ChatAdapter()
+
+    def is_task(self, signature: type[dspy.Signature]) -> bool:
+        """The task's signature (its inputs, its outputs, maybe ChainOfThought's reasoning),
+        whatever instructions an optimizer gave it."""
+        return (list(signature.input_fields) == list(self.spec.input_fields)
+                and set(self.spec.output_fields) <= set(signature.output_fields))
+
+    def __call__(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[dspy.Signature],
+                 demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        if not self.is_task(signature):
+            return self.other(lm, lm_kwargs, signature, demos, inputs)
+        return super().__call__(lm, lm_kwargs, signature, demos, inputs)
+
+    async def acall(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[dspy.Signature],
+                    demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        if not self.is_task(signature):
+            return await self.other.acall(lm, lm_kwargs, signature, demos, inputs)
+        return await super().acall(lm, lm_kwargs, signature, demos, inputs)
 
     def _spec_for(self, signature: type[dspy.Signature]) -> PromptSpec:
         # Instructions may be rewritten by an optimizer (MIPROv2); the template stays the same.

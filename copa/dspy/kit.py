@@ -43,38 +43,51 @@ def task_kit(recipe: Recipe, train_rows: list[dict], val_rows: list[dict],
     return TaskKit(
         recipe=recipe, spec=spec, program=make_program(recipe), adapter=make_adapter(recipe, spec),
         metric=make_metric(recipe.evaluate.metric, recipe.task.output_fields[-1],
-                           recipe.task.choices),
+                           recipe.task.choices, recipe.base_dir),
         trainset=to_examples(recipe, train_rows), valset=to_examples(recipe, val_rows))
 
 
+_UNCACHED_SAID: set[str] = set()  # models already reported as not cached, said once each
+
+
 @contextmanager
-def model_lm(recipe: Recipe, model_path: str, name: str,
-             run_dir: Path | None = None) -> Iterator[dspy.LM]:
+def model_lm(recipe: Recipe, model_path: str, name: str, run_dir: Path | None = None,
+             emit: Callable[[str], None] = print) -> Iterator[dspy.LM]:
     """The DSPy LM for a model folder: the in-process batched engine (loaded once per process),
     or an OpenAI-compatible server that lives exactly as long as this block (recipe.serve).
     With a run directory, the local engine's answers go to DSPy's response cache there
     (run_dir/cache) and a copa-started server logs to run_dir/serve."""
     serve = recipe.serve
     if serve.engine == "local":
-        from copa.inference.engine import make_lm
+        from copa.inference.engine import get_engine, make_lm
 
         tag = None
         if serve.response_cache and run_dir is not None:
             from copa.inference.cache import model_fingerprint, use_response_cache
 
             use_response_cache(run_dir / "cache" / "dspy")
-            tag = model_fingerprint(model_path, run_dir / "cache" / "fingerprints.json")[:16]
+            if not Path(model_path).is_dir():  # a hub id: load (fetch) it before naming its commit
+                get_engine(model_path, serve.max_batch_size, serve.batch_wait_ms,
+                           recipe.evaluate.max_tokens, serve.prefix_cache)
+            digest = model_fingerprint(model_path, run_dir / "cache" / "fingerprints.json")
+            tag = digest[:16] if digest else None
+            if digest is None and model_path not in _UNCACHED_SAID:
+                _UNCACHED_SAID.add(model_path)
+                emit(f"  response cache off for {model_path}: nothing identifies its weights "
+                     "(not a local folder, not in the local hub cache)")
         yield make_lm(model_path, name, max_batch_size=serve.max_batch_size,
                       batch_wait_ms=serve.batch_wait_ms, max_tokens=recipe.evaluate.max_tokens,
-                      prefix_cache=serve.prefix_cache, cache_tag=tag)
+                      prefix_cache=serve.prefix_cache, cache_tag=tag,
+                      trust_remote_code=recipe.model.trust_remote_code)
         return
     from copa.inference.servers import serving
 
-    if serve.engine == "openai":  # the user's server knows the model by its own id
-        name = serve.model or ""
+    if serve.engine == "openai":  # the user's server knows each arm's model by its own id
+        name = serve.model_for(name) or ""
     with serving(serve.engine, model_path, name, api_base=serve.api_base,
                  api_key=serve.api_key, max_tokens=recipe.evaluate.max_tokens,
-                 log_dir=run_dir / "serve" if run_dir is not None else None) as lm:
+                 log_dir=run_dir / "serve" if run_dir is not None else None,
+                 trust_remote_code=recipe.model.trust_remote_code) as lm:
         yield lm
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+from copa.recipe.usercode import import_object
 
 Metric = Callable[..., float]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -56,8 +58,10 @@ def token_f1(gold: Any, pred: Any) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def make_metric(name: str, output_field: str, choices: Sequence[str] | None = None) -> Metric:
-    """The recipe's metric as a DSPy metric on the signature's answer field."""
+def make_metric(name: str, output_field: str, choices: Sequence[str] | None = None,
+                base_dir: Path | None = None) -> Metric:
+    """The recipe's metric as a DSPy metric on the signature's answer field (a user metric is
+    looked up with the recipe's folder, base_dir, on sys.path)."""
 
     def value(obj: Any) -> Any:
         return obj.get(output_field) if isinstance(obj, dict) else getattr(obj, output_field, "")
@@ -75,7 +79,7 @@ def make_metric(name: str, output_field: str, choices: Sequence[str] | None = No
     elif name == "token_f1":
         score = token_f1
     else:
-        return load_user_metric(name)
+        return load_user_metric(name, base_dir)
 
     def metric(example: Any, prediction: Any, trace: Any = None) -> float:
         result = score(value(example), value(prediction))
@@ -86,11 +90,6 @@ def make_metric(name: str, output_field: str, choices: Sequence[str] | None = No
     return metric
 
 
-def load_user_metric(spec: str) -> Metric:
+def load_user_metric(spec: str, base_dir: Path | None = None) -> Metric:
     """'package.module:function' named by the recipe (only that is imported, nothing else)."""
-    module_name, _, attr = spec.partition(":")
-    module = importlib.import_module(module_name)
-    function = getattr(module, attr)
-    if not callable(function):
-        raise TypeError(f"{spec} is not callable")
-    return function
+    return import_object(spec, base_dir)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import dspy
 
 from copa.prompting import default_instructions
 from copa.recipe import Recipe
+from copa.recipe.usercode import import_object
 
 
 def make_signature(recipe: Recipe) -> type[dspy.Signature]:
@@ -24,8 +24,7 @@ def make_program(recipe: Recipe) -> dspy.Module:
         return dspy.Predict(signature)
     if module == "chain_of_thought":
         return dspy.ChainOfThought(signature)
-    module_name, _, attr = module.partition(":")
-    cls: Any = getattr(importlib.import_module(module_name), attr)
+    cls: Any = import_object(module, recipe.base_dir)
     return cls(signature)
 
 

@@ -5,7 +5,6 @@ a program worse on val than the plain (zero-demo) one.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import dspy
+from dspy.utils.callback import BaseCallback
 
 from copa.dspy.program import to_examples
 from copa.recipe import Recipe
+from copa.recipe.usercode import import_object
 
 Emit = Callable[[str], None]
 
@@ -26,11 +27,11 @@ class OptimizeError(Exception):
     pass
 
 
-def resolve_optimizer(name: str) -> type:
-    """A DSPy optimizer class by name (dspy.<Name>) or a user's 'package.module:Class'."""
+def resolve_optimizer(name: str, base_dir: Path | None = None) -> type:
+    """A DSPy optimizer class by name (dspy.<Name>) or a user's 'package.module:Class' (looked up
+    with the recipe's folder, base_dir, on sys.path)."""
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        return getattr(importlib.import_module(module_name), attr)
+        return import_object(name, base_dir)
     cls = getattr(dspy, name, None) or getattr(dspy.teleprompt, name, None)
     if cls is None or not inspect.isclass(cls):
         raise OptimizeError(f"optimize.optimizer: DSPy has no optimizer named '{name}' "
@@ -38,14 +39,53 @@ def resolve_optimizer(name: str) -> type:
     return cls
 
 
-def build_optimizer(recipe: Recipe, metric: Callable[..., Any]) -> Any:
-    cls = resolve_optimizer(recipe.optimize.optimizer)
+# The optimizer arguments that name the LM writing instructions or reflections (not answers).
+WRITER_LM_PARAMS = ("prompt_model", "reflection_lm")
+
+
+def feedback_metric(metric: Callable[..., Any], output_field: str) -> Callable[..., Any]:
+    """The five-argument metric GEPA calls, with a short textual feedback beside the score.
+    A user metric that already returns a dspy.Prediction(score=..., feedback=...) passes
+    through unchanged."""
+
+    def gepa_metric(gold: Any, pred: Any, trace: Any = None, pred_name: str | None = None,
+                    pred_trace: Any = None) -> Any:
+        result = metric(gold, pred, trace)
+        if isinstance(result, dspy.Prediction):
+            return result
+        score = float(result)
+        expected, got = gold.get(output_field), getattr(pred, output_field, None)
+        feedback = ("correct" if score >= 1.0 else
+                    f"expected {expected!r}, got {got!r}" + ("" if score <= 0.0 else
+                                                             f" (score {score:.2f})"))
+        return dspy.Prediction(score=score, feedback=feedback)
+
+    return gepa_metric
+
+
+def build_optimizer(recipe: Recipe, metric: Callable[..., Any], lm: dspy.LM | None = None,
+                    proposer: dspy.LM | None = None, teacher: dspy.LM | None = None) -> Any:
+    """The recipe's optimizer. The LM that writes instructions or reflections (MIPROv2's
+    prompt_model, GEPA's reflection_lm) is the recipe's proposer, or else the task's LM with
+    its own token budget (optimize.max_tokens): at the task's answer length it would be cut
+    after a few words. A teacher bootstraps demos where the optimizer takes teacher_settings."""
+    cls = resolve_optimizer(recipe.optimize.optimizer, recipe.base_dir)
     params = dict(recipe.optimize.params)
     accepted = inspect.signature(cls.__init__).parameters
     if "num_threads" in accepted and "num_threads" not in params:
         params["num_threads"] = recipe.optimize.num_threads
     if "seed" in accepted and "seed" not in params:
         params["seed"] = recipe.finetune.seed
+    if lm is not None:
+        if "task_model" in accepted and params.get("task_model") is None:
+            params["task_model"] = lm  # MIPROv2 wants both models named, or neither
+        for name in WRITER_LM_PARAMS:
+            if name in accepted and params.get(name) is None:
+                params[name] = proposer or lm.copy(max_tokens=recipe.optimize.max_tokens)
+    if teacher is not None and "teacher_settings" in accepted:
+        params["teacher_settings"] = {**(params.get("teacher_settings") or {}), "lm": teacher}
+    if "reflection_lm" in accepted:  # GEPA: a score and a feedback per example
+        metric = feedback_metric(metric, recipe.task.output_fields[-1])
     try:
         return cls(metric=metric, **params)
     except TypeError as exc:
@@ -64,14 +104,112 @@ def compile_program(optimizer: Any, program: dspy.Module, trainset: list[dspy.Ex
     return optimizer.compile(program, **kwargs)
 
 
+class ScoreError(Exception):
+    """More failed calls than the budget allows: the scores would not be results."""
+
+    def __init__(self, errors: int, rows: int, max_errors: int, first: str | None):
+        self.errors, self.rows, self.max_errors, self.first = errors, rows, max_errors, first
+        super().__init__(f"{errors} calls failed on {rows} rows, over evaluate.max_errors="
+                         f"{max_errors} (first: {first or 'unknown'})")
+
+
+@dataclass
+class Scored:
+    """A program scored on a devset. Rows whose call (or metric) raised score 0 and are counted
+    in `errors`; `failed[i]` says which. A model answer that does not parse is a wrong answer
+    (score 0), not an error."""
+
+    mean: float
+    results: list[Any]  # (example, prediction, score)
+    errors: int = 0
+    failed: list[bool] = field(default_factory=list)
+    first_error: str | None = None
+
+    @property
+    def all_failed(self) -> bool:
+        return bool(self.results) and self.errors == len(self.results)
+
+
+def evaluate_program(program: dspy.Module, devset: list[dspy.Example],
+                     metric: Callable[..., Any], num_threads: int,
+                     max_errors: int | None = None) -> Scored:
+    """Score a program on a devset with dspy.Evaluate, counting the rows whose call failed.
+
+    With max_errors, more failures than that raise ScoreError (DSPy stops early); without it,
+    every row is tried."""
+    import math
+    import threading
+
+    from dspy.utils.exceptions import AdapterParseError
+
+    outputs = list(devset[0].labels().keys()) if devset else []
+    messages: list[str] = []
+    lock = threading.Lock()
+
+    def call(**inputs: Any) -> Any:
+        try:
+            return program(**inputs)
+        except AdapterParseError:  # the model answered; its answer is wrong, not a failed call
+            return dspy.Prediction(**{name: "" for name in outputs})
+        except Exception as exc:
+            with lock:
+                messages.append(f"{type(exc).__name__}: {exc}")
+            raise
+
+    def judged(example: Any, prediction: Any) -> Any:
+        try:
+            return metric(example, prediction)  # as dspy.Evaluate calls it
+        except Exception as exc:
+            with lock:
+                messages.append(f"metric: {type(exc).__name__}: {exc}")
+            raise
+
+    budget = len(devset) + 1 if max_errors is None else max_errors + 1  # DSPy stops AT its value
+    evaluator = dspy.Evaluate(devset=devset, metric=judged, num_threads=num_threads,
+                              display_progress=False, max_errors=budget,
+                              failure_score=float("nan"))  # marks the rows DSPy gave up on
+    try:
+        result = evaluator(call)
+    except Exception:
+        if max_errors is not None and len(messages) > max_errors:
+            raise ScoreError(len(messages), len(devset), max_errors,
+                             messages[0] if messages else None) from None
+        raise
+    failed = [isinstance(s, float) and math.isnan(s) for _, _, s in result.results]
+    results = [(ex, pred, 0.0 if bad else s)
+               for (ex, pred, s), bad in zip(result.results, failed, strict=True)]
+    errors = sum(failed)
+    if max_errors is not None and errors > max_errors:
+        raise ScoreError(errors, len(devset), max_errors, messages[0] if messages else None)
+    scores = [float(s) for _, _, s in results]
+    return Scored(sum(scores) / len(scores) if scores else 0.0, results, errors, failed,
+                  messages[0] if messages else None)
+
+
 def score(program: dspy.Module, devset: list[dspy.Example], metric: Callable[..., Any],
           num_threads: int) -> tuple[float, list[Any]]:
-    """Mean metric (0..1) and per-example (example, prediction, score) on a devset."""
-    evaluator = dspy.Evaluate(devset=devset, metric=metric, num_threads=num_threads,
-                              display_progress=False, max_errors=len(devset) + 1)
-    result = evaluator(program)
-    scores = [float(s) for _, _, s in result.results]
-    return (sum(scores) / len(scores) if scores else 0.0), result.results
+    """Mean metric (0..1) and per-example (example, prediction, score) on a devset; failed
+    calls score 0 (evaluate_program counts them)."""
+    scored = evaluate_program(program, devset, metric, num_threads)
+    return scored.mean, scored.results
+
+
+class LMErrorCounter(BaseCallback):
+    """Counts failed LM calls anywhere under it (an optimizer's own evaluations included)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.errors = 0
+        self.first: str | None = None
+        self._lock = threading.Lock()
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: BaseException | None = None
+                  ) -> None:
+        if exception is not None:
+            with self._lock:
+                self.errors += 1
+                self.first = self.first or f"{type(exception).__name__}: {exception}"
 
 
 @contextmanager
@@ -122,45 +260,80 @@ class PromptResult:
     demos: int = 0
     seconds: float = 0.0
     optimized: dspy.Module | None = None  # the optimizer's own pick, even if the guard declined
+    val_errors: dict[str, int] = field(default_factory=dict)  # failed calls per candidate on val
+    lm_errors: int = 0  # failed LM calls while the optimizer ran (its own evaluations)
 
     def summary(self) -> dict[str, Any]:
         optimized = demo_count(self.optimized) if self.optimized is not None else None
         return {"winner": self.winner, "val_scores": self.val_scores, "demos": self.demos,
-                "optimized_demos": optimized, "seconds": round(self.seconds, 2)}
+                "optimized_demos": optimized, "seconds": round(self.seconds, 2),
+                "val_errors": self.val_errors, "lm_errors": self.lm_errors,
+                "kept": program_view(self.program),
+                "optimizer_pick": program_view(self.optimized)
+                if self.optimized is not None else None}
+
+
+def program_view(program: dspy.Module) -> list[dict[str, Any]]:
+    """What a program says to its model, per predictor: its instruction and its demos."""
+    return [{"predictor": name, "instructions": predictor.signature.instructions,
+             "demos": [{k: str(v) for k, v in dict(demo).items()
+                        if not k.startswith("augmented")} for demo in predictor.demos]}
+            for name, predictor in program.named_predictors()]
 
 
 def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter,
                     trainset: list[dspy.Example], valset: list[dspy.Example],
                     metric: Callable[..., Any], extra: dict[str, dspy.Module] | None = None,
-                    emit: Emit = print, log_path: Path | None = None) -> PromptResult:
+                    emit: Emit = print, log_path: Path | None = None,
+                    proposer: dspy.LM | None = None,
+                    teacher: dspy.LM | None = None) -> PromptResult:
     """Run the recipe's optimizer, then keep the best on val of: plain, optimized, extras.
 
-    Ties go to the program with fewer demos (cheaper, and what the fine-tune saw).
+    Ties go to the program with fewer demos (cheaper, and what the fine-tune saw). Failed LM
+    calls are counted (the optimizer's and the val scoring's); on val, more than
+    evaluate.max_errors for a candidate fails the stage: a candidate must not win or lose on
+    calls that never returned.
     """
     start = time.time()
     threads = recipe.optimize.num_threads
-    with dspy.context(lm=lm, adapter=adapter):
+    counter = LMErrorCounter()
+    callbacks = [*dspy.settings.callbacks, counter]
+    with dspy.context(lm=lm, adapter=adapter, callbacks=callbacks):
         candidates: dict[str, dspy.Module] = {"plain": program.deepcopy()}
         candidates.update(extra or {})
         emit(f"  {recipe.optimize.optimizer} on {len(trainset)} train / {len(valset)} val"
              + (f" (its log: {log_path})" if log_path else ""))
         with dspy_chatter_to(log_path):
-            optimizer = build_optimizer(recipe, metric)
+            optimizer = build_optimizer(recipe, metric, lm, proposer, teacher)
             candidates["optimized"] = compile_program(optimizer, program.deepcopy(), trainset,
                                                       valset)
+        if counter.errors:
+            emit(f"  warning: {counter.errors} LM calls failed while the optimizer ran "
+                 f"(first: {counter.first}); it scored them as wrong answers")
         if not recipe.optimize.guard:
             chosen = candidates["optimized"]
             return PromptResult(chosen, "optimized", {}, demo_count(chosen), time.time() - start,
-                                chosen)
+                                chosen, lm_errors=counter.errors)
+        scored: dict[str, Scored] = {}
         with dspy_chatter_to(log_path):
-            val_scores = {name: score(p, valset, metric, threads)[0]
-                          for name, p in candidates.items()}
+            for name, candidate in candidates.items():
+                try:
+                    scored[name] = evaluate_program(candidate, valset, metric, threads,
+                                                    recipe.evaluate.max_errors)
+                except ScoreError as exc:
+                    raise OptimizeError(
+                        f"prompt stage, candidate '{name}' on val: {exc}. Fix the model or "
+                        "server, or raise evaluate.max_errors to score failed calls as wrong "
+                        "answers") from None
+    val_scores = {name: s.mean for name, s in scored.items()}
+    val_errors = {name: s.errors for name, s in scored.items()}
     best = max(candidates, key=lambda n: (val_scores[n], -demo_count(candidates[n]),
                                           n == "plain"))
     emit("  val: " + ", ".join(f"{n} {s:.3f}" for n, s in val_scores.items())
          + f" -> {best}")
+    if any(val_errors.values()):
+        emit("  warning: failed calls on val (scored as wrong answers): "
+             + ", ".join(f"{n} {e}" for n, e in val_errors.items() if e))
     chosen = candidates[best]
     return PromptResult(chosen, best, val_scores, demo_count(chosen), time.time() - start,
-                        candidates["optimized"])
-
-
+                        candidates["optimized"], val_errors, counter.errors)

@@ -2,8 +2,9 @@
 
 Greedy local generation is deterministic, so a re-run (a new optimizer setting, a resumed
 stage) may answer every request it already made from the cache. DSPy keys its cache on the
-LM's name and the request; copa puts a hash of the model folder's files into the name, so new
-weights (a re-trained adapter, even with the same recipe) never meet old answers.
+LM's name and the request; copa puts a hash of the model folder's files (or a hub id's cached
+commit) into the name, so new weights (a re-trained adapter, even with the same recipe) never
+meet old answers; a model nothing identifies is not cached at all.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from copa.files import atomic_write_json, sha256_tree
+from copa.files import atomic_write_json, sha256_json, sha256_tree
 
 _configured: str | None = None
 _lock = threading.Lock()
@@ -25,11 +26,37 @@ def _stat_signature(model_dir: Path) -> list[list]:
             for p in files]
 
 
-def model_fingerprint(model_dir: str | os.PathLike[str], index: Path) -> str:
-    """sha256 of a model folder's files, remembered in `index` while their sizes and
-    modification times stay the same (hashing weights takes seconds; a stat, microseconds)."""
-    model_dir = Path(model_dir).resolve()
+def hub_snapshot(model_id: str, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The local snapshot folder a hub id resolves to (no network), or None when the hub cache
+    holds none. Its folder name is the commit, so it names exactly the weights loaded."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(model_id, local_files_only=True, cache_dir=cache_dir)
+    except Exception:  # not cached, not a hub id: nothing identifies the weights
+        return None
+    return Path(folder)
+
+
+def model_fingerprint(model: str | os.PathLike[str], index: Path,
+                      hub_cache: str | os.PathLike[str] | None = None) -> str | None:
+    """What identifies the weights behind `model`, or None when nothing does.
+
+    A local folder: sha256 of its files, remembered in `index` while their sizes and
+    modification times stay the same (hashing weights takes seconds; a stat, microseconds).
+    A hub id: the id and the commit of the snapshot the local hub cache resolves it to.
+    Anything else (a hub id not in the local cache, a missing folder) gets None: the hash of
+    no files would let two different models share cached answers."""
+    model_dir = Path(model).expanduser()
+    if not model_dir.is_dir():
+        snapshot = hub_snapshot(str(model), hub_cache)
+        if snapshot is None:
+            return None
+        return sha256_json(["hub", str(model), snapshot.name])
+    model_dir = model_dir.resolve()
     signature = _stat_signature(model_dir)
+    if not signature:
+        return None
     with _lock:
         try:
             known = json.loads(index.read_text())

@@ -10,6 +10,8 @@ Imported only by the stages that need a model: torch, transformers and dspy load
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -26,6 +28,7 @@ import dspy  # noqa: E402
 from dspy.lm15 import Message, Request, Response, Usage, response_to_events
 
 from copa.inference.local import Chat, Generation, LocalModel, matmul_is_batch_invariant  # noqa: E402,F401
+from copa.inference.packed import Sampling  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class _Pending:
     messages: Chat
     max_tokens: int
     stop: list[str]
+    sampling: Sampling | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -51,7 +55,10 @@ class BatchingEngine:
     `max_batch_size`, and for no longer than `batch_wait_ms` or a tenth of the last generate,
     whichever is longer: on CPU a row more costs little, a batch less costs a whole generate.
     max_batch_size=1 gives plain one-at-a-time generation (for comparison).
-    Decoding is always greedy: temperature and other sampling settings are ignored.
+    Requests with temperature 0 (or none) decode greedily; others sample with their temperature,
+    top_p, top_k and seed. Without a seed, the k-th request for the same prompt gets a seed
+    derived from the prompt and k: repeated requests (DSPy's rollouts, an optimizer's retries)
+    get different samples, and a re-run in the same order gets the same ones.
     """
 
     MAX_WAIT_S = 0.25
@@ -69,6 +76,7 @@ class BatchingEngine:
         self._last_generate_s = 0.0
         self.generate_seconds = 0.0  # time spent generating: the rest of a run is callers' work
         self._queue: list[_Pending] = []
+        self._draws: dict[str, int] = {}  # prompt digest -> unseeded samples drawn for it
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="copa-lm-batcher", daemon=True)
@@ -81,8 +89,23 @@ class BatchingEngine:
 
         validate_request(request)
         messages, max_tokens, stop = self._unpack(request)
-        gen = self.submit(messages, max_tokens, stop).result()
+        sampling = self.sampling_for(request, messages)
+        gen = self.submit(messages, max_tokens, stop, sampling).result()
         return _response(request, gen)
+
+    def sampling_for(self, request: Request, messages: Chat) -> Sampling | None:
+        """The request's sampling settings, or None for greedy decoding."""
+        config = request.config
+        if not config.temperature:
+            return None
+        seed = config.seed
+        if seed is None:
+            digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+            with self._cond:
+                draw = self._draws[digest] = self._draws.get(digest, -1) + 1
+            seed = int(hashlib.sha256(f"{digest}:{draw}".encode()).hexdigest()[:15], 16)
+        return Sampling(temperature=float(config.temperature), seed=int(seed),
+                        top_p=config.top_p, top_k=config.top_k)
 
     def stream(self, request: Request) -> Iterator[Any]:
         # No token streaming: the whole answer arrives as one event sequence.
@@ -93,14 +116,16 @@ class BatchingEngine:
         return {"model_path": self.model.path, "max_batch_size": self.max_batch_size,
                 "batch_wait_ms": self.batch_wait_s * 1000.0,
                 "default_max_tokens": self.default_max_tokens,
-                "prefix_cache": getattr(self.model, "prefix_cache", True)}
+                "prefix_cache": getattr(self.model, "prefix_cache", True),
+                "trust_remote_code": getattr(self.model, "trust_remote_code", False)}
 
     @classmethod
     def load_state(cls, state: dict[str, Any]) -> BatchingEngine:
         return get_engine(state["model_path"], max_batch_size=state["max_batch_size"],
                           batch_wait_ms=state["batch_wait_ms"],
                           default_max_tokens=state.get("default_max_tokens", 64),
-                          prefix_cache=state.get("prefix_cache", True))
+                          prefix_cache=state.get("prefix_cache", True),
+                          trust_remote_code=state.get("trust_remote_code", False))
 
     # Optimizers deep-copy programs and the LMs they hold; the engine (model, thread) is shared.
     def __copy__(self) -> BatchingEngine:
@@ -111,11 +136,12 @@ class BatchingEngine:
 
     # --- batching ---------------------------------------------------------------------------
 
-    def submit(self, messages: Chat, max_tokens: int, stop: Sequence[str] | None = None) -> Future:
+    def submit(self, messages: Chat, max_tokens: int, stop: Sequence[str] | None = None,
+               sampling: Sampling | None = None) -> Future:
         """Queue one chat; the Future resolves to a Generation (or the generation's exception)."""
         if int(max_tokens) < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        item = _Pending(list(messages), int(max_tokens), list(stop or []))
+        item = _Pending(list(messages), int(max_tokens), list(stop or []), sampling)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed")
@@ -173,7 +199,8 @@ class BatchingEngine:
         start = time.monotonic()
         try:
             gens = self.model.generate_detailed(
-                [b.messages for b in batch], [b.max_tokens for b in batch], [b.stop for b in batch])
+                [b.messages for b in batch], [b.max_tokens for b in batch], [b.stop for b in batch],
+                [b.sampling for b in batch])
             with self._cond:
                 self._last_generate_s = time.monotonic() - start
                 self.generate_seconds += self._last_generate_s
@@ -220,7 +247,8 @@ class AsyncBatchingEngine:
 
         validate_request(request)
         messages, max_tokens, stop = self.engine._unpack(request)
-        gen = await asyncio.wrap_future(self.engine.submit(messages, max_tokens, stop))
+        sampling = self.engine.sampling_for(request, messages)
+        gen = await asyncio.wrap_future(self.engine.submit(messages, max_tokens, stop, sampling))
         return _response(request, gen)
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
@@ -252,24 +280,26 @@ def _response(request: Request, gen: Generation) -> Response:
 
 
 # One engine (one loaded model, one worker) per model folder and batching setup per process.
-_ENGINES: dict[tuple[str, int, float, int, bool], BatchingEngine] = {}
-_MODELS: dict[tuple[str, bool], LocalModel] = {}
+_ENGINES: dict[tuple[str, int, float, int, bool, bool], BatchingEngine] = {}
+_MODELS: dict[tuple[str, bool, bool], LocalModel] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
 def get_engine(model_path: str, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
-               default_max_tokens: int = 64, prefix_cache: bool = True) -> BatchingEngine:
+               default_max_tokens: int = 64, prefix_cache: bool = True,
+               trust_remote_code: bool = False) -> BatchingEngine:
     """The process-wide engine for a model folder (the model itself is loaded once per folder)."""
     path = str(model_path)
     key = (path, int(max_batch_size), float(batch_wait_ms), int(default_max_tokens),
-           bool(prefix_cache))
+           bool(prefix_cache), bool(trust_remote_code))
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None or not engine.alive:
-            model = _MODELS.get((path, bool(prefix_cache)))
+            model_key = (path, bool(prefix_cache), bool(trust_remote_code))
+            model = _MODELS.get(model_key)
             if model is None:
-                model = _MODELS[(path, bool(prefix_cache))] = LocalModel(
-                    path, prefix_cache=prefix_cache)
+                model = _MODELS[model_key] = LocalModel(
+                    path, prefix_cache=prefix_cache, trust_remote_code=trust_remote_code)
             engine = _ENGINES[key] = BatchingEngine(
                 model, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                 default_max_tokens=default_max_tokens)
@@ -278,14 +308,15 @@ def get_engine(model_path: str, max_batch_size: int = 8, batch_wait_ms: float = 
 
 def make_lm(model_path: str, name: str, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
             max_tokens: int = 64, prefix_cache: bool = True,
-            cache_tag: str | None = None) -> dspy.LM:
+            cache_tag: str | None = None, trust_remote_code: bool = False) -> dspy.LM:
     """A dspy.LM ("local/<name>") generating greedily with the local model at model_path.
 
     DSPy's response cache keys on the LM's name, not on the weights behind it: it is used only
     with a cache_tag (a hash of the weights, see copa.inference.cache), which joins the name
     ("local/<name>@<tag>").
     """
-    engine = get_engine(model_path, max_batch_size, batch_wait_ms, max_tokens, prefix_cache)
+    engine = get_engine(model_path, max_batch_size, batch_wait_ms, max_tokens, prefix_cache,
+                        trust_remote_code)
     model = f"local/{name}@{cache_tag}" if cache_tag else f"local/{name}"
     return dspy.LM(model, engine=engine, async_engine=AsyncBatchingEngine(engine),
                    cache=cache_tag is not None, max_tokens=max_tokens)

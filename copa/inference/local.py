@@ -123,25 +123,29 @@ class LocalModel:
     """
 
     def __init__(self, path: str, device: str | None = None, prefix_cache: bool = True,
-                 prefix_cache_bytes: int = 256 * 2**20) -> None:
+                 prefix_cache_bytes: int = 256 * 2**20, trust_remote_code: bool = False) -> None:
         self.path = str(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # the recipe's model.trust_remote_code, for every load of this folder
+        self.trust_remote_code = bool(trust_remote_code)
+        trust = {"trust_remote_code": self.trust_remote_code}
         # Left padding, for the generate() fallback: every row's last prompt token sits at the
         # same position, where generation continues (packed decoding needs no padding).
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, padding_side="left")
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, padding_side="left",
+                                                                    **trust)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # fp32 and per-row attention: a greedy answer must not depend on its batch mates.
         _register_rowwise_attention()
         try:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.path, dtype=torch.float32, attn_implementation=ROWWISE_ATTENTION)
+                self.path, dtype=torch.float32, attn_implementation=ROWWISE_ATTENTION, **trust)
             self.rowwise_attention = True
         except (ValueError, TypeError) as exc:  # an architecture without the attention interface
             log.warning("%s: row-wise attention unavailable (%s); batched greedy outputs may "
                         "differ from one-at-a-time ones on near-ties", self.path, exc)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.path, dtype=torch.float32)
+                self.path, dtype=torch.float32, **trust)
             self.rowwise_attention = False
         self.model.to(self.device).eval()
         # Packed decoding (.packed) needs copa's attention and plain full-attention layers
@@ -231,9 +235,15 @@ class LocalModel:
         return [g.text for g in self.generate_detailed(prompts, max_new_tokens, stop)]
 
     def generate_detailed(self, prompts: list[Chat], max_new_tokens: list[int],
-                          stop: list[list[str] | None]) -> list[Generation]:
-        if not (len(prompts) == len(max_new_tokens) == len(stop)):
-            raise ValueError("prompts, max_new_tokens and stop must have the same length")
+                          stop: list[list[str] | None],
+                          sampling: Sequence[packed.Sampling | None] | None = None
+                          ) -> list[Generation]:
+        """Completions for a batch of chats: greedy, or sampled where a row's `sampling` says
+        so (a seeded row gives the same answer alone or in any batch)."""
+        sampling = list(sampling) if sampling is not None else [None] * len(prompts)
+        if not (len(prompts) == len(max_new_tokens) == len(stop) == len(sampling)):
+            raise ValueError("prompts, max_new_tokens, stop and sampling must have the same "
+                             "length")
         if not prompts:
             return []
         if any(int(m) < 1 for m in max_new_tokens):
@@ -242,7 +252,11 @@ class LocalModel:
         max_new = [int(m) for m in max_new_tokens]
         with self._lock, torch.inference_mode():
             if self.packed:
-                return self._generate_packed(prompts, max_new, stops)
+                return self._generate_packed(prompts, max_new, stops, sampling)
+            if any(sampling):  # generate() samples a whole batch from one stream: one by one
+                return [self._generate_padded([p], [m], [s], sampled)[0]
+                        for p, m, s, sampled in zip(prompts, max_new, stops, sampling,
+                                                    strict=True)]
             return self._generate_padded(prompts, max_new, stops)
 
     def clear_prefix_cache(self) -> None:
@@ -250,14 +264,15 @@ class LocalModel:
         with self._lock:
             self._prefixes.clear()
 
-    def _generate_packed(self, prompts: list[Chat], max_new: list[int],
-                         stops: list[list[str]]) -> list[Generation]:
+    def _generate_packed(self, prompts: list[Chat], max_new: list[int], stops: list[list[str]],
+                         sampling: list[packed.Sampling | None]) -> list[Generation]:
         rows = []
-        for chat, m in zip(prompts, max_new, strict=True):
+        for chat, m, sampled in zip(prompts, max_new, sampling, strict=True):
             prefix, rest = self.split_prompt(chat)
             rows.append(packed.Row(tokens=rest, max_new=m,
-                                   prefix=self._prefix_kv(prefix) if prefix else []))
-        ends = packed.greedy(self.model, rows, lambda i, new: self._stop_reason(new, stops[i]))
+                                   prefix=self._prefix_kv(prefix) if prefix else [],
+                                   sampling=sampled))
+        ends = packed.decode(self.model, rows, lambda i, new: self._stop_reason(new, stops[i]))
         return [self._finish(new, reason, stops[i], row.prefix_len + len(row.tokens))
                 for i, (row, (new, reason)) in enumerate(zip(rows, ends, strict=True))]
 
@@ -282,9 +297,10 @@ class LocalModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
 
-    def _generate_padded(self, prompts: list[Chat], max_new: list[int],
-                         stops: list[list[str]]) -> list[Generation]:
-        """The fallback: one left-padded generate() (no prefix cache, no per-row attention)."""
+    def _generate_padded(self, prompts: list[Chat], max_new: list[int], stops: list[list[str]],
+                         sampling: packed.Sampling | None = None) -> list[Generation]:
+        """The fallback: one left-padded generate() (no prefix cache, no per-row attention);
+        with `sampling`, one prompt sampled from its seed."""
         pad_id = self.tokenizer.pad_token_id
         rows = [self._ids(self.render(p)) for p in prompts]
         width = max(len(r) for r in rows)
@@ -298,6 +314,10 @@ class LocalModel:
         config = transformers.GenerationConfig(
             max_new_tokens=max(max_new), do_sample=False, num_beams=1,
             eos_token_id=sorted(self.eos_ids), pad_token_id=pad_id)
+        if sampling is not None:
+            config.update(do_sample=True, temperature=sampling.temperature,
+                          top_p=sampling.top_p or 1.0, top_k=sampling.top_k or 0)
+            torch.manual_seed(sampling.seed)
         out = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
             stopping_criteria=transformers.StoppingCriteriaList([criteria]))

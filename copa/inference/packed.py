@@ -1,4 +1,4 @@
-"""Packed greedy decoding: a batch of rows as one token sequence, no padding.
+"""Packed decoding (greedy, or sampled per row): a batch of rows as one token sequence, no padding.
 
 Each forward concatenates the rows' new tokens (a whole prompt's rest at first, then one token
 per unfinished row) into a single [1, tokens] input. Linear layers see one matrix whose rows
@@ -31,13 +31,28 @@ ACTIVE: contextvars.ContextVar[PackedBatch | None] = contextvars.ContextVar(
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a row picks its next tokens when not greedily: temperature (> 0), nucleus (top_p)
+    and top_k filters, and the seed of the row's own random stream. A row's stream belongs to
+    it alone and its logits do not depend on its batch mates, so a seeded row samples the same
+    tokens alone or in any batch."""
+
+    temperature: float
+    seed: int
+    top_p: float | None = None
+    top_k: int | None = None
+
+
 @dataclass
 class Row:
-    """One prompt to continue: cached prefix keys/values per layer (maybe none), then tokens."""
+    """One prompt to continue: cached prefix keys/values per layer (maybe none), then tokens;
+    sampling=None decodes greedily."""
 
     tokens: list[int]
     max_new: int
     prefix: list[KV] = field(default_factory=list)
+    sampling: Sampling | None = None
 
     @property
     def prefix_len(self) -> int:
@@ -180,9 +195,24 @@ def _rows_of(packed_states: torch.Tensor, start: int, n: int, g: int) -> torch.T
     return packed_states[0, :, start:start + g * n].view(heads, g, n, dim).transpose(0, 1)
 
 
-def greedy(model: torch.nn.Module, rows: Sequence[Row],
+def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """One token from a row's logits: temperature, then top-k, then top-p (nucleus) filtering."""
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(scores, min(sampling.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        # Keep the smallest set whose probability reaches top_p (the first token always).
+        drop = cumulative - ordered.softmax(-1) >= sampling.top_p
+        scores = scores.scatter(0, order[drop], float("-inf"))
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+
+
+def decode(model: torch.nn.Module, rows: Sequence[Row],
            is_done: Callable[[int, list[int]], str | None]) -> list[tuple[list[int], str]]:
-    """Greedy continuation of every row: (new token ids, finish reason) per row.
+    """Continue every row, greedily or by its own sampling: (new token ids, finish reason).
 
     is_done(row, new_ids) gives the reason a row ends at its newest token (e.g. "stop"), or
     None to go on; a row that reaches its max_new tokens ends with "length".
@@ -190,16 +220,29 @@ def greedy(model: torch.nn.Module, rows: Sequence[Row],
     batch = PackedBatch(rows)
     new: list[list[int]] = [[] for _ in rows]
     reasons = ["length"] * len(rows)
+    generators = {i: torch.Generator().manual_seed(r.sampling.seed)
+                  for i, r in enumerate(rows) if r.sampling is not None}
     feed = {i: list(r.tokens) for i, r in enumerate(rows)}
     while feed:
-        next_ids = batch.forward(model, feed).argmax(-1).tolist()
+        logits = batch.forward(model, feed)
+        picks = logits.argmax(-1).tolist()
         still: dict[int, list[int]] = {}
-        for row, token in zip(feed, next_ids, strict=True):
-            new[row].append(int(token))
+        for k, row in enumerate(feed):
+            sampling = rows[row].sampling
+            token = int(picks[k]) if sampling is None else \
+                _sample(logits[k], sampling, generators[row])
+            new[row].append(token)
             reason = is_done(row, new[row])
             if reason is not None:
                 reasons[row] = reason
             elif len(new[row]) < rows[row].max_new:
-                still[row] = [int(token)]
+                still[row] = [token]
         feed = still
     return list(zip(new, reasons, strict=True))
+
+
+def greedy(model: torch.nn.Module, rows: Sequence[Row],
+           is_done: Callable[[int, list[int]], str | None]) -> list[tuple[list[int], str]]:
+    """Greedy continuation of every row (any sampling settings on the rows are ignored)."""
+    plain = [Row(r.tokens, r.max_new, r.prefix) for r in rows]
+    return decode(model, plain, is_done)

@@ -72,18 +72,20 @@ def served_model_id(engine: str, model_path: str, name: str) -> str:
 
 
 def server_command(engine: str, model_path: str, port: int, *, name: str | None = None,
-                   extra_args: Sequence[str] = ()) -> list[str]:
+                   extra_args: Sequence[str] = (), trust_remote_code: bool = False) -> list[str]:
     """The argv that serves model_path on 127.0.0.1:port with an OpenAI-compatible API."""
+    # both servers spell the recipe's model.trust_remote_code the same way
+    trust = ["--trust-remote-code"] if trust_remote_code else []
     if engine == "vllm":
         return [_executable("vllm"), "serve", model_path, "--host", HOST, "--port", str(port),
-                "--served-model-name", name or model_path, *extra_args]
+                "--served-model-name", name or model_path, *trust, *extra_args]
     if engine == "transformers":
         # The model is the positional FORCE_MODEL: preloaded before the port opens, never unloaded.
         # It is parsed as "id@revision", so an "@" in the path would be misread.
         if "@" in model_path:
             raise ServeError(f"transformers serve cannot load a path containing '@': {model_path}")
         return [_executable("transformers"), "serve", model_path, "--host", HOST,
-                "--port", str(port), *extra_args]
+                "--port", str(port), *trust, *extra_args]
     raise ServeError(f"unknown server engine {engine!r}; expected one of {SERVER_ENGINES}")
 
 
@@ -292,7 +294,8 @@ def server_lm(api_base: str, model: str, *, api_key: str = "copa",
 @contextmanager
 def serving(engine: str, model_path: str, name: str, *, api_base: str | None = None,
             api_key: str = "copa", max_tokens: int = 64, log_dir: Path | None = None,
-            startup_timeout_s: float = 300.0) -> Iterator[dspy.LM]:
+            startup_timeout_s: float = 300.0,
+            trust_remote_code: bool = False) -> Iterator[dspy.LM]:
     """A dspy.LM backed by an OpenAI-compatible server for the duration of the block.
 
     engine "openai": the server at api_base (the user runs it), asked for model `name` (or
@@ -307,7 +310,8 @@ def serving(engine: str, model_path: str, name: str, *, api_base: str | None = N
     if engine not in SERVER_ENGINES:
         raise ServeError(f"unknown serve engine {engine!r}; expected one of {ENGINES}")
     port = free_port()
-    command = server_command(engine, model_path, port, name=name)
+    command = server_command(engine, model_path, port, name=name,
+                             trust_remote_code=trust_remote_code)
     folder = log_dir if log_dir is not None else Path(tempfile.gettempdir()) / "copa-serve"
     label = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or "model")
     log_path = folder / f"{engine}-{label}-{port}.log"

@@ -11,6 +11,7 @@ from copa.data import Splits, load_splits
 from copa.models import check_model
 from copa.prompting import PromptError, PromptSpec, build_messages, spec_from_recipe
 from copa.recipe import Problem, Recipe, RecipeError
+from copa.recipe.usercode import user_code_problems
 
 
 @dataclass(frozen=True)
@@ -24,13 +25,62 @@ def _label(recipe: Recipe) -> str:
     return str(recipe.source_path) if recipe.source_path else "<recipe>"
 
 
+def _role_problems(recipe: Recipe, label: str) -> list[Problem]:
+    """optimize.proposer / optimize.teacher name a model that exists when the prompt stage runs."""
+    problems = []
+    opt = recipe.optimize
+    for role in ("proposer", "teacher"):
+        ref = getattr(opt, role)
+        if not isinstance(ref, str) or ref == "base":
+            continue
+        where = f"optimize.{role}"
+        if ref == "merged":
+            if not recipe.finetune.enabled or opt.order == "p->w":
+                problems.append(Problem(file=label, path=where, message=(
+                    "'merged' exists only after fine-tuning, and with order p->w the prompt "
+                    "stage runs before it: write base, a model, or {engine: openai, ...}")))
+            continue
+        found = check_model(ref, recipe.base_dir)
+        if found:
+            problems.append(Problem(file=label, path=where, message=found))
+    return problems
+
+
+def serve_problems(recipe: Recipe, label: str) -> list[Problem]:
+    """engine 'openai' with fine-tuned arms: each arm must ask the server for its own model,
+    or the merged arms score the base model and the fine-tune gain silently reads 0."""
+    serve = recipe.serve
+    merged_arms = {"finetune_only", "combined"} & set(recipe.evaluate.arms)
+    if serve.engine != "openai" or not recipe.finetune.enabled or not merged_arms:
+        return []
+    merged = serve.models.merged
+    fix = "write serve.models: {base: <id of the base model>, merged: <id of the fine-tuned model>}"
+    if merged is None and serve.model:
+        message = (f"serve.model '{serve.model}' would be asked for by the base AND the "
+                   f"fine-tuned arms ({', '.join(sorted(merged_arms))}): {fix} instead")
+    elif merged is None:
+        message = f"engine 'openai' with fine-tuning needs the fine-tuned model's id: {fix}"
+    elif merged == serve.model_for("base"):
+        message = (f"base and merged are both '{merged}': the fine-tuned arms would score the "
+                   f"base model; {fix}")
+    else:
+        return []
+    return [Problem(file=label, path="serve.models", message=message)]
+
+
 def check_recipe(recipe: Recipe) -> Checked:
     """Everything a run needs, checked before any training; raises RecipeError with all problems."""
-    problems: list[Problem] = []
     label = _label(recipe)
+    problems: list[Problem] = serve_problems(recipe, label)
     model_problem = check_model(recipe.model.base, recipe.base_dir)
     if model_problem:
         problems.append(Problem(file=label, path="model.base", message=model_problem))
+    problems.extend(_role_problems(recipe, label))
+    user_code = user_code_problems({"task.module": recipe.task.module,
+                                    "evaluate.metric": recipe.evaluate.metric,
+                                    "optimize.optimizer": recipe.optimize.optimizer},
+                                   recipe.base_dir)
+    problems += [Problem(file=label, path=key, message=msg) for key, msg in user_code.items()]
     spec = None
     try:
         spec = spec_from_recipe(recipe)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from copa.files import missing_file_reason
 from copa.recipe.schema import (
     Problem,
     Recipe,
@@ -83,6 +84,25 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+# What people write for a key, from other trainers' configs (HF Trainer, Axolotl, PEFT), where
+# spelling distance finds nothing: {their name: copa's names, whichever the section has}.
+_OTHER_NAMES: dict[str, tuple[str, ...]] = {
+    "lr": ("learning_rate",), "learningrate": ("learning_rate",),
+    "epochs": ("num_epochs",), "num_train_epochs": ("num_epochs",), "n_epochs": ("num_epochs",),
+    "batch_size": ("micro_batch_size",), "bs": ("micro_batch_size",),
+    "per_device_train_batch_size": ("micro_batch_size",),
+    "max_seq_length": ("sequence_len",), "max_seq_len": ("sequence_len",),
+    "seq_len": ("sequence_len",), "max_length": ("sequence_len",),
+    "r": ("lora_r",), "rank": ("lora_r",), "alpha": ("lora_alpha",),
+    "dropout": ("lora_dropout",), "target_modules": ("lora_target_modules",),
+    "grad_accum": ("gradient_accumulation_steps",), "steps": ("max_steps",),
+    "warmup": ("warmup_steps",),
+    "model": ("base",), "name": ("base",), "model_name": ("base",),
+    "model_name_or_path": ("base",), "path": ("base", "source"), "file": ("source",),
+    "dataset": ("source",),
+}
+
+
 def _describe(error: dict[str, Any]) -> str:
     kind = error["type"]
     loc = error["loc"]
@@ -90,7 +110,8 @@ def _describe(error: dict[str, Any]) -> str:
         key = str(loc[-1])
         model = _section_model(loc)
         known = [k for k in model.model_fields if k != "source_path"] if model else []
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        close = [k for k in _OTHER_NAMES.get(key.lower(), ()) if k in known] or \
+            difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         if close:
             return f"unknown key (did you mean '{close[0]}'?)"
         return f"unknown key (known keys: {', '.join(known)})" if known else "unknown key"
@@ -112,8 +133,10 @@ def load_recipe(path: str | os.PathLike[str], env: dict[str, str] | None = None,
     """Read, interpolate and validate a recipe file; raise RecipeError listing every problem."""
     file = Path(path)
     label = str(path)
-    if not file.is_file():
-        raise RecipeError([Problem(file=label, path="", message="no such recipe file")])
+    reason = missing_file_reason(file)
+    if reason:
+        message = "no such recipe file" if reason == "no such file" else f"{reason}, not a recipe"
+        raise RecipeError([Problem(file=label, path="", message=message)])
     if file.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError([Problem(file=label, path="", message="recipe file is over 1 MB")])
     try:
@@ -139,7 +162,7 @@ def load_recipe(path: str | os.PathLike[str], env: dict[str, str] | None = None,
     except _InterpolationError as exc:
         raise RecipeError([Problem(file=label, path=exc.path, message=exc.message)]) from None
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        _set_dotted(raw, dotted, value, label)
     return recipe_from_dict(raw, label, source_path=file.resolve())
 
 
@@ -155,11 +178,21 @@ def recipe_from_dict(raw: dict[str, Any], label: str = "<recipe>",
     return recipe
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, label: str) -> None:
+    """One --set override; a path through a value that is not a section is a recipe problem."""
     keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
+    if not all(k.strip() for k in keys):
+        raise RecipeError([Problem(file=label, path=dotted or "--set",
+                                   message="not a key path: write --set section.key=VALUE")])
+    node: Any = tree
+    for depth, key in enumerate(keys[:-1]):
         node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            parent = ".".join(keys[:depth + 1])
+            raise RecipeError([Problem(
+                file=label, path=dotted,
+                message=f"'{parent}' is a value ({type(node).__name__}), not a section with "
+                        f"keys; write --set {parent}=VALUE")])
     node[keys[-1]] = value
 
 

@@ -246,6 +246,20 @@ class FinetuneSection(_Section):
         return self
 
 
+class ServedModel(_Section):
+    """A model on an OpenAI-compatible server you run."""
+
+    engine: Literal["openai"] = "openai"
+    api_base: str
+    model: str
+    api_key: str = "copa"
+
+
+# Who writes for the optimizer: "base" / "merged" (the run's models), a model alias, local
+# folder, .gguf file or hub id, or a served model. None: the arm's own model.
+ModelRef = str | ServedModel | None
+
+
 class OptimizeSection(_Section):
     enabled: bool = True
     optimizer: str = Field(
@@ -260,6 +274,16 @@ class OptimizeSection(_Section):
     )
     adapter: Literal["template", "chat"] = "template"
     num_threads: int = 8
+    proposer: ModelRef = Field(
+        None, description="The model that writes instructions / reflections (MIPROv2 "
+        "prompt_model, GEPA reflection_lm): base | merged | model | {engine: openai, ...}.")
+    teacher: ModelRef = Field(
+        None, description="The model that bootstraps demos (BootstrapFewShot* teacher).")
+    max_tokens: int = Field(
+        512, ge=16,
+        description="Token budget of the optimizer's own generations (instruction proposals, "
+                    "GEPA's reflections), apart from the task's answer length.",
+    )
 
     @field_validator("optimizer")
     @classmethod
@@ -277,6 +301,17 @@ class EvaluateSection(_Section):
     bootstrap: int = 1000
     max_tokens: int = 64
     num_threads: int = 8
+    max_errors: int = Field(
+        0, description="Failed calls (the engine or server raised) one arm, or one candidate on "
+        "val, may have before the stage fails; those within it score 0 and are counted in the "
+        "report. An answer that does not parse is a wrong answer, not a failed call.")
+
+    @field_validator("max_errors")
+    @classmethod
+    def _max_errors(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be >= 0 (got {value}); 0 fails on the first failed call")
+        return value
 
     @field_validator("metric")
     @classmethod
@@ -296,6 +331,12 @@ class EvaluateSection(_Section):
         return list(dict.fromkeys(value))
 
 
+class ServeModels(_Section):
+    base: str | None = Field(None, description="The id your server serves the base model under.")
+    merged: str | None = Field(None, description="The id your server serves the fine-tuned "
+                               "(merged) model under.")
+
+
 class ServeSection(_Section):
     engine: Literal["local", "vllm", "transformers", "openai"] = Field(
         "local", description="local: in-process batched engine; vllm / transformers: copa starts "
@@ -303,7 +344,11 @@ class ServeSection(_Section):
     api_base: str | None = None
     api_key: str = "copa"
     model: str | None = Field(None, description="The model id your server serves (engine "
-                              "'openai'); copa-started servers know their own.")
+                              "'openai', no fine-tuned arms); copa-started servers know their "
+                              "own.")
+    models: ServeModels = Field(default_factory=ServeModels, description="engine 'openai': "
+                                "each arm's model id, {base: ..., merged: ...}; needed when "
+                                "fine-tuning.")
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
     prefix_cache: bool = Field(True, description="local engine: compute the turns before a "
@@ -311,6 +356,20 @@ class ServeSection(_Section):
     response_cache: bool = Field(True, description="local engine: keep DSPy's response cache "
                                  "in the run directory, keyed by the model weights' hash, so a "
                                  "re-run repeats no generation (greedy decoding is deterministic).")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: ServeModels, info: Any) -> ServeModels:
+        named = value.base is not None or value.merged is not None
+        if named and info.data.get("engine") != "openai":
+            raise ValueError("only for engine 'openai'; copa-started servers know their models")
+        if named and info.data.get("model"):
+            raise ValueError("write serve.models or serve.model, not both")
+        return value
+
+    def model_for(self, role: str) -> str | None:
+        """engine 'openai': the id the user's server knows the 'base' or 'merged' model by."""
+        return getattr(self.models, role, None) or self.model
 
     @model_validator(mode="after")
     def _api_base(self) -> ServeSection:

@@ -23,12 +23,17 @@ def arm_key(run: Any, arm: str, program: Any) -> str:
 
     recipe = run.recipe
     model = "base" if ARM_MODELS[arm] == "base" else run.keys.get("merge", "merged")
+    settings = recipe.model_dump(mode="json")["evaluate"]
+    settings.pop("max_errors")  # the error budget changes no prediction
     return sha256_json([arm, json.dumps(program.dump_state(), sort_keys=True, default=str),
-                        model, recipe.model.base, run.checked.spec.template.text,
-                        recipe.model_dump(mode="json")["evaluate"],
+                        model, recipe.model.base, run.checked.spec.template.text, settings,
                         recipe.model_dump(mode="json")["serve"], recipe.task.signature,
                         recipe.optimize.adapter,
                         sha256_file(run.rendered / "splits" / "test.jsonl")])
+
+
+class EvaluateError(Exception):
+    """An arm's failed calls went over evaluate.max_errors: its score would not be a result."""
 
 
 def _cached_scores(folder: Path, arm: str, key: str) -> list[float] | None:
@@ -50,6 +55,25 @@ def _program_for(run: Any, arm: str, kit: Any) -> Any:
     return program
 
 
+def _unfair_synergy_reason(run: Any) -> str | None:
+    """Why synergy would compare against a crippled arm, or None: when every training row
+    carried demos (finetune.demos: fixed, optimize.order: p->w), the fine-tune-only arm is a
+    model trained to see demos, prompted without them; combined - max(single arms) would then
+    credit the prompt stage with putting back what the fine-tune-only arm's prompt took away."""
+    if not run.finetunes:
+        return None
+    demos = json.loads((run.rendered / "demos.json").read_text())
+    if not demos:
+        return None
+    recipe = run.recipe
+    why = ("optimize.order: p->w" if recipe.optimize.order == "p->w"
+           else f"finetune.demos: {recipe.finetune.demos}")
+    return (f"the model was fine-tuned with {len(demos)} demos in every training row ({why}), "
+            "and the fine-tune-only arm prompts it without them, so it is not a fair weights-only "
+            "arm; compare with a run fine-tuned demo-free on the same rows (finetune.demos: none, "
+            "optimize.order: w->p)")
+
+
 def evaluate_stage(run: Any) -> dict[str, Any]:
     """Pipeline stage: run each arm on the test split, write predictions and the report."""
     import time
@@ -59,11 +83,11 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     from copa.data import read_jsonl, write_jsonl
     from copa.dspy.kit import base_model_path, model_lm, task_kit
     from copa.dspy.program import to_examples
-    from copa.dspy.search import dspy_chatter_to, score
+    from copa.dspy.search import ScoreError, dspy_chatter_to, evaluate_program
     from copa.files import atomic_write_text
     from copa.runs import versions
     from copa.stages.report import write_report
-    from copa.stats import summarize
+    from copa.stats import not_comparable, summarize
 
     recipe = run.recipe
     kit = task_kit(recipe, [], [], run.checked.spec)
@@ -71,6 +95,8 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     testset = to_examples(recipe, test_rows)
     arms = [a for a in recipe.evaluate.arms if run.finetunes or ARM_MODELS[a] == "base"]
     per_arm: dict[str, list[float]] = {}
+    errors: dict[str, int] = {}
+    failed_arms: dict[str, str | None] = {}  # arm -> first error, for arms whose every call failed
     seconds: dict[str, float] = {}
     predictions_dir = run.dir / "predictions"
     field = recipe.task.output_fields[-1]
@@ -81,25 +107,57 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
         cached = _cached_scores(predictions_dir, arm, key)
         if cached is not None:
             # Same program, model, test rows and settings as last time: the same predictions.
-            per_arm[arm], seconds[arm] = cached, 0.0
+            per_arm[arm], seconds[arm], errors[arm] = cached, 0.0, 0
             run.emit(f"  {arm:<14} {sum(cached) / len(cached):.3f}  (unchanged, from "
                      f"predictions/{arm}.jsonl)")
             continue
+        (predictions_dir / f"{arm}.key").unlink(missing_ok=True)  # new predictions come
         start = time.time()
-        with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir) as lm, \
-                dspy.context(lm=lm, adapter=kit.adapter), \
-                dspy_chatter_to(run.dir / "predictions" / "dspy-evaluate.log"):
-            mean, results = score(program, testset, kit.metric, recipe.evaluate.num_threads)
+        try:
+            with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir, emit=run.emit) as lm, \
+                    dspy.context(lm=lm, adapter=kit.adapter), \
+                    dspy_chatter_to(run.dir / "predictions" / "dspy-evaluate.log"):
+                scored = evaluate_program(program, testset, kit.metric,
+                                          recipe.evaluate.num_threads, recipe.evaluate.max_errors)
+        except ScoreError as exc:
+            raise EvaluateError(
+                f"evaluate: arm '{arm}': {exc}. Fix the model or server (its log: "
+                f"{run.dir / 'predictions' / 'dspy-evaluate.log'}), or raise evaluate.max_errors "
+                "to score failed calls as wrong answers") from None
         seconds[arm] = round(time.time() - start, 2)
-        per_arm[arm] = [float(s) for _, _, s in results]
-        run.emit(f"  {arm:<14} {mean:.3f}  ({len(results)} test rows, {seconds[arm]:.0f}s)")
+        results = scored.results
+        per_arm[arm], errors[arm] = [float(s) for _, _, s in results], scored.errors
+        if scored.all_failed:
+            failed_arms[arm] = scored.first_error
+            run.emit(f"  {arm:<14} FAILED: all {len(results)} calls failed "
+                     f"(first: {scored.first_error})")
+        else:
+            failures = f", {scored.errors} failed calls scored 0" if scored.errors else ""
+            run.emit(f"  {arm:<14} {scored.mean:.3f}  ({len(results)} test rows{failures}, "
+                     f"{seconds[arm]:.0f}s)")
         write_jsonl(predictions_dir / f"{arm}.jsonl", [
             {"inputs": {f: ex[f] for f in recipe.task.input_fields}, "gold": ex[field],
              "prediction": getattr(pred, field, None) if pred is not None else None,
-             "score": float(s)}
-            for ex, pred, s in results])
-        atomic_write_text(predictions_dir / f"{arm}.key", key + "\n")
-    summary = summarize(per_arm, recipe.evaluate.bootstrap, recipe.data.splits.seed)
+             "score": float(s), **({"error": True} if bad else {})}
+            for (ex, pred, s), bad in zip(results, scored.failed, strict=True)])
+        if not scored.errors:  # a re-run retries failed calls instead of reusing them
+            atomic_write_text(predictions_dir / f"{arm}.key", key + "\n")
+    # An arm whose every call failed has no score: it is left out of the intervals, the
+    # synergy and the gain, and the report marks it failed instead of printing 0.0.
+    summary = summarize({a: s for a, s in per_arm.items() if a not in failed_arms},
+                        recipe.evaluate.bootstrap, recipe.data.splits.seed)
+    arms_out = {}
+    for arm in arms:
+        if arm in failed_arms:
+            arms_out[arm] = {"score": None, "n": len(per_arm[arm]), "ci95": None,
+                             "failed": True, "errors": errors[arm],
+                             "first_error": failed_arms[arm]}
+        else:
+            arms_out[arm] = {**summary["arms"][arm], "errors": errors[arm]}
+    summary["arms"] = arms_out
+    reason = _unfair_synergy_reason(run)
+    if reason and "synergy" in summary:
+        summary["synergy"] = not_comparable(summary["synergy"], reason)
     optimize_info = {}
     opt_path = run.optimize_dir / "optimize.json"
     if opt_path.is_file():

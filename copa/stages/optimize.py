@@ -14,6 +14,7 @@ from typing import Any
 import dspy
 
 from copa.dspy.kit import TaskKit, base_model_path, model_lm, task_kit
+from copa.dspy.roles import role_lm
 from copa.dspy.search import PromptResult, prompt_optimize, with_demos
 from copa.files import atomic_write_json
 from copa.recipe import Recipe
@@ -33,10 +34,20 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
     out.mkdir(parents=True, exist_ok=True)
     run.emit(f"  [{arm}] prompt optimization on the {lm_name} model")
     if recipe.optimize.enabled:
-        with model_lm(recipe, model_path, lm_name, run.dir) as lm:
+        base = base_model_path(recipe)
+        merged = str(run.merged) if run.finetunes and run.merged.is_dir() else None
+        opt = recipe.optimize
+        with model_lm(recipe, model_path, lm_name, run.dir, emit=run.emit) as lm, \
+                role_lm(recipe, opt.proposer, "proposer", base, merged) as proposer, \
+                role_lm(recipe, opt.teacher, "teacher", base, merged) as teacher:
             result = prompt_optimize(recipe, kit.program, lm, kit.adapter, kit.trainset,
                                      kit.valset, kit.metric, extra, emit=run.emit,
-                                     log_path=out / f"dspy-{arm}.log")
+                                     log_path=out / f"dspy-{arm}.log", proposer=proposer,
+                                     teacher=teacher)
+        for view in result.summary()["kept"]:
+            run.emit(f"  kept instruction ({view['predictor']}): "
+                     f"{' '.join(view['instructions'].split())[:200]!r}, "
+                     f"{len(view['demos'])} demos")
     else:
         result = PromptResult(kit.program.deepcopy(), "plain")
     _save_program(result.program, out / f"program_{arm}.json")
@@ -44,8 +55,13 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
 
 
 def _kit_for(run: Any) -> TaskKit:
-    splits = run.checked.splits
-    return task_kit(run.recipe, list(splits.train), list(splits.val), run.checked.spec)
+    """The optimizer's train and val rows: the rendered splits and nothing else, so it sees the
+    very rows the test split was held out from (never a fresh load of an edited data file)."""
+    from copa.data import read_jsonl
+
+    splits = run.rendered / "splits"
+    return task_kit(run.recipe, read_jsonl(splits / "train.jsonl"),
+                    read_jsonl(splits / "val.jsonl"), run.checked.spec)
 
 
 def prompt_first(run: Any) -> list[dict[str, str]]:

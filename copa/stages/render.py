@@ -66,12 +66,20 @@ def render_stage(run: Run) -> dict[str, Any]:
     if run.recipe.optimize.order == "p->w" and run.finetunes:
         from copa.stages.optimize import prompt_first
 
+        write_splits(run.checked, run.rendered)  # the prompt stage reads only rendered splits
+
         run.emit("  p -> w: optimizing prompts on the base model first")
         demos = prompt_first(run)
         run.emit(f"  fine-tuning rows will carry the {len(demos)} demos it chose")
     result = render(run.checked, run.rendered, work_dir=run.train_dir, demos=demos,
                     emit=run.emit)
     return {"config": str(result.config_path), "train_rows": result.train_rows}
+
+
+def write_splits(checked: Checked, out_dir: Path) -> None:
+    """splits/{train,val,test}.jsonl: what every later stage reads its rows from."""
+    for name in SPLITS:
+        write_jsonl(Path(out_dir) / "splits" / f"{name}.jsonl", getattr(checked.splits, name))
 
 
 def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
@@ -85,8 +93,7 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     recipe, spec, splits = checked.recipe, checked.spec, checked.splits
     out_dir = Path(out_dir).resolve()
     work_dir = Path(work_dir).resolve() if work_dir else out_dir / "train"
-    for name in SPLITS:
-        write_jsonl(out_dir / "splits" / f"{name}.jsonl", getattr(splits, name))
+    write_splits(checked, out_dir)
     if demos is None:
         demos = choose_fixed_demos(recipe, splits.train) if recipe.finetune.demos == "fixed" else []
     demos = list(demos)

@@ -17,22 +17,44 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# copa report: {report['recipe']}", "",
              f"Metric: `{report['metric']}` on {report['test_rows']} held-out test rows "
              "(percent, with paired-bootstrap 95% CIs).", "",
-             "| arm | score | 95% CI | n |", "|---|---:|---:|---:|"]
+             "| arm | score | 95% CI | n | failed calls |", "|---|---:|---:|---:|---:|"]
     for arm, data in report["arms"].items():
+        errors = data.get("errors", 0)
+        if data.get("failed"):  # every call failed: no score, never a 0.0
+            lines.append(f"| {ARM_LABELS.get(arm, arm)} | **failed** | — | {data['n']} | "
+                         f"{errors} |")
+            continue
         lo, hi = data["ci95"]
         lines.append(f"| {ARM_LABELS.get(arm, arm)} | {_pct(data['score'])} | "
-                     f"[{_pct(lo)}, {_pct(hi)}] | {data['n']} |")
+                     f"[{_pct(lo)}, {_pct(hi)}] | {data['n']} | {errors} |")
     lines.append("")
+    for arm, data in report["arms"].items():
+        if data.get("failed"):
+            lines.append(f"- **{arm} failed**: all {data['n']} of its calls failed (first: "
+                         f"{data.get('first_error')}); it has no score, and no synergy or gain "
+                         "is computed from it")
+        elif data.get("errors"):
+            lines.append(f"- {arm}: {data['errors']} of {data['n']} calls failed and score 0 "
+                         "(within evaluate.max_errors)")
     if "finetune_gain" in report:
         gain = report["finetune_gain"]
         lines.append(f"- Fine-tune gain (fine-tune-only − baseline): {_pct(gain['value'])} "
                      f"points, 95% CI [{_pct(gain['ci95'][0])}, {_pct(gain['ci95'][1])}]")
-    if "synergy" in report:
-        syn = report["synergy"]
+    syn = report.get("synergy")
+    if syn is not None and syn.get("comparable") is False:
+        # Arms not prompted as they were trained: no number, and never a verdict.
+        lines.append("- **Synergy** (combined − max(fine-tune-only, prompt-only)): "
+                     f"not comparable: {syn.get('reason', 'no reason recorded')}")
+    elif syn is not None:
         lo, hi = syn["ci95"]
         verdict = ("combined beats the better single arm" if lo > 0 else
                    "combined is worse than the better single arm" if hi < 0 else
@@ -45,6 +67,19 @@ def markdown(report: dict[str, Any]) -> str:
         offered = f"; the optimizer's pick had {offered} demos" if offered is not None else ""
         lines.append(f"- Prompt stage for {arm}: kept **{info.get('winner')}** "
                      f"({info.get('demos', 0)} demos{offered}); val: {scores or 'not compared'}")
+        for view in info.get("kept") or []:
+            lines.append(f"  - instruction kept ({view['predictor']}): "
+                         f"\"{_one_line(view['instructions'])}\"; {len(view['demos'])} demos")
+        pick = info.get("optimizer_pick") or []
+        kept = info.get("kept") or []
+        for view, mine in zip(pick, kept):
+            if view["instructions"] != mine["instructions"]:
+                lines.append(f"  - the optimizer proposed ({view['predictor']}): "
+                             f"\"{_one_line(view['instructions'])}\"")
+        failed = {k: v for k, v in info.get("val_errors", {}).items() if v}
+        if failed or info.get("lm_errors"):
+            lines.append(f"  - failed calls: {info.get('lm_errors', 0)} while optimizing; on val "
+                         + (", ".join(f"{k} {v}" for k, v in failed.items()) or "none"))
     stages = report.get("stage_seconds", {})
     if stages:
         lines.append("- Stage wall time: " + ", ".join(f"{k} {v:.0f}s"
@@ -62,7 +97,7 @@ def plot(report: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = list(report["arms"])
+    arms = [a for a, data in report["arms"].items() if not data.get("failed")]
     scores = [100 * report["arms"][a]["score"] for a in arms]
     lower = [s - 100 * report["arms"][a]["ci95"][0] for a, s in zip(arms, scores)]
     upper = [100 * report["arms"][a]["ci95"][1] - s for a, s in zip(arms, scores)]
@@ -76,7 +111,7 @@ def plot(report: dict[str, Any]) -> bytes:
     ax.set_ylim(0, 105)
     ax.set_ylabel(f"{report['metric']} (%)")
     title = f"{report['recipe']}: four arms on {report['test_rows']} test rows (95% CI)"
-    if "synergy" in report:
+    if report.get("synergy", {}).get("value") is not None:
         title += f"\nsynergy {100 * report['synergy']['value']:+.1f} points"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -1,0 +1,197 @@
+"""Issue 12.4: a failed LM call is counted, never a silent zero. Real DSPy programs on copa's real
+batching engine whose model raises for some prompts, and a real server LM pointed at a closed
+port; no DSPy part is mocked."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dspy
+import pytest
+import yaml
+
+from copa.dspy.search import OptimizeError, ScoreError, evaluate_program, prompt_optimize
+from copa.inference.engine import BatchingEngine
+from copa.inference.local import Generation
+from copa.recipe.schema import Recipe
+
+
+class FailingModel:
+    """Stands in for LocalModel behind the real BatchingEngine: answers in ChatAdapter's format
+    with the label the prompt names, raises for prompts that contain 'boom', and answers
+    unparseable prose for prompts that contain 'prose'."""
+
+    path = "failing"
+
+    def generate_detailed(self, prompts, max_new_tokens, stop, sampling=None) -> list[Generation]:
+        out = []
+        for chat in prompts:
+            text = chat[-1]["content"]
+            if "boom" in text:
+                raise RuntimeError("engine down")
+            answer = ("I would rather not say." if "prose" in text else
+                      f"[[ ## label ## ]]\n{'pos' if 'good' in text else 'neg'}\n\n"
+                      "[[ ## completed ## ]]")
+            out.append(Generation(answer, 1, 1, "stop"))
+        return out
+
+
+@pytest.fixture
+def lm() -> Iterator[dspy.LM]:
+    engine = BatchingEngine(FailingModel(), max_batch_size=1, batch_wait_ms=0)  # type: ignore[arg-type]
+    try:
+        yield dspy.LM("local/failing", engine=engine, cache=False, num_retries=0, max_tokens=16)
+    finally:
+        engine.close()
+
+
+def examples(texts: list[str]) -> list[dspy.Example]:
+    return [dspy.Example(text=t, label="pos" if "good" in t else "neg").with_inputs("text")
+            for t in texts]
+
+
+def exact(example: dspy.Example, prediction: dspy.Prediction, trace=None) -> float:
+    return float(example.label == prediction.label)
+
+
+def scored_with(lm: dspy.LM, texts: list[str], max_errors: int | None = None):
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        return evaluate_program(dspy.Predict("text -> label"), examples(texts), exact, 2,
+                                max_errors)
+
+
+def test_failed_calls_are_counted_per_row(lm: dspy.LM) -> None:
+    texts = ["good 1", "bad 2", "boom good 3", "good 4", "boom bad 5", "bad 6"]
+    scored = scored_with(lm, texts)
+    assert scored.errors == 2
+    assert scored.failed == ["boom" in t for t in texts]
+    assert [s for _, _, s in scored.results] == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert scored.mean == pytest.approx(4 / 6)
+    assert "engine down" in scored.first_error
+    assert not scored.all_failed
+
+
+def test_every_call_failing_is_marked_all_failed(lm: dspy.LM) -> None:
+    scored = scored_with(lm, ["boom 1", "boom 2", "boom 3"])
+    assert scored.errors == 3 and scored.all_failed
+
+
+def test_past_the_budget_scoring_stops_with_the_first_error(lm: dspy.LM) -> None:
+    texts = ["good 1", "boom 2", "boom 3", "bad 4"]
+    assert scored_with(lm, texts, max_errors=2).errors == 2
+    with pytest.raises(ScoreError, match="over evaluate.max_errors=1 .first: .*engine down"):
+        scored_with(lm, texts, max_errors=1)
+
+
+def test_an_unparseable_answer_is_a_wrong_answer_not_a_failed_call(lm: dspy.LM) -> None:
+    scored = scored_with(lm, ["prose good 1", "good 2"], max_errors=0)
+    assert scored.errors == 0
+    assert [s for _, _, s in scored.results] == [0.0, 1.0]
+
+
+def _recipe(**evaluate) -> Recipe:
+    return Recipe.model_validate({
+        "name": "errors", "task": {"signature": "text -> label", "choices": ["pos", "neg"]},
+        "data": {"source": "data.jsonl"},
+        "optimize": {"optimizer": "BootstrapFewShot",
+                     "params": {"max_bootstrapped_demos": 1, "max_labeled_demos": 1},
+                     "num_threads": 2},
+        "evaluate": {"metric": "label_accuracy", **evaluate}})
+
+
+def _optimize(lm: dspy.LM, recipe: Recipe, emit: Callable[[str], None]):
+    train = examples(["boom good 1", "good 2", "bad 3"])
+    val = examples(["good 4", "boom bad 5", "bad 6"])
+    return prompt_optimize(recipe, dspy.Predict("text -> label"), lm, dspy.ChatAdapter(), train,
+                           val, exact, emit=emit)
+
+
+def test_the_prompt_stage_counts_failed_calls_and_says_so(lm: dspy.LM) -> None:
+    messages: list[str] = []
+    result = _optimize(lm, _recipe(max_errors=1), messages.append)
+    summary = result.summary()
+    assert summary["val_errors"] == {"plain": 1, "optimized": 1}
+    assert summary["lm_errors"] >= 1  # the bootstrap's call on 'boom good 1'
+    assert any("failed calls on val" in m and "plain 1" in m for m in messages)
+    assert any("LM calls failed while the optimizer ran" in m for m in messages)
+
+
+def test_the_prompt_stage_fails_past_the_budget(lm: dspy.LM) -> None:
+    with pytest.raises(OptimizeError, match="candidate 'plain' on val: .*engine down"):
+        _optimize(lm, _recipe(), lambda _: None)
+
+
+# --- the evaluate stage, against a server that is not there ------------------------------------
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed once the block ends: connections are refused
+
+
+def _server_recipe(folder: Path, model: Path, max_errors: int) -> Path:
+    (folder / "data.jsonl").write_text("".join(
+        json.dumps({"text": f"row {i}", "label": "pos" if i % 2 else "neg"}) + "\n"
+        for i in range(30)))
+    recipe = {
+        "name": "down", "model": {"base": str(model)},
+        "task": {"signature": "text -> label", "choices": ["pos", "neg"]},
+        "data": {"source": "data.jsonl", "splits": {"train": 6, "val": 4, "test": 3}},
+        "finetune": {"enabled": False, "max_steps": 1},
+        "optimize": {"enabled": False},
+        "evaluate": {"metric": "label_accuracy", "arms": ["baseline", "prompt_only"],
+                     "max_errors": max_errors, "bootstrap": 50, "num_threads": 3},
+        "serve": {"engine": "openai", "api_base": f"http://127.0.0.1:{_closed_port()}/v1",
+                  "model": "nobody-home"}}
+    path = folder / "down.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_evaluate_fails_clearly_past_max_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from copa import pipeline
+    from copa.stages.evaluate import EvaluateError
+
+    recipe = _server_recipe(tmp_path, tiny_model_dir, max_errors=0)
+    with pytest.raises(EvaluateError, match=r"evaluate: arm 'baseline': .*over "
+                                            r"evaluate.max_errors=0"):
+        pipeline.run(recipe, run_dir=tmp_path / "run", emit=lambda _: None)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["evaluate"]["status"] == "failed"
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_an_arm_whose_every_call_failed_is_marked_failed_not_zero(tmp_path: Path,
+                                                                  tiny_model_dir: Path) -> None:
+    from copa import pipeline
+
+    recipe = _server_recipe(tmp_path, tiny_model_dir, max_errors=100)
+    messages: list[str] = []
+    run = pipeline.run(recipe, run_dir=tmp_path / "run", emit=messages.append)
+    report = json.loads((run.dir / "report.json").read_text())
+    for arm in ("baseline", "prompt_only"):
+        data = report["arms"][arm]
+        assert data["failed"] is True and data["errors"] == 3 and data["score"] is None
+        assert any(m.strip().startswith(arm) and "FAILED" in m for m in messages)
+    markdown = (run.dir / "report.md").read_text()
+    assert "| baseline (base model, plain prompt) | **failed** | — | 3 | 3 |" in markdown
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and not any("| 0.0 |" in line for line in table), table
+    assert not (run.dir / "predictions" / "baseline.key").exists()  # a re-run retries
+
+
+def test_the_report_shows_failed_calls_within_the_budget() -> None:
+    from copa.stages.report import markdown
+
+    report = {"recipe": "r", "metric": "exact_match", "test_rows": 9, "arms": {
+        "baseline": {"score": 0.5, "ci95": [0.2, 0.8], "n": 9, "errors": 0},
+        "prompt_only": {"score": 0.3, "ci95": [0.1, 0.6], "n": 9, "errors": 2}},
+        "prompt_optimization": {"prompt_only": {"winner": "plain", "val_scores": {"plain": 0.5},
+                                                "val_errors": {"plain": 1}, "lm_errors": 3}}}
+    text = markdown(report)
+    assert "| prompt-only (base model + DSPy) | 30.0 | [10.0, 60.0] | 9 | 2 |" in text
+    assert "- prompt_only: 2 of 9 calls failed and score 0" in text
+    assert "failed calls: 3 while optimizing; on val plain 1" in text

@@ -1,0 +1,72 @@
+"""report.md from report.json's data (copa.stages.report.markdown), on hand-made reports: the
+synergy verdict follows its CI, and a synergy from arms not prompted as they were trained is
+printed as not comparable, with its reason, never as a number or a "beats"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from copa.stages.report import markdown, plot
+from copa.stats import not_comparable, summarize
+
+REASON = "the model was fine-tuned with 3 demos in every training row (finetune.demos: fixed)"
+
+
+def _report(per_arm: dict[str, list[float]]) -> dict[str, Any]:
+    return {"recipe": "t", "metric": "label_accuracy", "test_rows": 8,
+            **summarize(per_arm, resamples=200, seed=0), "versions": {"copa": "0"}}
+
+
+# combined right on every row, each single arm on half: a clear synergy, CI above 0
+STRONG = {"baseline": [0.0] * 8, "prompt_only": [1, 0] * 4, "finetune_only": [0, 1] * 4,
+          "combined": [1.0] * 8}
+
+
+def test_a_synergy_whose_ci_is_above_zero_beats() -> None:
+    report = _report(STRONG)
+    assert report["synergy"]["ci95"][0] > 0
+    text = markdown(report)
+    assert "50.0 points" in text and "combined beats the better single arm" in text
+
+
+def test_a_synergy_whose_ci_straddles_zero_is_not_significant() -> None:
+    report = _report({"baseline": [0.0] * 8, "prompt_only": [1, 0] * 4,
+                      "finetune_only": [1, 0] * 4, "combined": [1, 1, 0, 0] * 2})
+    text = markdown(report)
+    assert "no significant synergy (CI includes 0)" in text
+    assert "beats" not in text
+
+
+@pytest.mark.parametrize("with_plot", [False, True])
+def test_an_unfair_synergy_prints_why_and_no_number(with_plot: bool) -> None:
+    report = _report(STRONG)
+    report["synergy"] = not_comparable(report["synergy"], REASON)
+    text = markdown(report)
+    line = next(line for line in text.splitlines() if "Synergy" in line)
+    assert line.endswith(f"not comparable: {REASON}")
+    assert "beats" not in text and "points" not in line and "CI" not in line
+    if with_plot:  # the figure's title would print the value too
+        assert plot(report)[:4] == b"\x89PNG"
+
+
+def test_the_prompt_stage_shows_the_instruction_it_kept_and_what_the_optimizer_proposed() -> None:
+    """What the prompt stage did is visible: the kept program's instruction and demo count,
+    and the optimizer's own instruction when the val guard did not keep it."""
+    import dspy
+
+    from copa.dspy.search import PromptResult
+
+    plain = dspy.Predict(dspy.Signature("text -> label", "Label the text."))
+    proposed = plain.deepcopy()
+    proposed.signature = proposed.signature.with_instructions("Decide  if the text\nis kind.")
+    proposed.demos = [dspy.Example(text="nice", label="pos")]
+    summary = PromptResult(plain, "plain", {"plain": 0.5, "optimized": 0.4},
+                           optimized=proposed).summary()
+    assert summary["kept"] == [{"predictor": "self", "instructions": "Label the text.",
+                                "demos": []}]
+    assert summary["optimizer_pick"][0]["demos"] == [{"text": "nice", "label": "pos"}]
+    text = markdown({**_report(STRONG), "prompt_optimization": {"combined": summary}})
+    assert '  - instruction kept (self): "Label the text."; 0 demos' in text
+    assert '  - the optimizer proposed (self): "Decide if the text is kind."' in text
