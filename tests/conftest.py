@@ -16,8 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 REPO = Path(__file__).resolve().parent.parent
-# Small slices of Banking77 / GSM8K laid out like ../shared/data (tests/fixtures/README.md): the
-# shipped recipes read ${COPA_DATA:-../../shared/data}, and no test may need ../shared.
+# Synthetic stand-ins for Banking77 / GSM8K (tests/fixtures/README.md): the shipped recipes read
+# their data under $COPA_DATA, set here for every test, so no test reads the real data sets.
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
 os.environ["COPA_DATA"] = str(FIXTURE_DATA)
 # Split sizes the fixtures can hold, for recipes whose own sizes need the full data sets.
