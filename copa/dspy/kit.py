@@ -50,6 +50,19 @@ def task_kit(recipe: Recipe, train_rows: list[dict], val_rows: list[dict],
 _UNCACHED_SAID: set[str] = set()  # models already reported as not cached, said once each
 
 
+def local_lm(recipe: Recipe, model_path: str, name: str, max_tokens: int,
+             cache_tag: str | None = None) -> dspy.LM:
+    """A dspy.LM on copa's in-process engine for a model folder, with the recipe's engine
+    settings (one engine per folder and settings in a process)."""
+    from copa.inference.engine import make_lm
+
+    serve = recipe.serve
+    return make_lm(model_path, name, max_batch_size=serve.max_batch_size,
+                   batch_wait_ms=serve.batch_wait_ms, max_tokens=max_tokens,
+                   prefix_cache=serve.prefix_cache, cache_tag=cache_tag,
+                   trust_remote_code=recipe.model.trust_remote_code)
+
+
 @contextmanager
 def model_lm(recipe: Recipe, model_path: str, name: str, run_dir: Path | None = None,
              emit: Callable[[str], None] = print) -> Iterator[dspy.LM]:
@@ -59,26 +72,20 @@ def model_lm(recipe: Recipe, model_path: str, name: str, run_dir: Path | None = 
     (run_dir/cache) and a copa-started server logs to run_dir/serve."""
     serve = recipe.serve
     if serve.engine == "local":
-        from copa.inference.engine import get_engine, make_lm
-
         tag = None
         if serve.response_cache and run_dir is not None:
             from copa.inference.cache import model_fingerprint, use_response_cache
 
             use_response_cache(run_dir / "cache" / "dspy")
             if not Path(model_path).is_dir():  # a hub id: load (fetch) it before naming its commit
-                get_engine(model_path, serve.max_batch_size, serve.batch_wait_ms,
-                           recipe.evaluate.max_tokens, serve.prefix_cache)
+                local_lm(recipe, model_path, name, recipe.evaluate.max_tokens)
             digest = model_fingerprint(model_path, run_dir / "cache" / "fingerprints.json")
             tag = digest[:16] if digest else None
             if digest is None and model_path not in _UNCACHED_SAID:
                 _UNCACHED_SAID.add(model_path)
                 emit(f"  response cache off for {model_path}: nothing identifies its weights "
                      "(not a local folder, not in the local hub cache)")
-        yield make_lm(model_path, name, max_batch_size=serve.max_batch_size,
-                      batch_wait_ms=serve.batch_wait_ms, max_tokens=recipe.evaluate.max_tokens,
-                      prefix_cache=serve.prefix_cache, cache_tag=tag,
-                      trust_remote_code=recipe.model.trust_remote_code)
+        yield local_lm(recipe, model_path, name, recipe.evaluate.max_tokens, cache_tag=tag)
         return
     from copa.inference.servers import serving
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import dspy
 
+from copa.dspy.kit import local_lm
 from copa.recipe import Recipe
 from copa.recipe.schema import ModelRef, ServedModel
 
@@ -42,9 +42,4 @@ def role_lm(recipe: Recipe, ref: ModelRef, name: str, base_path: str,
 
         yield server_lm(ref.api_base, ref.model, api_key=ref.api_key, max_tokens=budget)
         return
-    from copa.inference.engine import make_lm
-
-    path = role_model_path(recipe, ref, base_path, merged_path)
-    yield make_lm(str(Path(path)), name, max_tokens=budget,
-                  max_batch_size=recipe.serve.max_batch_size,
-                  batch_wait_ms=recipe.serve.batch_wait_ms, prefix_cache=recipe.serve.prefix_cache)
+    yield local_lm(recipe, role_model_path(recipe, ref, base_path, merged_path), name, budget)

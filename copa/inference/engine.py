@@ -309,7 +309,8 @@ def get_engine(model_path: str, max_batch_size: int = 8, batch_wait_ms: float = 
 def make_lm(model_path: str, name: str, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
             max_tokens: int = 64, prefix_cache: bool = True,
             cache_tag: str | None = None, trust_remote_code: bool = False) -> dspy.LM:
-    """A dspy.LM ("local/<name>") generating greedily with the local model at model_path.
+    """A dspy.LM ("local/<name>") on the local model at model_path (greedy unless a call asks
+    for a temperature).
 
     DSPy's response cache keys on the LM's name, not on the weights behind it: it is used only
     with a cache_tag (a hash of the weights, see copa.inference.cache), which joins the name

@@ -240,9 +240,3 @@ def decode(model: torch.nn.Module, rows: Sequence[Row],
         feed = still
     return list(zip(new, reasons, strict=True))
 
-
-def greedy(model: torch.nn.Module, rows: Sequence[Row],
-           is_done: Callable[[int, list[int]], str | None]) -> list[tuple[list[int], str]]:
-    """Greedy continuation of every row (any sampling settings on the rows are ignored)."""
-    plain = [Row(r.tokens, r.max_new, r.prefix) for r in rows]
-    return decode(model, plain, is_done)
