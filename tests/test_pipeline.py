@@ -95,6 +95,27 @@ def test_report_has_four_arms_with_cis_and_synergy(tiny_run) -> None:
         assert len(read_jsonl(run.dir / "predictions" / f"{arm}.jsonl")) == 9
 
 
+def test_the_report_lists_every_candidate_the_optimizer_scored(tiny_run) -> None:
+    """Random search (num_candidate_programs: 1) scores seeds -3 (zero-shot), -2 (labeled
+    demos), -1 (unshuffled bootstrap) and 0 on val; each is a row in optimize.json, in the
+    report and in `copa optimize`'s output, on copa's own 0..1 scale."""
+    run, _, messages = tiny_run
+    summary = json.loads((run.optimize_dir / "optimize.json").read_text())
+    report = (run.dir / "report.md").read_text()
+    for arm in ("prompt_only", "combined"):
+        rows = summary[arm]["candidates"]
+        assert sorted(r["source"] for r in rows) == [f"random search seed {s}"
+                                                     for s in (-1, -2, -3, 0)]
+        scores = [r["val_score"] for r in rows]
+        assert scores == sorted(scores, reverse=True)
+        zero_shot = next(r for r in rows if r["source"] == "random search seed -3")
+        assert zero_shot["demos"] == 0
+        # The zero-shot candidate is the plain program: DSPy's score, rescaled, is copa's.
+        assert zero_shot["val_score"] == pytest.approx(summary[arm]["val_scores"]["plain"])
+    assert report.count("| random search seed -3 |") == 2
+    assert sum("candidates on val" in m for m in messages) == 2
+
+
 def test_test_split_is_never_seen_by_training_or_optimization(tiny_run) -> None:
     run, _, _ = tiny_run
     fields = run.recipe.task.input_fields

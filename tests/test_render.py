@@ -72,6 +72,26 @@ def test_passthrough_typos_are_caught_before_axolotl_drops_them(tmp_path: Path) 
             "(did you mean 'gradient_checkpointing'?)") in result.output
 
 
+@pytest.mark.parametrize("sequence_len, says", [
+    (16, "finetune.sequence_len: every training row is longer than 16 tokens"),
+    (87, "training rows are longer than finetune.sequence_len (87 tokens; longest 88)"),
+])
+def test_rows_longer_than_sequence_len_are_reported_before_axolotl_drops_them(
+        tmp_path: Path, sequence_len: int, says: str) -> None:
+    """Iris rows are 87 or 88 tokens: at 16 none fits (an error naming the key and a length
+    that fits), at 87 some do not (a warning with the count; rendering goes on)."""
+    text = (REPO / "recipes" / "iris.yaml").read_text()
+    assert "  sequence_len: 256\n" in text
+    path = tmp_path / "iris.yaml"
+    path.write_text(text.replace("  sequence_len: 256\n", f"  sequence_len: {sequence_len}\n"))
+    result = CliRunner().invoke(cli, ["render", str(path), "-o", str(tmp_path / "out")])
+    assert says in result.output
+    assert result.exit_code == (2 if sequence_len == 16 else 0), result.output
+    assert (tmp_path / "out" / "axolotl.yml").is_file() == (sequence_len != 16)
+    if sequence_len == 16:
+        assert "write sequence_len: 128" in result.output
+
+
 def _recipe_with(tmp_path: Path, distributed: str) -> object:
     text = (REPO / "recipes" / "iris.yaml").read_text().replace(
         "  seed: 0\n\noptimize", f"  seed: 0\n  distributed: {distributed}\n\noptimize")

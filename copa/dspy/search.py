@@ -16,6 +16,7 @@ from typing import Any
 import dspy
 from dspy.utils.callback import BaseCallback
 
+from copa.dspy.candidates import optimizer_candidates, optimizer_log_params
 from copa.dspy.program import to_examples
 from copa.recipe import Recipe
 from copa.recipe.usercode import import_object
@@ -64,14 +65,16 @@ def feedback_metric(metric: Callable[..., Any], output_field: str) -> Callable[.
 
 
 def build_optimizer(recipe: Recipe, metric: Callable[..., Any], lm: dspy.LM | None = None,
-                    proposer: dspy.LM | None = None, teacher: dspy.LM | None = None) -> Any:
+                    proposer: dspy.LM | None = None, teacher: dspy.LM | None = None,
+                    log_dir: Path | None = None) -> Any:
     """The recipe's optimizer. The LM that writes instructions or reflections (MIPROv2's
     prompt_model, GEPA's reflection_lm) is the recipe's proposer, or else the task's LM with
     its own token budget (optimize.max_tokens): at the task's answer length it would be cut
-    after a few words. A teacher bootstraps demos where the optimizer takes teacher_settings."""
+    after a few words. A teacher bootstraps demos where the optimizer takes teacher_settings.
+    The optimizer keeps its record of candidates (and its files in log_dir) where it can."""
     cls = resolve_optimizer(recipe.optimize.optimizer, recipe.base_dir)
-    params = dict(recipe.optimize.params)
     accepted = inspect.signature(cls.__init__).parameters
+    params = {**optimizer_log_params(accepted, log_dir), **recipe.optimize.params}
     if "num_threads" in accepted and "num_threads" not in params:
         params["num_threads"] = recipe.optimize.num_threads
     if "seed" in accepted and "seed" not in params:
@@ -269,6 +272,7 @@ class PromptResult:
                 "optimized_demos": optimized, "seconds": round(self.seconds, 2),
                 "val_errors": self.val_errors, "lm_errors": self.lm_errors,
                 "kept": program_view(self.program),
+                "candidates": optimizer_candidates(self.optimized),
                 "optimizer_pick": program_view(self.optimized)
                 if self.optimized is not None else None}
 
@@ -285,8 +289,8 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
                     trainset: list[dspy.Example], valset: list[dspy.Example],
                     metric: Callable[..., Any], extra: dict[str, dspy.Module] | None = None,
                     emit: Emit = print, log_path: Path | None = None,
-                    proposer: dspy.LM | None = None,
-                    teacher: dspy.LM | None = None) -> PromptResult:
+                    proposer: dspy.LM | None = None, teacher: dspy.LM | None = None,
+                    log_dir: Path | None = None) -> PromptResult:
     """Run the recipe's optimizer, then keep the best on val of: plain, optimized, extras.
 
     Ties go to the program with fewer demos (cheaper, and what the fine-tune saw). Failed LM
@@ -304,7 +308,7 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
         emit(f"  {recipe.optimize.optimizer} on {len(trainset)} train / {len(valset)} val"
              + (f" (its log: {log_path})" if log_path else ""))
         with dspy_chatter_to(log_path):
-            optimizer = build_optimizer(recipe, metric, lm, proposer, teacher)
+            optimizer = build_optimizer(recipe, metric, lm, proposer, teacher, log_dir)
             candidates["optimized"] = compile_program(optimizer, program.deepcopy(), trainset,
                                                       valset)
         if counter.errors:

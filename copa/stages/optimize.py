@@ -13,6 +13,7 @@ from typing import Any
 
 import dspy
 
+from copa.dspy.candidates import candidate_table
 from copa.dspy.kit import TaskKit, base_model_path, model_lm, task_kit
 from copa.dspy.roles import role_lm
 from copa.dspy.search import PromptResult, prompt_optimize, with_demos
@@ -43,11 +44,16 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
             result = prompt_optimize(recipe, kit.program, lm, kit.adapter, kit.trainset,
                                      kit.valset, kit.metric, extra, emit=run.emit,
                                      log_path=out / f"dspy-{arm}.log", proposer=proposer,
-                                     teacher=teacher)
+                                     teacher=teacher, log_dir=out / f"optimizer-{arm}")
         for view in result.summary()["kept"]:
             run.emit(f"  kept instruction ({view['predictor']}): "
                      f"{' '.join(view['instructions'].split())[:200]!r}, "
                      f"{len(view['demos'])} demos")
+        candidates = result.summary()["candidates"]
+        if candidates:
+            run.emit(f"  the optimizer scored {len(candidates)} candidates on val:")
+            for line in candidate_table(candidates):
+                run.emit(f"    {line}")
     else:
         result = PromptResult(kit.program.deepcopy(), "plain")
     _save_program(result.program, out / f"program_{arm}.json")

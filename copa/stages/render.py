@@ -107,6 +107,7 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     if base_model is None:
         emit(f"resolving model {recipe.model.base}")
         base_model = resolve_model(recipe.model.base, recipe.base_dir)
+    too_long_rows(rows, base_model, recipe, label, emit)
     hardware = hardware or backend.Hardware.detect()
     config = backend.render_config(recipe, base_model, out_dir / "train.jsonl", work_dir,
                                    hardware)
@@ -120,6 +121,39 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     config_path = out_dir / "axolotl.yml"
     backend.write_config(config, config_path)
     return Rendered(dir=out_dir, config_path=config_path, train_rows=len(rows), demos=demos)
+
+
+def too_long_rows(rows: Sequence[dict], model_path: str, recipe: Recipe, label: str,
+                  emit: Callable[[str], None]) -> int:
+    """How many training rows are longer than finetune.sequence_len in the model's own tokens.
+    Axolotl drops such rows without a word (and fails deep inside when it drops them all), so
+    copa says it here: a warning for some, a recipe error for all."""
+    if not rows or not recipe.finetune.enabled:
+        return 0
+    import transformers
+
+    from copa.recipe import RecipeError
+    from copa.recipe.schema import Problem
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_path, trust_remote_code=recipe.model.trust_remote_code)
+    limit = recipe.finetune.sequence_len
+    lengths = [len(tokenizer.apply_chat_template(row["messages"], tokenize=True,
+                                                 return_dict=True)["input_ids"])
+               for row in rows]
+    over = sum(n > limit for n in lengths)
+    if over == len(rows):
+        fits = 1 << (max(lengths) - 1).bit_length()
+        raise RecipeError([Problem(
+            file=label, path="finetune.sequence_len",
+            message=f"every training row is longer than {limit} tokens (shortest "
+                    f"{min(lengths)}, longest {max(lengths)}), and Axolotl would drop them all; "
+                    f"write sequence_len: {fits}")])
+    if over:
+        emit(f"  warning: {over} of {len(rows)} training rows are longer than "
+             f"finetune.sequence_len ({limit} tokens; longest {max(lengths)}): Axolotl drops "
+             "them. Raise sequence_len to train on them.")
+    return over
 
 
 def steps_for(recipe: Recipe, train_rows: int) -> int:

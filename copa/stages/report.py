@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from copa.dspy.candidates import candidate_table
 from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 ARM_LABELS = {"baseline": "baseline (base model, plain prompt)",
@@ -70,12 +71,20 @@ def markdown(report: dict[str, Any]) -> str:
         for view in info.get("kept") or []:
             lines.append(f"  - instruction kept ({view['predictor']}): "
                          f"\"{_one_line(view['instructions'])}\"; {len(view['demos'])} demos")
+            for demo in view["demos"]:
+                shown = "; ".join(f"{k}: {_one_line(v)}" for k, v in demo.items())
+                lines.append(f"    - demo: {shown}")
         pick = info.get("optimizer_pick") or []
         kept = info.get("kept") or []
         for view, mine in zip(pick, kept):
             if view["instructions"] != mine["instructions"]:
                 lines.append(f"  - the optimizer proposed ({view['predictor']}): "
                              f"\"{_one_line(view['instructions'])}\"")
+        table = candidate_table(info.get("candidates") or [])
+        if table:
+            lines.append(f"  - every candidate the optimizer scored on val "
+                         f"({len(info['candidates'])}):")
+            lines += ["", *(f"    {row}" for row in table), ""]
         failed = {k: v for k, v in info.get("val_errors", {}).items() if v}
         if failed or info.get("lm_errors"):
             lines.append(f"  - failed calls: {info.get('lm_errors', 0)} while optimizing; on val "
