@@ -116,3 +116,23 @@ def test_gepa_runs_from_a_recipe_with_a_reflection_model(tmp_path: Path,
     assert "Iteration 1: Selected program" in log  # GEPA's loop ran, reflecting
     summary = json.loads((run.optimize_dir / "optimize.json").read_text())
     assert set(summary["prompt_only"]["val_scores"]) == {"plain", "optimized"}
+
+
+def test_a_small_proposers_answer_is_kept_as_its_whole_sentences() -> None:
+    """A 135M proposer often writes no `[[ ## ... ## ]]` markers, or is cut off by max_tokens
+    mid-sentence: ChatAdapter would fail MIPROv2's whole run on it (seen on Iris). The writer
+    adapter takes a one-field text answer as the text and keeps its whole sentences."""
+    from dspy.utils.exceptions import AdapterParseError
+
+    from copa.dspy.adapter import WriterAdapter
+
+    writer = WriterAdapter()
+    proposal = dspy.Signature("basic_instruction -> proposed_instruction")
+    assert writer.parse(proposal, "Classify the message into its intent. Answer with the") == {
+        "proposed_instruction": "Classify the message into its intent."}
+    marked = "[[ ## proposed_instruction ## ]]\nName the species.\n\n[[ ## completed ## ]]"
+    assert writer.parse(proposal, marked) == {"proposed_instruction": "Name the species."}
+    assert writer.parse(proposal, "no sentence ends") == {
+        "proposed_instruction": "no sentence ends"}
+    with pytest.raises(AdapterParseError):  # two fields: no guessing which text is which
+        writer.parse(dspy.Signature("question -> reasoning, answer"), "Some text.")

@@ -5,16 +5,51 @@ sends at inference are, by construction, the ones the model was fine-tuned on.
 
 Only the task's own signature goes through the template. The other signatures an optimizer runs
 (MIPROv2's instruction proposer, GEPA's reflection, dataset summaries) have other fields and
-need DSPy's own formatting: they go to ChatAdapter (which falls back to JSONAdapter itself).
+need DSPy's own formatting: they go to `WriterAdapter`, DSPy's ChatAdapter (with its JSONAdapter
+fallback) made lenient where a small model needs it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import dspy
+from dspy.utils.exceptions import AdapterParseError
 
 from copa.prompting import PromptSpec, build_messages, parse_completion, training_row
+
+_MARKER = re.compile(r"\[\[ ## \w+ ## \]\]")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+def whole_sentences(text: str) -> str:
+    """The text up to the end of its last whole sentence, with ChatAdapter's field markers and
+    runs of whitespace removed; "" when no sentence ends in it."""
+    text = " ".join(_MARKER.sub(" ", text).split())
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[:ends[-1]] if ends else ""
+
+
+class WriterAdapter(dspy.ChatAdapter):
+    """ChatAdapter for the signatures an optimizer writes with (MIPROv2's instruction proposals
+    and summaries). A small proposer often answers without ChatAdapter's field markers, or is
+    cut off by max_tokens mid-word; for a one-field text answer this adapter takes the text
+    itself and keeps its whole sentences, where ChatAdapter would fail the optimizer's run."""
+
+    def parse(self, signature: type[dspy.Signature], completion: str) -> dict[str, Any]:
+        fields = signature.output_fields
+        one_text = len(fields) == 1 and next(iter(fields.values())).annotation is str
+        try:
+            parsed = super().parse(signature, completion)
+        except AdapterParseError:
+            if not one_text:
+                raise
+            parsed = {next(iter(fields)): completion}
+        if one_text:
+            name = next(iter(fields))
+            parsed[name] = whole_sentences(parsed[name]) or " ".join(parsed[name].split())
+        return parsed
 
 
 class TemplateAdapter(dspy.Adapter):
@@ -23,7 +58,7 @@ class TemplateAdapter(dspy.Adapter):
     def __init__(self, spec: PromptSpec, other: dspy.Adapter | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.spec = spec
-        self.other = other or dspy.ChatAdapter()
+        self.other = other or WriterAdapter()
 
     def is_task(self, signature: type[dspy.Signature]) -> bool:
         """The task's signature (its inputs, its outputs, maybe ChainOfThought's reasoning),
