@@ -9,7 +9,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["COPAOptimizer", "load_recipe", "run", "__version__"]
+__all__ = ["AxolotlProvider", "COPAOptimizer", "lm", "load_recipe", "run", "__version__"]
 
 
 def run(recipe: str, **kwargs: Any) -> Any:
@@ -25,9 +25,22 @@ def load_recipe(path: str, **kwargs: Any) -> Any:
     return load(path, **kwargs)
 
 
+def lm(model: str, **kwargs: Any) -> Any:
+    """A dspy.LM on copa's engine whose provider is AxolotlProvider, so DSPy's weight
+    optimizers (BootstrapFinetune, BetterTogether) fine-tune it with Axolotl:
+    `copa.lm("smollm2-135m-instruct", recipe="recipes/iris.yaml")`. See copa.provider.lm."""
+    from copa.provider.lm import provider_lm
+
+    return provider_lm(model, **kwargs)
+
+
 def __getattr__(name: str) -> Any:
     if name == "COPAOptimizer":
         from copa.optimizer import COPAOptimizer
 
         return COPAOptimizer
+    if name == "AxolotlProvider":
+        from copa.provider.lm import AxolotlProvider
+
+        return AxolotlProvider
     raise AttributeError(name)

@@ -207,7 +207,12 @@ def build_messages(spec: PromptSpec, inputs: Mapping[str, Any],
 def training_row(spec: PromptSpec, example: Mapping[str, Any],
                  demos: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """An Axolotl `chat_template` row; loss only on the final assistant turn (the target)."""
-    messages = build_messages(spec, example, demos, target=example)
+    return target_row(build_messages(spec, example, demos, target=example))
+
+
+def target_row(messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+    """Chat messages as an Axolotl `chat_template` row that trains on its final turn alone (the
+    answer; earlier turns, demos included, are context)."""
     last = len(messages) - 1
     return {"messages": [{**m, "training": i == last} for i, m in enumerate(messages)]}
 

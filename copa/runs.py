@@ -36,6 +36,7 @@ from copa.data import data_identity
 from copa.files import atomic_write_json, sha256_file, sha256_json
 from copa.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_section_dict
 from copa.recipe.checks import Checked, check_recipe
+from copa.recipe.schema import DEFAULT_STRATEGY
 
 Emit = Callable[[str], None]
 
@@ -256,8 +257,10 @@ def stage_key(run: Run, stage: str) -> str:
     if stage == "merge":
         return sha256_json([run.keys["train"], v["axolotl"]])
     if stage == "optimize":
-        return sha256_json([run.keys.get("merge"), recipe_section_dict(r, "model", "task",
-                                                                       "optimize", "serve"),
+        sections = ["model", "task", "optimize", "serve"]
+        if r.optimize.strategy != DEFAULT_STRATEGY:  # BetterTogether's "w" fine-tunes in here
+            sections += ["finetune"]
+        return sha256_json([run.keys.get("merge"), recipe_section_dict(r, *sections),
                             r.evaluate.metric, r.evaluate.max_tokens, _template_text(run),
                             sha256_file(run.rendered / "splits" / "train.jsonl"),
                             sha256_file(run.rendered / "splits" / "val.jsonl"),

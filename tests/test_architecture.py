@@ -23,9 +23,12 @@ FORBIDDEN = [
     ("copa.backends", "copa.pipeline"), ("copa.inference", "copa.stages"),
     ("copa.inference", "copa.pipeline"), ("copa.inference", "copa.dspy"),
     ("copa.dspy", "copa.stages"), ("copa.dspy", "copa.pipeline"), ("copa.dspy", "copa.runs"),
+    ("copa.provider", "copa.stages"), ("copa.provider", "copa.pipeline"),
+    ("copa.provider", "copa.optimizer"), ("copa.backends", "copa.provider"),
+    ("copa.inference", "copa.provider"), ("copa.dspy", "copa.provider"),
     *[(light, up) for light in ("copa.recipe", "copa.data", "copa.prompting")
       for up in ("copa.stages", "copa.pipeline", "copa.runs", "copa.dspy", "copa.inference",
-                 "copa.backends", "copa.optimizer")],
+                 "copa.backends", "copa.optimizer", "copa.provider")],
 ]
 
 

@@ -11,11 +11,13 @@ from typing import Any, Protocol
 class Backend(Protocol):
     name: str
 
+    # on_process: gets each subprocess the backend starts (a caller may kill it to cancel)
     def train(self, recipe: Any, config_path: Path, work_dir: Path,
-              emit: Callable[[str], None], total_steps: int | None) -> Path: ...
+              emit: Callable[[str], None], total_steps: int | None,
+              on_process: Callable[[Any], None] | None = None) -> Path: ...
 
     def merge(self, config_path: Path, adapter_dir: Path, merged_dir: Path,
-              work_dir: Path) -> Path: ...
+              work_dir: Path, on_process: Callable[[Any], None] | None = None) -> Path: ...
 
 
 class AxolotlBackend:
@@ -24,16 +26,19 @@ class AxolotlBackend:
     name = "axolotl"
 
     def train(self, recipe: Any, config_path: Path, work_dir: Path,
-              emit: Callable[[str], None], total_steps: int | None) -> Path:
+              emit: Callable[[str], None], total_steps: int | None,
+              on_process: Callable[[Any], None] | None = None) -> Path:
         from copa.backends import axolotl
 
-        return axolotl.train(recipe, config_path, work_dir, emit=emit, total_steps=total_steps)
+        return axolotl.train(recipe, config_path, work_dir, emit=emit, total_steps=total_steps,
+                             on_process=on_process)
 
     def merge(self, config_path: Path, adapter_dir: Path, merged_dir: Path,
-              work_dir: Path) -> Path:
+              work_dir: Path, on_process: Callable[[Any], None] | None = None) -> Path:
         from copa.backends import axolotl
 
-        return axolotl.merge(config_path, adapter_dir, merged_dir, work_dir)
+        return axolotl.merge(config_path, adapter_dir, merged_dir, work_dir,
+                             on_process=on_process)
 
 
 def get_backend(name: str = "axolotl") -> Backend:

@@ -199,6 +199,32 @@ def validate_config(config: dict[str, Any], label: str) -> None:
                                    message=f"Axolotl rejects the config: {exc}")]) from None
 
 
+def checked_config(recipe: Recipe, base_model: str, train_path: Path, work_dir: Path,
+                   hardware: Hardware | None = None, label: str | None = None,
+                   validate: bool = True) -> dict[str, Any]:
+    """The Axolotl config for training `base_model` on the rows at train_path, checked as
+    every copa config is (finetune.axolotl keys, then Axolotl's own validation)."""
+    config = render_config(recipe, base_model, train_path, work_dir,
+                           hardware or Hardware.detect())
+    if validate:
+        label = label or (str(recipe.source_path) if recipe.source_path else "<recipe>")
+        problems = check_passthrough(recipe, label)
+        if problems:
+            raise RecipeError(problems)
+        validate_config(config, label)
+    return config
+
+
+def steps_for(recipe: Recipe, train_rows: int) -> int:
+    """How many optimizer steps training will take (for progress ETA and checkpoints)."""
+    ft = recipe.finetune
+    if ft.max_steps:
+        return ft.max_steps
+    per_step = ft.micro_batch_size * ft.gradient_accumulation_steps
+    per_epoch = max(1, -(-train_rows // per_step))
+    return max(1, int(per_epoch * (ft.num_epochs or 1)))
+
+
 def write_config(config: dict[str, Any], path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False, width=100))
 
@@ -223,9 +249,14 @@ _NOISE = re.compile(r"warn|torchao|_C_mxfp8|kernels-community|FutureWarning|tele
                     re.IGNORECASE)
 
 
+OnProcess = Callable[[subprocess.Popen], None]
+
+
 def run_logged(cmd: list[str], log_path: Path, on_line: Callable[[str], None] | None = None,
-               what: str = "axolotl", env: dict[str, str] | None = None) -> None:
-    """Run a command, teeing its output to a log; raise TrainError with the last useful lines."""
+               what: str = "axolotl", env: dict[str, str] | None = None,
+               on_process: OnProcess | None = None) -> None:
+    """Run a command, teeing its output to a log; raise TrainError with the last useful lines.
+    on_process gets the running process (its own session: kill its group to stop it all)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=400)
     with open(log_path, "a", encoding="utf-8") as log:
@@ -235,6 +266,8 @@ def run_logged(cmd: list[str], log_path: Path, on_line: Callable[[str], None] | 
                                 text=True, errors="replace", env=env or subprocess_env(),
                                 start_new_session=True)
         try:
+            if on_process:
+                on_process(proc)
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
@@ -281,7 +314,8 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 
 
 def train(recipe: Recipe, config_path: Path, work_dir: Path,
-          emit: Callable[[str], None] = print, total_steps: int | None = None) -> Path:
+          emit: Callable[[str], None] = print, total_steps: int | None = None,
+          on_process: OnProcess | None = None) -> Path:
     """Run `axolotl train`; resume from the last checkpoint if a previous run was killed.
 
     Returns the adapter folder (adapter_config.json + adapter weights).
@@ -300,7 +334,7 @@ def train(recipe: Recipe, config_path: Path, work_dir: Path,
         # several processes each train alone ("not parallel") instead of as one gloo group.
         env.setdefault("ACCELERATE_USE_CPU", "true")
     with TrainingProgress(work_dir / "progress.jsonl", emit, total_steps):
-        run_logged(cmd, log_path, what="axolotl train", env=env)
+        run_logged(cmd, log_path, what="axolotl train", env=env, on_process=on_process)
     adapter = output_dir
     if not (adapter / "adapter_config.json").is_file():
         raise TrainError("axolotl train finished but wrote no adapter_config.json",
@@ -309,7 +343,8 @@ def train(recipe: Recipe, config_path: Path, work_dir: Path,
     return adapter
 
 
-def merge(config_path: Path, adapter_dir: Path, merged_dir: Path, work_dir: Path) -> Path:
+def merge(config_path: Path, adapter_dir: Path, merged_dir: Path, work_dir: Path,
+          on_process: OnProcess | None = None) -> Path:
     """Run `axolotl merge-lora` and move its output to `merged_dir` (atomically)."""
     log_path = work_dir / "axolotl-merge.log"
     config = yaml.safe_load(config_path.read_text())
@@ -320,7 +355,7 @@ def merge(config_path: Path, adapter_dir: Path, merged_dir: Path, work_dir: Path
            f"--lora-model-dir={adapter_dir}", f"--output-dir={scratch}"]
     if config.get("load_in_4bit"):
         cmd.append("--dequant")
-    run_logged(cmd, log_path, what="axolotl merge-lora")
+    run_logged(cmd, log_path, what="axolotl merge-lora", on_process=on_process)
     produced = scratch / "merged"
     if not (produced / "config.json").is_file():
         raise TrainError("axolotl merge-lora wrote no merged model", log=log_path)

@@ -114,3 +114,24 @@ class TemplateAdapter(dspy.Adapter):
         row = training_row(spec, example, self._complete_demos(signature, demos))
         return {"messages": [{"role": m["role"], "content": m["content"]}
                              for m in row["messages"]]}
+
+
+class ChatRowsAdapter(dspy.ChatAdapter):
+    """What DSPy's BootstrapFinetune formats its training rows with. It accepts only a
+    ChatAdapter (it infers the data format from the class); this one writes each row with the
+    adapter the program runs under (copa's TemplateAdapter), so training and inference share
+    one format."""
+
+    def __init__(self, adapter: dspy.Adapter, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.adapter = adapter
+
+    def format_finetune_data(self, signature: type[dspy.Signature],
+                             demos: list[dict[str, Any]], inputs: dict[str, Any],
+                             outputs: dict[str, Any]) -> dict[str, list[Any]]:
+        return self.adapter.format_finetune_data(signature, demos, inputs, outputs)
+
+
+def finetune_rows_adapter(adapter: dspy.Adapter) -> dspy.ChatAdapter:
+    """The adapter to give BootstrapFinetune for a program that runs under `adapter`."""
+    return adapter if isinstance(adapter, dspy.ChatAdapter) else ChatRowsAdapter(adapter)

@@ -323,6 +323,21 @@ def make_lm(model_path: str, name: str, max_batch_size: int = 8, batch_wait_ms: 
                    cache=cache_tag is not None, max_tokens=max_tokens)
 
 
+def release_model(model_path: str) -> bool:
+    """Close every engine on a model folder and drop the loaded model (frees its memory); the
+    next get_engine loads it again. False when nothing was loaded."""
+    path = str(model_path)
+    with _ENGINES_LOCK:
+        keys = [key for key in _ENGINES if key[0] == path]
+        engines = [_ENGINES.pop(key) for key in keys]
+        models = [key for key in _MODELS if key[0] == path]
+        for key in models:
+            del _MODELS[key]
+    for engine in engines:
+        engine.close()
+    return bool(engines or models)
+
+
 def close_all() -> None:
     """Stop every engine's worker and drop the loaded models (frees their memory)."""
     with _ENGINES_LOCK:

@@ -11,6 +11,7 @@ from copa.data import Splits, load_splits
 from copa.models import check_model
 from copa.prompting import PromptError, PromptSpec, build_messages, spec_from_recipe
 from copa.recipe import Problem, Recipe, RecipeError
+from copa.recipe.schema import DEFAULT_STRATEGY
 from copa.recipe.usercode import user_code_problems
 
 
@@ -68,10 +69,41 @@ def serve_problems(recipe: Recipe, label: str) -> list[Problem]:
     return [Problem(file=label, path="serve.models", message=message)]
 
 
+def strategy_problems(recipe: Recipe, label: str) -> list[Problem]:
+    """optimize.strategy (BetterTogether) against the keys that also say how fine-tuning and
+    prompting meet: the older optimize.order, finetune.demos, and who serves the models."""
+    opt, ft = recipe.optimize, recipe.finetune
+    if opt.strategy == DEFAULT_STRATEGY:
+        if ft.demos == "program":
+            return [Problem(file=label, path="finetune.demos", message=(
+                "'program' keeps a BetterTogether program's demos in its training rows: it needs "
+                "optimize.strategy such as 'p -> w'; write 'none' or 'fixed' here"))]
+        return []
+    problems = []
+    if opt.order != "w->p":
+        problems.append(Problem(file=label, path="optimize.order", message=(
+            f"optimize.strategy '{opt.strategy}' says the order of prompts and weights, and "
+            "supersedes optimize.order: drop 'order' (order: p->w is copa's own demo-aware "
+            "fine-tune, for the default strategy 'w -> p')")))
+    if not ft.enabled:
+        problems.append(Problem(file=label, path="optimize.strategy", message=(
+            f"'{opt.strategy}' fine-tunes ('w') but finetune.enabled is false: enable it, or "
+            "remove optimize.strategy")))
+    if ft.demos == "fixed":
+        problems.append(Problem(file=label, path="finetune.demos", message=(
+            "'fixed' is for the default strategy 'w -> p'; with a strategy write 'none' "
+            "(training rows carry no demos) or 'program' (they carry the program's demos)")))
+    if recipe.serve.engine == "openai":
+        problems.append(Problem(file=label, path="serve.engine", message=(
+            f"optimize.strategy '{opt.strategy}' makes new fine-tunes your server cannot know: "
+            "use engine local, vllm or transformers")))
+    return problems
+
+
 def check_recipe(recipe: Recipe) -> Checked:
     """Everything a run needs, checked before any training; raises RecipeError with all problems."""
     label = _label(recipe)
-    problems: list[Problem] = serve_problems(recipe, label)
+    problems: list[Problem] = serve_problems(recipe, label) + strategy_problems(recipe, label)
     model_problem = check_model(recipe.model.base, recipe.base_dir)
     if model_problem:
         problems.append(Problem(file=label, path="model.base", message=model_problem))

@@ -17,6 +17,7 @@ ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
 BUILTIN_METRICS = ("exact_match", "label_accuracy", "gsm8k_answer", "token_f1")
 FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 USER_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+DEFAULT_STRATEGY = "w -> p"  # copa's own pipeline: fine-tune, then prompts on the merged model
 
 
 class Problem(BaseModel):
@@ -172,10 +173,11 @@ class FinetuneSection(_Section):
     seed: int = 0
     save_steps: int = Field(25, description="Checkpoint every N steps (what a killed run resumes "
                             "from).")
-    demos: Literal["none", "fixed"] = Field(
+    demos: Literal["none", "fixed", "program"] = Field(
         "none",
         description="Demo-aware fine-tuning: 'fixed' puts the demo set the prompt stage will use "
-        "into every training row, rendered exactly as at inference.",
+        "into every training row, rendered exactly as at inference; 'program' (with "
+        "optimize.strategy) keeps the demos the program holds at each 'w' step in its rows.",
     )
     num_demos: int = 3
     distributed: DistributedSection = Field(default_factory=DistributedSection)
@@ -268,6 +270,10 @@ class OptimizeSection(_Section):
     )
     params: dict[str, Any] = Field(default_factory=dict)
     order: Literal["w->p", "p->w"] = "w->p"
+    strategy: str = Field(
+        DEFAULT_STRATEGY, description="'w -> p': copa's own pipeline; any other BetterTogether "
+        "strategy ('p -> w', 'p -> w -> p') runs BetterTogether with the recipe's optimizer as "
+        "'p' and BootstrapFinetune through Axolotl as 'w'.")
     guard: bool = Field(
         True,
         description="Keep the plain program if prompt optimization does not beat it on val.",
@@ -291,6 +297,11 @@ class OptimizeSection(_Section):
         if not (FIELD_NAME.match(value) or USER_CODE.match(value)):
             raise ValueError("must be a DSPy optimizer name such as 'MIPROv2' or 'pkg.mod:Class'")
         return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        return normalize_strategy(value)
 
 
 class EvaluateSection(_Section):
@@ -408,6 +419,15 @@ class Recipe(_Section):
         """A path from the recipe, relative to the recipe file's folder."""
         path = Path(os.path.expanduser(value))
         return path if path.is_absolute() else (self.base_dir / path)
+
+
+def normalize_strategy(strategy: str) -> str:
+    """'p->w ->p' -> 'p -> w -> p' (BetterTogether splits on ' -> '); raises ValueError."""
+    steps = [step.strip() for step in str(strategy).split("->")]
+    if not all(step in ("p", "w") for step in steps) or "w" not in steps:
+        raise ValueError(f"{strategy!r} is not a strategy: write steps 'p' (prompts) and 'w' "
+                         "(weights) joined by '->', with at least one 'w', e.g. 'p -> w -> p'")
+    return " -> ".join(steps)
 
 
 def parse_signature(signature: str) -> tuple[list[str], list[str]]:

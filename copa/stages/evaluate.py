@@ -16,13 +16,16 @@ ARM_MODELS = {"baseline": "base", "prompt_only": "base", "finetune_only": "merge
               "combined": "merged"}
 
 
-def arm_key(run: Any, arm: str, program: Any) -> str:
+def arm_key(run: Any, arm: str, program: Any, model_dir: str | None = None) -> str:
     """What an arm's predictions depend on: its program (demos, instructions), its model, the
-    test rows, the prompt template and the evaluation settings."""
+    test rows, the prompt template and the evaluation settings. model_dir: a model the
+    optimize stage chose (a strategy's pick), keyed with that stage's key."""
     from copa.files import sha256_file, sha256_json
 
     recipe = run.recipe
     model = "base" if ARM_MODELS[arm] == "base" else run.keys.get("merge", "merged")
+    if model_dir is not None:
+        model = [model_dir, run.keys.get("optimize")]
     settings = recipe.model_dump(mode="json")["evaluate"]
     settings.pop("max_errors")  # the error budget changes no prediction
     return sha256_json([arm, json.dumps(program.dump_state(), sort_keys=True, default=str),
@@ -100,10 +103,18 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     predictions_dir = run.dir / "predictions"
     field = recipe.task.output_fields[-1]
+    optimize_info = {}
+    opt_path = run.optimize_dir / "optimize.json"
+    if opt_path.is_file():
+        optimize_info = json.loads(opt_path.read_text())
     for arm in arms:
         model_path = base_model_path(recipe) if ARM_MODELS[arm] == "base" else str(run.merged)
+        # optimize.strategy: the combined arm runs on the model of BetterTogether's pick
+        chosen = optimize_info.get(arm, {}).get("model")
+        if chosen:
+            model_path = chosen
         program = _program_for(run, arm, kit)
-        key = arm_key(run, arm, program)
+        key = arm_key(run, arm, program, chosen)
         cached = _cached_scores(predictions_dir, arm, key)
         if cached is not None:
             # Same program, model, test rows and settings as last time: the same predictions.
@@ -158,10 +169,6 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     reason = _unfair_synergy_reason(run)
     if reason and "synergy" in summary:
         summary["synergy"] = not_comparable(summary["synergy"], reason)
-    optimize_info = {}
-    opt_path = run.optimize_dir / "optimize.json"
-    if opt_path.is_file():
-        optimize_info = json.loads(opt_path.read_text())
     # The manifest lists stages in the order they first ran.
     recorded = run.manifest.data.get("stages", {})
     stage_seconds = {name: entry["seconds"] for name, entry in recorded.items()
@@ -178,7 +185,8 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
         "versions": versions(),
         "settings": {
             "model": recipe.model.base, "optimizer": recipe.optimize.optimizer,
-            "order": recipe.optimize.order, "finetune_demos": recipe.finetune.demos,
+            "order": recipe.optimize.order, "strategy": recipe.optimize.strategy,
+            "finetune_demos": recipe.finetune.demos,
             "adapter": recipe.optimize.adapter, "seed": recipe.finetune.seed,
         },
     }

@@ -1,7 +1,9 @@
 """The optimize stage: prompt-optimize the task program on the base model (prompt_only) and on
 the merged model (combined), and save each program with DSPy's own save.
 
-With `optimize.order: p->w` the render stage calls `prompt_first` before fine-tuning.
+With `optimize.order: p->w` the render stage calls `prompt_first` before fine-tuning. With an
+`optimize.strategy` other than "w -> p", the combined arm is BetterTogether's
+(copa.stages.strategy).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from copa.dspy.roles import role_lm
 from copa.dspy.search import PromptResult, prompt_optimize, with_demos
 from copa.files import atomic_write_json
 from copa.recipe import Recipe
+from copa.recipe.schema import DEFAULT_STRATEGY
 
 
 def _save_program(program: dspy.Module, path: Path) -> None:
@@ -102,7 +105,12 @@ def optimize_stage(run: Any) -> dict[str, Any]:
             summary["prompt_only"] = _optimize_arm(run, kit, "prompt_only",
                                                    base_model_path(recipe), "base", {}).summary()
         artifacts["prompt_only"] = str(out / "program_prompt_only.json")
-    if "combined" in arms and run.finetunes:
+    if "combined" in arms and run.finetunes and recipe.optimize.strategy != DEFAULT_STRATEGY:
+        from copa.stages.strategy import strategy_arm  # BetterTogether: its own "p" and "w"
+
+        summary["combined"] = strategy_arm(run, kit, _save_program)
+        artifacts["combined"] = str(out / "program_combined.json")
+    elif "combined" in arms and run.finetunes:
         extra = {}
         if fixed_demos:
             # The demo set the model was fine-tuned with is a candidate of its own.

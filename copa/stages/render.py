@@ -103,21 +103,13 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     atomic_write_text(out_dir / "demos.json", json.dumps(demos, indent=2) + "\n")
     atomic_write_text(out_dir / "prompt_preview.txt", preview(spec, splits.train[:2]))
 
-    label = str(recipe.source_path) if recipe.source_path else "<recipe>"
     if base_model is None:
         emit(f"resolving model {recipe.model.base}")
         base_model = resolve_model(recipe.model.base, recipe.base_dir)
+    label = str(recipe.source_path) if recipe.source_path else "<recipe>"
     too_long_rows(rows, base_model, recipe, label, emit)
-    hardware = hardware or backend.Hardware.detect()
-    config = backend.render_config(recipe, base_model, out_dir / "train.jsonl", work_dir,
-                                   hardware)
-    if validate_axolotl:
-        from copa.recipe import RecipeError
-
-        problems = backend.check_passthrough(recipe, label)
-        if problems:
-            raise RecipeError(problems)
-        backend.validate_config(config, label)
+    config = backend.checked_config(recipe, base_model, out_dir / "train.jsonl", work_dir,
+                                    hardware, validate=validate_axolotl)
     config_path = out_dir / "axolotl.yml"
     backend.write_config(config, config_path)
     return Rendered(dir=out_dir, config_path=config_path, train_rows=len(rows), demos=demos)
@@ -157,10 +149,7 @@ def too_long_rows(rows: Sequence[dict], model_path: str, recipe: Recipe, label: 
 
 
 def steps_for(recipe: Recipe, train_rows: int) -> int:
-    """How many optimizer steps training will take (for progress ETA and checkpoints)."""
-    ft = recipe.finetune
-    if ft.max_steps:
-        return ft.max_steps
-    per_step = ft.micro_batch_size * ft.gradient_accumulation_steps
-    per_epoch = max(1, -(-train_rows // per_step))
-    return max(1, int(per_epoch * (ft.num_epochs or 1)))
+    """How many optimizer steps training will take (the backend's count, for the train stage)."""
+    from copa.backends.axolotl import steps_for as backend_steps
+
+    return backend_steps(recipe, train_rows)

@@ -63,6 +63,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- **Synergy** (combined − max(fine-tune-only, prompt-only)): "
                      f"{_pct(syn['value'])} points, 95% CI [{_pct(lo)}, {_pct(hi)}]: {verdict}")
     for arm, info in report.get("prompt_optimization", {}).items():
+        if info.get("candidates"):
+            lines.extend(strategy_lines(arm, info))
+            continue
         scores = ", ".join(f"{k} {_pct(v)}" for k, v in info.get("val_scores", {}).items())
         offered = info.get("optimized_demos")
         offered = f"; the optimizer's pick had {offered} demos" if offered is not None else ""
@@ -96,6 +99,24 @@ def markdown(report: dict[str, Any]) -> str:
     v = report.get("versions", {})
     lines.append("- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
     return "\n".join(lines) + "\n"
+
+
+def strategy_lines(arm: str, info: dict[str, Any]) -> list[str]:
+    """An arm optimized by BetterTogether (optimize.strategy): every candidate it scored."""
+    carried = info.get("training_rows_carried_demos")
+    rows = "the program's demos" if carried else "no demos"
+    lines = [f"- BetterTogether `{info.get('strategy')}` for {arm}: picked "
+             f"**{info.get('winner')}** on val; the fine-tunes' training rows carried {rows} "
+             f"(BootstrapFinetune exclude_demos={not carried})"]
+    for candidate in info["candidates"]:
+        score = candidate.get("val_score")
+        shown = "n/a" if score is None else _pct(score)
+        lines.append(f"  - candidate `{candidate['strategy']}`: val {shown}, "
+                     f"{candidate.get('demos', 0)} demos, model {candidate.get('model')}")
+    for job in info.get("finetunes") or []:
+        lines.append(f"  - fine-tune {job['key']}: {job['rows']} rows on {job['base_model']}, "
+                     + ("reused" if job.get("reused") else f"{job.get('seconds', 0):.0f}s"))
+    return lines
 
 
 def plot(report: dict[str, Any]) -> bytes:
