@@ -260,7 +260,10 @@ def stage_key(run: Run, stage: str) -> str:
         sections = ["model", "task", "optimize", "serve"]
         if r.optimize.strategy != DEFAULT_STRATEGY:  # BetterTogether's "w" fine-tunes in here
             sections += ["finetune"]
-        return sha256_json([run.keys.get("merge"), recipe_section_dict(r, *sections),
+        content = recipe_section_dict(r, *sections)
+        if r.optimize.strategy == DEFAULT_STRATEGY:  # keys of runs made before strategy existed
+            content["optimize"].pop("strategy", None)
+        return sha256_json([run.keys.get("merge"), content,
                             r.evaluate.metric, r.evaluate.max_tokens, _template_text(run),
                             sha256_file(run.rendered / "splits" / "train.jsonl"),
                             sha256_file(run.rendered / "splits" / "val.jsonl"),
