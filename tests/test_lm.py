@@ -101,11 +101,12 @@ def test_batch_invariance_is_active(tiny: LocalModel) -> None:
     if tiny.device == "cpu":
         assert tiny.batch_invariant
         # The mode the model got is the one this CPU needs: MKL's own GEMM where strict mode
-        # makes rows independent (Intel), padded or blocked rows where it does not (AMD).
+        # makes rows independent (Intel), a row floor, padded or blocked rows where it does not
+        # (AMD).
         if lm_mod.matmul_is_batch_invariant():
             assert tiny.gemm == "native"
         else:
-            assert tiny.gemm in ("padded", "blocked")
+            assert tiny.gemm in ("floor4", "floor8", "padded", "blocked")
         linears = [m for m in tiny.model.modules() if isinstance(m, torch.nn.Linear)]
         patched = ["forward" in vars(m) for m in linears]
         assert all(patched) if tiny.gemm != "native" else not any(patched)
@@ -130,6 +131,10 @@ def test_blocked_linear_rows_do_not_depend_on_their_batch_mates() -> None:
         part = rowgemm.blocked_linear(x[:, start:start + rows], weight, bias)
         assert torch.equal(part, full[:, start:start + rows]), (start, rows)
     assert rowgemm.rows_independent(rowgemm.blocked_linear, 576, 1536)
+    # A row floor computes the same values; below the floor a call keeps its own row count.
+    floor4 = rowgemm.MODES["floor4"]
+    torch.testing.assert_close(floor4(x, weight, bias), full)
+    assert floor4(x[:, :2], weight, bias).shape == (1, 2, 96)
 
 
 def test_chat_end_of_turn_ends_an_answer(tiny: LocalModel) -> None:

@@ -159,7 +159,7 @@ class LocalModel:
         # and nothing here claims otherwise.
         self.gemm = rowgemm.choose(rowgemm.linear_shapes(self.model)) \
             if self.device == "cpu" else "none"
-        if self.gemm in ("padded", "blocked"):
+        if self.gemm not in ("native", "none"):
             rowgemm.use(self.model, self.gemm)
         # True when batched greedy outputs are bitwise those of one-at-a-time generation.
         self.batch_invariant = self.packed and self.gemm != "none"

@@ -7,8 +7,10 @@ with 3 others can differ in the last bit from the same row computed with 63 othe
 - on Intel CPUs MKL's strict reproducibility mode (MKL_CBWR=AUTO,STRICT) rules this out, so
   the model's own `nn.Linear` is kept ("native");
 - elsewhere (seen on AMD EPYC) it does not. There, where only small products take other kernels
-  (seen on Zen 3: 1-3 rows differ, 4 and more agree), rows are padded to a multiple of ROW_BLOCK
-  and computed in one product ("padded", ~free); where that is not enough, every linear layer
+  (seen on Zen 3: 1-3 rows differ, 4 and more agree), a product of fewer rows than that gets
+  zero rows up to the floor ("floor4"/"floor8": a decode step of one sequence costs 4 rows, not
+  16), or rows are padded to a multiple of ROW_BLOCK and computed in one product ("padded",
+  ~free for batches); where that is not enough, every linear layer
   runs as a batch of [ROW_BLOCK, in] @ [in, out] products, each of the same shape, so each row
   goes through the same kernel whatever else shares the call ("blocked", ~20% slower).
 
@@ -30,8 +32,8 @@ Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tenso
 # small groups (where BLAS libraries switch to GEMV or small-matrix kernels), odd offsets, groups
 # that straddle a row block, and larger groups (where threading may split the work otherwise).
 _PROBE_ROWS = 160
-_PROBES = ((0, 1), (5, 1), (0, 2), (0, 3), (3, 5), (0, 8), (9, 13), (0, 17), (20, 40),
-           (7, 64), (30, 100))
+_PROBES = ((5, 1), (3, 5), (9, 13), (20, 40), (7, 64), (30, 100),
+           *((0, rows) for rows in range(1, 18)))
 
 
 def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -46,6 +48,21 @@ def _pad_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if pad:
         rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
     return rows, n
+
+
+def floored(floor: int) -> Linear:
+    """x @ weight.T (+ bias) with at least `floor` rows in the product (zero rows appended to a
+    smaller call), for BLAS libraries that take other kernels only for the smallest products."""
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
+        if n < floor:
+            rows = torch.cat([rows, rows.new_zeros(floor - n, rows.shape[1])])
+        out = torch.nn.functional.linear(rows, weight, bias)[:n]
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    return linear
 
 
 def padded_linear(x: torch.Tensor, weight: torch.Tensor,
@@ -86,13 +103,15 @@ def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
                    if isinstance(m, torch.nn.Linear)})
 
 
-MODES: dict[str, Linear] = {"native": native_linear, "padded": padded_linear,
+MODES: dict[str, Linear] = {"native": native_linear, "floor4": floored(4),
+                            "floor8": floored(8), "padded": padded_linear,
                             "blocked": blocked_linear}  # cheapest first
 
 
 def choose(shapes: Iterable[tuple[int, int]]) -> str:
-    """The cheapest mode that computes rows independently for every shape (native, padded,
-    blocked), or "none" (batched answers may then differ from one-at-a-time ones on near-ties)."""
+    """The cheapest mode that computes rows independently for every shape (native, floor4,
+    floor8, padded, blocked), or "none" (batched answers may then differ from one-at-a-time
+    ones on near-ties)."""
     shapes = list(shapes)
     for mode, linear in MODES.items():
         if all(rows_independent(linear, n_in, n_out) for n_in, n_out in shapes):
