@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MKL_CBWR := AUTO,STRICT
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-serve clean
 
 install: $(VENV)/.copa-installed
 
@@ -43,6 +43,14 @@ bench: install
 	$(PY) bench/inference.py
 	$(PY) bench/rerun.py
 	$(PY) bench/demo.py
+	$(MAKE) bench-serve
+
+# `copa serve` on RECIPE's finished run (runs/iris by default; made first if it is missing):
+# requests/s and p50/p95 latency at 1, 8 and 32 concurrent clients.
+RUN_DIR ?= runs/iris
+bench-serve: install
+	test -f $(RUN_DIR)/report.json || $(VENV)/bin/copa run $(RECIPE) --run-dir $(RUN_DIR)
+	$(PY) bench/serve.py $(RUN_DIR)
 
 clean:
 	rm -rf runs .pytest_cache
