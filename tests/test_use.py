@@ -170,7 +170,7 @@ def test_predict_reports_a_failed_row_in_its_row(finished_run: Path, tmp_path: P
 
 
 @slow
-def test_export_is_self_contained(exported: Path) -> None:
+def test_export_is_self_contained(exported: Path, finished_run: Path) -> None:
     info = json.loads((exported / "copa-export.json").read_text())
     assert info["arm"] == info["val"]["best_arm"]
     model = exported / "model"
@@ -179,7 +179,9 @@ def test_export_is_self_contained(exported: Path) -> None:
         model / "tokenizer_config.json").read_text()
     program = json.loads((exported / "program.json").read_text())
     assert "dependency_versions" in program["metadata"]  # DSPy's own save format
-    assert "{% block user %}" in (exported / "template.jinja").read_text()
+    used = json.loads((finished_run / "recipe.json").read_text())
+    assert (exported / "template.jinja").read_text() == used["template"]
+    assert "{% block user -%}" in used["template"]
     card = (exported / "README.md").read_text()
     for label in ("baseline (base model", "prompt-only", "fine-tune-only", "combined (merged"):
         assert label in card

@@ -78,20 +78,37 @@ def _why(bundle: Bundle) -> str:
             "only reports, it never chooses.")
 
 
-def _training(recipe: Any, report: dict[str, Any] | None, role: str) -> list[str]:
+def _adapter(bundle: Bundle) -> str:
+    """The adapter training used: the rendered Axolotl config says what 'auto' became."""
+    adapter = bundle.recipe.finetune.adapter
+    config = bundle.root / "rendered" / "axolotl.yml"
+    if adapter == "auto" and bundle.kind == "run" and config.is_file():
+        import yaml
+
+        rendered = yaml.safe_load(config.read_text()) or {}
+        adapter = str(rendered.get("adapter") or adapter)
+    return {"lora": "LoRA", "qlora": "QLoRA (4-bit)"}.get(adapter, "LoRA (QLoRA on CUDA)")
+
+
+def _training(bundle: Bundle, report: dict[str, Any] | None) -> list[str]:
+    recipe = bundle.recipe
     ft, opt = recipe.finetune, recipe.optimize
     lines = [f"- Base model: `{recipe.model.base}`."]
-    if role == "merged":
+    if bundle.model_role == "merged":
         length = f"{ft.max_steps} steps" if ft.max_steps else f"{ft.num_epochs} epochs"
-        lines.append(f"- Fine-tuned with Axolotl: {ft.adapter} adapter (LoRA r={ft.lora_r}, "
+        lines.append(f"- Fine-tuned with Axolotl: {_adapter(bundle)} (r={ft.lora_r}, "
                      f"alpha={ft.lora_alpha}, dropout {ft.lora_dropout}), {length}, learning "
                      f"rate {ft.learning_rate} ({ft.lr_scheduler}), micro-batch "
                      f"{ft.micro_batch_size}, seed {ft.seed}; merged into the weights in "
                      "`model/`.")
     else:
         lines.append("- Not fine-tuned: `model/` is the base model.")
-    lines.append(f"- Prompt: optimized with DSPy `{opt.optimizer}` (kept only where it beat the "
-                 "plain program on val); instructions and demos are in `program.json`.")
+    if bundle.arm in ("prompt_only", "combined"):
+        lines.append(f"- Prompt: DSPy `{opt.optimizer}` searched instructions and demos; the "
+                     "program kept (the best on val, the plain one included) is `program.json`.")
+    else:
+        lines.append("- Prompt: the plain program (the recipe's instructions, no demos), saved "
+                     "as `program.json`.")
     versions = (report or {}).get("versions")
     if versions:
         lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
@@ -141,7 +158,7 @@ def model_card(bundle: Bundle, folder_name: str) -> str:
         f"test {splits.test} (seed {splits.seed}), deduplicated on the inputs, never "
         "overlapping.", "",
         "## Results", "", *_results(bundle.report, bundle.arm), "",
-        "## How it was trained", "", *_training(recipe, bundle.report, bundle.model_role), "",
+        "## How it was trained", "", *_training(bundle, bundle.report), "",
         "## Licenses", "",
         f"- Base model: {license_text}. The fine-tuned weights derive from it.",
         f"- Data: {data_license(recipe)}.", ""]
