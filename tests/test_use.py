@@ -94,6 +94,9 @@ def test_load_answers_with_the_arm_best_on_val(finished_run: Path) -> None:
     # Numbers are formatted as the training data's were ("5.5", from 5.5 or "5.50").
     first = {k: float(v) for k, v in expected[0]["inputs"].items()}
     assert program(**first).species == expected[0]["prediction"]
+    padded = {k: f"{v:.2f}" for k, v in first.items()}
+    assert [program(**padded).species, program(**first).species] == [
+        expected[0]["prediction"]] * 2
     baseline = copa.load(str(finished_run), arm="baseline")
     rows = read_jsonl(finished_run / "predictions" / "baseline.jsonl")[:3]
     assert [baseline(**r["inputs"]).species for r in rows] == [r["prediction"] for r in rows]
