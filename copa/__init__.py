@@ -9,7 +9,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AxolotlProvider", "COPAOptimizer", "lm", "load_recipe", "run", "__version__"]
+__all__ = ["AxolotlProvider", "COPAOptimizer", "lm", "load", "load_recipe", "run",
+           "__version__"]
 
 
 def run(recipe: str, **kwargs: Any) -> Any:
@@ -17,6 +18,16 @@ def run(recipe: str, **kwargs: Any) -> Any:
     from copa.pipeline import run as run_pipeline
 
     return run_pipeline(recipe, **kwargs)
+
+
+def load(path: str, arm: str = "best") -> Any:
+    """One arm of a finished run directory (or a `copa export` folder) as a callable DSPy
+    program bound to its model and template adapter: `load("runs/iris")(**inputs).species`.
+    `arm="best"` is the arm with the best val score; or baseline, prompt_only, finetune_only,
+    combined."""
+    from copa.use.load import load as load_arm
+
+    return load_arm(path, arm)
 
 
 def load_recipe(path: str, **kwargs: Any) -> Any:

@@ -26,6 +26,8 @@ def _errors(func):
         from copa.prompting import PromptError
         from copa.recipe import RecipeError
         from copa.runs import RunDirBusy
+        from copa.use.bundle import NotFinished
+        from copa.use.predict import InputError
 
         ctx = click.get_current_context()
         debug = (ctx.find_root().params.get("debug") or os.environ.get("COPA_DEBUG"))
@@ -37,7 +39,7 @@ def _errors(func):
             for problem in exc.problems:
                 click.echo(str(problem), err=True)
             sys.exit(EXIT_RECIPE)
-        except (PromptError, RunDirBusy) as exc:
+        except (PromptError, RunDirBusy, NotFinished, InputError) as exc:
             if debug:
                 raise
             click.echo(str(exc), err=True)
@@ -49,7 +51,8 @@ def _errors(func):
             if debug:
                 raise
             name = type(exc).__name__
-            if name in ("TrainError", "ModelError", "OptimizeError", "EvaluateError", "ServeError"):
+            if name in ("TrainError", "ModelError", "OptimizeError", "EvaluateError", "ServeError",
+                        "ExportError"):
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_FAILED)
             click.echo(f"error: {name}: {exc} (run with --debug for the traceback)", err=True)
@@ -68,9 +71,13 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore")
+    # DSPy warns per call (e.g. an answer cut at max_tokens): thousands of lines for a file of
+    # rows or a server's traffic. The stages keep DSPy's chatter in their logs instead.
+    logging.getLogger("dspy").setLevel(logging.ERROR)
 
 
 def _preload_noisy_modules() -> None:
@@ -130,6 +137,12 @@ def cli(debug: bool) -> None:
       copa init my-task          write a starter recipe
       copa validate my-task.yaml check it (exit 2 with every problem if not)
       copa run my-task.yaml      every stage, then the four-arm report
+
+    \b
+    Then use what it built (the arm best on val):
+      copa predict runs/my-task -i rows.csv -o out.jsonl
+      copa serve runs/my-task    an HTTP JSON service on 127.0.0.1:8000
+      copa export runs/my-task DIR   a folder to share: model, program, model card
     """
 
 
@@ -273,6 +286,104 @@ def init(name: str, output: str | None) -> None:
     text = (templates_dir() / "recipe" / "starter.yaml").read_text().replace("{{ name }}", name)
     target.write_text(text)
     click.echo(f"wrote {target}: edit it, then `copa validate {target}`")
+
+
+arm_opt = click.option("--arm", default="best", show_default=True,
+                       type=click.Choice(["best", "baseline", "prompt_only", "finetune_only",
+                                          "combined"]),
+                       help="Which arm: best = the best on the val split (never on test).")
+use_dir_arg = click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+
+
+@cli.command()
+@use_dir_arg
+@click.option("-i", "--input", "input_path", required=True, type=click.Path(dir_okay=False),
+              help="Rows to predict on: .csv, .jsonl, .json or .parquet, one column per input "
+                   "field.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="JSONL file to write (default: standard output).")
+@arm_opt
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Rows in flight at once (default: the recipe's evaluate.num_threads).")
+@_errors
+def predict(run_dir: str, input_path: str, output: str | None, arm: str,
+            threads: int | None) -> None:
+    """Predict on every row of a file with a finished run (or a `copa export` folder): one JSON
+    line per input row, in order: the row, "prediction" and "error" (null, or why it failed)."""
+    import json
+
+    _quiet_libraries()
+    from copa.files import atomic_write_text
+    from copa.use.bundle import open_bundle
+    from copa.use.predict import check_columns, predict_rows, progress_bar, read_rows
+
+    bundle = open_bundle(run_dir, arm)
+    rows = read_rows(input_path)
+    mapping = check_columns(rows, bundle.input_fields, bundle.recipe.data.columns, input_path)
+    _preload_noisy_modules()
+    from copa.use.load import load_bundle
+
+    with load_bundle(bundle, emit=lambda m: click.echo(m, err=True)) as program, \
+            progress_bar(len(rows), bundle.arm) as tick:
+        results = predict_rows(program, rows, mapping,
+                               threads or bundle.recipe.evaluate.num_threads, tick)
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in results)
+    failed = sum(r["error"] is not None for r in results)
+    if output:
+        atomic_write_text(Path(output), text)
+    else:
+        click.echo(text, nl=False)
+    click.echo(f"{len(results)} rows predicted with the {bundle.arm} arm, {failed} failed"
+               + (f" -> {output}" if output else ""), err=True)
+    if failed == len(results):
+        sys.exit(EXIT_FAILED)
+
+
+@cli.command()
+@use_dir_arg
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback: only this machine).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@arm_opt
+@click.option("--api-key", envvar="COPA_API_KEY", metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on /predict (or set COPA_API_KEY).")
+@_errors
+def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None) -> None:
+    """Serve a finished run (or a `copa export` folder) over HTTP: POST /predict with the input
+    fields as JSON answers the output fields; GET /health; API docs at /docs."""
+    _quiet_libraries()
+    from copa.use.bundle import open_bundle
+
+    bundle = open_bundle(run_dir, arm)
+    api_key = api_key or None
+    _preload_noisy_modules()
+    from copa.use.load import load_bundle
+    from copa.use.serve import LOOPBACK, make_app, run_server
+
+    if host not in LOOPBACK and api_key is None:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this "
+                   "port can use the model", err=True)
+    with load_bundle(bundle, emit=lambda m: click.echo(m, err=True)) as program:
+        app = make_app(program, api_key)
+        click.echo(f"serving the {bundle.arm} arm of {bundle.root} on http://{host}:{port} "
+                   "(POST /predict, GET /health, docs at /docs); Ctrl-C stops", err=True)
+        run_server(app, host, port)
+
+
+@cli.command(name="export")
+@use_dir_arg
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@arm_opt
+@_errors
+def export_command(run_dir: str, out_dir: str, arm: str) -> None:
+    """Write one arm of a finished run into OUT_DIR, usable without the run directory: the model,
+    the optimized program, the prompt template and recipe, and a model card (README.md)."""
+    _quiet_libraries()
+    from copa.use.export import export
+
+    out = export(run_dir, out_dir, arm, emit=click.echo)
+    click.echo(f"wrote {out}/ (model/, program.json, template.jinja, recipe.yaml, README.md); "
+               f"try `copa serve {out}`")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ runs/<name>/
   merged/                  the standalone merged model
   optimize/                program_<arm>.json, optimize.json
   report.json, report.md, report.png, predictions/<arm>.jsonl
+  recipe.json              the recipe and prompt template the results came from (copa.load)
   .copa.lock, .copa.lock.json   held while a command works here; who holds it
 
 One command at a time works in a run directory: open_run takes an OS-level file lock

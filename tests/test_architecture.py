@@ -14,7 +14,7 @@ import pytest
 COPA = Path(__file__).resolve().parent.parent / "copa"
 HEAVY = ("torch", "transformers", "dspy", "axolotl", "peft", "accelerate")
 LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.checks",
-         "copa.data", "copa.prompting")
+         "copa.data", "copa.prompting", "copa.use.bundle", "copa.use.predict")
 # (importer prefix, imported prefix): imports that would send data up the tree.
 FORBIDDEN = [
     ("copa.stages", "copa.pipeline"), ("copa.stages", "copa.optimizer"),
@@ -26,9 +26,14 @@ FORBIDDEN = [
     ("copa.provider", "copa.stages"), ("copa.provider", "copa.pipeline"),
     ("copa.provider", "copa.optimizer"), ("copa.backends", "copa.provider"),
     ("copa.inference", "copa.provider"), ("copa.dspy", "copa.provider"),
+    # copa.use reads finished runs; nothing below it knows it, and it never runs a stage.
+    *[(low, "copa.use") for low in ("copa.stages", "copa.dspy", "copa.inference",
+                                    "copa.backends", "copa.runs", "copa.pipeline",
+                                    "copa.provider")],
+    ("copa.use", "copa.pipeline"), ("copa.use", "copa.runs"),
     *[(light, up) for light in ("copa.recipe", "copa.data", "copa.prompting")
       for up in ("copa.stages", "copa.pipeline", "copa.runs", "copa.dspy", "copa.inference",
-                 "copa.backends", "copa.optimizer", "copa.provider")],
+                 "copa.backends", "copa.optimizer", "copa.provider", "copa.use")],
 ]
 
 

@@ -6,10 +6,13 @@ Nothing here imports torch, transformers, dspy or axolotl: `copa validate` answe
 
 from copa.recipe.load import (
     MAX_RECIPE_BYTES,
+    SERVER_KEY_ENV,
     interpolate,
     load_recipe,
     recipe_from_dict,
+    recipe_read_back,
     recipe_section_dict,
+    recipe_to_write,
 )
 from copa.recipe.schema import (
     ARMS,
@@ -33,5 +36,6 @@ __all__ = [
     "ARMS", "BUILTIN_METRICS", "MAX_RECIPE_BYTES", "MODEL_ALIASES", "DataSection",
     "EvaluateSection", "FinetuneSection", "ModelSection", "OptimizeSection", "Problem",
     "PromptSection", "Recipe", "RecipeError", "ServeSection", "TaskSection", "interpolate",
-    "load_recipe", "parse_signature", "recipe_from_dict", "recipe_section_dict",
+    "load_recipe", "parse_signature", "recipe_from_dict", "recipe_read_back",
+    "recipe_section_dict", "recipe_to_write", "SERVER_KEY_ENV",
 ]

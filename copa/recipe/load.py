@@ -200,3 +200,33 @@ def recipe_section_dict(recipe: Recipe, *sections: str) -> dict[str, Any]:
     """The named sections as plain data (for content keys and manifests)."""
     data = recipe.model_dump(mode="json")
     return {name: data.get(name) for name in sections}
+
+
+# A key to a server of the user's own is never written to disk (recipe.json, an export's
+# recipe.yaml): this placeholder stands in, filled from the environment when read back.
+SERVER_KEY_ENV = "COPA_SERVER_API_KEY"
+SERVER_KEY_PLACEHOLDER = f"${{{SERVER_KEY_ENV}:-copa}}"
+
+
+def _key_holders(data: dict[str, Any]) -> list[dict[str, Any]]:
+    optimize = data.get("optimize") or {}
+    roles = [optimize.get(r) for r in ("proposer", "teacher")]
+    return [data.get("serve") or {}, *(r for r in roles if isinstance(r, dict))]
+
+
+def recipe_to_write(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as data to write down, server keys replaced by SERVER_KEY_PLACEHOLDER."""
+    data = recipe.model_dump(mode="json")
+    for holder in _key_holders(data):
+        if holder.get("api_key") not in (None, "copa"):
+            holder["api_key"] = SERVER_KEY_PLACEHOLDER
+    return data
+
+
+def recipe_read_back(data: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """recipe_to_write's data with the server keys from the environment (COPA_SERVER_API_KEY)."""
+    env = dict(os.environ) if env is None else env
+    for holder in _key_holders(data):
+        if holder.get("api_key") == SERVER_KEY_PLACEHOLDER:
+            holder["api_key"] = env.get(SERVER_KEY_ENV) or "copa"
+    return data

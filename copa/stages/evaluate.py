@@ -169,6 +169,9 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     reason = _unfair_synergy_reason(run)
     if reason and "synergy" in summary:
         summary["synergy"] = not_comparable(summary["synergy"], reason)
+    val = _val_scores(run, kit, [a for a in arms if a not in failed_arms], optimize_info)
+    run.emit(f"  best arm on val: {val['best_arm']}" if val["best_arm"] else
+             "  no arm has a val score: nothing to choose `best` from")
     # The manifest lists stages in the order they first ran.
     recorded = run.manifest.data.get("stages", {})
     stage_seconds = {name: entry["seconds"] for name, entry in recorded.items()
@@ -180,6 +183,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
         "test_rows": len(test_rows),
         **summary,
         "prompt_optimization": optimize_info,
+        "val": val,
         "eval_seconds": seconds,
         "stage_seconds": stage_seconds,
         "versions": versions(),
@@ -191,8 +195,59 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
         },
     }
     paths = write_report(run.dir, report)
+    used = write_recipe_used(run)
     return {name: str(p) for name, p in paths.items()} | {
-        "predictions": str(predictions_dir)}
+        "predictions": str(predictions_dir), "recipe_used": str(used)}
+
+
+def _val_scores(run: Any, kit: Any, arms: list[str],
+                optimize_info: dict[str, Any]) -> dict[str, Any]:
+    """Every arm's score on the val split: from optimize.json where the optimize stage scored
+    it, else scored here (same program, model, adapter and metric as on test)."""
+    import dspy
+
+    from copa.data import read_jsonl
+    from copa.dspy.kit import base_model_path, model_lm
+    from copa.dspy.program import to_examples
+    from copa.dspy.search import demo_count, dspy_chatter_to, evaluate_program
+    from copa.stages.val import val_scores_from_optimize, val_section
+
+    recipe = run.recipe
+    valset = to_examples(recipe, read_jsonl(run.rendered / "splits" / "val.jsonl"))
+    known = val_scores_from_optimize(optimize_info)
+    scores: dict[str, float | None] = {}
+    sources: dict[str, str] = {}
+    demos: dict[str, int] = {}
+    for arm in arms:
+        program = _program_for(run, arm, kit)
+        demos[arm] = demo_count(program)
+        if arm in known:
+            scores[arm], sources[arm] = known[arm], "optimize"
+            continue
+        model_path = base_model_path(recipe) if ARM_MODELS[arm] == "base" else str(run.merged)
+        with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir, emit=run.emit) as lm, \
+                dspy.context(lm=lm, adapter=kit.adapter), \
+                dspy_chatter_to(run.dir / "predictions" / "dspy-evaluate.log"):
+            scored = evaluate_program(program, valset, kit.metric, recipe.evaluate.num_threads)
+        scores[arm] = None if scored.all_failed else scored.mean
+        sources[arm] = "evaluate"
+        shown = "failed" if scores[arm] is None else f"{scores[arm]:.3f}"
+        run.emit(f"  {arm:<14} val {shown} ({len(valset)} val rows)")
+    return val_section(scores, sources, len(valset), demos)
+
+
+def write_recipe_used(run: Any) -> Path:
+    """recipe.json in the run directory: the recipe and prompt template the results came from
+    (the recipe file may be edited later; copa.load reads this, not the file)."""
+    from copa.files import atomic_write_json
+    from copa.recipe import recipe_to_write
+
+    path = run.dir / "recipe.json"
+    source = run.recipe.source_path
+    atomic_write_json(path, {"recipe": recipe_to_write(run.recipe),  # no server keys on disk
+                             "source_path": str(source) if source else None,
+                             "template": run.checked.spec.template.text})
+    return path
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:

@@ -92,6 +92,13 @@ def markdown(report: dict[str, Any]) -> str:
         if failed or info.get("lm_errors"):
             lines.append(f"  - failed calls: {info.get('lm_errors', 0)} while optimizing; on val "
                          + (", ".join(f"{k} {v}" for k, v in failed.items()) or "none"))
+    val = report.get("val") or {}
+    if val.get("scores"):
+        shown = ", ".join(f"{arm} {'failed' if s is None else _pct(s)}"
+                          for arm, s in val["scores"].items())
+        lines.append(f"- Val ({val['rows']} rows): {shown}; best arm on val: "
+                     f"**{val.get('best_arm')}** (what `copa.load`, `copa serve` and "
+                     "`copa export` use by default; the test split never chooses)")
     stages = report.get("stage_seconds", {})
     if stages:
         lines.append("- Stage wall time: " + ", ".join(f"{k} {v:.0f}s"

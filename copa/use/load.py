@@ -1,0 +1,102 @@
+"""copa.load: one arm of a finished run as a callable DSPy program, bound to its model (through
+the recipe's engine: copa's in-process batching engine by default) and its template adapter, so
+new rows are prompted exactly as the model was trained and evaluated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from copa.data import format_value
+from copa.dspy.kit import make_adapter, model_lm
+from copa.dspy.program import make_program
+from copa.use.bundle import Bundle, open_bundle
+
+
+class LoadedProgram:
+    """`program(**inputs).<output_field>`. Thread-safe: concurrent calls share one engine, which
+    batches them. Close it (or use `with`) to stop a server engine the recipe started."""
+
+    def __init__(self, bundle: Bundle, program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter,
+                 stack: ExitStack) -> None:
+        self.bundle, self.program, self.lm, self.adapter = bundle, program, lm, adapter
+        self._stack = stack
+
+    @property
+    def arm(self) -> str:
+        return self.bundle.arm
+
+    @property
+    def input_fields(self) -> list[str]:
+        return self.bundle.input_fields
+
+    @property
+    def output_fields(self) -> list[str]:
+        return self.bundle.output_fields
+
+    def inputs_for(self, values: Mapping[str, Any]) -> dict[str, str]:
+        """The input fields as the model saw them in training (the recipe's number_format
+        applied, as data loading applied it); a missing or unknown field is a TypeError."""
+        missing = [f for f in self.input_fields if f not in values]
+        unknown = [k for k in values if k not in self.input_fields]
+        if missing or unknown:
+            said = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                   ([f"unknown {', '.join(unknown)}"] if unknown else [])
+            raise TypeError(f"{'; '.join(said)}: this task takes {', '.join(self.input_fields)}")
+        number_format = self.bundle.recipe.prompt.number_format
+        return {f: format_value(values[f], number_format) for f in self.input_fields}
+
+    def __call__(self, **inputs: Any) -> dspy.Prediction:
+        values = self.inputs_for(inputs)
+        # No call history: a long-lived server would keep every prompt and answer in memory.
+        with dspy.context(lm=self.lm, adapter=self.adapter, disable_history=True):
+            return self.program(**values)
+
+    def answer(self, inputs: Mapping[str, Any]) -> dict[str, str]:
+        """The output fields for one row of inputs, as plain strings."""
+        prediction = self(**inputs)
+        return {f: str(getattr(prediction, f, "") or "") for f in self.output_fields}
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> LoadedProgram:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"LoadedProgram(arm={self.arm!r}, model={self.bundle.model_path!r}, "
+                f"{', '.join(self.input_fields)} -> {', '.join(self.output_fields)})")
+
+
+def load(path: str | Path, arm: str = "best",
+         emit: Callable[[str], None] = lambda _: None) -> LoadedProgram:
+    """An arm of a finished run directory or `copa export` folder as a callable program.
+
+    `arm="best"` is the arm with the best val score (report.json's val section; the test split
+    never chooses); any of baseline, prompt_only, finetune_only, combined by name.
+    """
+    return load_bundle(open_bundle(path, arm), emit)
+
+
+def load_bundle(bundle: Bundle, emit: Callable[[str], None] = lambda _: None) -> LoadedProgram:
+    recipe = bundle.recipe
+    program = make_program(recipe)
+    if bundle.program_path is not None:
+        program.load(str(bundle.program_path))
+    adapter = make_adapter(recipe, bundle.spec())
+    stack = ExitStack()
+    try:
+        # No run directory: answers to new rows are not kept in the run's response cache.
+        lm = stack.enter_context(model_lm(recipe, bundle.model_path, bundle.model_role,
+                                          emit=emit))
+    except BaseException:
+        stack.close()
+        raise
+    return LoadedProgram(bundle, program, lm, adapter, stack)
