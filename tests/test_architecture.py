@@ -14,7 +14,7 @@ import pytest
 COPA = Path(__file__).resolve().parent.parent / "copa"
 HEAVY = ("torch", "transformers", "dspy", "axolotl", "peft", "accelerate")
 LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.checks",
-         "copa.data", "copa.prompting")
+         "copa.data", "copa.loaders", "copa.retrieval", "copa.prompting")
 # (importer prefix, imported prefix): imports that would send data up the tree.
 FORBIDDEN = [
     ("copa.stages", "copa.pipeline"), ("copa.stages", "copa.optimizer"),
@@ -23,7 +23,8 @@ FORBIDDEN = [
     ("copa.backends", "copa.pipeline"), ("copa.inference", "copa.stages"),
     ("copa.inference", "copa.pipeline"), ("copa.inference", "copa.dspy"),
     ("copa.dspy", "copa.stages"), ("copa.dspy", "copa.pipeline"), ("copa.dspy", "copa.runs"),
-    *[(light, up) for light in ("copa.recipe", "copa.data", "copa.prompting")
+    *[(light, up) for light in ("copa.recipe", "copa.data", "copa.loaders", "copa.retrieval",
+                                "copa.prompting")
       for up in ("copa.stages", "copa.pipeline", "copa.runs", "copa.dspy", "copa.inference",
                  "copa.backends", "copa.optimizer")],
 ]
