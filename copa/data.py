@@ -6,10 +6,8 @@ Splits are deterministic for a seed, stratified by label for classification, and
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import importlib.util
-import io
 import json
 import random
 from collections import defaultdict
@@ -18,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from copa.files import missing_file_reason
+from copa.loaders import LoaderError, load_rows, read_table  # noqa: F401 - read_table: API
 from copa.recipe import Problem, Recipe, RecipeError
 
 IRIS_COLUMNS = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 
-Row = dict[str, str]
+# A task example: signature field -> text; `answers` (data.answers_column) is a list of texts.
+Row = dict[str, Any]
+GROUP = "_group"  # data.group_by's value, carried while splitting and dropped after
 
 
 class DataError(RecipeError):
@@ -62,69 +62,24 @@ def _iris_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[str, Any]]:
-    """Rows of a csv / jsonl / json / parquet file as dicts. Raises ValueError with the cause."""
-    reason = missing_file_reason(path)
-    if reason == "no such file":
-        raise FileNotFoundError(f"no such file: {path}")
-    if reason:
-        raise ValueError(f"{reason}; point data.source at a CSV, JSONL, JSON or Parquet file")
-    size_mb = path.stat().st_size / 1e6
-    if size_mb > max_mb:
-        raise ValueError(f"file is {size_mb:.0f} MB, over data.max_file_mb={max_mb}")
-    if fmt == "auto":
-        suffix = path.suffix.lower().lstrip(".")
-        fmt = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json",
-               "parquet": "parquet", "tsv": "csv"}.get(suffix, "")
-        if not fmt:
-            raise ValueError(f"cannot tell the format of '{path.name}': set data.format")
-    if fmt == "parquet":
-        import pyarrow.parquet as pq  # lazy: only parquet users pay for it
-
-        return pq.read_table(path).to_pylist()
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise ValueError("looks like a binary file, not text data")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
-    if fmt == "csv":
-        dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-        return list(csv.DictReader(io.StringIO(text), dialect=dialect))
-    if fmt == "jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"line {n}: invalid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"line {n}: each line must be a JSON object")
-                rows.append(row)
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON at line {exc.lineno} ({exc.msg})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ValueError("a JSON data file must be a list of objects")
-    return data
-
-
 def load_source(recipe: Recipe, source: str, key: str) -> list[dict[str, Any]]:
     """Rows from a recipe's data source string; errors name the recipe key."""
+    if recipe.data.loader and (source == "sklearn:iris" or source.startswith("hf:")):
+        raise _problem(recipe, "data.loader", f"a loader reads a file, and {source} is none: "
+                                              "remove data.loader or point the source at a file")
     try:
         if source == "sklearn:iris":
             return _iris_rows()
         if source.startswith("hf:"):
             return _hub_rows(source[3:], recipe.base_dir)
-        return read_table(recipe.resolve(source), recipe.data.format, recipe.data.max_file_mb)
+        data = recipe.data
+        return load_rows(recipe.resolve(source), fmt=data.format, max_mb=data.max_file_mb,
+                         loader=data.loader, options=data.loader_options,
+                         base_dir=recipe.base_dir)
     except FileNotFoundError as exc:
         raise _problem(recipe, key, str(exc)) from None
+    except LoaderError as exc:
+        raise _problem(recipe, "data.loader", f"{source}: {exc}") from None
     except ValueError as exc:
         raise _problem(recipe, key, f"{source}: {exc}") from None
 
@@ -253,11 +208,31 @@ def map_columns(recipe: Recipe, rows: list[dict[str, Any]], key: str) -> list[Ro
             problems.append(Problem(file=str(recipe.source_path), path=f"data.columns.{name}",
                                     message=f"'{name}' is not a field of the signature "
                                             f"({', '.join(fields)})"))
+    for key_name in ("answers_column", "group_by"):
+        column = getattr(recipe.data, key_name)
+        if column is not None and column not in present:
+            problems.append(Problem(file=str(recipe.source_path), path=f"data.{key_name}",
+                                    message=f"no column '{column}' in the data; columns "
+                                            f"present: {', '.join(map(str, present))}"))
     if problems:
         raise DataError(problems)
     fmt = recipe.prompt.number_format
-    return [{name: format_value(row.get(recipe.data.columns.get(name, name)), fmt)
-             for name in fields} for row in rows]
+    mapped = [{name: format_value(row.get(recipe.data.columns.get(name, name)), fmt)
+               for name in fields} for row in rows]
+    if recipe.data.answers_column:
+        for out, row in zip(mapped, rows, strict=True):
+            out["answers"] = gold_answers(row.get(recipe.data.answers_column))
+    if recipe.data.group_by:
+        for out, row in zip(mapped, rows, strict=True):
+            out[GROUP] = format_value(row.get(recipe.data.group_by), None)
+    return mapped
+
+
+def gold_answers(value: Any) -> list[str]:
+    """Every accepted answer in an answers column: a list, or one text."""
+    if isinstance(value, (list, tuple)):
+        return [format_value(v, None) for v in value]
+    return [] if value is None else [format_value(value, None)]
 
 
 def _input_key(recipe: Recipe, row: Row) -> tuple[str, ...]:
@@ -292,6 +267,43 @@ def _stratified_order(recipe: Recipe, rows: list[Row], rng: random.Random) -> li
         keyed.extend(((i + offset) / len(group), rank, row) for i, row in enumerate(group))
     keyed.sort(key=lambda item: (item[0], item[1]))
     return [row for _, _, row in keyed]
+
+
+def _group_order(rows: list[Row], rng: random.Random) -> list[Row]:
+    """Rows group after group, groups and the rows inside each in a seeded random order."""
+    groups: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[row[GROUP]].append(row)
+    names = sorted(groups)
+    rng.shuffle(names)
+    ordered = []
+    for name in names:
+        rng.shuffle(groups[name])
+        ordered += groups[name]
+    return ordered
+
+
+def _cut(rows: list[Row], counts: list[int], grouped: bool) -> list[list[Row]] | None:
+    """Consecutive parts of the given sizes, or None if the rows run out. Grouped (rows come
+    group after group): a group goes to one part only; what of it overflows a full part is
+    left out rather than spilling into the next."""
+    if not grouped:
+        if sum(counts) > len(rows):
+            return None
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return [rows[s:s + c] for s, c in zip(starts, counts, strict=True)]
+    parts: list[list[Row]] = [[] for _ in counts]
+    part, group = 0, None
+    for row in rows:
+        if row[GROUP] != group:
+            group = row[GROUP]
+            while part < len(counts) and len(parts[part]) >= counts[part]:
+                part += 1
+            if part == len(counts):
+                break
+        if len(parts[part]) < counts[part]:
+            parts[part].append(row)
+    return parts if all(len(p) == c for p, c in zip(parts, counts, strict=True)) else None
 
 
 def _count(size: int | float, total: int) -> int:
@@ -333,17 +345,23 @@ def load_splits(recipe: Recipe) -> Splits:
         rows = dedupe(recipe, rows)
         if test_rows is not None:
             test_rows = dedupe(recipe, test_rows)
+    grouped = recipe.data.group_by is not None
     if test_rows is not None:
-        # Keep the held-out test split clean: no train/val row may repeat a test input.
+        # Keep the held-out test split clean: no train/val row may repeat a test input, nor
+        # share a group (an article, a paragraph) with one.
         test_keys = {_input_key(recipe, r) for r in test_rows}
-        rows = [r for r in rows if _input_key(recipe, r) not in test_keys]
+        test_groups = {r[GROUP] for r in test_rows} if grouped else set()
+        rows = [r for r in rows
+                if _input_key(recipe, r) not in test_keys and r.get(GROUP) not in test_groups]
 
     sizes = recipe.data.splits
     rng = random.Random(sizes.seed)
-    stratify = recipe.data.stratify and bool(recipe.task.choices)
+    stratify = recipe.data.stratify and bool(recipe.task.choices) and not grouped
 
     def order(items: list[Row]) -> list[Row]:
         items = list(items)
+        if grouped:
+            return _group_order(items, rng)
         if stratify:
             return _stratified_order(recipe, items, rng)
         rng.shuffle(items)
@@ -352,27 +370,30 @@ def load_splits(recipe: Recipe) -> Splits:
     pool = order(rows)
     total = len(pool) + (0 if test_rows is None else len(test_rows))
     n_train, n_val = _count(sizes.train, total), _count(sizes.val, total)
+    n_test = _count(sizes.test, total)
+    whole = f" in whole groups of data.group_by '{recipe.data.group_by}'" if grouped else ""
     if test_rows is None:
-        n_test = _count(sizes.test, total)
-        needed = n_train + n_val + n_test
-        if needed > len(pool):
+        parts = _cut(pool, [n_train, n_val, n_test], grouped)
+        if parts is None:
             raise _problem(recipe, "data.splits",
-                           f"asks for {needed} rows (train {n_train} + val {n_val} + test "
-                           f"{n_test}) but the data has {len(pool)} after dedupe/filters")
-        train, val = pool[:n_train], pool[n_train:n_train + n_val]
-        test = pool[n_train + n_val:needed]
+                           f"asks for {n_train + n_val + n_test} rows (train {n_train} + val "
+                           f"{n_val} + test {n_test}){whole} but the data has {len(pool)} "
+                           "after dedupe/filters")
+        train, val, test = parts
     else:
-        n_test = _count(sizes.test, total)
-        if n_train + n_val > len(pool) or n_test > len(test_rows):
+        parts = _cut(pool, [n_train, n_val], grouped)
+        if parts is None or n_test > len(test_rows):
             raise _problem(recipe, "data.splits",
-                           f"asks for train {n_train} + val {n_val} of {len(pool)} rows and "
-                           f"test {n_test} of {len(test_rows)} rows")
-        train, val = pool[:n_train], pool[n_train:n_train + n_val]
+                           f"asks for train {n_train} + val {n_val} of {len(pool)} rows{whole} "
+                           f"and test {n_test} of {len(test_rows)} rows")
+        train, val = parts
         test = order(test_rows)[:n_test]
     for name, split in (("train", train), ("val", val), ("test", test)):
         if not split:
             raise _problem(recipe, f"data.splits.{name}",
                            "this split is empty: give it at least one row")
+    train, val, test = ([{k: v for k, v in r.items() if k != GROUP} for r in split]
+                        for split in (train, val, test))
     return Splits(train=train, val=val, test=test)
 
 

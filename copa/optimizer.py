@@ -12,7 +12,7 @@ from typing import Any
 
 import dspy
 
-from copa.dspy.kit import model_lm, task_kit
+from copa.dspy.kit import model_lm, run_retriever, task_kit
 from copa.dspy.search import Emit, PromptResult, prompt_optimize, with_demos
 
 
@@ -69,7 +69,9 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
             run.dir.mkdir(parents=True, exist_ok=True)
             # render (with "p" first when order is p->w), train and merge, through the cache
             pipeline.run_stages(run, stages=["merge"])
-            kit = task_kit(recipe, train_rows, val_rows, run.checked.spec)
+            # a RAG recipe: examples carry the passages retrieved from the run's index
+            kit = task_kit(recipe, train_rows, val_rows, run.checked.spec,
+                           retriever=run_retriever(recipe, run.rendered))
             extra: dict[str, dspy.Module] = {}
             demos = json.loads((run.rendered / "demos.json").read_text())
             if demos:

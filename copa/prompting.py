@@ -2,7 +2,8 @@
 
 A prompt template is a Jinja file with three blocks, `system`, `user` and `assistant`. Each block
 sees: `instructions`, `choices`, `inputs` (field -> value), `outputs` (field -> value; in the
-assistant block), `input_fields`, `output_fields`, and every field by its own name.
+assistant block), `input_fields`, `output_fields`, and every field by its own name. Values are
+text, except retrieved passages (`retrieve.field`), a list of texts.
 
 Demos become earlier user/assistant turns rendered by the same blocks. The Axolotl training rows
 (`training_row`) and the DSPy adapter's messages (`copa.dspy.adapter`) both come from
@@ -187,6 +188,13 @@ class PromptSpec:
         return self.template.render_block("assistant", self._context(example, True))
 
 
+def field_value(value: Any) -> str | list[str]:
+    """A field's value as templates see it: text, or a list of texts (retrieved passages)."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return str(value)
+
+
 def build_messages(spec: PromptSpec, inputs: Mapping[str, Any],
                    demos: Sequence[Mapping[str, Any]] = (),
                    target: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
@@ -262,6 +270,10 @@ def spec_from_recipe(recipe: Any) -> PromptSpec:
     outputs = list(recipe.task.output_fields)
     if recipe.task.module == "chain_of_thought":
         outputs = ["reasoning", *outputs]
+    inputs = list(recipe.task.input_fields)
+    retrieve = getattr(recipe, "retrieve", None)
+    if retrieve is not None:  # the retrieved passages come first, as the program passes them
+        inputs = [retrieve.field, *inputs]
     instructions = recipe.task.instructions or default_instructions(
         recipe.task.input_fields, recipe.task.output_fields)
     path = find_template(recipe.prompt.template, recipe.base_dir)
@@ -273,8 +285,7 @@ def spec_from_recipe(recipe: Any) -> PromptSpec:
     if reason:
         raise PromptError(str(recipe.source_path or "<recipe>"),
                           f"{recipe.prompt.template}: {reason}, not a template file")
-    return load_spec(path, instructions, recipe.task.input_fields, outputs,
-                     recipe.task.choices, label=str(path))
+    return load_spec(path, instructions, inputs, outputs, recipe.task.choices, label=str(path))
 
 
 def preview(spec: PromptSpec, examples: Sequence[Mapping[str, Any]]) -> str:

@@ -2,7 +2,8 @@
 
 runs/<name>/
   manifest.json            per stage: key, status, times, artifacts
-  rendered/                splits/, train.jsonl, val.jsonl, axolotl.yml, prompt_preview.txt
+  rendered/                splits/, train.jsonl, val.jsonl, axolotl.yml, prompt_preview.txt,
+                           retriever/ (a RAG recipe's index)
   train/                   checkpoints/ (Axolotl output_dir), axolotl-train.log
   merged/                  the standalone merged model
   optimize/                program_<arm>.json, optimize.json
@@ -38,6 +39,7 @@ from copa.files import atomic_write_json, sha256_file, sha256_json
 from copa.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_section_dict
 from copa.recipe.checks import Checked, check_recipe
 from copa.recipe.schema import DEFAULT_STRATEGY
+from copa.retrieval import corpus_identity as retrieval_identity
 
 Emit = Callable[[str], None]
 
@@ -246,11 +248,14 @@ def stage_key(run: Run, stage: str) -> str:
         sections = ["model", "task", "data", "prompt", "finetune"]
         if r.optimize.order == "p->w":  # the training rows carry the prompt stage's demos
             sections += ["optimize", "evaluate", "serve"]
+        # a RAG recipe: its settings and the corpus indexed, by content
+        rag = [recipe_section_dict(r, "retrieve"), retrieval_identity(r)] if r.retrieve else []
         # The data's content, not just its name (a file edited in place re-renders the
         # splits), and the splits themselves (COPAOptimizer.compile renders the examples it
         # is given).
         return sha256_json([recipe_section_dict(r, *sections), _template_text(run), v["copa"],
-                            data_identity(r), sha256_json(run.checked.splits.as_dict())])
+                            data_identity(r), sha256_json(run.checked.splits.as_dict()),
+                            *rag])
     if stage == "train":
         return sha256_json([sha256_file(run.rendered / "axolotl.yml"),
                             sha256_file(run.rendered / "train.jsonl"),
@@ -268,7 +273,9 @@ def stage_key(run: Run, stage: str) -> str:
                             r.evaluate.metric, r.evaluate.max_tokens, _template_text(run),
                             sha256_file(run.rendered / "splits" / "train.jsonl"),
                             sha256_file(run.rendered / "splits" / "val.jsonl"),
-                            sha256_file(run.rendered / "demos.json"), v["dspy"], v["copa"]])
+                            sha256_file(run.rendered / "demos.json"), v["dspy"], v["copa"],
+                            # a RAG program retrieves from the index render built
+                            *([run.keys.get("render")] if r.retrieve else [])])
     if stage == "evaluate":
         return sha256_json([run.keys["optimize"], recipe_section_dict(r, "evaluate"),
                             sha256_file(run.rendered / "splits" / "test.jsonl")])

@@ -16,13 +16,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 REPO = Path(__file__).resolve().parent.parent
-# Synthetic stand-ins for Banking77 / GSM8K (tests/fixtures/README.md): the shipped recipes read
-# their data under $COPA_DATA, set here for every test, so no test reads the real data sets.
+# Synthetic stand-ins for Banking77 / GSM8K / SQuAD (tests/fixtures/README.md): the shipped
+# recipes read their data under $COPA_DATA, set here for every test, so no test reads the real
+# data sets.
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
 os.environ["COPA_DATA"] = str(FIXTURE_DATA)
 # Split sizes the fixtures can hold, for recipes whose own sizes need the full data sets.
 FIXTURE_SPLITS = {"banking77": {"train": 40, "val": 20, "test": 30, "seed": 0},
-                  "gsm8k": {"train": 12, "val": 4, "test": 8, "seed": 0}}
+                  "gsm8k": {"train": 12, "val": 4, "test": 8, "seed": 0},
+                  "squad": {"train": 8, "val": 4, "test": 6, "seed": 0},
+                  "squad_rag": {"train": 8, "val": 4, "test": 6, "seed": 0}}
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,13 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from copa.prompting import PromptSpec, build_messages, parse_completion, training_row
+from copa.prompting import (
+    PromptSpec,
+    build_messages,
+    field_value,
+    parse_completion,
+    training_row,
+)
 
 _MARKER = re.compile(r"\[\[ ## \w+ ## \]\]")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
@@ -91,13 +97,13 @@ class TemplateAdapter(dspy.Adapter):
         for demo in demos:
             values = {k: demo.get(k) for k in wanted}
             if all(v is not None for v in values.values()):
-                kept.append({k: str(v) for k, v in values.items()})
+                kept.append({k: field_value(v) for k, v in values.items()})
         return kept
 
     def format(self, signature: type[dspy.Signature], demos: list[dict[str, Any]],
                inputs: dict[str, Any]) -> list[dict[str, Any]]:
         spec = self._spec_for(signature)
-        fields = {k: str(inputs[k]) for k in signature.input_fields if k in inputs}
+        fields = {k: field_value(inputs[k]) for k in signature.input_fields if k in inputs}
         return build_messages(spec, fields, self._complete_demos(signature, demos))
 
     def parse(self, signature: type[dspy.Signature], completion: str) -> dict[str, Any]:
@@ -109,8 +115,8 @@ class TemplateAdapter(dspy.Adapter):
                              demos: list[dict[str, Any]], inputs: dict[str, Any],
                              outputs: dict[str, Any]) -> dict[str, list[Any]]:
         spec = self._spec_for(signature)
-        example = {**{k: str(v) for k, v in inputs.items()},
-                   **{k: str(v) for k, v in outputs.items()}}
+        example = {**{k: field_value(v) for k, v in inputs.items()},
+                   **{k: field_value(v) for k, v in outputs.items()}}
         row = training_row(spec, example, self._complete_demos(signature, demos))
         return {"messages": [{"role": m["role"], "content": m["content"]}
                              for m in row["messages"]]}

@@ -16,6 +16,7 @@ from copa.dspy.metrics import make_metric
 from copa.dspy.program import make_program, to_examples
 from copa.prompting import PromptSpec, spec_from_recipe
 from copa.recipe import Recipe
+from copa.retrieval import INDEX_DIR, Retriever, with_passages
 
 
 @dataclass
@@ -38,13 +39,30 @@ def make_adapter(recipe: Recipe, spec: PromptSpec) -> dspy.Adapter:
 
 
 def task_kit(recipe: Recipe, train_rows: list[dict], val_rows: list[dict],
-             spec: PromptSpec | None = None) -> TaskKit:
+             spec: PromptSpec | None = None, retriever: Retriever | None = None) -> TaskKit:
+    """With a retriever (RAG recipes), the program retrieves its passages, and the train / val
+    examples carry the passages it retrieves for them (so labeled demos are complete)."""
     spec = spec or spec_from_recipe(recipe)
+    if retriever is not None:
+        train_rows = with_passages(recipe, retriever, train_rows)
+        val_rows = with_passages(recipe, retriever, val_rows)
     return TaskKit(
-        recipe=recipe, spec=spec, program=make_program(recipe), adapter=make_adapter(recipe, spec),
+        recipe=recipe, spec=spec, program=make_program(recipe, retriever),
+        adapter=make_adapter(recipe, spec),
         metric=make_metric(recipe.evaluate.metric, recipe.task.output_fields[-1],
-                           recipe.task.choices, recipe.base_dir),
+                           recipe.task.choices, recipe.base_dir,
+                           answers_field="answers" if recipe.data.answers_column else None),
         trainset=to_examples(recipe, train_rows), valset=to_examples(recipe, val_rows))
+
+
+def run_retriever(recipe: Recipe, rendered_dir: Path) -> Retriever | None:
+    """A RAG recipe's index, as the render stage left it in the run directory (None without
+    a retrieve section)."""
+    if recipe.retrieve is None:
+        return None
+    from copa.retrieval import load_retriever
+
+    return load_retriever(Path(rendered_dir) / INDEX_DIR, recipe.retrieve.k)
 
 
 _UNCACHED_SAID: set[str] = set()  # models already reported as not cached, said once each

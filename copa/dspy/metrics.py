@@ -13,6 +13,8 @@ from copa.recipe.usercode import import_object
 
 Metric = Callable[..., float]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize(text: Any) -> str:
@@ -58,13 +60,65 @@ def token_f1(gold: Any, pred: Any) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def squad_normalize(text: Any) -> str:
+    """SQuAD's answer normalization: lowercase, punctuation and articles (a, an, the) removed,
+    whitespace collapsed."""
+    text = str(text or "").lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def squad_em(golds: Sequence[Any], pred: Any) -> float:
+    """SQuAD exact match: 1 if the normalized prediction equals any normalized gold answer."""
+    return float(any(squad_normalize(g) == squad_normalize(pred) for g in golds))
+
+
+def squad_f1(golds: Sequence[Any], pred: Any) -> float:
+    """SQuAD token F1 on normalized answers, the best over the gold answers."""
+    def f1(gold: Any) -> float:
+        gold_tokens, pred_tokens = squad_normalize(gold).split(), squad_normalize(pred).split()
+        if not gold_tokens or not pred_tokens:  # e.g. an answer made only of articles
+            return float(gold_tokens == pred_tokens)
+        overlap = sum((Counter(gold_tokens) & Counter(pred_tokens)).values())
+        if overlap == 0:
+            return 0.0
+        precision, recall = overlap / len(pred_tokens), overlap / len(gold_tokens)
+        return 2 * precision * recall / (precision + recall)
+
+    return max((f1(g) for g in golds), default=0.0)
+
+
+def answer_found(passages: Sequence[str], golds: Sequence[Any]) -> bool:
+    """Whether a gold answer occurs in the passages, as whole words (both SQuAD-normalized):
+    retrieval recall@k's hit."""
+    text = f" {' '.join(squad_normalize(p) for p in passages)} "
+    return any(squad_normalize(g) and f" {squad_normalize(g)} " in text for g in golds)
+
+
 def make_metric(name: str, output_field: str, choices: Sequence[str] | None = None,
-                base_dir: Path | None = None) -> Metric:
+                base_dir: Path | None = None, answers_field: str | None = None) -> Metric:
     """The recipe's metric as a DSPy metric on the signature's answer field (a user metric is
-    looked up with the recipe's folder, base_dir, on sys.path)."""
+    looked up with the recipe's folder, base_dir, on sys.path). With `answers_field`, squad_em
+    and squad_f1 take the best match over the example's list of gold answers there."""
 
     def value(obj: Any) -> Any:
         return obj.get(output_field) if isinstance(obj, dict) else getattr(obj, output_field, "")
+
+    def golds(example: Any) -> list[Any]:
+        found = None
+        if answers_field:
+            found = (example.get(answers_field) if isinstance(example, dict)
+                     else getattr(example, answers_field, None))
+        return list(found) if found else [value(example)]
+
+    if name in ("squad_em", "squad_f1"):
+        squad = squad_em if name == "squad_em" else squad_f1
+
+        def squad_metric(example: Any, prediction: Any, trace: Any = None) -> float:
+            result = squad(golds(example), value(prediction))
+            return result >= 1.0 if trace is not None else result
+
+        squad_metric.__name__ = name
+        return squad_metric
 
     if name == "exact_match":
         def score(gold: Any, pred: Any) -> float:

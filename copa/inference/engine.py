@@ -75,6 +75,7 @@ class BatchingEngine:
         self._expected = self.max_batch_size  # callers to wait for (unknown at first: all)
         self._last_generate_s = 0.0
         self.generate_seconds = 0.0  # time spent generating: the rest of a run is callers' work
+        self.generated_tokens = 0  # answer tokens generated (a report's tokens/s)
         self._queue: list[_Pending] = []
         self._draws: dict[str, int] = {}  # prompt digest -> unseeded samples drawn for it
         self._cond = threading.Condition()
@@ -204,6 +205,7 @@ class BatchingEngine:
             with self._cond:
                 self._last_generate_s = time.monotonic() - start
                 self.generate_seconds += self._last_generate_s
+                self.generated_tokens += sum(g.output_tokens for g in gens)
                 self._expected = max(1, len(batch) + len(self._queue))
         except Exception as exc:
             if len(batch) == 1:
@@ -336,6 +338,11 @@ def release_model(model_path: str) -> bool:
     for engine in engines:
         engine.close()
     return bool(engines or models)
+
+def generated_tokens() -> int:
+    """Answer tokens every engine of this process has generated so far."""
+    with _ENGINES_LOCK:
+        return sum(engine.generated_tokens for engine in _ENGINES.values())
 
 
 def close_all() -> None:

@@ -100,6 +100,42 @@ def strategy_problems(recipe: Recipe, label: str) -> list[Problem]:
     return problems
 
 
+def retrieve_problems(recipe: Recipe, label: str) -> list[Problem]:
+    """retrieve: fills a new input field from a query field of the signature, out of a corpus
+    that has passages; data.answers_column's rows key must not shadow a field."""
+    problems = []
+    fields = recipe.task.input_fields + recipe.task.output_fields
+    if recipe.data.answers_column and "answers" in fields:
+        problems.append(Problem(file=label, path="data.answers_column", message=(
+            "the gold answers are kept as 'answers', which is a field of the signature: "
+            "rename that field")))
+    section = recipe.retrieve
+    if section is None:
+        return problems
+    if section.field in fields or section.field == "reasoning":
+        problems.append(Problem(file=label, path="retrieve.field", message=(
+            f"'{section.field}' is already a field of the signature; the passages need a field "
+            "of their own (the default is 'passages')")))
+    if section.query is not None and section.query not in recipe.task.input_fields:
+        problems.append(Problem(file=label, path="retrieve.query", message=(
+            f"'{section.query}' is not an input field of the signature "
+            f"({', '.join(recipe.task.input_fields)})")))
+    from copa.retrieval import recipe_passages
+
+    try:
+        passages = recipe_passages(recipe)
+    except FileNotFoundError as exc:
+        problems.append(Problem(file=label, path="retrieve.corpus", message=str(exc)))
+    except ValueError as exc:
+        problems.append(Problem(file=label, path="retrieve.corpus",
+                                message=f"{section.corpus}: {exc}"))
+    else:
+        if not passages:
+            problems.append(Problem(file=label, path="retrieve.corpus",
+                                    message=f"{section.corpus}: no passages in it"))
+    return problems
+
+
 def check_recipe(recipe: Recipe) -> Checked:
     """Everything a run needs, checked before any training; raises RecipeError with all problems."""
     label = _label(recipe)
@@ -108,6 +144,7 @@ def check_recipe(recipe: Recipe) -> Checked:
     if model_problem:
         problems.append(Problem(file=label, path="model.base", message=model_problem))
     problems.extend(_role_problems(recipe, label))
+    problems.extend(retrieve_problems(recipe, label))
     user_code = user_code_problems({"task.module": recipe.task.module,
                                     "evaluate.metric": recipe.evaluate.metric,
                                     "optimize.optimizer": recipe.optimize.optimizer},
@@ -128,9 +165,15 @@ def check_recipe(recipe: Recipe) -> Checked:
             # Render one example with a demo: undefined variables and sandbox refusals show here.
             example = splits.train[0]
             demos = splits.train[1:2]
+            # Fields the rows get later: reasoning (a CoT program writes it), passages (the
+            # retriever finds them at render time).
+            later = {}
             if recipe.task.module == "chain_of_thought" and "reasoning" not in example:
-                example = {**example, "reasoning": "..."}
-                demos = [{**d, "reasoning": "..."} for d in demos]
+                later["reasoning"] = "..."
+            if recipe.retrieve is not None:
+                later[recipe.retrieve.field] = ["...", "..."]
+            example = {**example, **later}
+            demos = [{**d, **later} for d in demos]
             build_messages(spec, example, demos, target=example)
         except PromptError as exc:
             problems.append(Problem(file=exc.file, path=exc.where, message=exc.message))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +78,12 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         if field is None:
             return None
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
+        # An optional section (`retrieve: RetrieveSection | None`) is its model too.
+        options = [annotation, *typing.get_args(annotation)]
+        found = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not found:
             return None
+        model = found[0]
     return model
 
 

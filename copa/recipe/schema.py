@@ -10,13 +10,22 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from copa.recipe.data_schema import (  # noqa: F401 - the data sections are part of the schema
+    BUILTIN_LOADERS,
+    USER_CODE,
+    DataSection,
+    RetrieveSection,
+    Section,
+    SplitSizes,
+)
 
 MODEL_ALIASES = ("smollm2-135m-instruct",)
 ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
-BUILTIN_METRICS = ("exact_match", "label_accuracy", "gsm8k_answer", "token_f1")
+BUILTIN_METRICS = ("exact_match", "label_accuracy", "gsm8k_answer", "token_f1", "squad_em",
+                   "squad_f1")
 FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-USER_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 DEFAULT_STRATEGY = "w -> p"  # copa's own pipeline: fine-tune, then prompts on the merged model
 
 
@@ -40,8 +49,7 @@ class RecipeError(Exception):
         super().__init__("\n".join(str(p) for p in problems))
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+_Section = Section
 
 
 class ModelSection(_Section):
@@ -90,44 +98,6 @@ class TaskSection(_Section):
     @property
     def output_fields(self) -> list[str]:
         return parse_signature(self.signature)[1]
-
-
-class SplitSizes(_Section):
-    train: int | float = 0.6
-    val: int | float = 0.1
-    test: int | float = 0.3
-    seed: int = 0
-
-    @field_validator("train", "val", "test")
-    @classmethod
-    def _positive(cls, value: int | float) -> int | float:
-        if value <= 0:
-            raise ValueError("must be > 0 (a row count, or a fraction below 1)")
-        if isinstance(value, float) and value >= 1 and not value.is_integer():
-            raise ValueError("a fraction must be below 1; write a whole number for a row count")
-        return value
-
-
-class DataSection(_Section):
-    source: str = Field(
-        ...,
-        description="A file (csv, jsonl, json, parquet), 'sklearn:iris', or 'hf:<dataset name>'.",
-    )
-    format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="signature field -> column name in the data."
-    )
-    splits: SplitSizes = Field(default_factory=SplitSizes)
-    split_from: Literal["source", "files"] = "source"
-    test_source: str | None = Field(
-        None, description="Optional separate file for the test split (e.g. a dataset's test.csv)."
-    )
-    stratify: bool = True
-    dedupe: bool = True
-    filter_labels: list[str] | None = Field(
-        None, description="Keep only rows whose output value is one of these."
-    )
-    max_file_mb: int = 512
 
 
 class PromptSection(_Section):
@@ -394,6 +364,7 @@ class Recipe(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     task: TaskSection
     data: DataSection
+    retrieve: RetrieveSection | None = None
     prompt: PromptSection = Field(default_factory=PromptSection)
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
     optimize: OptimizeSection = Field(default_factory=OptimizeSection)

@@ -32,7 +32,9 @@ def arm_key(run: Any, arm: str, program: Any, model_dir: str | None = None) -> s
                         model, recipe.model.base, run.checked.spec.template.text, settings,
                         recipe.model_dump(mode="json")["serve"], recipe.task.signature,
                         recipe.optimize.adapter,
-                        sha256_file(run.rendered / "splits" / "test.jsonl")])
+                        sha256_file(run.rendered / "splits" / "test.jsonl"),
+                        # a RAG program's answers depend on what it retrieves
+                        *([recipe.model_dump(mode="json")["retrieve"]] if recipe.retrieve else [])])
 
 
 class EvaluateError(Exception):
@@ -84,7 +86,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     import dspy
 
     from copa.data import read_jsonl, write_jsonl
-    from copa.dspy.kit import base_model_path, model_lm, task_kit
+    from copa.dspy.kit import base_model_path, model_lm, run_retriever, task_kit
     from copa.dspy.program import to_examples
     from copa.dspy.search import ScoreError, dspy_chatter_to, evaluate_program
     from copa.files import atomic_write_text
@@ -93,7 +95,8 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     from copa.stats import not_comparable, summarize
 
     recipe = run.recipe
-    kit = task_kit(recipe, [], [], run.checked.spec)
+    kit = task_kit(recipe, [], [], run.checked.spec,
+                   retriever=run_retriever(recipe, run.rendered))
     test_rows = read_jsonl(run.rendered / "splits" / "test.jsonl")
     testset = to_examples(recipe, test_rows)
     arms = [a for a in recipe.evaluate.arms if run.finetunes or ARM_MODELS[a] == "base"]
@@ -101,6 +104,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     errors: dict[str, int] = {}
     failed_arms: dict[str, str | None] = {}  # arm -> first error, for arms whose every call failed
     seconds: dict[str, float] = {}
+    tokens: dict[str, int | None] = {}  # answer tokens each arm generated (local engine only)
     predictions_dir = run.dir / "predictions"
     field = recipe.task.output_fields[-1]
     optimize_info = {}
@@ -118,12 +122,12 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
         cached = _cached_scores(predictions_dir, arm, key)
         if cached is not None:
             # Same program, model, test rows and settings as last time: the same predictions.
-            per_arm[arm], seconds[arm], errors[arm] = cached, 0.0, 0
+            per_arm[arm], seconds[arm], errors[arm], tokens[arm] = cached, 0.0, 0, None
             run.emit(f"  {arm:<14} {sum(cached) / len(cached):.3f}  (unchanged, from "
                      f"predictions/{arm}.jsonl)")
             continue
         (predictions_dir / f"{arm}.key").unlink(missing_ok=True)  # new predictions come
-        start = time.time()
+        start, tokens_before = time.time(), _generated_tokens(recipe)
         try:
             with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir, emit=run.emit) as lm, \
                     dspy.context(lm=lm, adapter=kit.adapter), \
@@ -136,6 +140,8 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
                 f"{run.dir / 'predictions' / 'dspy-evaluate.log'}), or raise evaluate.max_errors "
                 "to score failed calls as wrong answers") from None
         seconds[arm] = round(time.time() - start, 2)
+        after = _generated_tokens(recipe)
+        tokens[arm] = None if after is None or tokens_before is None else after - tokens_before
         results = scored.results
         per_arm[arm], errors[arm] = [float(s) for _, _, s in results], scored.errors
         if scored.all_failed:
@@ -185,6 +191,9 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
         "prompt_optimization": optimize_info,
         "val": val,
         "eval_seconds": seconds,
+        "eval_tokens": tokens,
+        **({"retrieval": _retrieval_report(recipe, kit.program, test_rows)}
+           if recipe.retrieve else {}),
         "stage_seconds": stage_seconds,
         "versions": versions(),
         "settings": {
@@ -248,6 +257,30 @@ def write_recipe_used(run: Any) -> Path:
                              "source_path": str(source) if source else None,
                              "template": run.checked.spec.template.text})
     return path
+
+
+def _generated_tokens(recipe: Any) -> int | None:
+    """The local engines' generated-token count so far (None: a server generates)."""
+    if recipe.serve.engine != "local":
+        return None
+    from copa.inference.engine import generated_tokens
+
+    return generated_tokens()
+
+
+def _retrieval_report(recipe: Any, program: Any, test_rows: list[dict[str, Any]]
+                      ) -> dict[str, Any]:
+    """Retrieval recall@k on the test split: how often a gold answer string is in the k
+    passages the program retrieves (a ceiling for answering from them)."""
+    from copa.dspy.metrics import answer_found
+
+    retriever, query = program.retriever, program.query_field
+    output = recipe.task.output_fields[-1]
+    hits = [answer_found(retriever.search(str(row[query])), row.get("answers") or [row[output]])
+            for row in test_rows]
+    return {"retriever": recipe.retrieve.retriever, "k": recipe.retrieve.k,
+            "passages": len(retriever.passages), "n": len(hits),
+            "recall_at_k": sum(hits) / len(hits) if hits else 0.0}
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:

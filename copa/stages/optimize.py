@@ -16,10 +16,11 @@ from typing import Any
 import dspy
 
 from copa.dspy.candidates import candidate_table
-from copa.dspy.kit import TaskKit, base_model_path, model_lm, task_kit
+from copa.dspy.kit import TaskKit, base_model_path, model_lm, run_retriever, task_kit
 from copa.dspy.roles import role_lm
 from copa.dspy.search import PromptResult, prompt_optimize, with_demos
 from copa.files import atomic_write_json
+from copa.prompting import field_value
 from copa.recipe import Recipe
 from copa.recipe.schema import DEFAULT_STRATEGY
 
@@ -70,7 +71,8 @@ def _kit_for(run: Any) -> TaskKit:
 
     splits = run.rendered / "splits"
     return task_kit(run.recipe, read_jsonl(splits / "train.jsonl"),
-                    read_jsonl(splits / "val.jsonl"), run.checked.spec)
+                    read_jsonl(splits / "val.jsonl"), run.checked.spec,
+                    retriever=run_retriever(run.recipe, run.rendered))
 
 
 def prompt_first(run: Any) -> list[dict[str, str]]:
@@ -81,7 +83,7 @@ def prompt_first(run: Any) -> list[dict[str, str]]:
     atomic_write_json(run.optimize_dir / "prompt_first.json", result.summary())
     fields = set(kit.spec.input_fields) | set(kit.spec.output_fields)
     source = result.optimized if result.optimized is not None else result.program
-    demos = [{k: str(v) for k, v in dict(d).items() if k in fields}
+    demos = [{k: field_value(v) for k, v in dict(d).items() if k in fields}
              for p in source.predictors() for d in p.demos]
     return [d for d in demos if set(d) == fields]
 

@@ -17,8 +17,10 @@ from copa.files import atomic_write_text
 from copa.prompting import PromptSpec, preview, training_row
 from copa.recipe import Recipe
 from copa.recipe.checks import Checked
+from copa.retrieval import INDEX_DIR
 
 if TYPE_CHECKING:
+    from copa.retrieval import Retriever
     from copa.runs import Run
 
 SPLITS = ("train", "val", "test")
@@ -30,6 +32,7 @@ class Rendered:
     config_path: Path
     train_rows: int
     demos: list[Row]
+    index_dir: Path | None = None  # a RAG recipe's retrieval index
 
 
 def choose_fixed_demos(recipe: Recipe, train: Sequence[Row]) -> list[Row]:
@@ -67,13 +70,32 @@ def render_stage(run: Run) -> dict[str, Any]:
         from copa.stages.optimize import prompt_first
 
         write_splits(run.checked, run.rendered)  # the prompt stage reads only rendered splits
+        build_index(run.recipe, run.rendered, run.emit)  # and a RAG program, the index
 
         run.emit("  p -> w: optimizing prompts on the base model first")
         demos = prompt_first(run)
         run.emit(f"  fine-tuning rows will carry the {len(demos)} demos it chose")
     result = render(run.checked, run.rendered, work_dir=run.train_dir, demos=demos,
                     emit=run.emit)
-    return {"config": str(result.config_path), "train_rows": result.train_rows}
+    artifacts = {"config": str(result.config_path), "train_rows": result.train_rows}
+    if result.index_dir is not None:
+        artifacts["retriever"] = str(result.index_dir)
+    return artifacts
+
+
+def build_index(recipe: Recipe, out_dir: Path, emit: Callable[[str], None] = lambda _: None
+                ) -> Retriever | None:
+    """A RAG recipe's retrieval index in out_dir/retriever (built once, reused while the
+    corpus and settings are the same); None without a retrieve section."""
+    if recipe.retrieve is None:
+        return None
+    from copa.retrieval import index_for
+
+    emit(f"  indexing {recipe.retrieve.corpus} ({recipe.retrieve.retriever})")
+    retriever = index_for(recipe, Path(out_dir) / INDEX_DIR)
+    emit(f"  {len(retriever.passages)} passages indexed; {recipe.retrieve.k} retrieved per "
+         "question")
+    return retriever
 
 
 def write_splits(checked: Checked, out_dir: Path) -> None:
@@ -94,14 +116,21 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     out_dir = Path(out_dir).resolve()
     work_dir = Path(work_dir).resolve() if work_dir else out_dir / "train"
     write_splits(checked, out_dir)
+    train, val = splits.train, splits.val
+    retriever = build_index(recipe, out_dir, emit)
+    if retriever is not None:
+        from copa.retrieval import with_passages
+
+        # The passages the program will retrieve for each question, never the gold paragraph.
+        train, val = with_passages(recipe, retriever, train), with_passages(recipe, retriever, val)
     if demos is None:
-        demos = choose_fixed_demos(recipe, splits.train) if recipe.finetune.demos == "fixed" else []
+        demos = choose_fixed_demos(recipe, train) if recipe.finetune.demos == "fixed" else []
     demos = list(demos)
-    rows = training_rows(spec, splits.train, demos)
+    rows = training_rows(spec, train, demos)
     write_jsonl(out_dir / "train.jsonl", rows)
-    write_jsonl(out_dir / "val.jsonl", training_rows(spec, splits.val, demos))
+    write_jsonl(out_dir / "val.jsonl", training_rows(spec, val, demos))
     atomic_write_text(out_dir / "demos.json", json.dumps(demos, indent=2) + "\n")
-    atomic_write_text(out_dir / "prompt_preview.txt", preview(spec, splits.train[:2]))
+    atomic_write_text(out_dir / "prompt_preview.txt", preview(spec, train[:2]))
 
     if base_model is None:
         emit(f"resolving model {recipe.model.base}")
@@ -112,7 +141,8 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
                                     hardware, validate=validate_axolotl)
     config_path = out_dir / "axolotl.yml"
     backend.write_config(config, config_path)
-    return Rendered(dir=out_dir, config_path=config_path, train_rows=len(rows), demos=demos)
+    return Rendered(dir=out_dir, config_path=config_path, train_rows=len(rows), demos=demos,
+                    index_dir=None if retriever is None else out_dir / INDEX_DIR)
 
 
 def too_long_rows(rows: Sequence[dict], model_path: str, recipe: Recipe, label: str,

@@ -99,6 +99,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- Val ({val['rows']} rows): {shown}; best arm on val: "
                      f"**{val.get('best_arm')}** (what `copa.load`, `copa serve` and "
                      "`copa export` use by default; the test split never chooses)")
+    retrieval = report.get("retrieval")
+    if retrieval:
+        lines.append(f"- Retrieval ({retrieval['retriever']}, {retrieval['passages']} passages): "
+                     f"recall@{retrieval['k']} {_pct(retrieval['recall_at_k'])}, i.e. that share "
+                     f"of the {retrieval['n']} test questions has a gold answer in its "
+                     f"{retrieval['k']} retrieved passages")
+    timed = [_arm_time(arm, report) for arm in report["arms"]]
+    if any(timed):
+        lines.append("- Evaluation wall time per arm: " + ", ".join(t for t in timed if t))
     stages = report.get("stage_seconds", {})
     if stages:
         lines.append("- Stage wall time: " + ", ".join(f"{k} {v:.0f}s"
@@ -124,6 +133,14 @@ def strategy_lines(arm: str, info: dict[str, Any]) -> list[str]:
         lines.append(f"  - fine-tune {job['key']}: {job['rows']} rows on {job['base_model']}, "
                      + ("reused" if job.get("reused") else f"{job.get('seconds', 0):.0f}s"))
     return lines
+def _arm_time(arm: str, report: dict[str, Any]) -> str:
+    """'arm 12s (30.5 generated tokens/s)'; '' for an arm reused from earlier predictions."""
+    seconds = report.get("eval_seconds", {}).get(arm)
+    if not seconds:
+        return ""
+    tokens = report.get("eval_tokens", {}).get(arm)
+    rate = f" ({tokens / seconds:.1f} generated tokens/s)" if tokens else ""
+    return f"{arm} {seconds:.0f}s{rate}"
 
 
 def plot(report: dict[str, Any]) -> bytes:

@@ -1,0 +1,194 @@
+"""Reading data files into rows: flat tables (csv / jsonl / json / parquet), the nested and
+derived formats copa knows (SQuAD, GSM8K), and a user's own loader ('package.module:function').
+
+Light: no torch / dspy here (`copa validate` reads data through this module).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from copa.files import missing_file_reason
+from copa.recipe.usercode import import_object
+
+_CALCULATION = re.compile(r"<<[^<>]*>>")
+
+
+class LoaderError(ValueError):
+    """A user loader that cannot be imported, raised, or returned something other than rows."""
+
+
+def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[str, Any]]:
+    """Rows of a csv / jsonl / json / parquet file as dicts. Raises ValueError with the cause."""
+    reason = missing_file_reason(path)
+    if reason == "no such file":
+        raise FileNotFoundError(f"no such file: {path}")
+    if reason:
+        raise ValueError(f"{reason}; point data.source at a CSV, JSONL, JSON or Parquet file")
+    size_mb = path.stat().st_size / 1e6
+    if size_mb > max_mb:
+        raise ValueError(f"file is {size_mb:.0f} MB, over data.max_file_mb={max_mb}")
+    if fmt == "auto":
+        suffix = path.suffix.lower().lstrip(".")
+        fmt = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json",
+               "parquet": "parquet", "tsv": "csv"}.get(suffix, "")
+        if not fmt:
+            raise ValueError(f"cannot tell the format of '{path.name}': set data.format")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq  # lazy: only parquet users pay for it
+
+        return pq.read_table(path).to_pylist()
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise ValueError("looks like a binary file, not text data")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
+    if fmt == "csv":
+        dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
+        return list(csv.DictReader(io.StringIO(text), dialect=dialect))
+    if fmt == "jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"line {n}: invalid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"line {n}: each line must be a JSON object")
+                rows.append(row)
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON at line {exc.lineno} ({exc.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError("a JSON data file must be a list of objects")
+    return data
+
+
+def is_squad(data: Any) -> bool:
+    """A SQuAD-layout file: a list of articles, each with a list of paragraphs."""
+    return (isinstance(data, list) and bool(data) and isinstance(data[0], dict)
+            and isinstance(data[0].get("paragraphs"), list))
+
+
+def _answer_texts(answers: Any, where: str) -> list[str]:
+    if not isinstance(answers, list):
+        raise ValueError(f"{where}.answers: must be a list of {{text: ...}}")
+    texts = []
+    for n, answer in enumerate(answers):
+        text = answer.get("text") if isinstance(answer, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{where}.answers[{n}]: needs a 'text'")
+        texts.append(text)
+    return list(dict.fromkeys(texts))  # annotators repeat answers: keep each once, in order
+
+
+def squad_rows(articles: Any, impossible: str = "drop",
+               impossible_answer: str = "unanswerable") -> list[dict[str, Any]]:
+    """SQuAD layout (data[] -> paragraphs[] -> qas[]) -> one row per question, its paragraph as
+    'context': {id, title, context, question, answer (the first gold answer), answers (every
+    distinct gold answer), is_impossible}. SQuAD 2.0's unanswerable questions are dropped, or
+    kept with `impossible_answer` as their one answer."""
+    if isinstance(articles, Mapping):
+        articles = articles.get("data")
+    if not is_squad(articles):
+        raise ValueError("not SQuAD layout: expected {data: [{title, paragraphs: [{context, "
+                         "qas: [{question, answers: [{text}]}]}]}]}")
+    rows: list[dict[str, Any]] = []
+    for a, article in enumerate(articles):
+        paragraphs = article.get("paragraphs")
+        if not isinstance(paragraphs, list):
+            raise ValueError(f"data[{a}]: needs a 'paragraphs' list")
+        for p, paragraph in enumerate(paragraphs):
+            where = f"data[{a}].paragraphs[{p}]"
+            context, questions = paragraph.get("context"), paragraph.get("qas")
+            if not isinstance(context, str) or not isinstance(questions, list):
+                raise ValueError(f"{where}: needs 'context' (text) and 'qas' (a list)")
+            for q, qa in enumerate(questions):
+                here = f"{where}.qas[{q}]"
+                if not isinstance(qa, dict) or not isinstance(qa.get("question"), str):
+                    raise ValueError(f"{here}: needs a 'question'")
+                answers = _answer_texts(qa.get("answers", []), here)
+                unanswerable = bool(qa.get("is_impossible")) or not answers
+                if unanswerable and not qa.get("is_impossible"):
+                    raise ValueError(f"{here}: no answers, and not marked is_impossible")
+                if unanswerable:
+                    if impossible == "drop":
+                        continue
+                    answers = [impossible_answer]
+                rows.append({"id": str(qa.get("id", f"{a}.{p}.{q}")),
+                             "title": str(article.get("title", a)), "context": context,
+                             "question": qa["question"], "answer": answers[0],
+                             "answers": answers, "is_impossible": unanswerable})
+    return rows
+
+
+def squad_paragraphs(articles: Any) -> list[str]:
+    """Every distinct paragraph of a SQuAD-layout file, in file order (a retrieval corpus)."""
+    if isinstance(articles, Mapping):
+        articles = articles.get("data")
+    if not is_squad(articles):
+        raise ValueError("not SQuAD layout: expected {data: [{paragraphs: [{context}]}]}")
+    contexts = [p.get("context") for article in articles for p in article["paragraphs"]]
+    if not all(isinstance(c, str) for c in contexts):
+        raise ValueError("a paragraph lacks its 'context' text")
+    return list(dict.fromkeys(contexts))
+
+
+def gsm8k_rows(rows: list[dict[str, Any]], calculations: str = "strip") -> list[dict[str, Any]]:
+    """GSM8K rows {question, answer: worked solution ending '#### N'} -> {question, reasoning:
+    the solution, answer: N}: chain_of_thought trains on the solution as its reasoning and is
+    graded on the number. `calculations: strip` drops the <<a*b=c>> calculator annotations."""
+    out = []
+    for n, row in enumerate(rows, 1):
+        solution = row.get("answer")
+        if not isinstance(row.get("question"), str) or not isinstance(solution, str):
+            raise ValueError(f"row {n}: needs 'question' and 'answer' text")
+        if "####" not in solution:
+            raise ValueError(f"row {n}: its answer has no '#### <number>' line")
+        reasoning, _, number = solution.rpartition("####")
+        if calculations == "strip":
+            reasoning = _CALCULATION.sub("", reasoning)
+        out.append({**row, "reasoning": reasoning.strip(),
+                    "answer": number.strip().replace(",", "")})
+    return out
+
+
+def load_rows(path: Path, *, fmt: str = "auto", max_mb: int = 512, loader: str | None = None,
+              options: Mapping[str, Any] | None = None,
+              base_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Rows of a data file, through the recipe's loader (None: a flat table). Raises
+    FileNotFoundError or ValueError with the cause."""
+    options = dict(options or {})
+    if loader is None:
+        return read_table(path, fmt, max_mb)
+    if loader == "squad":
+        return squad_rows(read_table(path, "json" if fmt == "auto" else fmt, max_mb), **options)
+    if loader == "gsm8k":
+        return gsm8k_rows(read_table(path, fmt, max_mb), **options)
+    try:
+        function = import_object(loader, base_dir)
+    except ImportError as exc:
+        raise LoaderError(f"cannot import {loader!r}: {exc}; name a function "
+                          "loader(path, **loader_options) -> list of dicts") from None
+    try:
+        rows = list(function(path, **options))
+    except Exception as exc:  # the user's loader failed: say whose and how
+        raise LoaderError(f"{loader} raised {type(exc).__name__}: {exc}") from None
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, Mapping)), None)
+    if bad is not None:
+        raise LoaderError(f"{loader} must return dicts (row {bad} is a "
+                          f"{type(rows[bad]).__name__})")
+    return [dict(r) for r in rows]

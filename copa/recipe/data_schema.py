@@ -1,0 +1,127 @@
+"""The recipe's data-side sections: where rows come from (`data:`) and what a program retrieves
+(`retrieve:`). Split from copa.recipe.schema, which holds the rest of a recipe."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+USER_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# Built-in loaders for nested / derived formats, and the options each takes (name -> allowed).
+BUILTIN_LOADERS: dict[str, dict[str, tuple[Any, ...] | type]] = {
+    "squad": {"impossible": ("drop", "keep"), "impossible_answer": str},
+    "gsm8k": {"calculations": ("strip", "keep")},
+}
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys are errors, defaults are checked too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SplitSizes(Section):
+    train: int | float = 0.6
+    val: int | float = 0.1
+    test: int | float = 0.3
+    seed: int = 0
+
+    @field_validator("train", "val", "test")
+    @classmethod
+    def _positive(cls, value: int | float) -> int | float:
+        if value <= 0:
+            raise ValueError("must be > 0 (a row count, or a fraction below 1)")
+        if isinstance(value, float) and value >= 1 and not value.is_integer():
+            raise ValueError("a fraction must be below 1; write a whole number for a row count")
+        return value
+
+
+class DataSection(Section):
+    source: str = Field(
+        ...,
+        description="A file (csv, jsonl, json, parquet), 'sklearn:iris', or 'hf:<dataset name>'.",
+    )
+    format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
+    loader: str | None = Field(
+        None, description="How rows come out of a nested file: 'squad' (articles -> paragraphs "
+        "-> questions, each row with its paragraph as 'context'), 'gsm8k' (question, reasoning = "
+        "the worked solution, answer = the number after '####'), or a user function "
+        "'package.module:function' called as function(path, **loader_options) -> list of dicts.")
+    loader_options: dict[str, Any] = Field(
+        default_factory=dict, description="squad: impossible (drop | keep), impossible_answer "
+        "(the answer a kept unanswerable question gets); gsm8k: calculations (strip | keep the "
+        "<<a*b=c>> annotations); a user loader gets them as keyword arguments.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="signature field -> column name in the data."
+    )
+    splits: SplitSizes = Field(default_factory=SplitSizes)
+    split_from: Literal["source", "files"] = "source"
+    test_source: str | None = Field(
+        None, description="Optional separate file for the test split (e.g. a dataset's test.csv)."
+    )
+    group_by: str | None = Field(
+        None, description="A column whose rows stay together in one split (e.g. 'title' for a "
+        "SQuAD article, 'context' for a paragraph), so no group is in both train and test.")
+    answers_column: str | None = Field(
+        None, description="A column listing every accepted answer (SQuAD's 'answers'): squad_em "
+        "/ squad_f1 score the best match over them and RAG recall@k looks for any of them.")
+    stratify: bool = True
+    dedupe: bool = True
+    filter_labels: list[str] | None = Field(
+        None, description="Keep only rows whose output value is one of these."
+    )
+    max_file_mb: int = 512
+
+    @field_validator("loader")
+    @classmethod
+    def _loader(cls, value: str | None) -> str | None:
+        if value is not None and value not in BUILTIN_LOADERS and not USER_CODE.match(value):
+            raise ValueError(f"unknown loader {value!r}: use {' or '.join(BUILTIN_LOADERS)}, "
+                             "or a user function 'package.module:function'")
+        return value
+
+    @model_validator(mode="after")
+    def _loader_options(self) -> DataSection:
+        allowed = BUILTIN_LOADERS.get(self.loader or "")
+        if self.loader_options and self.loader is None:
+            raise ValueError("loader_options need a loader: set data.loader")
+        if allowed is None:
+            return self  # a user loader takes what it takes
+        for key, value in self.loader_options.items():
+            if key not in allowed:
+                raise ValueError(f"loader_options.{key}: the {self.loader} loader takes "
+                                 f"{', '.join(allowed)}")
+            kind = allowed[key]
+            if isinstance(kind, tuple) and value not in kind:
+                raise ValueError(f"loader_options.{key}: write one of {', '.join(kind)} "
+                                 f"(got {value!r})")
+            if kind is str and not isinstance(value, str):
+                raise ValueError(f"loader_options.{key}: must be text (got {value!r})")
+        return self
+
+
+class RetrieveSection(Section):
+    """Retrieval-augmented answering: k passages for each question, from a corpus."""
+
+    corpus: str = Field(..., description="The passages: a csv / jsonl / json / parquet file "
+                        "(one passage per row, in text_column) or a SQuAD file (its paragraphs).")
+    format: Literal["auto", "csv", "jsonl", "json", "parquet", "squad"] = Field(
+        "auto", description="auto: by the file's suffix, and a JSON file in SQuAD layout gives "
+        "its paragraphs.")
+    text_column: str = Field("text", description="The column holding a passage's text "
+                             "(tables only).")
+    k: int = Field(3, description="Passages retrieved per question.")
+    retriever: Literal["bm25"] = Field("bm25", description="bm25: lexical BM25 (bm25s).")
+    query: str | None = Field(None, description="The input field searched for (default: the "
+                              "signature's first input).")
+    field: str = Field("passages", description="The input field the passages fill, put before "
+                       "the signature's inputs; templates see it as a list of texts.")
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1 (got {value})")
+        return value
