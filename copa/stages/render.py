@@ -136,7 +136,8 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
         emit(f"resolving model {recipe.model.base}")
         base_model = resolve_model(recipe.model.base, recipe.base_dir)
     label = str(recipe.source_path) if recipe.source_path else "<recipe>"
-    too_long_rows(rows, base_model, recipe, label, emit)
+    if validate_axolotl:  # what Axolotl will do with the rows: drop the too long ones
+        too_long_rows(rows, base_model, recipe, label, emit)
     config = backend.checked_config(recipe, base_model, out_dir / "train.jsonl", work_dir,
                                     hardware, validate=validate_axolotl)
     config_path = out_dir / "axolotl.yml"
