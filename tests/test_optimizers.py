@@ -43,6 +43,22 @@ def test_mipro_proposes_with_the_task_lm_at_the_optimizers_token_budget(recipe_f
     assert task_lm.kwargs["max_tokens"] == 4  # the task's own LM keeps the answer length
 
 
+def test_params_go_to_the_constructor_or_to_compile_where_each_belongs(recipe_for) -> None:
+    """MIPROv2 takes num_trials and the proposer switches in compile(), not in its
+    constructor: a recipe names them all in optimize.params and copa routes each."""
+    from copa.dspy.search import OptimizeError, compile_params
+
+    recipe = recipe_for("MIPROv2", "{auto: null, num_candidates: 3, num_trials: 2, "
+                                   "data_aware_proposer: false, minibatch: false}")
+    optimizer = build_optimizer(recipe, _metric, dspy.LM("openai/never-called"))
+    assert optimizer.num_candidates == 3
+    assert compile_params(type(optimizer), dict(recipe.optimize.params)) == {
+        "num_trials": 2, "data_aware_proposer": False, "minibatch": False}
+    typo = recipe_for("MIPROv2", "{auto: light, num_trails: 2}")
+    with pytest.raises(OptimizeError, match=r"takes none of \['num_trails'\].*num_trials"):
+        build_optimizer(typo, _metric, dspy.LM("openai/never-called"))
+
+
 def test_gepa_from_a_recipe_gets_a_reflection_lm_and_a_five_argument_metric(recipe_for) -> None:
     recipe = recipe_for("GEPA", "{auto: light}")
     optimizer = build_optimizer(recipe, _metric, dspy.LM("openai/never-called", max_tokens=4))
@@ -136,3 +152,36 @@ def test_a_small_proposers_answer_is_kept_as_its_whole_sentences() -> None:
         "proposed_instruction": "no sentence ends"}
     with pytest.raises(AdapterParseError):  # two fields: no guessing which text is which
         writer.parse(dspy.Signature("question -> reasoning, answer"), "Some text.")
+
+
+@pytest.mark.slow
+def test_mipro_proposes_distinct_instructions_by_sampling(tmp_path: Path,
+                                                          tiny_model_dir: Path) -> None:
+    """MIPROv2 from a recipe, proposer = the base model on copa's engine: each proposal is a
+    sampled rollout (MIPROv2 asks for temperature 1.0 and a fresh rollout id), so the instruction
+    candidates differ. With the greedy-only engine of before they came out the same; with
+    ChatAdapter's strict parse the tiny model's unmarked answers failed the run. No tips, no
+    program or data summaries: every proposal gets the same prompt, so only sampling differs."""
+    import re
+
+    from copa import pipeline
+
+    path = write_tiny_recipe(tmp_path, tiny_model_dir)
+    text = path.read_text().replace("finetune:\n", "finetune:\n  enabled: false\n", 1)
+    text = text.replace(
+        "  optimizer: BootstrapFewShotWithRandomSearch\n  params: {max_bootstrapped_demos: 1, "
+        "max_labeled_demos: 2, num_candidate_programs: 1}\n",
+        "  optimizer: MIPROv2\n  params: {auto: null, num_candidates: 4, num_trials: 2, "
+        "max_bootstrapped_demos: 0, max_labeled_demos: 0, data_aware_proposer: false, "
+        "tip_aware_proposer: false, program_aware_proposer: false, "
+        "minibatch: false}\n"
+        "  proposer: base\n  max_tokens: 24\n")
+    assert "MIPROv2" in text
+    path.write_text(text)
+    run = pipeline.run(path, stages=["optimize"], run_dir=tmp_path / "run", emit=lambda _: None)
+    log = (run.optimize_dir / "dspy-prompt_only.log").read_text()
+    block = log.split("Proposed Instructions for Predictor 0:", 1)[1].split("==>", 1)[0]
+    proposals = {m.group(1).strip() for m in re.finditer(r"^[1-9]\d*: (.+)$", block, re.M)}
+    assert len(proposals) >= 3, block  # candidate 0 is the recipe's own instruction
+    summary = json.loads((run.optimize_dir / "optimize.json").read_text())
+    assert summary["prompt_only"]["candidates"]  # the trials MIPROv2 scored on val

@@ -74,7 +74,8 @@ def build_optimizer(recipe: Recipe, metric: Callable[..., Any], lm: dspy.LM | No
     The optimizer keeps its record of candidates (and its files in log_dir) where it can."""
     cls = resolve_optimizer(recipe.optimize.optimizer, recipe.base_dir)
     accepted = inspect.signature(cls.__init__).parameters
-    params = {**optimizer_log_params(accepted, log_dir), **recipe.optimize.params}
+    params = {**optimizer_log_params(accepted, log_dir),
+              **init_params(cls, dict(recipe.optimize.params))}
     if "num_threads" in accepted and "num_threads" not in params:
         params["num_threads"] = recipe.optimize.num_threads
     if "seed" in accepted and "seed" not in params:
@@ -96,10 +97,37 @@ def build_optimizer(recipe: Recipe, metric: Callable[..., Any], lm: dspy.LM | No
             from None
 
 
+def _takes(function: Callable[..., Any]) -> set[str]:
+    return {name for name, p in inspect.signature(function).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+
+
+def init_params(cls: type, params: dict[str, Any]) -> dict[str, Any]:
+    """The optimize.params an optimizer's constructor takes. The others must be compile()'s
+    (MIPROv2's num_trials, minibatch, data_aware_proposer, ...); a key neither takes is an
+    error naming both lists, unless the constructor takes **kwargs."""
+    init, compile_ = _takes(cls.__init__), _takes(cls.compile) - {"student", "trainset"}
+    open_init = any(p.kind == p.VAR_KEYWORD
+                    for p in inspect.signature(cls.__init__).parameters.values())
+    unknown = sorted(k for k in params if k not in init and k not in compile_)
+    if unknown and not open_init:
+        raise OptimizeError(
+            f"optimize.params: {cls.__name__} takes none of {unknown} (constructor: "
+            f"{', '.join(sorted(init - {'metric'}))}; compile: {', '.join(sorted(compile_))})")
+    return {k: v for k, v in params.items() if k in init or k not in compile_}
+
+
+def compile_params(cls: type, params: dict[str, Any]) -> dict[str, Any]:
+    """The optimize.params only compile() takes (see init_params)."""
+    init = init_params(cls, params)
+    return {k: v for k, v in params.items() if k not in init}
+
+
 def compile_program(optimizer: Any, program: dspy.Module, trainset: list[dspy.Example],
-                    valset: list[dspy.Example]) -> dspy.Module:
+                    valset: list[dspy.Example],
+                    params: dict[str, Any] | None = None) -> dspy.Module:
     accepted = inspect.signature(optimizer.compile).parameters
-    kwargs: dict[str, Any] = {"trainset": trainset}
+    kwargs: dict[str, Any] = {"trainset": trainset, **(params or {})}
     if "valset" in accepted:
         kwargs["valset"] = valset
     if "requires_permission_to_run" in accepted:  # MIPROv2 asks on stdin otherwise
@@ -309,8 +337,9 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
              + (f" (its log: {log_path})" if log_path else ""))
         with dspy_chatter_to(log_path):
             optimizer = build_optimizer(recipe, metric, lm, proposer, teacher, log_dir)
-            candidates["optimized"] = compile_program(optimizer, program.deepcopy(), trainset,
-                                                      valset)
+            candidates["optimized"] = compile_program(
+                optimizer, program.deepcopy(), trainset, valset,
+                compile_params(type(optimizer), dict(recipe.optimize.params)))
         if counter.errors:
             emit(f"  warning: {counter.errors} LM calls failed while the optimizer ran "
                  f"(first: {counter.first}); it scored them as wrong answers")

@@ -20,7 +20,13 @@ import dspy
 from copa.dspy.adapter import finetune_rows_adapter
 from copa.dspy.kit import TaskKit, base_model_path
 from copa.dspy.roles import role_lm
-from copa.dspy.search import build_optimizer, demo_count, dspy_chatter_to, program_view
+from copa.dspy.search import (
+    build_optimizer,
+    compile_params,
+    demo_count,
+    dspy_chatter_to,
+    program_view,
+)
 from copa.inference.router import model_of
 from copa.provider.lm import provider_lm
 
@@ -87,9 +93,9 @@ def strategy_arm(run: Any, kit: TaskKit, save: Any) -> dict[str, Any]:
             metric=kit.metric, adapter=finetune_rows_adapter(kit.adapter),
             exclude_demos=exclude_demos, num_threads=opt.num_threads)
         together = dspy.BetterTogether(metric=kit.metric, p=prompt_optimizer, w=weights_optimizer)
-        compile_args = {}
+        compile_args = {"p": compile_params(type(prompt_optimizer), dict(opt.params))}
         if "requires_permission_to_run" in inspect.signature(prompt_optimizer.compile).parameters:
-            compile_args["p"] = {"requires_permission_to_run": False}  # MIPROv2 asks otherwise
+            compile_args["p"]["requires_permission_to_run"] = False  # MIPROv2 asks otherwise
         failures = _StepErrors()
         step_logger = logging.getLogger("dspy.teleprompt.bettertogether")
         step_logger.addHandler(failures)
