@@ -241,6 +241,25 @@ def _template_text(run: Run) -> str:
     return run.checked.spec.template.text
 
 
+# Recipe keys added after run directories existed, with their defaults: left out of the
+# stage keys while at the default, so a run made before a key existed keeps its stages.
+LATER_KEYS = {"optimize": {"strategy": DEFAULT_STRATEGY},
+              "data": {"loader": None, "loader_options": {}, "group_by": None,
+                       "answers_column": None}}
+
+
+def key_sections(recipe: Recipe, *sections: str) -> dict[str, Any]:
+    """recipe_section_dict for a content key (see LATER_KEYS)."""
+    content = recipe_section_dict(recipe, *sections)
+    for section, defaults in LATER_KEYS.items():
+        values = content.get(section)
+        if isinstance(values, dict):
+            for key, default in defaults.items():
+                if key in values and values[key] == default:
+                    del values[key]
+    return content
+
+
 def stage_key(run: Run, stage: str) -> str:
     r = run.recipe
     v = versions()
@@ -253,7 +272,7 @@ def stage_key(run: Run, stage: str) -> str:
         # The data's content, not just its name (a file edited in place re-renders the
         # splits), and the splits themselves (COPAOptimizer.compile renders the examples it
         # is given).
-        return sha256_json([recipe_section_dict(r, *sections), _template_text(run), v["copa"],
+        return sha256_json([key_sections(r, *sections), _template_text(run), v["copa"],
                             data_identity(r), sha256_json(run.checked.splits.as_dict()),
                             *rag])
     if stage == "train":
@@ -266,10 +285,7 @@ def stage_key(run: Run, stage: str) -> str:
         sections = ["model", "task", "optimize", "serve"]
         if r.optimize.strategy != DEFAULT_STRATEGY:  # BetterTogether's "w" fine-tunes in here
             sections += ["finetune"]
-        content = recipe_section_dict(r, *sections)
-        if r.optimize.strategy == DEFAULT_STRATEGY:  # keys of runs made before strategy existed
-            content["optimize"].pop("strategy", None)
-        return sha256_json([run.keys.get("merge"), content,
+        return sha256_json([run.keys.get("merge"), key_sections(r, *sections),
                             r.evaluate.metric, r.evaluate.max_tokens, _template_text(run),
                             sha256_file(run.rendered / "splits" / "train.jsonl"),
                             sha256_file(run.rendered / "splits" / "val.jsonl"),
