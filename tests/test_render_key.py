@@ -85,3 +85,21 @@ def test_the_optimizer_reads_only_the_rendered_splits(tmp_path: Path,
         rendered = read_jsonl(splits / f"{name}.jsonl")
         assert [e.text for e in examples] == [r["text"] for r in rendered]
         assert not any(e.text.startswith("edited ") for e in examples)
+
+
+def test_keys_added_later_change_no_stage_key_at_their_defaults(tmp_path: Path,
+                                                                tiny_model_dir: Path) -> None:
+    """A run directory made before `optimize.strategy` or `data.group_by` existed keeps its
+    stages after an upgrade: at their defaults they are not in the content keys; set, they are."""
+    from copa.recipe import load_recipe
+    from copa.runs import key_sections
+
+    path = _recipe(tmp_path, tiny_model_dir)
+    plain = key_sections(load_recipe(path), "data", "optimize")
+    assert "group_by" not in plain["data"] and "strategy" not in plain["optimize"]
+    assert "stratify" in plain["data"]  # keys that always existed stay
+    grouped = key_sections(load_recipe(path, overrides={"data.group_by": "label",
+                                                        "optimize.strategy": "p -> w"}),
+                           "data", "optimize")
+    assert grouped["data"]["group_by"] == "label"
+    assert grouped["optimize"]["strategy"] == "p -> w"
