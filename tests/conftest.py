@@ -90,3 +90,19 @@ def write_tiny_recipe(folder: Path, model: Path, max_steps: int = 3, save_steps:
     path.write_text(TINY_RECIPE.format(model=model, max_steps=max_steps,
                                        save_steps=save_steps) + extra)
     return path
+
+
+TINY_OPTIMIZE = ("  optimizer: BootstrapFewShotWithRandomSearch\n"
+                 "  params: {max_bootstrapped_demos: 1, max_labeled_demos: 2, "
+                 "num_candidate_programs: 1}\n")
+
+
+def write_prompt_only_recipe(folder: Path, model: Path, optimize: str) -> Path:
+    """The tiny recipe without fine-tuning, its optimize lines (optimizer, params, ...)
+    replaced by `optimize`: for runs of the prompt stage alone."""
+    path = write_tiny_recipe(folder, model)
+    text = path.read_text().replace("finetune:\n", "finetune:\n  enabled: false\n", 1)
+    assert TINY_OPTIMIZE in text
+    path.write_text(text.replace(TINY_OPTIMIZE, optimize))
+    return path
+

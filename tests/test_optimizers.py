@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dspy
 import pytest
-from conftest import write_tiny_recipe
+from conftest import write_prompt_only_recipe, write_tiny_recipe
 
 from copa.dspy.search import build_optimizer, feedback_metric
 from copa.recipe import load_recipe
@@ -119,14 +119,9 @@ def test_gepa_runs_from_a_recipe_with_a_reflection_model(tmp_path: Path,
     the seed instruction, which is GEPA's own behaviour, and copa keeps plain on val)."""
     from copa import pipeline
 
-    path = write_tiny_recipe(tmp_path, tiny_model_dir)
-    text = path.read_text().replace("finetune:\n", "finetune:\n  enabled: false\n", 1)
-    text = text.replace(
-        "  optimizer: BootstrapFewShotWithRandomSearch\n  params: {max_bootstrapped_demos: 1, "
-        "max_labeled_demos: 2, num_candidate_programs: 1}\n",
+    path = write_prompt_only_recipe(tmp_path, tiny_model_dir,
         "  optimizer: GEPA\n  params: {max_metric_calls: 20}\n  proposer: base\n"
         "  max_tokens: 32\n")
-    path.write_text(text)
     run = pipeline.run(path, stages=["optimize"], run_dir=tmp_path / "run", emit=lambda _: None)
     log = (run.optimize_dir / "dspy-prompt_only.log").read_text()
     assert "Iteration 1: Selected program" in log  # GEPA's loop ran, reflecting
@@ -166,18 +161,12 @@ def test_mipro_proposes_distinct_instructions_by_sampling(tmp_path: Path,
 
     from copa import pipeline
 
-    path = write_tiny_recipe(tmp_path, tiny_model_dir)
-    text = path.read_text().replace("finetune:\n", "finetune:\n  enabled: false\n", 1)
-    text = text.replace(
-        "  optimizer: BootstrapFewShotWithRandomSearch\n  params: {max_bootstrapped_demos: 1, "
-        "max_labeled_demos: 2, num_candidate_programs: 1}\n",
+    path = write_prompt_only_recipe(tmp_path, tiny_model_dir,
         "  optimizer: MIPROv2\n  params: {auto: null, num_candidates: 4, num_trials: 2, "
         "max_bootstrapped_demos: 0, max_labeled_demos: 0, data_aware_proposer: false, "
         "tip_aware_proposer: false, program_aware_proposer: false, "
         "minibatch: false}\n"
         "  proposer: base\n  max_tokens: 24\n")
-    assert "MIPROv2" in text
-    path.write_text(text)
     run = pipeline.run(path, stages=["optimize"], run_dir=tmp_path / "run", emit=lambda _: None)
     log = (run.optimize_dir / "dspy-prompt_only.log").read_text()
     block = log.split("Proposed Instructions for Predictor 0:", 1)[1].split("==>", 1)[0]
