@@ -63,7 +63,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- **Synergy** (combined − max(fine-tune-only, prompt-only)): "
                      f"{_pct(syn['value'])} points, 95% CI [{_pct(lo)}, {_pct(hi)}]: {verdict}")
     for arm, info in report.get("prompt_optimization", {}).items():
-        if info.get("candidates"):
+        if info.get("strategy"):  # BetterTogether's arm: its own candidate list
             lines.extend(strategy_lines(arm, info))
             continue
         scores = ", ".join(f"{k} {_pct(v)}" for k, v in info.get("val_scores", {}).items())
