@@ -63,6 +63,9 @@ def test_gepa_from_a_recipe_gets_a_reflection_lm_and_a_five_argument_metric(reci
     recipe = recipe_for("GEPA", "{auto: light}")
     optimizer = build_optimizer(recipe, _metric, dspy.LM("openai/never-called", max_tokens=4))
     assert optimizer.reflection_lm.kwargs["max_tokens"] == 300
+    from copa.dspy.adapter import WriterAdapter  # reflections parse as a small model writes them
+
+    assert isinstance(optimizer.custom_instruction_proposer.adapter, WriterAdapter)
     gold = dspy.Example(species="setosa")
     wrong = optimizer.metric_fn(gold, dspy.Prediction(species="virginica"), None, "predict", None)
     right = optimizer.metric_fn(gold, dspy.Prediction(species="setosa"), None, "predict", None)

@@ -88,6 +88,14 @@ def build_optimizer(recipe: Recipe, metric: Callable[..., Any], lm: dspy.LM | No
                 params[name] = proposer or lm.copy(max_tokens=recipe.optimize.max_tokens)
     if teacher is not None and "teacher_settings" in accepted:
         params["teacher_settings"] = {**(params.get("teacher_settings") or {}), "lm": teacher}
+    if "instruction_proposer" in accepted and params.get("instruction_proposer") is None:
+        # GEPA's own proposer asks its reflection model for JSON, which a small model rarely
+        # writes (seen on Iris: every reflection failed); DSPy's documented knob is its adapter.
+        from dspy.teleprompt.gepa import InstructionProposer
+
+        from copa.dspy.adapter import WriterAdapter
+
+        params["instruction_proposer"] = InstructionProposer(adapter=WriterAdapter())
     if "reflection_lm" in accepted:  # GEPA: a score and a feedback per example
         metric = feedback_metric(metric, recipe.task.output_fields[-1])
     try:
