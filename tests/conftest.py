@@ -52,6 +52,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+
+def save_varied_llama(tiny_model_dir: Path, out: Path, seed: int) -> Path:
+    """The tiny Llama re-drawn with larger random weights (init std 0.3, not 0.02), saved to out.
+
+    At std 0.02 the tiny model answers every prompt with the same newlines, which would let a
+    batching bug (wrong mask, rows mixed up) pass unseen; at 0.3 each prompt gets its own text.
+    """
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.3
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
 TINY_RECIPE = """\
 name: tiny
 model:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import dspy
 import pytest
+from conftest import save_varied_llama
 from dspy.lm15 import Message, Request
 
 # MKL_CBWR itself is set by conftest, before any torch import
@@ -38,21 +39,7 @@ def prompt(i: int) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def varied_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama re-drawn with larger random weights (init std 0.3, not 0.02).
-
-    At std 0.02 the tiny model answers every prompt with the same newlines, which would let a
-    batching bug (wrong mask, rows mixed up) pass unseen; at 0.3 each prompt gets its own text.
-    """
-    import torch
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(tiny_model_dir)
-    config.initializer_range = 0.3
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("varied-llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
-    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+    return save_varied_llama(tiny_model_dir, tmp_path_factory.mktemp("varied-llama"), seed=0)
 
 
 @pytest.fixture(scope="module")

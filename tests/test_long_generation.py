@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import save_varied_llama
 
 from copa.inference.engine import BatchingEngine
 from copa.inference.local import LocalModel
@@ -19,16 +20,8 @@ pytestmark = pytest.mark.slow  # ~700 decode steps: minutes on 2 shared cores
 @pytest.fixture(scope="module")
 def varied(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LocalModel:
     """The tiny Llama with larger random weights, so every prompt gets its own long text."""
-    import torch
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(tiny_model_dir)
-    config.initializer_range = 0.3
-    torch.manual_seed(1)
-    out = tmp_path_factory.mktemp("varied-long")
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
-    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return LocalModel(str(out))
+    return LocalModel(str(save_varied_llama(tiny_model_dir, tmp_path_factory.mktemp("varied-long"),
+                                            seed=1)))
 
 
 def chat(i: int) -> list[dict[str, str]]:
