@@ -13,7 +13,8 @@ import pytest
 
 COPA = Path(__file__).resolve().parent.parent / "copa"
 HEAVY = ("torch", "transformers", "dspy", "axolotl", "peft", "accelerate")
-LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.checks",
+LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.serve_schema",
+         "copa.recipe.checks",
          "copa.data", "copa.loaders", "copa.retrieval", "copa.prompting", "copa.use.bundle",
          "copa.use.predict")
 # (importer prefix, imported prefix): imports that would send data up the tree.

@@ -20,6 +20,12 @@ from copa.recipe.data_schema import (  # noqa: F401 - the data sections are part
     Section,
     SplitSizes,
 )
+from copa.recipe.serve_schema import (  # noqa: F401 - the serve sections are part of the schema
+    ModelRef,
+    ServedModel,
+    ServeModels,
+    ServeSection,
+)
 
 MODEL_ALIASES = ("smollm2-135m-instruct",)
 ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
@@ -218,20 +224,6 @@ class FinetuneSection(_Section):
         return self
 
 
-class ServedModel(_Section):
-    """A model on an OpenAI-compatible server you run."""
-
-    engine: Literal["openai"] = "openai"
-    api_base: str
-    model: str
-    api_key: str = "copa"
-
-
-# Who writes for the optimizer: "base" / "merged" (the run's models), a model alias, local
-# folder, .gguf file or hub id, or a served model. None: the arm's own model.
-ModelRef = str | ServedModel | None
-
-
 class OptimizeSection(_Section):
     enabled: bool = True
     optimizer: str = Field(
@@ -310,53 +302,6 @@ class EvaluateSection(_Section):
         if not value:
             raise ValueError(f"name at least one arm of {', '.join(ARMS)}")
         return list(dict.fromkeys(value))
-
-
-class ServeModels(_Section):
-    base: str | None = Field(None, description="The id your server serves the base model under.")
-    merged: str | None = Field(None, description="The id your server serves the fine-tuned "
-                               "(merged) model under.")
-
-
-class ServeSection(_Section):
-    engine: Literal["local", "vllm", "transformers", "openai"] = Field(
-        "local", description="local: in-process batched engine; vllm / transformers: copa starts "
-        "an OpenAI-compatible server on loopback; openai: a server you run (api_base).")
-    api_base: str | None = None
-    api_key: str = "copa"
-    model: str | None = Field(None, description="The model id your server serves (engine "
-                              "'openai', no fine-tuned arms); copa-started servers know their "
-                              "own.")
-    models: ServeModels = Field(default_factory=ServeModels, description="engine 'openai': "
-                                "each arm's model id, {base: ..., merged: ...}; needed when "
-                                "fine-tuning.")
-    max_batch_size: int = 8
-    batch_wait_ms: float = 5.0
-    prefix_cache: bool = Field(True, description="local engine: compute the turns before a "
-                               "prompt's last one (system turn, demos) once and reuse them.")
-    response_cache: bool = Field(True, description="local engine: keep DSPy's response cache "
-                                 "in the run directory, keyed by the model weights' hash, so a "
-                                 "re-run repeats no generation (greedy decoding is deterministic).")
-
-    @field_validator("models")
-    @classmethod
-    def _models(cls, value: ServeModels, info: Any) -> ServeModels:
-        named = value.base is not None or value.merged is not None
-        if named and info.data.get("engine") != "openai":
-            raise ValueError("only for engine 'openai'; copa-started servers know their models")
-        if named and info.data.get("model"):
-            raise ValueError("write serve.models or serve.model, not both")
-        return value
-
-    def model_for(self, role: str) -> str | None:
-        """engine 'openai': the id the user's server knows the 'base' or 'merged' model by."""
-        return getattr(self.models, role, None) or self.model
-
-    @model_validator(mode="after")
-    def _api_base(self) -> ServeSection:
-        if self.engine == "openai" and not self.api_base:
-            raise ValueError("engine 'openai' needs api_base, e.g. http://127.0.0.1:8000/v1")
-        return self
 
 
 class Recipe(_Section):
