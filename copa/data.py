@@ -6,8 +6,6 @@ Splits are deterministic for a seed, stratified by label for classification, and
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import random
 from collections import defaultdict
@@ -16,18 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from copa.loaders import LoaderError, load_rows, read_table  # noqa: F401 - read_table: API
-from copa.recipe import Problem, Recipe, RecipeError
-
-IRIS_COLUMNS = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+from copa.loaders import read_table  # noqa: F401 - read_table: part of the data API
+from copa.recipe import Problem, Recipe
+from copa.sources import DataError, data_problem, load_source
 
 # A task example: signature field -> text; `answers` (data.answers_column) is a list of texts.
 Row = dict[str, Any]
 GROUP = "_group"  # data.group_by's value, carried while splitting and dropped after
-
-
-class DataError(RecipeError):
-    """Data that a recipe points at is unusable."""
 
 
 @dataclass(frozen=True)
@@ -38,135 +31,6 @@ class Splits:
 
     def as_dict(self) -> dict[str, list[Row]]:
         return {"train": self.train, "val": self.val, "test": self.test}
-
-
-def _problem(recipe: Recipe, path: str, message: str) -> DataError:
-    label = str(recipe.source_path) if recipe.source_path else "<recipe>"
-    return DataError([Problem(file=label, path=path, message=message)])
-
-
-def _iris_rows() -> list[dict[str, Any]]:
-    # Read the CSV scikit-learn ships, without importing sklearn (slow) — same data as load_iris.
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("scikit-learn is not installed (pip install scikit-learn)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "iris.csv"
-    lines = path.read_text(encoding="utf-8").strip().splitlines()
-    species = lines[0].split(",")[2:]
-    rows = []
-    for line in lines[1:]:
-        *features, target = line.split(",")
-        row: dict[str, Any] = {name: float(v) for name, v in zip(IRIS_COLUMNS, features)}
-        row["species"] = species[int(target)]
-        rows.append(row)
-    return rows
-
-
-def load_source(recipe: Recipe, source: str, key: str) -> list[dict[str, Any]]:
-    """Rows from a recipe's data source string; errors name the recipe key."""
-    if recipe.data.loader and (source == "sklearn:iris" or source.startswith("hf:")):
-        raise _problem(recipe, "data.loader", f"a loader reads a file, and {source} is none: "
-                                              "remove data.loader or point the source at a file")
-    try:
-        if source == "sklearn:iris":
-            return _iris_rows()
-        if source.startswith("hf:"):
-            return _hub_rows(source[3:], recipe.base_dir)
-        data = recipe.data
-        return load_rows(recipe.resolve(source), fmt=data.format, max_mb=data.max_file_mb,
-                         loader=data.loader, options=data.loader_options,
-                         base_dir=recipe.base_dir)
-    except FileNotFoundError as exc:
-        raise _problem(recipe, key, str(exc)) from None
-    except LoaderError as exc:
-        raise _problem(recipe, "data.loader", f"{source}: {exc}") from None
-    except ValueError as exc:
-        raise _problem(recipe, key, f"{source}: {exc}") from None
-
-
-def _hub_rows(name: str, base_dir: Path) -> list[dict[str, Any]]:
-    """`hf:NAME[:SPLIT]`: a folder written by `datasets`' save_to_disk (relative to the recipe;
-    no hub needed), else a dataset on the hub (or in its local cache)."""
-    dataset_name, _, split = name.partition(":")
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError("the 'datasets' package is needed for hf: sources") from None
-    folder = Path(dataset_name).expanduser()
-    folder = folder if folder.is_absolute() else base_dir / folder
-    saved = folder.is_dir() and any((folder / f).is_file()
-                                    for f in ("dataset_dict.json", "state.json"))
-    split = split or "train"
-    if saved:
-        try:
-            dataset = datasets.load_from_disk(str(folder))
-        except Exception as exc:  # a damaged or foreign folder: say which
-            raise ValueError(f"could not load the saved dataset {folder} ({exc})") from None
-        if isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"no split '{split}' in {folder} (it has "
-                                 f"{', '.join(dataset)}); write hf:{dataset_name}:SPLIT")
-            dataset = dataset[split]
-        return [dict(row) for row in dataset]
-    try:
-        dataset = datasets.load_dataset(dataset_name, split=split)
-    except Exception as exc:  # offline, unknown name: say which
-        raise ValueError(f"could not load '{dataset_name}' from the hub ({exc})") from None
-    return [dict(row) for row in dataset]
-
-
-def _hub_cache() -> Path:
-    # huggingface_hub's cache folder, found as it finds it (without importing it: light module).
-    import os
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def _package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def source_identity(recipe: Recipe, source: str) -> dict[str, Any]:
-    """What identifies a data source's rows: the sha256 of a file, the package version (and
-    file) of built-in data, a local dataset folder's hash or a hub dataset's cached revision.
-    The render stage's key holds it, so data edited in place re-renders the splits."""
-    from copa.files import sha256_file, sha256_tree
-
-    if source == "sklearn:iris":
-        identity: dict[str, Any] = {"source": source,
-                                    "scikit-learn": _package_version("scikit-learn")}
-        spec = importlib.util.find_spec("sklearn")
-        if spec is not None and spec.submodule_search_locations:
-            csv_path = (Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
-                        / "iris.csv")
-            identity["sha256"] = sha256_file(csv_path) if csv_path.is_file() else None
-        return identity
-    if source.startswith("hf:"):
-        name = source[3:].partition(":")[0]
-        identity = {"source": source, "datasets": _package_version("datasets")}
-        for folder in dict.fromkeys([Path(name), recipe.resolve(name)]):
-            if folder.exists():  # a local dataset folder or file: its content
-                identity[str(folder.resolve())] = sha256_tree(folder)
-        ref = _hub_cache() / f"datasets--{name.replace('/', '--')}" / "refs" / "main"
-        if ref.is_file():  # a hub dataset: the revision its cache resolves to
-            identity["revision"] = ref.read_text().strip()
-        return identity
-    path = recipe.resolve(source)
-    return {"source": source, "sha256": sha256_file(path) if path.is_file() else None}
-
-
-def data_identity(recipe: Recipe) -> list[dict[str, Any]]:
-    """source_identity of every data source the recipe reads."""
-    sources = [recipe.data.source] + ([recipe.data.test_source] if recipe.data.test_source else [])
-    return [source_identity(recipe, s) for s in sources]
 
 
 def format_value(value: Any, number_format: str | None) -> str:
@@ -190,7 +54,7 @@ def map_columns(recipe: Recipe, rows: list[dict[str, Any]], key: str) -> list[Ro
     if recipe.task.module == "chain_of_thought" and recipe.finetune.enabled:
         fields = [*recipe.task.input_fields, "reasoning", *recipe.task.output_fields]
     if not rows:
-        raise _problem(recipe, key, "no rows in the data")
+        raise data_problem(recipe, key, "no rows in the data")
     present = list(rows[0].keys())
     problems = []
     for name in fields:
@@ -317,7 +181,7 @@ def _check_labels(recipe: Recipe, rows: list[Row], key: str) -> None:
     unknown = sorted({_label(recipe, r) for r in rows} - set(choices))
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise _problem(recipe, "task.choices",
+        raise data_problem(recipe, "task.choices",
                        f"{len(unknown)} label value(s) in {key} are not among the choices: "
                        f"{shown}; add them to task.choices or drop rows with data.filter_labels")
 
@@ -337,7 +201,7 @@ def load_splits(recipe: Recipe) -> Splits:
         if test_rows is not None:
             test_rows = [r for r in test_rows if _label(recipe, r) in allowed]
         if not rows:
-            raise _problem(recipe, "data.filter_labels", "no row has any of these labels")
+            raise data_problem(recipe, "data.filter_labels", "no row has any of these labels")
     _check_labels(recipe, rows, "data.source")
     if test_rows is not None:
         _check_labels(recipe, test_rows, "data.test_source")
@@ -375,7 +239,7 @@ def load_splits(recipe: Recipe) -> Splits:
     if test_rows is None:
         parts = _cut(pool, [n_train, n_val, n_test], grouped)
         if parts is None:
-            raise _problem(recipe, "data.splits",
+            raise data_problem(recipe, "data.splits",
                            f"asks for {n_train + n_val + n_test} rows (train {n_train} + val "
                            f"{n_val} + test {n_test}){whole} but the data has {len(pool)} "
                            "after dedupe/filters")
@@ -383,14 +247,14 @@ def load_splits(recipe: Recipe) -> Splits:
     else:
         parts = _cut(pool, [n_train, n_val], grouped)
         if parts is None or n_test > len(test_rows):
-            raise _problem(recipe, "data.splits",
+            raise data_problem(recipe, "data.splits",
                            f"asks for train {n_train} + val {n_val} of {len(pool)} rows{whole} "
                            f"and test {n_test} of {len(test_rows)} rows")
         train, val = parts
         test = order(test_rows)[:n_test]
     for name, split in (("train", train), ("val", val), ("test", test)):
         if not split:
-            raise _problem(recipe, f"data.splits.{name}",
+            raise data_problem(recipe, f"data.splits.{name}",
                            "this split is empty: give it at least one row")
     train, val, test = ([{k: v for k, v in r.items() if k != GROUP} for r in split]
                         for split in (train, val, test))

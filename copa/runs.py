@@ -34,12 +34,12 @@ from typing import Any
 
 import filelock
 
-from copa.data import data_identity
 from copa.files import atomic_write_json, sha256_file, sha256_json
 from copa.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_section_dict
 from copa.recipe.checks import Checked, check_recipe
 from copa.recipe.schema import DEFAULT_STRATEGY
 from copa.retrieval import corpus_identity as retrieval_identity
+from copa.sources import data_identity
 
 Emit = Callable[[str], None]
 

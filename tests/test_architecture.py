@@ -14,9 +14,8 @@ import pytest
 COPA = Path(__file__).resolve().parent.parent / "copa"
 HEAVY = ("torch", "transformers", "dspy", "axolotl", "peft", "accelerate")
 LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.serve_schema",
-         "copa.recipe.checks",
-         "copa.data", "copa.loaders", "copa.retrieval", "copa.prompting", "copa.use.bundle",
-         "copa.use.predict")
+         "copa.recipe.checks", "copa.data", "copa.sources", "copa.loaders", "copa.retrieval",
+         "copa.prompting", "copa.use.bundle", "copa.use.predict")
 # (importer prefix, imported prefix): imports that would send data up the tree.
 FORBIDDEN = [
     ("copa.stages", "copa.pipeline"), ("copa.stages", "copa.optimizer"),
@@ -33,8 +32,8 @@ FORBIDDEN = [
                                     "copa.backends", "copa.runs", "copa.pipeline",
                                     "copa.provider")],
     ("copa.use", "copa.pipeline"), ("copa.use", "copa.runs"),
-    *[(light, up) for light in ("copa.recipe", "copa.data", "copa.loaders", "copa.retrieval",
-                                "copa.prompting")
+    *[(light, up) for light in ("copa.recipe", "copa.data", "copa.sources", "copa.loaders",
+                                "copa.retrieval", "copa.prompting")
       for up in ("copa.stages", "copa.pipeline", "copa.runs", "copa.dspy", "copa.inference",
                  "copa.backends", "copa.optimizer", "copa.provider", "copa.use")],
 ]
