@@ -2,8 +2,9 @@
 over two seeds, killed with SIGKILL after its first run and resumed; cells that share their
 training inputs share one trained model; the study files; two more cells as Ray tasks.
 
-One study serves every test here (module fixture): its two trainings (one per seed) are what
+One study serves the tests that read it (module fixture): its two trainings (one per seed) are what
 costs; its grid is over prompt-stage and evaluation keys, so its 8 runs train only twice.
+The Ray test runs a study of its own (one training, two cells at once).
 """
 
 from __future__ import annotations
@@ -175,23 +176,19 @@ def test_copa_study_report_reprints(study: dict) -> None:
     assert "## Findings" in result.output
 
 
-def test_the_ray_executor_runs_two_cells_on_a_local_ray_instance(study: dict) -> None:
-    """Two new cells (a third value of the prompt-stage key, on seed 0) as Ray tasks at once.
-    Their study folder shares the first study's trained models (a symlink), so they train
-    nothing: both take the shared model's lock in turn and reuse it."""
+def test_the_ray_executor_runs_two_cells_on_a_local_ray_instance(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Two cells as Ray tasks at once (2 CPUs, 1 each) that need the same model: one trains
+    it while the other waits on the shared model's lock, then reuses it; never twice."""
     import ray
 
     from copa.study.runner import run_study
 
-    folder = study["folder"]
-    ray_file = folder / "ray.yaml"
-    ray_file.write_text("recipe: tiny.yaml\ngrid:\n  optimize.params.max_labeled_demos: [3]\n"
-                        "  evaluate.max_tokens: [4, 6]\nseeds: [0]\nbootstrap: 300\n"
-                        "resources: {num_cpus: 1}\n")
-    out = folder / "ray-out"
-    out.mkdir()
-    (out / "models").symlink_to(study["out"] / "models")
-    before = {m: (m / "model.json").read_text() for m in (out / "models").iterdir()}
+    write_tiny_recipe(tmp_path, tiny_model_dir)
+    ray_file = tmp_path / "ray.yaml"
+    ray_file.write_text("recipe: tiny.yaml\ngrid:\n  optimize.params.max_labeled_demos: [1, 2]\n"
+                        "seeds: [2]\nbootstrap: 300\nresources: {num_cpus: 1}\n")
+    out = tmp_path / "out"
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         messages: list[str] = []
@@ -200,9 +197,16 @@ def test_the_ray_executor_runs_two_cells_on_a_local_ray_instance(study: dict) ->
         ray.shutdown()
     assert [r["status"] for r in results] == ["finished", "finished"]
     assert "2 cells submitted to Ray (num_cpus=1 each)" in messages
-    assert os.getpid() not in {r["pid"] for r in results}  # in Ray's worker processes
-    assert {m: (m / "model.json").read_text() for m in (out / "models").iterdir()} == before
-    for cell in data["cells"]:
-        assert cell["status"] == "finished" and set(cell["arms"]) == {
-            "baseline", "prompt_only", "finetune_only", "combined"}
-    assert len(list(out.glob("*/seed-0/report.json"))) == 2
+    pids = {r["pid"] for r in results}
+    assert len(pids) == 2 and os.getpid() not in pids  # two Ray worker processes
+    (model,) = (out / "models").iterdir()
+    log = (model / "train" / "axolotl-train.log").read_text()
+    assert log.count("axolotl.cli.main train") == 1
+    assert json.loads((model / "model.json").read_text())["trained_for"] in {
+        str(out / r["dir"]) for r in results}
+    for result in results:
+        manifest = json.loads((out / result["dir"] / "manifest.json").read_text())["stages"]
+        assert manifest["train"]["shared_model"] == str(model)
+    assert [c["status"] for c in data["cells"]] == ["finished", "finished"]
+    assert set(data["cells"][0]["arms"]) == {"baseline", "prompt_only", "finetune_only",
+                                             "combined"}

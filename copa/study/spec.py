@@ -127,10 +127,6 @@ class Study:
     dir: Path
     cells: list[Cell] = field(default_factory=list)
 
-    @property
-    def grid_keys(self) -> list[str]:
-        return list(self.spec.grid)
-
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     label = str(path)
