@@ -89,8 +89,13 @@ def test_folder_names_of_grid_values() -> None:
     assert folder_part(None) == "none"
 
 
-def _study(folder: Path, model: Path, text: str) -> Path:
-    recipe = write_tiny_recipe(folder, model)
+# Study files are read and their cells' recipes validated without loading the model: a path
+# to a model folder that is never opened will do.
+MODEL = Path("/no/model/needed")
+
+
+def _study(folder: Path, text: str) -> Path:
+    recipe = write_tiny_recipe(folder, MODEL)
     path = folder / "s.yaml"
     path.write_text(f"recipe: {recipe.name}\n" + text)
     return path
@@ -119,8 +124,8 @@ def _problems(path: Path) -> list[str]:
      "['w -> p', 'w->p'] give the same folder name twice"),
 ])
 def test_a_bad_study_file_names_the_key_and_what_to_write(
-        tmp_path: Path, tiny_model_dir: Path, text: str, expected: str) -> None:
-    problems = _problems(_study(tmp_path, tiny_model_dir, text))
+        tmp_path: Path, text: str, expected: str) -> None:
+    problems = _problems(_study(tmp_path, text))
     assert any(expected in p for p in problems), problems
 
 
@@ -131,8 +136,8 @@ def test_a_missing_base_recipe_is_named(tmp_path: Path) -> None:
     assert "no such file" in _problems(path)[0]
 
 
-def test_cells_are_the_grid_product_times_the_seeds(tmp_path: Path, tiny_model_dir: Path) -> None:
-    path = _study(tmp_path, tiny_model_dir, (
+def test_cells_are_the_grid_product_times_the_seeds(tmp_path: Path) -> None:
+    path = _study(tmp_path, (
         "grid:\n  optimize.strategy: ['w -> p', 'p -> w']\n  finetune.lora_r: [8, 16]\n"
         "seeds: [3, 4]\narms: [combined, baseline]\nset: {evaluate.bootstrap: 300}\n"))
     study = load_study(path)
@@ -147,10 +152,10 @@ def test_cells_are_the_grid_product_times_the_seeds(tmp_path: Path, tiny_model_d
     assert study.dir == Path.cwd() / "runs" / "s"
 
 
-def test_printed_commands_set_what_the_study_sets(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_printed_commands_set_what_the_study_sets(tmp_path: Path) -> None:
     """Each printed `copa run` line, parsed as the shell and `copa run --set` parse it, loads
     the same recipe the study's cell loads."""
-    path = _study(tmp_path, tiny_model_dir, (
+    path = _study(tmp_path, (
         "grid:\n  optimize.strategy: ['w -> p', 'p -> w -> p']\n  task.instructions: ['1', "
         "'Say: yes']\nseeds: [0, 2]\n"))
     study = load_study(path)
@@ -206,10 +211,10 @@ def test_the_plot_and_tables_of_every_grid_shape(grid: dict) -> None:
 
 
 def test_an_override_into_an_overridden_section_leaves_the_callers_value_alone(
-        tmp_path: Path, tiny_model_dir: Path) -> None:
+        tmp_path: Path) -> None:
     """The demos study sets optimize.params, then each cell one key inside it: the study's
     value must stay as written for the next cell."""
-    recipe = write_tiny_recipe(tmp_path, tiny_model_dir)
+    recipe = write_tiny_recipe(tmp_path, MODEL)
     params = {"max_bootstrapped_demos": 0}
     loaded = load_recipe(recipe, overrides={"optimize.params": params,
                                             "optimize.params.max_labeled_demos": 4})
@@ -231,13 +236,12 @@ def test_a_long_grid_value_gets_a_short_distinct_folder_name() -> None:
     assert all(len(n) <= 40 for n in names) and names[0] != names[1]
 
 
-def test_print_commands_then_report_on_nothing_run_yet(tmp_path: Path,
-                                                       tiny_model_dir: Path) -> None:
+def test_print_commands_then_report_on_nothing_run_yet(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from copa.cli import cli
 
-    path = _study(tmp_path, tiny_model_dir, "grid:\n  finetune.lora_r: [8, 16]\nseeds: [0, 1]\n")
+    path = _study(tmp_path, "grid:\n  finetune.lora_r: [8, 16]\nseeds: [0, 1]\n")
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["study", str(path), "--print-commands", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -250,13 +254,13 @@ def test_print_commands_then_report_on_nothing_run_yet(tmp_path: Path,
     assert (out / "study.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_the_command_says_what_it_needs(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_the_command_says_what_it_needs(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from copa.cli import cli
 
     assert CliRunner().invoke(cli, ["study"]).exit_code == 2
-    bad = _study(tmp_path, tiny_model_dir, "grid: {finetune.lora_r: [0]}\n")
+    bad = _study(tmp_path, "grid: {finetune.lora_r: [0]}\n")
     result = CliRunner().invoke(cli, ["study", str(bad)])
     assert result.exit_code == 2
     assert "grid.finetune.lora_r: 0: must be at least 1" in result.output
