@@ -120,7 +120,11 @@ def run_ray(study: Study, cells: Sequence[Cell], emit: Emit = print,
     """Each cell a Ray task with the study's resources. Uses a Ray instance this process has
     started already, else connects to `address` (or RAY_ADDRESS), else starts a local one.
     Cells sharing a trained model wait on its lock: it is trained once."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("--executor ray needs Ray: `pip install ray` (make install "
+                           "installs it), or run the cells sequentially") from None
 
     started = not ray.is_initialized()
     if started:
