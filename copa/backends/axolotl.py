@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -133,6 +134,17 @@ def render_config(recipe: Recipe, base_model: str, train_path: Path, work_dir: P
     return config
 
 
+def relocated_config(config: dict[str, Any], train_path: Path, work_dir: Path
+                     ) -> dict[str, Any]:
+    """The same training done elsewhere: rows read from train_path, prepared data and
+    checkpoints under work_dir (render_config's places), every other value as it was."""
+    moved = copy.deepcopy(config)
+    moved["datasets"] = [{**d, "path": str(train_path)} for d in moved["datasets"]]
+    moved["dataset_prepared_path"] = str(Path(work_dir) / "prepared")
+    moved["output_dir"] = str(Path(work_dir) / "checkpoints")
+    return moved
+
+
 def launch_command(recipe: Recipe, config_path: Path) -> list[str]:
     """The `axolotl train` command line, with the launcher the recipe's scale asks for."""
     dist = recipe.finetune.distributed
@@ -178,8 +190,6 @@ def check_passthrough(recipe: Recipe, label: str) -> list[Problem]:
 
 def validate_config(config: dict[str, Any], label: str) -> None:
     """Run Axolotl's own validation on a rendered config; raise RecipeError on failure."""
-    import copy
-
     from pydantic import ValidationError
 
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")

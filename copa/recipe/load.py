@@ -7,6 +7,7 @@ Every problem found is collected and reported at once as `file: key.path: messag
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -196,7 +197,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, label: str) -> No
                 file=label, path=dotted,
                 message=f"'{parent}' is a value ({type(node).__name__}), not a section with "
                         f"keys; write --set {parent}=VALUE")])
-    node[keys[-1]] = value
+    node[keys[-1]] = copy.deepcopy(value)  # a later override into it must not change the caller's
 
 
 def recipe_section_dict(recipe: Recipe, *sections: str) -> dict[str, Any]:

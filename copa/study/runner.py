@@ -1,0 +1,58 @@
+"""What `copa study` does: read the study, write its plan, run the cells with an executor,
+then aggregate every finished cell into study.json / study.md / study.png."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from copa.runs import Emit
+from copa.study.aggregate import aggregate
+from copa.study.execute import PLAN_FILE, cell_command, run_ray, run_sequential, write_plan
+from copa.study.spec import Study, load_study
+from copa.study.write import write_study
+
+EXECUTORS = ("sequential", "ray")
+
+
+def study_commands(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
+                   ) -> tuple[Study, list[str]]:
+    """One `copa run ... --set ...` line per cell, for another scheduler; writes plan.json so
+    that `copa study --report DIR` finds the cells afterwards."""
+    study = load_study(path, out_dir)
+    write_plan(study)
+    return study, [cell_command(study, cell) for cell in study.cells]
+
+
+def run_study(path: str | os.PathLike[str], executor: str = "sequential",
+              out_dir: str | os.PathLike[str] | None = None, emit: Emit = print,
+              ray_address: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every cell (finished ones skipped), then the study files. Returns study.json's data and
+    what happened to each cell (a failed cell is reported, the others still run)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor {executor!r}: use one of {', '.join(EXECUTORS)}")
+    study = load_study(path, out_dir)
+    write_plan(study)
+    emit(f"study {study.name}: {len(study.cells)} runs "
+         f"({len(study.cells) // len(study.spec.seeds)} cells x {len(study.spec.seeds)} seeds) "
+         f"in {study.dir}")
+    if executor == "ray":
+        results = run_ray(study, study.cells, emit, ray_address)
+    else:
+        results = run_sequential(study, study.cells, emit)
+    data = report_study(study.dir)
+    return data, results
+
+
+def report_study(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Aggregate the finished cells named in DIR/plan.json and (re)write the study files."""
+    directory = Path(study_dir)
+    plan_path = directory / PLAN_FILE
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"{plan_path} does not exist: {directory} is not a study folder "
+                                "(run `copa study STUDY.yaml` or --print-commands first)")
+    data = aggregate(json.loads(plan_path.read_text()), directory)
+    write_study(directory, data)
+    return data

@@ -1,0 +1,144 @@
+"""Trained models shared between a study's cells.
+
+Cells whose training inputs are equal (a grid over `optimize:` only, or cells that differ in
+nothing the training rows or the Axolotl config see) train once. The model lives in
+`<study>/models/<train key>/`, named by the train stage's content with the run directory's own
+paths taken out (the rendered axolotl.yml names the cell's folders; the training does not
+depend on them):
+
+    models/<key>/
+      axolotl.yml, train.jsonl   the first cell's rendered config and rows, re-pointed here
+      train/                     checkpoints/ (a killed training resumes from them), logs
+      merged/                    the standalone merged model
+      model.json                 written last: key, adapter, merged, seconds (= complete)
+
+A cell then records its train and merge stages in its own manifest as done, under its own
+stage keys, with the shared folder's artifacts, and `merged` in the cell is a relative symlink
+to the shared one: the pipeline's cache rule (same key, artifacts on disk) skips both stages
+and every later stage reads the model where it is. The folder is locked while a cell trains in
+it (copa.runs' run-directory lock); a second cell wanting the same model waits, then reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from copa.files import atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
+from copa.runs import Emit, Run, now, run_dir_locked, stage_key, versions
+
+MODELS_DIR = "models"
+MODEL_INFO = "model.json"
+_NOWHERE = Path("/shared-model")  # stands in for the place in the key
+
+
+def shared_train_key(rendered: Path) -> str:
+    """The train stage's inputs (copa.runs.stage_key 'train') without the run directory's
+    paths: the Axolotl config re-pointed at one fixed place, the rows, the versions."""
+    from copa.backends.axolotl import relocated_config
+
+    config = yaml.safe_load((rendered / "axolotl.yml").read_text())
+    placed = relocated_config(config, _NOWHERE / "train.jsonl", _NOWHERE / "train")
+    v = versions()
+    return sha256_json([placed, sha256_file(rendered / "train.jsonl"), v["axolotl"],
+                        v["transformers"], v["torch"], v["peft"]])
+
+
+def model_folder(models_dir: Path, key: str) -> Path:
+    return Path(models_dir) / key[:16]
+
+
+def read_model_info(folder: Path) -> dict[str, Any] | None:
+    """model.json of a complete shared model, or None."""
+    try:
+        info = json.loads((folder / MODEL_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (Path(info.get("merged", "")) / "config.json").is_file():
+        return None
+    return info
+
+
+def ensure_model(run: Run, models_dir: Path, emit: Emit = print) -> Path:
+    """The trained and merged model for this rendered run, trained in the shared folder unless
+    it is there already (under the folder's lock: never twice, even from cells running at
+    once). Returns the folder."""
+    from copa.backends import get_backend
+    from copa.backends.axolotl import relocated_config, write_config
+    from copa.data import read_jsonl
+    from copa.stages.render import steps_for
+
+    key = shared_train_key(run.rendered)
+    folder = model_folder(models_dir, key)
+    with run_dir_locked(folder, wait=True, emit=emit):
+        info = read_model_info(folder)
+        if info is not None and info.get("key") == key:
+            emit(f"  trained model {folder.name} is shared: reused")
+            return folder
+        emit(f"  training the shared model {folder.name}")
+        start = time.time()
+        atomic_write_bytes(folder / "train.jsonl", (run.rendered / "train.jsonl").read_bytes())
+        config = yaml.safe_load((run.rendered / "axolotl.yml").read_text())
+        write_config(relocated_config(config, folder / "train.jsonl", folder / "train"),
+                     folder / "axolotl.yml")
+        backend = get_backend()
+        adapter = folder / "train" / "checkpoints"
+        if (adapter / "adapter_config.json").is_file():  # written at the end of training
+            emit("  its training finished before (the merge did not): merging only")
+        else:  # a killed training resumes from its last checkpoint
+            rows = len(read_jsonl(folder / "train.jsonl"))
+            adapter = backend.train(run.recipe, folder / "axolotl.yml", folder / "train",
+                                    emit=emit, total_steps=steps_for(run.recipe, rows))
+        emit(f"  merging into {folder.name}/merged")
+        merged = backend.merge(folder / "axolotl.yml", adapter, folder / "merged",
+                               folder / "train")
+        atomic_write_json(folder / MODEL_INFO, {
+            "key": key, "adapter": str(adapter), "merged": str(merged),
+            "log": str(folder / "train" / "axolotl-train.log"), "trained_for": str(run.dir),
+            "ended": now(), "seconds": round(time.time() - start, 2), "versions": versions()})
+        return folder
+
+
+def has_model(run: Run) -> bool:
+    """Whether the run's train and merge stages are current already (its own model, or a
+    shared one linked before): nothing to train or link."""
+    from copa.pipeline import is_current
+
+    keys = {"train": stage_key(run, "train")}
+    run.keys["train"] = keys["train"]
+    keys["merge"] = stage_key(run, "merge")
+    return all(is_current(run, stage, key) for stage, key in keys.items())
+
+
+def _symlink(link: Path, target: str) -> None:
+    """link -> target, replacing whatever link was, in one rename."""
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    if link.exists() and not link.is_symlink():
+        shutil.rmtree(link)
+    tmp = link.with_name(f".{link.name}.link")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def link_model(run: Run, folder: Path) -> None:
+    """Record the shared model as this run's train and merge stages (see the module doc)."""
+    info = read_model_info(folder)
+    if info is None:
+        raise FileNotFoundError(f"{folder}: no complete shared model ({MODEL_INFO})")
+    _symlink(run.merged, os.path.relpath(folder / "merged", run.dir))
+    for stage, artifacts in (("train", {"adapter": info["adapter"], "log": info["log"]}),
+                             ("merge", {"model": str(run.merged)})):
+        run.keys[stage] = stage_key(run, stage)
+        entry = run.manifest.stage(stage)
+        entry.clear()
+        entry.update({"key": run.keys[stage], "status": "done", "ended": now(),
+                      "artifacts": artifacts, "shared_model": str(folder)})
+    run.manifest.save()

@@ -1,0 +1,288 @@
+"""The study file: a base recipe, a grid of recipe overrides, seeds, arms and per-cell resources,
+read strictly (unknown keys are errors) and expanded into its cells.
+
+    name: data_size                      # default: the file's name; runs go to runs/<name>/
+    recipe: ../recipes/banking77.yaml    # relative to this file
+    grid:                                # key.path: [values]; several keys = their product
+      data.splits.train: [100, 200, 400]
+    set: {evaluate.bootstrap: 1000}      # the same override in every cell
+    seeds: [0, 1, 2]                     # data.splits.seed, finetune.seed (and the optimizer's)
+    arms: [baseline, prompt_only, finetune_only, combined]
+    resources: {num_cpus: 2}             # per cell, for --executor ray
+
+Overrides are applied as `copa run --set key=value` applies them (copa.recipe.load_recipe's
+overrides), and every cell's recipe is validated before anything runs. Nothing here imports
+torch, DSPy or Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from copa.files import missing_file_reason
+from copa.recipe import ARMS, Problem, RecipeError, load_recipe
+from copa.recipe.data_schema import Section
+from copa.recipe.load import _describe, _loc
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# The recipe keys one seed sets: the data split, the fine-tune (and through it the optimizer's
+# seed, copa.dspy.search); a recipe that names optimize.params.seed gets it set too.
+SEED_KEYS = ("data.splits.seed", "finetune.seed")
+OPTIMIZER_SEED = "optimize.params.seed"
+
+
+class Resources(Section):
+    """What one cell asks of Ray (its task options)."""
+
+    num_cpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    memory: int | None = Field(None, ge=0, description="bytes")
+    custom: dict[str, float] = Field(default_factory=dict,
+                                     description="Ray custom resources, e.g. {accelerator: 1}")
+
+    def ray_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {k: v for k, v in (("num_cpus", self.num_cpus),
+                                                     ("num_gpus", self.num_gpus),
+                                                     ("memory", self.memory)) if v is not None}
+        if self.custom:
+            options["resources"] = dict(self.custom)
+        return options
+
+
+class StudyFile(Section):
+    name: str | None = None
+    recipe: str
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    set: dict[str, Any] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    arms: list[Literal["baseline", "prompt_only", "finetune_only", "combined"]] = Field(
+        default_factory=lambda: list(ARMS))
+    resources: Resources = Field(default_factory=Resources)
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the intervals.")
+    run_dir: str | None = Field(None, description="Where the cells go; default runs/<name>.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not NAME.match(value):
+            raise ValueError("use letters, digits, '-', '_' or '.' (it names the study folder)")
+        return value
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in value.items():
+            if not values:
+                raise ValueError(f"{key}: give at least one value, e.g. {key}: [1, 2]")
+            if len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"{key}: values repeat")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("give at least one seed, e.g. seeds: [0, 1, 2]")
+        if len(set(value)) != len(value):
+            raise ValueError("seeds repeat")
+        return value
+
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"name at least one arm of {', '.join(ARMS)}")
+        return [a for a in ARMS if a in value]  # table order
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point on one seed: an ordinary run directory <cell>/seed-<seed>."""
+
+    name: str                   # the grid point's folder, e.g. "train=100"
+    values: dict[str, Any]      # grid key -> value at this point
+    seed: int
+    overrides: dict[str, Any]   # everything set on the base recipe (grid, set, seeds, arms)
+
+    @property
+    def rel_dir(self) -> str:
+        return f"{self.name}/seed-{self.seed}"
+
+
+@dataclass
+class Study:
+    file: Path
+    spec: StudyFile
+    name: str
+    recipe: Path
+    dir: Path
+    cells: list[Cell] = field(default_factory=list)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    label = str(path)
+    reason = missing_file_reason(path)
+    if reason:
+        raise RecipeError([Problem(file=label, path="", message=(
+            "no such study file" if reason == "no such file" else f"{reason}, not a study"))])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML text"
+        raise RecipeError([Problem(file=label, path="", message=f"{where}{problem}")]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError([Problem(file=label, path="", message=(
+            "a study is a YAML mapping: recipe, grid, seeds, arms (see docs/studies.md)"))])
+    return raw
+
+
+def _study_problem(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        known = ", ".join(k for k in StudyFile.model_fields)
+        return f"unknown key (a study has: {known})"
+    return _describe(error)
+
+
+def read_study_file(path: str | os.PathLike[str]) -> StudyFile:
+    file = Path(path)
+    raw = _read_yaml(file)
+    try:
+        return StudyFile.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError([Problem(file=str(path), path=_loc(e["loc"]), message=_study_problem(e))
+                           for e in exc.errors()]) from None
+
+
+def folder_part(value: Any) -> str:
+    """A grid value as part of a folder name: 'p -> w' -> 'p-w', 0.001 -> '0.001'."""
+    text = str(value).lower() if value is None or isinstance(value, bool) else str(value)
+    text = re.sub(r"[^A-Za-z0-9_.+]+", "-", text).strip("-.") or "empty"
+    if len(text) > 40:  # a long instruction: its start and a hash of the whole
+        text = text[:32].rstrip("-.") + "-" + hashlib.sha256(str(value).encode()).hexdigest()[:6]
+    return text
+
+
+def _labels(keys: list[str]) -> dict[str, str]:
+    """Each grid key's label in folder names: its last part, unless two keys share it."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (tail if last.count(tail) == 1 else k) for k, tail in zip(keys, last)}
+
+
+def cell_names(spec: StudyFile, label: str) -> list[tuple[str, dict[str, Any]]]:
+    """(folder name, grid values) of every grid point, in the grid's order."""
+    keys = list(spec.grid)
+    if not keys:
+        return [("base", {})]
+    labels = _labels(keys)
+    points = []
+    for combo in itertools.product(*(spec.grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        points.append((",".join(f"{labels[k]}={folder_part(v)}" for k, v in values.items()),
+                       values))
+    names = [n for n, _ in points]
+    for key in keys:
+        parts = [folder_part(v) for v in spec.grid[key]]
+        if len(set(parts)) != len(parts):
+            raise RecipeError([Problem(file=label, path=f"grid.{key}", message=(
+                f"values {spec.grid[key]} give the same folder name twice ({parts}); "
+                "make them differ in letters or digits"))])
+    assert len(set(names)) == len(names)
+    return points
+
+
+def _seed_keys(recipe_path: Path) -> tuple[str, ...]:
+    base = load_recipe(recipe_path)
+    return SEED_KEYS + ((OPTIMIZER_SEED,) if "seed" in base.optimize.params else ())
+
+
+def _check_clashes(spec: StudyFile, seed_keys: tuple[str, ...], label: str) -> None:
+    owned = {**{k: "seeds" for k in seed_keys}, "evaluate.arms": "arms"}
+    problems = []
+    for section in ("grid", "set"):
+        for key in getattr(spec, section):
+            if key in owned:
+                problems.append(Problem(file=label, path=f"{section}.{key}", message=(
+                    f"the study's '{owned[key]}:' sets {key}; list the values under "
+                    f"'{owned[key]}:' instead")))
+    for key in set(spec.grid) & set(spec.set):
+        problems.append(Problem(file=label, path=f"set.{key}",
+                                message="also in grid: keep it in one of the two"))
+    if problems:
+        raise RecipeError(problems)
+
+
+def _recipe_problems(exc: RecipeError, cell: Cell, spec: StudyFile, label: str
+                     ) -> list[Problem]:
+    """A cell's recipe problems, named by the study key that caused them where one did."""
+    out = []
+    for problem in exc.problems:
+        owner = None
+        for section in ("grid", "set"):
+            for key in getattr(spec, section):
+                if problem.path == key or problem.path.startswith(key + ".") or \
+                        problem.path.startswith(key + "[") or key.startswith(problem.path + "."):
+                    owner = (section, key)
+        if owner is None:
+            out.append(problem)
+            continue
+        section, key = owner
+        value = cell.values.get(key, spec.set.get(key))
+        out.append(Problem(file=label, path=f"{section}.{key}",
+                           message=f"{value!r}: {problem.message}"))
+    return out
+
+
+def load_study(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
+               ) -> Study:
+    """Read and check a study file; every cell's recipe is validated (RecipeError lists every
+    problem, named by the study file and key)."""
+    file = Path(path)
+    label = str(path)
+    spec = read_study_file(file)
+    recipe = Path(os.path.expanduser(spec.recipe))
+    recipe = (recipe if recipe.is_absolute() else file.resolve().parent / recipe).resolve()
+    if missing_file_reason(recipe):
+        raise RecipeError([Problem(file=label, path="recipe", message=(
+            f"{recipe}: {missing_file_reason(recipe)}; write the base recipe's path, relative "
+            "to the study file"))])
+    seed_keys = _seed_keys(recipe)
+    _check_clashes(spec, seed_keys, label)
+    name = spec.name or file.stem
+    if not NAME.match(name):
+        raise RecipeError([Problem(file=label, path="name", message=(
+            f"the file name {file.stem!r} cannot name a folder; write name: my_study"))])
+    if out_dir is not None:
+        directory = Path(out_dir)
+    elif spec.run_dir:
+        directory = Path(os.path.expanduser(spec.run_dir))
+        directory = directory if directory.is_absolute() else file.resolve().parent / directory
+    else:
+        directory = Path.cwd() / "runs" / name
+    study = Study(file=file.resolve(), spec=spec, name=name, recipe=recipe,
+                  dir=directory.resolve())
+    problems: list[Problem] = []
+    for cell_name, values in cell_names(spec, label):
+        for seed in spec.seeds:
+            overrides = {**spec.set, **values, **{k: seed for k in seed_keys},
+                         "evaluate.arms": list(spec.arms)}
+            cell = Cell(name=cell_name, values=values, seed=seed, overrides=overrides)
+            try:
+                load_recipe(recipe, overrides=overrides)
+            except RecipeError as exc:
+                problems += [p for p in _recipe_problems(exc, cell, spec, label)
+                             if p not in problems]
+            study.cells.append(cell)
+    if problems:
+        raise RecipeError(problems)
+    return study

@@ -1,0 +1,268 @@
+"""Issue 16: a study's statistics on fixed numbers, checked against hand computation, and its
+file checks, cell names, commands and plots (no training: fast)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO, write_tiny_recipe
+
+from copa.recipe import RecipeError, load_recipe
+from copa.stats import effect, pooled_resampled_means, seed_interval, study_cell
+from copa.study.execute import cell_command
+from copa.study.spec import folder_part, load_study
+from copa.study.write import markdown, plot
+
+ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
+
+
+def test_synergy_and_interaction_of_fixed_means() -> None:
+    means = {"baseline": 0.5, "prompt_only": 0.6, "finetune_only": 0.7, "combined": 0.9}
+    assert effect("synergy", means) == pytest.approx(0.9 - 0.7)
+    assert effect("interaction", means) == pytest.approx(0.9 - 0.7 - 0.6 + 0.5)
+    # the better single arm is prompt-only here: synergy subtracts it, interaction does not care
+    means["prompt_only"] = 0.8
+    assert effect("synergy", means) == pytest.approx(0.1)
+    assert effect("interaction", means) == pytest.approx(-0.1)
+
+
+def test_a_cell_averages_its_seeds() -> None:
+    seed0 = {"baseline": [0, 1, 0, 1], "prompt_only": [1, 1, 0, 1],
+             "finetune_only": [1, 1, 1, 0], "combined": [1, 1, 1, 1]}
+    seed1 = {"baseline": [0, 0, 0, 1], "prompt_only": [0, 0, 1, 1],
+             "finetune_only": [1, 0, 1, 1], "combined": [1, 1, 0, 1]}
+    cell = study_cell([seed0, seed1], resamples=500)
+    # by hand: seed means b .5/.25, p .75/.5, f .75/.75, c 1/.75
+    assert cell["arms"]["baseline"]["mean"] == pytest.approx(0.375)
+    assert cell["arms"]["combined"]["seeds"] == [1.0, 0.75]
+    assert cell["effects"]["synergy"]["value"] == pytest.approx(0.875 - 0.75)
+    assert cell["effects"]["interaction"]["value"] == pytest.approx(0.875 - 0.75 - 0.625 + 0.375)
+    assert cell["effects"]["interaction"]["seeds"] == pytest.approx([0.0, -0.25])
+    assert cell["test_rows"] == [4, 4]
+
+
+def test_the_pooled_interval_equals_the_hand_computed_distribution() -> None:
+    """Two seeds of two rows, scores [0, 1] each: a seed's resampled mean is 0, .5, 1 with
+    chances 1/4, 1/2, 1/4; the average of two such is 0, .25, .5, .75, 1 with chances
+    1, 4, 6, 4, 1 in 16. Its 10% and 90% quantiles are .25 and .75, its 2.5% and 97.5%
+    quantiles 0 and 1."""
+    per_seed = [{"x": [0.0, 1.0]}, {"x": [1.0, 0.0]}]
+    draws = pooled_resampled_means(per_seed, resamples=20000)["x"]
+    values, counts = np.unique(draws, return_counts=True)
+    assert list(values) == [0, 0.25, 0.5, 0.75, 1]
+    assert counts / counts.sum() == pytest.approx(np.array([1, 4, 6, 4, 1]) / 16, abs=0.01)
+    assert study_cell(per_seed, 20000, level=0.8)["arms"]["x"]["ci95"] == [0.25, 0.75]
+    assert study_cell(per_seed, 20000)["arms"]["x"]["ci95"] == [0.0, 1.0]
+
+
+def test_rows_are_resampled_within_seeds_and_paired_across_arms() -> None:
+    # Seed 0 scores all 0, seed 1 all 1: resampled within each seed, the pooled mean is always
+    # .5 (pooling the rows of both seeds into one resample would spread it).
+    cell = study_cell([{"x": [0.0] * 5}, {"x": [1.0] * 5}], resamples=300)
+    assert cell["arms"]["x"]["ci95"] == [0.5, 0.5]
+    # Combined equals fine-tune-only row by row, prompt-only is below both: paired, the
+    # synergy is exactly 0 in every resample (unpaired, it would not be).
+    rows = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    seed = {"baseline": [0.0] * 6, "prompt_only": [0.0] * 6, "finetune_only": rows,
+            "combined": rows}
+    cell = study_cell([seed, seed], resamples=300)
+    assert cell["effects"]["synergy"]["ci95"] == [0.0, 0.0]
+    assert cell["effects"]["synergy"]["excludes_zero"] is False
+    assert cell["effects"]["finetune_gain"]["excludes_zero"] is True
+
+
+def test_the_seed_interval_is_students_t() -> None:
+    # mean .6, sd .1414, t(0.975, 1 df) = 12.706: .6 -/+ 12.706 * .1414 / sqrt(2)
+    lo, hi = seed_interval([0.5, 0.7])
+    assert (lo, hi) == pytest.approx((0.6 - 1.27062, 0.6 + 1.27062), abs=1e-4)
+    assert seed_interval([0.5]) is None
+
+
+def test_folder_names_of_grid_values() -> None:
+    assert folder_part("p -> w -> p") == "p-w-p"
+    assert folder_part(0.001) == "0.001"
+    assert folder_part(True) == "true"
+    assert folder_part(None) == "none"
+
+
+# Study files are read and their cells' recipes validated without loading the model: a path
+# to a model folder that is never opened will do.
+MODEL = Path("/no/model/needed")
+
+
+def _study(folder: Path, text: str) -> Path:
+    recipe = write_tiny_recipe(folder, MODEL)
+    path = folder / "s.yaml"
+    path.write_text(f"recipe: {recipe.name}\n" + text)
+    return path
+
+
+def _problems(path: Path) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        load_study(path)
+    return [str(p) for p in info.value.problems]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("grid: {finetune.lora_rr: [8, 16]}\n", "s.yaml: grid.finetune.lora_rr: 8: unknown key "
+     "(did you mean 'lora_r'?)"),
+    ("grid: {finetune.lora_r: [0, 16]}\n", "s.yaml: grid.finetune.lora_r: 0: must be at least 1"),
+    ("grid: {finetune.seed: [1, 2]}\n", "s.yaml: grid.finetune.seed: the study's 'seeds:' sets "
+     "finetune.seed; list the values under 'seeds:' instead"),
+    ("grid: {finetune.lora_r: 8}\n", "s.yaml: grid.finetune.lora_r: Input should be a valid "
+     "list"),
+    ("grid: {finetune.lora_r: []}\n", "give at least one value"),
+    ("seeds: []\n", "s.yaml: seeds: give at least one seed"),
+    ("arms: [baseline, best]\n", "s.yaml: arms[1]: Input should be"),
+    ("resources: {num_gpu: 1}\n", "s.yaml: resources.num_gpu: unknown key"),
+    ("sweep: {}\n", "s.yaml: sweep: unknown key (a study has: name, recipe, grid"),
+    ("grid: {optimize.strategy: ['w -> p', 'w->p']}\n", "s.yaml: grid.optimize.strategy: values "
+     "['w -> p', 'w->p'] give the same folder name twice"),
+])
+def test_a_bad_study_file_names_the_key_and_what_to_write(
+        tmp_path: Path, text: str, expected: str) -> None:
+    problems = _problems(_study(tmp_path, text))
+    assert any(expected in p for p in problems), problems
+
+
+def test_a_missing_base_recipe_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("recipe: nowhere.yaml\n")
+    assert "s.yaml: recipe: " in _problems(path)[0]
+    assert "no such file" in _problems(path)[0]
+
+
+def test_cells_are_the_grid_product_times_the_seeds(tmp_path: Path) -> None:
+    path = _study(tmp_path, (
+        "grid:\n  optimize.strategy: ['w -> p', 'p -> w']\n  finetune.lora_r: [8, 16]\n"
+        "seeds: [3, 4]\narms: [combined, baseline]\nset: {evaluate.bootstrap: 300}\n"))
+    study = load_study(path)
+    assert [c.rel_dir for c in study.cells][:3] == [
+        "strategy=w-p,lora_r=8/seed-3", "strategy=w-p,lora_r=8/seed-4",
+        "strategy=w-p,lora_r=16/seed-3"]
+    assert len(study.cells) == 8
+    cell = study.cells[-1]
+    assert cell.overrides == {"evaluate.bootstrap": 300, "optimize.strategy": "p -> w",
+                              "finetune.lora_r": 16, "data.splits.seed": 4, "finetune.seed": 4,
+                              "evaluate.arms": ["baseline", "combined"]}
+    assert study.dir == Path.cwd() / "runs" / "s"
+
+
+def test_printed_commands_set_what_the_study_sets(tmp_path: Path) -> None:
+    """Each printed `copa run` line, parsed as the shell and `copa run --set` parse it, loads
+    the same recipe the study's cell loads."""
+    path = _study(tmp_path, (
+        "grid:\n  optimize.strategy: ['w -> p', 'p -> w -> p']\n  task.instructions: ['1', "
+        "'Say: yes']\nseeds: [0, 2]\n"))
+    study = load_study(path)
+    for cell in study.cells:
+        args = shlex.split(cell_command(study, cell))
+        assert args[:5] == ["copa", "run", str(study.recipe), "--run-dir",
+                            str(study.dir / cell.rel_dir)]
+        sets = dict(a.split("=", 1) for a in args[6::2])
+        overrides = {k: yaml.safe_load(v) for k, v in sets.items()}
+        assert overrides == cell.overrides
+        assert load_recipe(study.recipe, overrides=overrides) == \
+            load_recipe(study.recipe, overrides=cell.overrides)
+    assert isinstance(study.cells[0].overrides["task.instructions"], str)
+
+
+@pytest.mark.parametrize("name", ["data_size", "order", "demos", "instructions"])
+def test_the_shipped_studies_load(name: str) -> None:
+    study = load_study(REPO / "studies" / f"{name}.yaml")
+    assert len(study.spec.seeds) >= 3
+    assert study.cells
+
+
+def _data(grid: dict) -> dict:
+    def arms(shift: float) -> dict:
+        return {a: {"mean": 0.5 + shift * i / 10, "ci95": [0.4, 0.7], "seeds": [0.5],
+                    "seed_ci95": None} for i, a in enumerate(ARMS)}
+
+    keys = list(grid)
+    import itertools
+    cells = []
+    for i, combo in enumerate(itertools.product(*grid.values())):
+        cells.append({"cell": f"c{i}", "values": dict(zip(keys, combo)), "seeds": [0, 1],
+                      "status": "finished", "arms": arms(i),
+                      "effects": {"synergy": {"value": 0.02, "ci95": [-0.01, 0.05],
+                                              "excludes_zero": False},
+                                  "interaction": {"value": -0.05, "ci95": [-0.09, -0.01],
+                                                  "excludes_zero": True}}})
+    return {"study": "t", "recipe": "r.yaml", "metric": "label_accuracy", "grid": grid,
+            "seeds": [0, 1], "arms": list(ARMS), "bootstrap": 100, "method": "m",
+            "cells": cells, "runs": [], "findings": ["c0: synergy ..."]}
+
+
+@pytest.mark.parametrize("grid", [{"data.splits.train": [50, 100, 200]},
+                                  {"finetune.lora_r": [8, 16], "task.instructions": ["a", "b"]},
+                                  {"optimize.strategy": ["w -> p", "p -> w"]}, {}])
+def test_the_plot_and_tables_of_every_grid_shape(grid: dict) -> None:
+    data = _data(grid)
+    png = plot(data)
+    assert png.startswith(b"\x89PNG")
+    text = markdown(data)
+    assert "| c0 | 2 | 50.0 [40.0, 70.0]" in text
+    assert "-5.0* [-9.0, -1.0]" in text and "+2.0 [-1.0, 5.0]" in text
+
+
+def test_an_override_into_an_overridden_section_leaves_the_callers_value_alone(
+        tmp_path: Path) -> None:
+    """The demos study sets optimize.params, then each cell one key inside it: the study's
+    value must stay as written for the next cell."""
+    recipe = write_tiny_recipe(tmp_path, MODEL)
+    params = {"max_bootstrapped_demos": 0}
+    loaded = load_recipe(recipe, overrides={"optimize.params": params,
+                                            "optimize.params.max_labeled_demos": 4})
+    assert loaded.optimize.params == {"max_bootstrapped_demos": 0, "max_labeled_demos": 4}
+    assert params == {"max_bootstrapped_demos": 0}
+
+
+def test_the_demos_study_gives_each_cell_its_own_demo_count() -> None:
+    study = load_study(REPO / "studies" / "demos.yaml")
+    counts = [c.overrides["optimize.params"] for c in study.cells if c.seed == 0]
+    assert counts == [{"max_bootstrapped_demos": 0}] * 5
+    recipes = [load_recipe(study.recipe, overrides=c.overrides) for c in study.cells
+               if c.seed == 0]
+    assert [r.optimize.params["max_labeled_demos"] for r in recipes] == [0, 1, 2, 4, 8]
+
+
+def test_a_long_grid_value_gets_a_short_distinct_folder_name() -> None:
+    names = [folder_part("You are given four measurements " + tail) for tail in "ab"]
+    assert all(len(n) <= 40 for n in names) and names[0] != names[1]
+
+
+def test_print_commands_then_report_on_nothing_run_yet(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    path = _study(tmp_path, "grid:\n  finetune.lora_r: [8, 16]\nseeds: [0, 1]\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["study", str(path), "--print-commands", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    commands = [line for line in result.output.splitlines() if line.startswith("copa run ")]
+    assert len(commands) == 4 and (out / "plan.json").is_file()
+    assert not list(out.glob("*/seed-*"))  # printed, not run
+    result = CliRunner().invoke(cli, ["study", "--report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "lora_r=8: not finished, no result" in result.output
+    assert (out / "study.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_command_says_what_it_needs(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    assert CliRunner().invoke(cli, ["study"]).exit_code == 2
+    bad = _study(tmp_path, "grid: {finetune.lora_r: [0]}\n")
+    result = CliRunner().invoke(cli, ["study", str(bad)])
+    assert result.exit_code == 2
+    assert "grid.finetune.lora_r: 0: must be at least 1" in result.output
+    result = CliRunner().invoke(cli, ["study", "--report", str(tmp_path)])
+    assert result.exit_code == 1 and "is not a study folder" in result.output
