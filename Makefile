@@ -36,7 +36,7 @@ study: install
 	$(VENV)/bin/copa study $(STUDY)
 
 test: install
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow"
