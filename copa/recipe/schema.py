@@ -299,9 +299,7 @@ class EvaluateSection(_Section):
     @field_validator("arms")
     @classmethod
     def _arms(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError(f"name at least one arm of {', '.join(ARMS)}")
-        return list(dict.fromkeys(value))
+        return named_arms(value)
 
 
 class Recipe(_Section):
@@ -335,6 +333,13 @@ class Recipe(_Section):
         """A path from the recipe, relative to the recipe file's folder."""
         path = Path(os.path.expanduser(value))
         return path if path.is_absolute() else (self.base_dir / path)
+
+
+def named_arms(value: list[str]) -> list[str]:
+    """A list of arms as a recipe or study names them: at least one, each once."""
+    if not value:
+        raise ValueError(f"name at least one arm of {', '.join(ARMS)}")
+    return list(dict.fromkeys(value))
 
 
 def normalize_strategy(strategy: str) -> str:

@@ -32,6 +32,7 @@ from copa.files import missing_file_reason
 from copa.recipe import ARMS, Problem, RecipeError, load_recipe
 from copa.recipe.data_schema import Section
 from copa.recipe.load import _describe, _loc
+from copa.recipe.schema import named_arms
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # The recipe keys one seed sets: the data split, the fine-tune (and through it the optimizer's
@@ -99,9 +100,7 @@ class StudyFile(Section):
     @field_validator("arms")
     @classmethod
     def _arms(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError(f"name at least one arm of {', '.join(ARMS)}")
-        return [a for a in ARMS if a in value]  # table order
+        return [a for a in ARMS if a in named_arms(value)]  # table order
 
 
 @dataclass(frozen=True)
