@@ -266,3 +266,17 @@ def test_the_command_says_what_it_needs(tmp_path: Path) -> None:
     assert "grid.finetune.lora_r: 0: must be at least 1" in result.output
     result = CliRunner().invoke(cli, ["study", "--report", str(tmp_path)])
     assert result.exit_code == 1 and "is not a study folder" in result.output
+
+
+def test_a_problem_every_cell_shares_stops_the_study_before_any_cell(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    path = _study(tmp_path, "grid:\n  finetune.lora_r: [8, 16]\nseeds: [0, 1]\n"
+                            "set:\n  data.source: missing.csv\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["study", str(path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("data.source") == 1 and "missing.csv" in result.output
+    assert not list(out.glob("*/seed-*"))  # no cell started

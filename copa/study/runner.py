@@ -34,6 +34,7 @@ def run_study(path: str | os.PathLike[str], executor: str = "sequential",
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r}: use one of {', '.join(EXECUTORS)}")
     study = load_study(path, out_dir)
+    preflight(study)
     write_plan(study)
     emit(f"study {study.name}: {len(study.cells)} runs "
          f"({len(study.cells) // len(study.spec.seeds)} cells x {len(study.spec.seeds)} seeds) "
@@ -44,6 +45,17 @@ def run_study(path: str | os.PathLike[str], executor: str = "sequential",
         results = run_sequential(study, study.cells, emit)
     data = report_study(study.dir)
     return data, results
+
+
+def preflight(study: Study) -> None:
+    """What `copa run` checks before training (model, data files, template, one rendered row),
+    on the first cell, before any cell runs: a problem every cell shares (a missing data file)
+    is one clear error up front, not the same failure once per cell."""
+    from copa.recipe import load_recipe
+    from copa.recipe.checks import check_recipe
+
+    if study.cells:
+        check_recipe(load_recipe(study.recipe, overrides=study.cells[0].overrides))
 
 
 def report_study(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
