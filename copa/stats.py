@@ -41,51 +41,8 @@ def bootstrap_ci(scores: Sequence[float], resamples: int = 1000, seed: int = 0,
     return (lo, hi)
 
 
-def paired_bootstrap(per_arm: Mapping[str, Sequence[float]], resamples: int = 1000,
-                     seed: int = 0, level: float = 0.95) -> dict[str, Any]:
-    """CIs of each arm's mean and of differences, resampling the same test rows for every arm.
-
-    synergy = combined - max(finetune_only, prompt_only); its CI uses the same resamples.
-    """
-    means = resampled_means(per_arm, resamples, seed)
-    result: dict[str, Any] = {"arms": {a: _interval(m, level) for a, m in means.items()}}
-    if all(a in means for a in ("combined", "finetune_only", "prompt_only")):
-        synergy = means["combined"] - np.maximum(means["finetune_only"], means["prompt_only"])
-        result["synergy"] = _interval(synergy, level)
-    if "finetune_only" in means and "baseline" in means:
-        result["finetune_gain"] = _interval(means["finetune_only"] - means["baseline"], level)
-    return result
-
-
-def summarize(per_arm: Mapping[str, Sequence[float]], resamples: int = 1000,
-              seed: int = 0) -> dict[str, Any]:
-    """Scores, CIs and synergy as plain data (the core of report.json)."""
-    cis = paired_bootstrap(per_arm, resamples, seed)
-    arms = {a: {"score": float(np.mean(s)) if len(s) else 0.0, "n": len(s),
-                "ci95": cis["arms"][a]} for a, s in per_arm.items()}
-    out: dict[str, Any] = {"arms": arms}
-    if "synergy" in cis:
-        best_single = max(arms["finetune_only"]["score"], arms["prompt_only"]["score"])
-        out["synergy"] = {"value": arms["combined"]["score"] - best_single,
-                          "ci95": cis["synergy"],
-                          "definition": "combined - max(finetune_only, prompt_only)"}
-    if "finetune_gain" in cis:
-        out["finetune_gain"] = {
-            "value": arms["finetune_only"]["score"] - arms["baseline"]["score"],
-            "ci95": cis["finetune_gain"], "definition": "finetune_only - baseline"}
-    return out
-
-
-def not_comparable(entry: Mapping[str, Any], reason: str) -> dict[str, Any]:
-    """A difference (synergy) whose arms were not prompted as they were trained: no value, no
-    interval, so no report can print one as a result; the reason says why."""
-    return {"value": None, "ci95": None, "definition": entry.get("definition"),
-            "comparable": False, "reason": reason}
-
-
-# ---- studies: one recipe on several seeds ------------------------------------------------------
-
-# What a study reports for a 2x2 design (the four arms): each a function of the arms' means.
+# The effects of the 2x2 design (the four arms), each a function of the arms' means; a run's
+# report gives REPORT_EFFECTS, a study all of them.
 EFFECTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "synergy": ("combined - max(finetune_only, prompt_only)",
                 ("combined", "finetune_only", "prompt_only")),
@@ -109,6 +66,47 @@ def effect(name: str, means: Mapping[str, Any]) -> Any:
         return m["prompt_only"] - m["baseline"]
     raise ValueError(name)
 
+
+REPORT_EFFECTS = ("synergy", "finetune_gain")
+
+
+def paired_bootstrap(per_arm: Mapping[str, Sequence[float]], resamples: int = 1000,
+                     seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """CIs of each arm's mean and of differences, resampling the same test rows for every arm.
+
+    synergy = combined - max(finetune_only, prompt_only); its CI uses the same resamples.
+    """
+    means = resampled_means(per_arm, resamples, seed)
+    result: dict[str, Any] = {"arms": {a: _interval(m, level) for a, m in means.items()}}
+    for name in REPORT_EFFECTS:
+        if all(a in means for a in EFFECTS[name][1]):
+            result[name] = _interval(effect(name, means), level)
+    return result
+
+
+def summarize(per_arm: Mapping[str, Sequence[float]], resamples: int = 1000,
+              seed: int = 0) -> dict[str, Any]:
+    """Scores, CIs and synergy as plain data (the core of report.json)."""
+    cis = paired_bootstrap(per_arm, resamples, seed)
+    arms = {a: {"score": float(np.mean(s)) if len(s) else 0.0, "n": len(s),
+                "ci95": cis["arms"][a]} for a, s in per_arm.items()}
+    out: dict[str, Any] = {"arms": arms}
+    scores = {a: entry["score"] for a, entry in arms.items()}
+    for name in REPORT_EFFECTS:
+        if name in cis:
+            out[name] = {"value": float(effect(name, scores)), "ci95": cis[name],
+                         "definition": EFFECTS[name][0]}
+    return out
+
+
+def not_comparable(entry: Mapping[str, Any], reason: str) -> dict[str, Any]:
+    """A difference (synergy) whose arms were not prompted as they were trained: no value, no
+    interval, so no report can print one as a result; the reason says why."""
+    return {"value": None, "ci95": None, "definition": entry.get("definition"),
+            "comparable": False, "reason": reason}
+
+
+# ---- studies: one recipe on several seeds ------------------------------------------------------
 
 def pooled_resampled_means(per_seed: Sequence[Mapping[str, Sequence[float]]],
                            resamples: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
