@@ -34,6 +34,7 @@ from typing import Any
 
 import filelock
 
+from copa import precision
 from copa.files import atomic_write_json, sha256_file, sha256_json
 from copa.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_section_dict
 from copa.recipe.checks import Checked, check_recipe
@@ -291,7 +292,8 @@ def stage_key(run: Run, stage: str) -> str:
                             sha256_file(run.rendered / "splits" / "val.jsonl"),
                             sha256_file(run.rendered / "demos.json"), v["dspy"], v["copa"],
                             # a RAG program retrieves from the index render built
-                            *([run.keys.get("render")] if r.retrieve else [])])
+                            *([run.keys.get("render")] if r.retrieve else []),
+                            *precision.key_part(r.serve.precision)])
     if stage == "evaluate":
         return sha256_json([run.keys["optimize"], recipe_section_dict(r, "evaluate"),
                             sha256_file(run.rendered / "splits" / "test.jsonl")])

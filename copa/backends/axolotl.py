@@ -87,6 +87,17 @@ def adapter_kind(recipe: Recipe, hardware: Hardware) -> str:
     return ft.adapter
 
 
+def training_bf16(recipe: Recipe, hardware: Hardware) -> str:
+    """Axolotl's `bf16:` for the recipe's finetune.precision: 'auto' leaves it to Axolotl on a
+    GPU (bf16 where the GPU has it); on a CPU copa.precision decides."""
+    from copa import precision
+
+    choice = recipe.finetune.precision
+    if hardware.cuda and choice == "auto":
+        return "auto"
+    return "true" if precision.resolve(choice, hardware.cuda) == "bf16" else "false"
+
+
 def render_config(recipe: Recipe, base_model: str, train_path: Path, work_dir: Path,
                   hardware: Hardware) -> dict[str, Any]:
     """The Axolotl config for a recipe, as data (also what gets written as axolotl.yml)."""
@@ -117,6 +128,7 @@ def render_config(recipe: Recipe, base_model: str, train_path: Path, work_dir: P
         "seed": ft.seed,
         "save_steps": ft.save_steps,
         "cuda": hardware.cuda,
+        "bf16": training_bf16(recipe, hardware),
         "flash_attention": hardware.flash_attention,
         "distributed_backend": ft.distributed.backend,
         "deepspeed_config": str(templates_dir() / "axolotl" / "deepspeed"

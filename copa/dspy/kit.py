@@ -78,7 +78,7 @@ def local_lm(recipe: Recipe, model_path: str, name: str, max_tokens: int,
     return make_lm(model_path, name, max_batch_size=serve.max_batch_size,
                    batch_wait_ms=serve.batch_wait_ms, max_tokens=max_tokens,
                    prefix_cache=serve.prefix_cache, cache_tag=cache_tag,
-                   trust_remote_code=recipe.model.trust_remote_code)
+                   trust_remote_code=recipe.model.trust_remote_code, precision=serve.precision)
 
 
 @contextmanager
@@ -92,13 +92,14 @@ def model_lm(recipe: Recipe, model_path: str, name: str, run_dir: Path | None = 
     if serve.engine == "local":
         tag = None
         if serve.response_cache and run_dir is not None:
-            from copa.inference.cache import model_fingerprint, use_response_cache
+            from copa.inference.cache import cache_tag, model_fingerprint, use_response_cache
+            from copa.precision import for_local_engine
 
             use_response_cache(run_dir / "cache" / "dspy")
             if not Path(model_path).is_dir():  # a hub id: load (fetch) it before naming its commit
                 local_lm(recipe, model_path, name, recipe.evaluate.max_tokens)
             digest = model_fingerprint(model_path, run_dir / "cache" / "fingerprints.json")
-            tag = digest[:16] if digest else None
+            tag = cache_tag(digest, for_local_engine(serve.precision))
             if digest is None and model_path not in _UNCACHED_SAID:
                 _UNCACHED_SAID.add(model_path)
                 emit(f"  response cache off for {model_path}: nothing identifies its weights "

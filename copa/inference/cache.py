@@ -72,6 +72,14 @@ def model_fingerprint(model: str | os.PathLike[str], index: Path,
         return digest
 
 
+def cache_tag(digest: str | None, precision: str = "fp32") -> str | None:
+    """The tag that joins an LM's name: the weights' hash, and the precision they compute in
+    when it is not fp32 (bf16 answers are other answers from the same weights)."""
+    if digest is None:
+        return None
+    return digest[:16] if precision == "fp32" else sha256_json([digest, precision])[:16]
+
+
 def use_response_cache(cache_dir: Path) -> None:
     """Point DSPy's response cache (memory + disk) at cache_dir for this process."""
     global _configured

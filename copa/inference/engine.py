@@ -118,7 +118,8 @@ class BatchingEngine:
                 "batch_wait_ms": self.batch_wait_s * 1000.0,
                 "default_max_tokens": self.default_max_tokens,
                 "prefix_cache": getattr(self.model, "prefix_cache", True),
-                "trust_remote_code": getattr(self.model, "trust_remote_code", False)}
+                "trust_remote_code": getattr(self.model, "trust_remote_code", False),
+                "precision": getattr(self.model, "precision", "fp32")}
 
     @classmethod
     def load_state(cls, state: dict[str, Any]) -> BatchingEngine:
@@ -126,7 +127,8 @@ class BatchingEngine:
                           batch_wait_ms=state["batch_wait_ms"],
                           default_max_tokens=state.get("default_max_tokens", 64),
                           prefix_cache=state.get("prefix_cache", True),
-                          trust_remote_code=state.get("trust_remote_code", False))
+                          trust_remote_code=state.get("trust_remote_code", False),
+                          precision=state.get("precision", "fp32"))
 
     # Optimizers deep-copy programs and the LMs they hold; the engine (model, thread) is shared.
     def __copy__(self) -> BatchingEngine:
@@ -282,26 +284,28 @@ def _response(request: Request, gen: Generation) -> Response:
 
 
 # One engine (one loaded model, one worker) per model folder and batching setup per process.
-_ENGINES: dict[tuple[str, int, float, int, bool, bool], BatchingEngine] = {}
-_MODELS: dict[tuple[str, bool, bool], LocalModel] = {}
+_ENGINES: dict[tuple[str, int, float, int, bool, bool, str], BatchingEngine] = {}
+_MODELS: dict[tuple[str, bool, bool, str], LocalModel] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
 def get_engine(model_path: str, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
                default_max_tokens: int = 64, prefix_cache: bool = True,
-               trust_remote_code: bool = False) -> BatchingEngine:
-    """The process-wide engine for a model folder (the model itself is loaded once per folder)."""
+               trust_remote_code: bool = False, precision: str = "fp32") -> BatchingEngine:
+    """The process-wide engine for a model folder (the model itself is loaded once per folder
+    and precision)."""
     path = str(model_path)
     key = (path, int(max_batch_size), float(batch_wait_ms), int(default_max_tokens),
-           bool(prefix_cache), bool(trust_remote_code))
+           bool(prefix_cache), bool(trust_remote_code), str(precision))
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None or not engine.alive:
-            model_key = (path, bool(prefix_cache), bool(trust_remote_code))
+            model_key = (path, bool(prefix_cache), bool(trust_remote_code), str(precision))
             model = _MODELS.get(model_key)
             if model is None:
                 model = _MODELS[model_key] = LocalModel(
-                    path, prefix_cache=prefix_cache, trust_remote_code=trust_remote_code)
+                    path, prefix_cache=prefix_cache, trust_remote_code=trust_remote_code,
+                    precision=precision)
             engine = _ENGINES[key] = BatchingEngine(
                 model, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                 default_max_tokens=default_max_tokens)
@@ -310,7 +314,8 @@ def get_engine(model_path: str, max_batch_size: int = 8, batch_wait_ms: float = 
 
 def make_lm(model_path: str, name: str, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
             max_tokens: int = 64, prefix_cache: bool = True,
-            cache_tag: str | None = None, trust_remote_code: bool = False) -> dspy.LM:
+            cache_tag: str | None = None, trust_remote_code: bool = False,
+            precision: str = "fp32") -> dspy.LM:
     """A dspy.LM ("local/<name>") on the local model at model_path (greedy unless a call asks
     for a temperature).
 
@@ -319,7 +324,7 @@ def make_lm(model_path: str, name: str, max_batch_size: int = 8, batch_wait_ms: 
     ("local/<name>@<tag>").
     """
     engine = get_engine(model_path, max_batch_size, batch_wait_ms, max_tokens, prefix_cache,
-                        trust_remote_code)
+                        trust_remote_code, precision)
     model = f"local/{name}@{cache_tag}" if cache_tag else f"local/{name}"
     return dspy.LM(model, engine=engine, async_engine=AsyncBatchingEngine(engine),
                    cache=cache_tag is not None, max_tokens=max_tokens)

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: E402
 
+from copa import precision as _precision  # noqa: E402
 from copa.inference import (
     packed,
     rowgemm,  # noqa: E402
@@ -123,9 +124,13 @@ class LocalModel:
     """
 
     def __init__(self, path: str, device: str | None = None, prefix_cache: bool = True,
-                 prefix_cache_bytes: int = 256 * 2**20, trust_remote_code: bool = False) -> None:
+                 prefix_cache_bytes: int = 256 * 2**20, trust_remote_code: bool = False,
+                 precision: str = "fp32") -> None:
         self.path = str(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # serve.precision as resolved for this device (copa.precision): fp32 or bf16
+        self.precision = _precision.resolve(precision, self.device != "cpu")
+        self.dtype = _precision.torch_dtype(self.precision)
         # the recipe's model.trust_remote_code, for every load of this folder
         self.trust_remote_code = bool(trust_remote_code)
         trust = {"trust_remote_code": self.trust_remote_code}
@@ -135,17 +140,17 @@ class LocalModel:
                                                                     **trust)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        # fp32 and per-row attention: a greedy answer must not depend on its batch mates.
+        # Per-row attention: a greedy answer must not depend on its batch mates.
         _register_rowwise_attention()
         try:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.path, dtype=torch.float32, attn_implementation=ROWWISE_ATTENTION, **trust)
+                self.path, dtype=self.dtype, attn_implementation=ROWWISE_ATTENTION, **trust)
             self.rowwise_attention = True
         except (ValueError, TypeError) as exc:  # an architecture without the attention interface
             log.warning("%s: row-wise attention unavailable (%s); batched greedy outputs may "
                         "differ from one-at-a-time ones on near-ties", self.path, exc)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.path, dtype=torch.float32, **trust)
+                self.path, dtype=self.dtype, **trust)
             self.rowwise_attention = False
         self.model.to(self.device).eval()
         # Packed decoding (.packed) needs copa's attention and plain full-attention layers
@@ -157,7 +162,7 @@ class LocalModel:
         # How linear layers keep rows independent of their batch mates, measured on this
         # CPU and this model's shapes (.rowgemm); on GPU cuBLAS picks kernels by batch size
         # and nothing here claims otherwise.
-        self.gemm = rowgemm.choose(rowgemm.linear_shapes(self.model)) \
+        self.gemm = rowgemm.choose(rowgemm.linear_shapes(self.model), self.dtype) \
             if self.device == "cpu" else "none"
         if self.gemm not in ("native", "none"):
             rowgemm.use(self.model, self.gemm)

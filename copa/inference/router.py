@@ -44,12 +44,13 @@ class RoutingEngine:
 
     def __init__(self, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
                  default_max_tokens: int = 64, prefix_cache: bool = True,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, precision: str = "fp32") -> None:
         self.settings = {"max_batch_size": int(max_batch_size),
                          "batch_wait_ms": float(batch_wait_ms),
                          "default_max_tokens": int(default_max_tokens),
                          "prefix_cache": bool(prefix_cache),
-                         "trust_remote_code": bool(trust_remote_code)}
+                         "trust_remote_code": bool(trust_remote_code),
+                         "precision": str(precision)}
 
     def engine_for(self, model: str) -> BatchingEngine:
         return get_engine(model_of(model), **self.settings)

@@ -85,12 +85,14 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor,
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def rows_independent(linear: Linear, n_in: int, n_out: int) -> bool:
+def rows_independent(linear: Linear, n_in: int, n_out: int,
+                     dtype: torch.dtype = torch.float32) -> bool:
     """Whether `linear` gives every row of a [rows, n_in] @ [n_in, n_out] product bitwise the
-    same result whatever rows share its call (checked on random data of that shape)."""
+    same result whatever rows share its call (checked on random data of that shape and dtype:
+    bf16 products take other kernels than fp32 ones)."""
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(n_out, n_in, generator=gen)
-    x = torch.randn(_PROBE_ROWS, n_in, generator=gen)
+    weight = torch.randn(n_out, n_in, generator=gen).to(dtype)
+    x = torch.randn(_PROBE_ROWS, n_in, generator=gen).to(dtype)
     with torch.inference_mode():
         full = linear(x, weight, None)
         return all(torch.equal(linear(x[s:s + m], weight, None), full[s:s + m])
@@ -108,13 +110,13 @@ MODES: dict[str, Linear] = {"native": native_linear, "floor4": floored(4),
                             "blocked": blocked_linear}  # cheapest first
 
 
-def choose(shapes: Iterable[tuple[int, int]]) -> str:
+def choose(shapes: Iterable[tuple[int, int]], dtype: torch.dtype = torch.float32) -> str:
     """The cheapest mode that computes rows independently for every shape (native, floor4,
-    floor8, padded, blocked), or "none" (batched answers may then differ from one-at-a-time
-    ones on near-ties)."""
+    floor8, padded, blocked) in `dtype`, or "none" (batched answers may then differ from
+    one-at-a-time ones on near-ties)."""
     shapes = list(shapes)
     for mode, linear in MODES.items():
-        if all(rows_independent(linear, n_in, n_out) for n_in, n_out in shapes):
+        if all(rows_independent(linear, n_in, n_out, dtype) for n_in, n_out in shapes):
             return mode
     return "none"
 

@@ -165,9 +165,11 @@ class AxolotlProvider(Provider):
     def _tag(self, model_dir: Path) -> str | None:
         if self.fingerprints is None:
             return None
-        from copa.inference.cache import model_fingerprint
+        from copa.inference.cache import cache_tag, model_fingerprint
+        from copa.precision import for_local_engine
 
-        return model_fingerprint(model_dir, self.fingerprints)
+        return cache_tag(model_fingerprint(model_dir, self.fingerprints),
+                         for_local_engine(self.recipe.serve.precision))
 
     def __deepcopy__(self, memo: dict) -> AxolotlProvider:
         return self  # settings and a shared history: one provider per copa.lm()
@@ -217,18 +219,21 @@ def provider_lm(model: str, *, recipe: str | os.PathLike[str] | Recipe | None = 
     max_tokens = max_tokens or loaded.evaluate.max_tokens
     engine = RoutingEngine(max_batch_size=serve.max_batch_size, batch_wait_ms=serve.batch_wait_ms,
                            default_max_tokens=max_tokens, prefix_cache=serve.prefix_cache,
-                           trust_remote_code=loaded.model.trust_remote_code)
+                           trust_remote_code=loaded.model.trust_remote_code,
+                           precision=serve.precision)
     directory = Path(run_dir) if run_dir else run_dir_for(loaded)
     folder = router_model_of(model) if is_copa_model(model) else resolve_model(model,
                                                                                loaded.base_dir)
     fingerprints = None
     tag = None
     if cache:
-        from copa.inference.cache import model_fingerprint, use_response_cache
+        from copa.inference.cache import cache_tag, model_fingerprint, use_response_cache
+        from copa.precision import for_local_engine
 
         use_response_cache(directory / "cache" / "dspy")
         fingerprints = directory / "cache" / "fingerprints.json"
-        tag = model_fingerprint(folder, fingerprints)
+        tag = cache_tag(model_fingerprint(folder, fingerprints),
+                        for_local_engine(serve.precision))
     provider = AxolotlProvider(loaded, directory / "finetunes", engine, emit=emit,
                                fingerprints=fingerprints)
     return dspy.LM(model_id(folder, tag), engine=engine, async_engine=AsyncRoutingEngine(engine),

@@ -149,6 +149,9 @@ class FinetuneSection(_Section):
     seed: int = 0
     save_steps: int = Field(25, description="Checkpoint every N steps (what a killed run resumes "
                             "from).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Training precision. auto: bf16 on a GPU, fp32 on a CPU "
+        "(copa.precision); bf16 on a CPU is only faster with AVX-512 BF16 or AMX.")
     demos: Literal["none", "fixed", "program"] = Field(
         "none",
         description="Demo-aware fine-tuning: 'fixed' puts the demo set the prompt stage will use "

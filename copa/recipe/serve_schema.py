@@ -49,6 +49,9 @@ class ServeSection(_Section):
     batch_wait_ms: float = 5.0
     prefix_cache: bool = Field(True, description="local engine: compute the turns before a "
                                "prompt's last one (system turn, demos) once and reuse them.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="local engine: the dtype the model computes in. auto: bf16 on a GPU, "
+        "fp32 on a CPU (copa.precision).")
     response_cache: bool = Field(True, description="local engine: keep DSPy's response cache "
                                  "in the run directory, keyed by the model weights' hash, so a "
                                  "re-run repeats no generation (greedy decoding is deterministic).")
@@ -61,6 +64,15 @@ class ServeSection(_Section):
             raise ValueError("only for engine 'openai'; copa-started servers know their models")
         if named and info.data.get("model"):
             raise ValueError("write serve.models or serve.model, not both")
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, value: str, info: Any) -> str:
+        engine = info.data.get("engine")
+        if value != "auto" and engine != "local":
+            raise ValueError(f"only for engine 'local'; engine '{engine}' serves in the dtype "
+                             "its server is started with: remove serve.precision")
         return value
 
     def model_for(self, role: str) -> str | None:

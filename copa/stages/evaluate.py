@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from copa import precision
+
 ARM_MODELS = {"baseline": "base", "prompt_only": "base", "finetune_only": "merged",
               "combined": "merged"}
 
@@ -28,9 +30,12 @@ def arm_key(run: Any, arm: str, program: Any, model_dir: str | None = None) -> s
         model = [model_dir, run.keys.get("optimize")]
     settings = recipe.model_dump(mode="json")["evaluate"]
     settings.pop("max_errors")  # the error budget changes no prediction
+    serve = recipe.model_dump(mode="json")["serve"]
+    serve.pop("precision")  # keyed as resolved on this machine (auto), and only where not fp32
     return sha256_json([arm, json.dumps(program.dump_state(), sort_keys=True, default=str),
                         model, recipe.model.base, run.checked.spec.template.text, settings,
-                        recipe.model_dump(mode="json")["serve"], recipe.task.signature,
+                        serve, *precision.key_part(recipe.serve.precision),
+                        recipe.task.signature,
                         recipe.optimize.adapter,
                         sha256_file(run.rendered / "splits" / "test.jsonl"),
                         # a RAG program's answers depend on what it retrieves
