@@ -3,9 +3,9 @@ generate) vs. copa's engine (packed decoding, prefix cache, batching), and copa'
 request at a time; same base model, same TemplateAdapter prompts, 8 threads (as dspy.Evaluate
 runs them), for a zero-shot program and one with few-shot demos. All runs must give identical
 predictions.
-Results: bench/results/inference.json.
+Results: bench/results/inference.json (inference_bf16.json with --precision bf16).
 
-    python bench/inference.py [--recipes iris banking77] [--n 64] [--threads 8]
+    python bench/inference.py [--recipes iris banking77] [--n 64] [--threads 8] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ NATIVE_ARM = ("engine_native_gemm", True, None)
 
 
 def bench_recipe(name: str, n: int, threads: int, batch_size: int,
-                 demos: int) -> dict[str, Any]:
+                 demos: int, precision: str = "fp32") -> dict[str, Any]:
     import logging
 
     import dspy
@@ -60,7 +60,8 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
         program = program.deepcopy()
         for predictor in program.predictors():
             predictor.demos = to_examples(recipe, list(checked.splits.train[:demos]))
-    model = LocalModel(base_model_path(recipe), trust_remote_code=recipe.model.trust_remote_code)
+    model = LocalModel(base_model_path(recipe), trust_remote_code=recipe.model.trust_remote_code,
+                       precision=precision)
     arms: dict[str, Any] = {}
     predictions: dict[str, list[str]] = {}
     field = recipe.task.output_fields[-1]
@@ -122,16 +123,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--demos", nargs="+", type=int, default=[0, 3],
                         help="programs to time: with this many few-shot demos each")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the dtype the model computes in (serve.precision)")
     args = parser.parse_args()
     import torch
 
     load = os.getloadavg()[0]
     results = {f"{name}, {demos} demos": bench_recipe(name, args.n, args.threads,
-                                                      args.batch_size, demos)
+                                                      args.batch_size, demos, args.precision)
                for name in args.recipes for demos in args.demos}
-    write_result("inference", {"threads": args.threads, "torch_threads": torch.get_num_threads(),
-                               "mkl_cbwr": os.environ.get("MKL_CBWR"),
-                               "load_average_at_start": round(load, 2), "recipes": results})
+    write_result("inference" if args.precision == "fp32" else f"inference_{args.precision}",
+                 {"precision": args.precision, "threads": args.threads,
+                  "torch_threads": torch.get_num_threads(), "mkl_cbwr": os.environ.get("MKL_CBWR"),
+                  "load_average_at_start": round(load, 2), "recipes": results})
     if not all(r["outputs_identical"] for r in results.values()):
         sys.exit("batched predictions differ from one-at-a-time ones")
 
