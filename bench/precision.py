@@ -129,8 +129,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--merged", nargs="*", default=[], metavar="RECIPE=DIR",
-                        help="also score a run's merged model (plain program) on val and test, "
-                        "e.g. iris=runs/iris/merged")
+                        help="also score a run's merged model (plain program) on the first "
+                        "--n rows of val and of test, e.g. iris=runs/iris/merged")
     args = parser.parse_args()
     import torch
 
@@ -152,7 +152,7 @@ def main() -> None:
         name, _, path = item.partition("=")
         for split in ("val", "test"):
             result["engine"][f"{name} merged, {split}"] = engine_run(
-                name, 10_000, args.threads, 0, model_path=path, split=split)
+                name, args.n, args.threads, 0, model_path=path, split=split)
     write_result("precision", result)
 
 
