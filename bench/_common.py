@@ -39,3 +39,21 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(json.dumps(data, indent=2))
     return path
+
+
+def score_on_engine(engine: Any, name: str, kit: Any, program: Any, testset: list[Any],
+                    threads: int, max_tokens: int) -> tuple[float, list[Any], float]:
+    """dspy.Evaluate-style scoring of `program` on a copa BatchingEngine, uncached; returns the
+    mean metric, the per-row results and the wall seconds. The engine is closed afterwards."""
+    import dspy
+
+    from copa.dspy.search import score
+
+    lm = dspy.LM(f"local/{name}", engine=engine, cache=False, max_tokens=max_tokens)
+    try:
+        with dspy.context(lm=lm, adapter=kit.adapter):
+            start = time.perf_counter()
+            mean, results = score(program, testset, kit.metric, threads)
+            return mean, results, time.perf_counter() - start
+    finally:
+        engine.close()

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, write_result  # noqa: E402
+from _common import REPO, score_on_engine, write_result  # noqa: E402
 
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,11 +40,8 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
                  demos: int, precision: str = "fp32") -> dict[str, Any]:
     import logging
 
-    import dspy
-
     from copa.dspy.kit import base_model_path, task_kit
     from copa.dspy.program import to_examples
-    from copa.dspy.search import score
     from copa.inference.engine import BatchingEngine, LocalModel
     from copa.recipe import load_recipe
     from copa.recipe.checks import check_recipe
@@ -76,15 +72,10 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
         model.clear_prefix_cache()  # every arm starts cold
         engine = BatchingEngine(model, max_batch_size=size,
                                 default_max_tokens=recipe.evaluate.max_tokens)
-        lm = dspy.LM(f"local/{name}", engine=engine, cache=False,
-                     max_tokens=recipe.evaluate.max_tokens)
         try:
-            with dspy.context(lm=lm, adapter=kit.adapter):
-                start = time.perf_counter()
-                mean, results = score(program, testset, kit.metric, threads)
-                seconds = time.perf_counter() - start
+            mean, results, seconds = score_on_engine(engine, name, kit, program, testset,
+                                                     threads, recipe.evaluate.max_tokens)
         finally:
-            engine.close()
             if arm == NATIVE_ARM[0]:
                 rowgemm.use(model.model, model.gemm)
         predictions[arm] = [str(getattr(p, field, "")) for _, p, _ in results]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, timed, write_result  # noqa: E402
+from _common import REPO, score_on_engine, timed, write_result  # noqa: E402
 
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,11 +76,8 @@ def engine_run(name: str, n: int, threads: int, demos: int, model_path: str | No
     a run's merged model): speed, metric, and the rows of `split` whose answer bf16 changed."""
     import logging
 
-    import dspy
-
     from copa.dspy.kit import base_model_path, task_kit
     from copa.dspy.program import to_examples
-    from copa.dspy.search import score
     from copa.inference.engine import BatchingEngine, LocalModel
     from copa.recipe import load_recipe
     from copa.recipe.checks import check_recipe
@@ -100,15 +97,8 @@ def engine_run(name: str, n: int, threads: int, demos: int, model_path: str | No
         model = LocalModel(model_path or base_model_path(recipe), precision=precision)
         engine = BatchingEngine(model, max_batch_size=8,
                                 default_max_tokens=recipe.evaluate.max_tokens)
-        lm = dspy.LM(f"local/{name}-{precision}", engine=engine, cache=False,
-                     max_tokens=recipe.evaluate.max_tokens)
-        try:
-            with dspy.context(lm=lm, adapter=kit.adapter):
-                start = time.perf_counter()
-                mean, results = score(program, testset, kit.metric, threads)
-                seconds = time.perf_counter() - start
-        finally:
-            engine.close()
+        mean, results, seconds = score_on_engine(engine, f"{name}-{precision}", kit, program,
+                                                 testset, threads, recipe.evaluate.max_tokens)
         answers[precision] = [str(getattr(p, field, "")) for _, p, _ in results]
         out[precision] = {"examples_per_s": round(len(testset) / seconds, 3),
                           "metric": round(mean, 4), "gemm": model.gemm,
