@@ -11,6 +11,16 @@ from typing import Any
 import click
 
 
+def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: write whole numbers separated by commas, "
+                                 "e.g. --seeds 0,1") from None
+
+
 def study_command(errors: Callable[[Any], Any], quiet: Callable[[], None],
                   preload: Callable[[], None]) -> click.Command:
     @click.command(name="study")
@@ -27,19 +37,24 @@ def study_command(errors: Callable[[Any], Any], quiet: Callable[[], None],
                        "Kubernetes jobs, ...) and run nothing; then `copa study --report DIR`.")
     @click.option("--out", "out_dir", type=click.Path(file_okay=False),
                   help="Study folder (default: the study's run_dir, else runs/<name>).")
+    @click.option("--seeds", callback=_seed_list, metavar="0,1,...",
+                  help="Run these seeds instead of the file's, e.g. --seeds 0 for a first look; "
+                  "a later run with all seeds skips the cells already finished.")
     def study(study_file: str | None, report_dir: str | None, executor: str,
-              ray_address: str | None, print_commands: bool, out_dir: str | None) -> None:
+              ray_address: str | None, print_commands: bool, out_dir: str | None,
+              seeds: list[int] | None) -> None:
         """Run STUDY.yaml: a base recipe over a grid of overrides and several seeds, every cell
         an ordinary run directory under runs/<study>/<cell>/seed-<n>/ (finished cells are
         skipped; a killed study continues), then study.json, study.md and study.png with the
         arms' means over seeds, the synergy and interaction, and their 95% intervals."""
         if (study_file is None) == (report_dir is None):
             raise click.UsageError("give STUDY.yaml, or --report DIR (one of the two)")
-        run(study_file, report_dir, executor, ray_address, print_commands, out_dir)
+        run(study_file, report_dir, executor, ray_address, print_commands, out_dir, seeds)
 
     @errors
     def run(study_file: str | None, report_dir: str | None, executor: str,
-            ray_address: str | None, print_commands: bool, out_dir: str | None) -> None:
+            ray_address: str | None, print_commands: bool, out_dir: str | None,
+            seeds: list[int] | None) -> None:
         quiet()
         if report_dir is not None:
             from copa.study.runner import report_study
@@ -50,7 +65,7 @@ def study_command(errors: Callable[[Any], Any], quiet: Callable[[], None],
         if print_commands:
             from copa.study.runner import study_commands
 
-            found, commands = study_commands(study_file, out_dir)
+            found, commands = study_commands(study_file, out_dir, seeds)
             click.echo("\n".join(commands))
             click.echo(f"# then: copa study --report {found.dir}", err=True)
             return
@@ -58,7 +73,7 @@ def study_command(errors: Callable[[Any], Any], quiet: Callable[[], None],
         from copa.study.runner import run_study
 
         data, results = run_study(study_file, executor=executor, out_dir=out_dir,
-                                  emit=click.echo, ray_address=ray_address)
+                                  emit=click.echo, ray_address=ray_address, seeds=seeds)
         from copa.study.write import markdown
 
         failed = [r for r in results if r["status"] == "failed"]

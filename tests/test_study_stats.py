@@ -280,3 +280,25 @@ def test_a_problem_every_cell_shares_stops_the_study_before_any_cell(tmp_path: P
     assert result.exit_code == 2, result.output
     assert result.output.count("data.source") == 1 and "missing.csv" in result.output
     assert not list(out.glob("*/seed-*"))  # no cell started
+
+
+def test_seeds_on_the_command_line_replace_the_files_seeds(tmp_path: Path) -> None:
+    """`copa study --seeds 1` runs (here: prints) only seed 1's cells, with seed 1 set where the
+    file's seeds would be; a bad list is a usage error and a repeated seed the file's error."""
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    path = _study(tmp_path, "grid:\n  finetune.lora_r: [8, 16]\nseeds: [0, 1, 2]\n")
+    study = load_study(path, seeds=[1])
+    assert [c.rel_dir for c in study.cells] == ["lora_r=8/seed-1", "lora_r=16/seed-1"]
+    assert {c.overrides["data.splits.seed"] for c in study.cells} == {1}
+    result = CliRunner().invoke(cli, ["study", str(path), "--print-commands", "--seeds", "1",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    commands = [line for line in result.output.splitlines() if line.startswith("copa run ")]
+    assert len(commands) == 2 and all("seed-1" in c for c in commands)
+    result = CliRunner().invoke(cli, ["study", str(path), "--seeds", "one"])
+    assert result.exit_code == 2 and "e.g. --seeds 0,1" in result.output
+    result = CliRunner().invoke(cli, ["study", str(path), "--seeds", "1,1"])
+    assert result.exit_code == 2 and "seeds: " in result.output and "repeat" in result.output

@@ -17,23 +17,25 @@ from copa.study.write import write_study
 EXECUTORS = ("sequential", "ray")
 
 
-def study_commands(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
-                   ) -> tuple[Study, list[str]]:
+def study_commands(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
+                   seeds: list[int] | None = None) -> tuple[Study, list[str]]:
     """One `copa run ... --set ...` line per cell, for another scheduler; writes plan.json so
     that `copa study --report DIR` finds the cells afterwards."""
-    study = load_study(path, out_dir)
+    study = load_study(path, out_dir, seeds)
     write_plan(study)
     return study, [cell_command(study, cell) for cell in study.cells]
 
 
 def run_study(path: str | os.PathLike[str], executor: str = "sequential",
               out_dir: str | os.PathLike[str] | None = None, emit: Emit = print,
-              ray_address: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+              ray_address: str | None = None, seeds: list[int] | None = None
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every cell (finished ones skipped), then the study files. Returns study.json's data and
-    what happened to each cell (a failed cell is reported, the others still run)."""
+    what happened to each cell (a failed cell is reported, the others still run). `seeds`
+    replaces the file's seeds (the study files then cover those seeds)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r}: use one of {', '.join(EXECUTORS)}")
-    study = load_study(path, out_dir)
+    study = load_study(path, out_dir, seeds)
     preflight(study)
     write_plan(study)
     emit(f"study {study.name}: {len(study.cells)} runs "

@@ -153,9 +153,12 @@ def _study_problem(error: dict[str, Any]) -> str:
     return _describe(error)
 
 
-def read_study_file(path: str | os.PathLike[str]) -> StudyFile:
+def read_study_file(path: str | os.PathLike[str], seeds: list[int] | None = None) -> StudyFile:
+    """The study file, checked; `seeds` (copa study --seeds) replaces the file's seeds."""
     file = Path(path)
     raw = _read_yaml(file)
+    if seeds is not None:
+        raw["seeds"] = list(seeds)
     try:
         return StudyFile.model_validate(raw)
     except ValidationError as exc:
@@ -242,13 +245,13 @@ def _recipe_problems(exc: RecipeError, cell: Cell, spec: StudyFile, label: str
     return out
 
 
-def load_study(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
-               ) -> Study:
-    """Read and check a study file; every cell's recipe is validated (RecipeError lists every
-    problem, named by the study file and key)."""
+def load_study(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
+               seeds: list[int] | None = None) -> Study:
+    """Read and check a study file (with other seeds than it lists, if given); every cell's
+    recipe is validated (RecipeError lists every problem, named by the study file and key)."""
     file = Path(path)
     label = str(path)
-    spec = read_study_file(file)
+    spec = read_study_file(file, seeds)
     recipe = Path(os.path.expanduser(spec.recipe))
     recipe = (recipe if recipe.is_absolute() else file.resolve().parent / recipe).resolve()
     if missing_file_reason(recipe):
