@@ -92,15 +92,14 @@ def model_lm(recipe: Recipe, model_path: str, name: str, run_dir: Path | None = 
     if serve.engine == "local":
         tag = None
         if serve.response_cache and run_dir is not None:
-            from copa.inference.cache import cache_tag, model_fingerprint, use_response_cache
-            from copa.precision import for_local_engine
+            from copa.inference.cache import use_response_cache, weights_tag
 
             use_response_cache(run_dir / "cache" / "dspy")
             if not Path(model_path).is_dir():  # a hub id: load (fetch) it before naming its commit
                 local_lm(recipe, model_path, name, recipe.evaluate.max_tokens)
-            digest = model_fingerprint(model_path, run_dir / "cache" / "fingerprints.json")
-            tag = cache_tag(digest, for_local_engine(serve.precision))
-            if digest is None and model_path not in _UNCACHED_SAID:
+            tag = weights_tag(model_path, run_dir / "cache" / "fingerprints.json",
+                              serve.precision)
+            if tag is None and model_path not in _UNCACHED_SAID:
                 _UNCACHED_SAID.add(model_path)
                 emit(f"  response cache off for {model_path}: nothing identifies its weights "
                      "(not a local folder, not in the local hub cache)")

@@ -80,6 +80,14 @@ def cache_tag(digest: str | None, precision: str = "fp32") -> str | None:
     return digest[:16] if precision == "fp32" else sha256_json([digest, precision])[:16]
 
 
+def weights_tag(model: str | os.PathLike[str], index: Path, serve_precision: str) -> str | None:
+    """The cache tag of a model as copa's local engine serves it (recipe's serve.precision), or
+    None when nothing identifies its weights (then nothing is cached)."""
+    from copa.precision import for_local_engine
+
+    return cache_tag(model_fingerprint(model, index), for_local_engine(serve_precision))
+
+
 def use_response_cache(cache_dir: Path) -> None:
     """Point DSPy's response cache (memory + disk) at cache_dir for this process."""
     global _configured

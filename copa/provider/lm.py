@@ -165,11 +165,9 @@ class AxolotlProvider(Provider):
     def _tag(self, model_dir: Path) -> str | None:
         if self.fingerprints is None:
             return None
-        from copa.inference.cache import cache_tag, model_fingerprint
-        from copa.precision import for_local_engine
+        from copa.inference.cache import weights_tag
 
-        return cache_tag(model_fingerprint(model_dir, self.fingerprints),
-                         for_local_engine(self.recipe.serve.precision))
+        return weights_tag(model_dir, self.fingerprints, self.recipe.serve.precision)
 
     def __deepcopy__(self, memo: dict) -> AxolotlProvider:
         return self  # settings and a shared history: one provider per copa.lm()
@@ -227,13 +225,11 @@ def provider_lm(model: str, *, recipe: str | os.PathLike[str] | Recipe | None = 
     fingerprints = None
     tag = None
     if cache:
-        from copa.inference.cache import cache_tag, model_fingerprint, use_response_cache
-        from copa.precision import for_local_engine
+        from copa.inference.cache import use_response_cache, weights_tag
 
         use_response_cache(directory / "cache" / "dspy")
         fingerprints = directory / "cache" / "fingerprints.json"
-        tag = cache_tag(model_fingerprint(folder, fingerprints),
-                        for_local_engine(serve.precision))
+        tag = weights_tag(folder, fingerprints, serve.precision)
     provider = AxolotlProvider(loaded, directory / "finetunes", engine, emit=emit,
                                fingerprints=fingerprints)
     return dspy.LM(model_id(folder, tag), engine=engine, async_engine=AsyncRoutingEngine(engine),
