@@ -1,5 +1,6 @@
 """A study's files: study.json (the data), study.md (tables and findings), study.png (arms
-against a numeric grid axis with interval bands, a heatmap for two axes, else bars)."""
+against a numeric grid axis with interval bands, a heatmap for two axes, else one point
+and interval per cell)."""
 
 from __future__ import annotations
 
@@ -94,11 +95,13 @@ def plot(data: dict[str, Any]) -> bytes:
         _heatmaps(fig, left, right, data, cells, keys)
     else:
         x = ([c["values"][axis] for c in cells] if axis else list(range(len(cells))))
-        for arm in data["arms"]:
-            _band(left, x, [c["arms"].get(arm) for c in cells], ARMS_SHOWN[arm], COLORS[arm])
-        for name in ("synergy", "interaction"):
-            _band(right, x, [c["effects"].get(name) for c in cells], name, COLORS[name],
-                  key="value")
+        n = len(data["arms"])
+        for i, arm in enumerate(data["arms"]):
+            _series(left, axis is not None, x, [c["arms"].get(arm) for c in cells],
+                    ARMS_SHOWN[arm], COLORS[arm], place=_shift(i, n))
+        for i, name in enumerate(("synergy", "interaction")):
+            _series(right, axis is not None, x, [c["effects"].get(name) for c in cells], name,
+                    COLORS[name], key="value", place=_shift(i, 2))
         right.axhline(0, color="black", linewidth=0.8)
         for ax in (left, right):
             ax.set_xlabel(axis or "cell")
@@ -108,8 +111,9 @@ def plot(data: dict[str, Any]) -> bytes:
         left.set_ylabel(metric)
         left.set_ylim(0, 105)
         right.set_ylabel("points")
-        left.set_title("arms: mean over seeds, 95% CI band", fontsize=10)
-        right.set_title("synergy and interaction, 95% CI band", fontsize=10)
+        shown = "95% CI band" if axis else "95% CI"
+        left.set_title(f"arms: mean over seeds, {shown}", fontsize=10)
+        right.set_title(f"synergy and interaction, {shown}", fontsize=10)
     fig.suptitle(f"copa study {data['study']}: {len(data['seeds'])} seeds", fontsize=11)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -118,15 +122,49 @@ def plot(data: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def _present(x: list[Any], entries: list[dict[str, Any] | None], key: str
+             ) -> list[tuple[Any, dict[str, Any]]]:
+    return [(xi, e) for xi, e in zip(x, entries) if e and e.get(key) is not None]
+
+
+def _shift(i: int, n: int) -> float:
+    """Side-by-side places for n series at one categorical x (equal values stay visible)."""
+    return (i - (n - 1) / 2) * 0.08
+
+
+def _series(ax: Any, numeric: bool, x: list[Any], entries: list[dict[str, Any] | None],
+            label: str, color: str, key: str = "mean", place: float = 0.0) -> None:
+    if numeric:
+        _band(ax, x, entries, label, color, key)
+    else:
+        _whiskers(ax, [xi + place for xi in x], entries, label, color, key)
+
+
 def _band(ax: Any, x: list[Any], entries: list[dict[str, Any] | None], label: str,
           color: str, key: str = "mean") -> None:
-    points = [(xi, e) for xi, e in zip(x, entries) if e and e.get(key) is not None]
+    """A numeric axis: a line through the points and the interval as a band."""
+    points = _present(x, entries, key)
     if not points:
         return
     xs = [p[0] for p in points]
     ax.plot(xs, [100 * e[key] for _, e in points], marker="o", color=color, label=label)
     ax.fill_between(xs, [100 * e["ci95"][0] for _, e in points],
                     [100 * e["ci95"][1] for _, e in points], color=color, alpha=0.15)
+
+
+def _whiskers(ax: Any, x: list[Any], entries: list[dict[str, Any] | None], label: str,
+              color: str, key: str = "mean") -> None:
+    """Unordered cells (e.g. strategies): a point and its interval per cell, no line between
+    them (the caller places each series a little aside, so equal values stay visible)."""
+    points = _present(x, entries, key)
+    if not points:
+        return
+    values = [100 * e[key] for _, e in points]
+    # a percentile interval need not hold its point estimate: no negative whisker lengths
+    low = [max(0.0, v - 100 * e["ci95"][0]) for v, (_, e) in zip(values, points)]
+    high = [max(0.0, 100 * e["ci95"][1] - v) for v, (_, e) in zip(values, points)]
+    ax.errorbar([p[0] for p in points], values, yerr=[low, high], fmt="o",
+                color=color, capsize=3, label=label)
 
 
 def _heatmaps(fig: Any, left: Any, right: Any, data: dict[str, Any], cells: list[dict],
