@@ -12,7 +12,12 @@ import pytest
 from conftest import write_tiny_recipe
 
 import copa
-from copa.provider.finetune import FinetuneError, axolotl_rows, with_train_kwargs
+from copa.provider.finetune import (
+    FinetuneError,
+    axolotl_rows,
+    one_answer_warning,
+    with_train_kwargs,
+)
 from copa.recipe import RecipeError, load_recipe
 from copa.recipe.checks import strategy_problems
 
@@ -43,6 +48,28 @@ def test_dspy_chat_rows_train_on_the_final_assistant_turn_only() -> None:
 def test_rows_that_are_not_chat_rows_are_refused_clearly(rows: list, message: str) -> None:
     with pytest.raises(FinetuneError, match=message):
         axolotl_rows(rows)
+
+
+def _rows(*answers: str) -> list[dict]:
+    return axolotl_rows([{"messages": [{"role": "user", "content": f"flower {n}"},
+                                       {"role": "assistant", "content": answer}]}
+                         for n, answer in enumerate(answers)])
+
+
+def test_rows_that_all_teach_one_answer_are_warned_about_in_the_report() -> None:
+    """Seen in the order study: `p -> w` on a base model at chance handed BootstrapFinetune 20
+    rows, every one "setosa"."""
+    from copa.stages.report import strategy_lines
+
+    warning = one_answer_warning(_rows("setosa", "setosa", "setosa"))
+    assert warning is not None and warning.startswith("all 3 fine-tuning rows")
+    assert "'setosa'" in warning
+    assert one_answer_warning(_rows("setosa", "setosa", "virginica")) is None
+    assert one_answer_warning(_rows("setosa")) is None  # one row is not a pattern
+    job = {"key": "f155aea381cd5361", "rows": 3, "base_model": "base", "seconds": 5.0,
+           "warning": warning}
+    info = {"strategy": "p -> w", "winner": "original", "candidates": [], "finetunes": [job]}
+    assert f"    - **warning**: {warning}" in strategy_lines("combined", info)
 
 
 def test_train_kwargs_are_checked_like_recipe_keys(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -40,6 +40,22 @@ class Finetuned:
     seconds: float
 
 
+def one_answer_warning(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """A warning when every row teaches the same answer, else None. BootstrapFinetune keeps only
+    the traces its metric scores correct: a student at chance on all but one label (a base model
+    under `p -> w`) hands over rows of that label alone, and the fine-tune learns to answer
+    nothing else."""
+    answers = {row["messages"][-1]["content"] for row in rows}
+    if len(rows) < 2 or len(answers) > 1:
+        return None
+    answer = next(iter(answers))
+    shown = answer if len(answer) <= 40 else answer[:37] + "..."
+    return (f"all {len(rows)} fine-tuning rows end in the same answer ({shown!r}): the model "
+            "will learn to give only that one. BootstrapFinetune keeps only traces its metric "
+            "scores correct; a stronger student (fine-tune on the gold labels first: w -> p) or "
+            "a teacher program gives it rows of every answer")
+
+
 def axolotl_rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
     """DSPy chat rows ({"messages": [...]}, whatever adapter formatted them) as Axolotl
     chat_template rows that train on the final assistant turn only."""

@@ -30,6 +30,7 @@ from copa.provider.finetune import (
     Emit,
     FinetuneError,
     axolotl_rows,
+    one_answer_warning,
     run_finetune,
     with_train_kwargs,
 )
@@ -150,6 +151,9 @@ class AxolotlProvider(Provider):
             raise FinetuneError(f"{model!r} is not a copa model id; make the LM with copa.lm()")
         recipe = with_train_kwargs(self.recipe, train_kwargs)
         rows = axolotl_rows(train_data)
+        warning = one_answer_warning(rows)
+        if warning:
+            self.emit(f"  warning: {warning}")
         attach = getattr(job, "_attach", None)
         result = run_finetune(recipe, router_model_of(model), rows, self.finetunes_dir,
                               emit=self.emit, on_process=attach,
@@ -159,7 +163,8 @@ class AxolotlProvider(Provider):
             job.model_dir = result.model_dir
         self.history.append({"key": result.key[:16], "base_model": router_model_of(model),
                              "model": str(result.model_dir), "rows": result.rows,
-                             "reused": result.cached, "seconds": round(result.seconds, 2)})
+                             "reused": result.cached, "seconds": round(result.seconds, 2),
+                             **({"warning": warning} if warning else {})})
         return model_id(str(result.model_dir), self._tag(result.model_dir))
 
     def _tag(self, model_dir: Path) -> str | None:

@@ -132,6 +132,8 @@ def strategy_lines(arm: str, info: dict[str, Any]) -> list[str]:
     for job in info.get("finetunes") or []:
         lines.append(f"  - fine-tune {job['key']}: {job['rows']} rows on {job['base_model']}, "
                      + ("reused" if job.get("reused") else f"{job.get('seconds', 0):.0f}s"))
+        if job.get("warning"):
+            lines.append(f"    - **warning**: {job['warning']}")
     return lines
 def _arm_time(arm: str, report: dict[str, Any]) -> str:
     """'arm 12s (30.5 generated tokens/s)'; '' for an arm reused from earlier predictions."""
