@@ -3,6 +3,7 @@ file checks, cell names, commands and plots (no training: fast)."""
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -302,3 +303,25 @@ def test_seeds_on_the_command_line_replace_the_files_seeds(tmp_path: Path) -> No
     assert result.exit_code == 2 and "e.g. --seeds 0,1" in result.output
     result = CliRunner().invoke(cli, ["study", str(path), "--seeds", "1,1"])
     assert result.exit_code == 2 and "seeds: " in result.output and "repeat" in result.output
+
+
+def test_bettertogether_cells_fine_tune_in_one_study_folder(tmp_path: Path) -> None:
+    """p -> w and p -> w -> p on one seed hand BootstrapFinetune the same rows: with one
+    finetunes/ for the study, the content-named fine-tune is trained once, not once a cell."""
+    from copa.study.shared import link_finetunes
+
+    study = tmp_path / "study"
+    first, second = study / "strategy=p-w" / "seed-0", study / "strategy=p-w-p" / "seed-0"
+    for cell in (first, second):
+        cell.mkdir(parents=True)
+        link_finetunes(cell, study)
+    (first / "finetunes" / "f155aea381cd5361").mkdir()
+    assert (second / "finetunes" / "f155aea381cd5361").is_dir()  # one folder, seen by both
+    assert os.readlink(first / "finetunes") == "../../finetunes"  # relative: the study can move
+    link_finetunes(first, study)  # again: unchanged
+    assert (first / "finetunes" / "f155aea381cd5361").is_dir()
+    own = study / "strategy=p-w" / "seed-1"
+    (own / "finetunes" / "0123456789abcdef").mkdir(parents=True)
+    link_finetunes(own, study)  # fine-tuned on its own before: kept, not replaced
+    assert not (own / "finetunes").is_symlink()
+    assert (own / "finetunes" / "0123456789abcdef").is_dir()

@@ -57,8 +57,9 @@ def run_cell(recipe: Path, study_dir: Path, cell: Cell, emit: Emit = print,
              share_models: bool = True) -> dict[str, Any]:
     """Run one cell to its report (skipped when finished). Returns what happened, as data."""
     from copa.pipeline import run_stages
+    from copa.recipe.schema import DEFAULT_STRATEGY
     from copa.runs import open_run
-    from copa.study.shared import MODELS_DIR, ensure_model, has_model, link_model
+    from copa.study.shared import MODELS_DIR, ensure_model, has_model, link_finetunes, link_model
 
     directory = Path(study_dir) / cell.rel_dir
     inputs = cell_inputs(recipe, cell)
@@ -78,6 +79,8 @@ def run_cell(recipe: Path, study_dir: Path, cell: Cell, emit: Emit = print,
         record = {"cell": cell.name, "values": cell.values, "seed": cell.seed,
                   "overrides": cell.overrides, "inputs": inputs, "finished": False}
         atomic_write_json(directory / CELL_FILE, record)
+        if share_models and run.recipe.optimize.strategy != DEFAULT_STRATEGY:
+            link_finetunes(directory, Path(study_dir))
         if share_models and run.finetunes:
             run_stages(run, ["render"])
             if not has_model(run):  # a cell trained before (e.g. by `copa run`) keeps its own

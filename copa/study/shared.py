@@ -17,6 +17,10 @@ stage keys, with the shared folder's artifacts, and `merged` in the cell is a re
 to the shared one: the pipeline's cache rule (same key, artifacts on disk) skips both stages
 and every later stage reads the model where it is. The folder is locked while a cell trains in
 it (copa.runs' run-directory lock); a second cell wanting the same model waits, then reuses it.
+
+BetterTogether's own fine-tunes (optimize.strategy) are shared the same way: a cell's
+`finetunes` is a relative symlink to `<study>/finetunes/`, where each fine-tune already has a
+folder named by its content.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from copa.files import atomic_write_bytes, atomic_write_json, sha256_file, sha25
 from copa.runs import Emit, Run, now, run_dir_locked, stage_key, versions
 
 MODELS_DIR = "models"
+FINETUNES_DIR = "finetunes"
 MODEL_INFO = "model.json"
 _NOWHERE = Path("/shared-model")  # stands in for the place in the key
 
@@ -126,6 +131,19 @@ def _symlink(link: Path, target: str) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
     os.replace(tmp, link)
+
+
+def link_finetunes(run_dir: Path, study_dir: Path) -> None:
+    """A BetterTogether cell's fine-tunes (optimize.strategy other than w -> p) go to the
+    study's finetunes/: each is in a folder named by its content (rows, settings, base model,
+    versions; copa.provider.finetune), so cells that hand over the same rows (p -> w and
+    p -> w -> p on one seed) train once, under the folder's lock. A cell that fine-tuned in a
+    folder of its own before keeps it."""
+    own, shared = Path(run_dir) / FINETUNES_DIR, Path(study_dir) / FINETUNES_DIR
+    if own.exists() and not own.is_symlink():
+        return
+    shared.mkdir(parents=True, exist_ok=True)
+    _symlink(own, os.path.relpath(shared, run_dir))
 
 
 def link_model(run: Run, folder: Path) -> None:
