@@ -266,8 +266,11 @@ def test_exception_inside_serving_stops_server(tiny_model_dir: Path, tmp_path: P
         kill_group(server.pid if server else None)
 
 
+# The script first takes SIGINT as a terminal's Python does (KeyboardInterrupt): started in the
+# background by a non-interactive shell (`bash .ci/run &`), it inherits SIGINT ignored.
 INTERRUPTED_SCRIPT = textwrap.dedent("""\
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from pathlib import Path
     from copa.inference.servers import live_servers, serving
     with serving("transformers", sys.argv[1], "tiny", log_dir=Path(sys.argv[2]),
