@@ -244,7 +244,7 @@ def _template_text(run: Run) -> str:
 
 # Recipe keys added after run directories existed, with their defaults: left out of the
 # stage keys while at the default, so a run made before a key existed keeps its stages.
-LATER_KEYS = {"optimize": {"strategy": DEFAULT_STRATEGY},
+LATER_KEYS = {"optimize": {"strategy": DEFAULT_STRATEGY, "guard_margin": 0.0},
               "data": {"loader": None, "loader_options": {}, "group_by": None,
                        "answers_column": None}}
 

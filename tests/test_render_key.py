@@ -97,9 +97,12 @@ def test_keys_added_later_change_no_stage_key_at_their_defaults(tmp_path: Path,
     path = _recipe(tmp_path, tiny_model_dir)
     plain = key_sections(load_recipe(path), "data", "optimize")
     assert "group_by" not in plain["data"] and "strategy" not in plain["optimize"]
+    assert "guard_margin" not in plain["optimize"]
     assert "stratify" in plain["data"]  # keys that always existed stay
     grouped = key_sections(load_recipe(path, overrides={"data.group_by": "label",
-                                                        "optimize.strategy": "p -> w"}),
+                                                        "optimize.strategy": "p -> w",
+                                                        "optimize.guard_margin": 0.05}),
                            "data", "optimize")
     assert grouped["data"]["group_by"] == "label"
     assert grouped["optimize"]["strategy"] == "p -> w"
+    assert grouped["optimize"]["guard_margin"] == 0.05

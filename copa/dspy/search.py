@@ -321,6 +321,16 @@ def program_view(program: dspy.Module) -> list[dict[str, Any]]:
             for name, predictor in program.named_predictors()]
 
 
+def beyond_margin(val_scores: dict[str, float], margin: float) -> list[str]:
+    """The candidates the guard may keep: "plain", and those that beat it on val by more than
+    margin. On a small val split one row is noise (30 rows: 3.3 points a row), so a recipe can
+    ask for more than any gain (docs/studies.md, data_size)."""
+    if margin <= 0:
+        return list(val_scores)
+    floor = val_scores["plain"] + margin + 1e-9  # 1e-9: a gain equal to the margin is not more
+    return [n for n, score in val_scores.items() if n == "plain" or score > floor]
+
+
 def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter,
                     trainset: list[dspy.Example], valset: list[dspy.Example],
                     metric: Callable[..., Any], extra: dict[str, dspy.Module] | None = None,
@@ -368,10 +378,11 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
                         "answers") from None
     val_scores = {name: s.mean for name, s in scored.items()}
     val_errors = {name: s.errors for name, s in scored.items()}
-    best = max(candidates, key=lambda n: (val_scores[n], -demo_count(candidates[n]),
-                                          n == "plain"))
+    margin = recipe.optimize.guard_margin
+    best = max(beyond_margin(val_scores, margin),
+               key=lambda n: (val_scores[n], -demo_count(candidates[n]), n == "plain"))
     emit("  val: " + ", ".join(f"{n} {s:.3f}" for n, s in val_scores.items())
-         + f" -> {best}")
+         + f" -> {best}" + (f" (guard_margin {margin:g})" if margin else ""))
     if any(val_errors.values()):
         emit("  warning: failed calls on val (scored as wrong answers): "
              + ", ".join(f"{n} {e}" for n, e in val_errors.items() if e))

@@ -243,6 +243,11 @@ class OptimizeSection(_Section):
         True,
         description="Keep the plain program if prompt optimization does not beat it on val.",
     )
+    guard_margin: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="How much more than the plain program a prompt-optimized one must score on "
+                    "val to be kept, in the metric's units (0.05 = 5 points; 0: any gain).",
+    )
     adapter: Literal["template", "chat"] = "template"
     num_threads: int = 8
     proposer: ModelRef = Field(
@@ -267,6 +272,14 @@ class OptimizeSection(_Section):
     @classmethod
     def _strategy(cls, value: str) -> str:
         return normalize_strategy(value)
+
+    @model_validator(mode="after")
+    def _margin_needs_the_guard(self) -> OptimizeSection:
+        if self.guard_margin and not self.guard:
+            raise ValueError("guard_margin is the val guard's margin, and guard is false (the "
+                             "optimizer's pick is kept whatever val says): drop guard_margin, "
+                             "or write guard: true")
+        return self
 
 
 class EvaluateSection(_Section):

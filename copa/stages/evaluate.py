@@ -206,6 +206,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
             "order": recipe.optimize.order, "strategy": recipe.optimize.strategy,
             "finetune_demos": recipe.finetune.demos,
             "adapter": recipe.optimize.adapter, "seed": recipe.finetune.seed,
+            "guard": recipe.optimize.guard, "guard_margin": recipe.optimize.guard_margin,
         },
     }
     paths = write_report(run.dir, report)

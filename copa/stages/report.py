@@ -69,8 +69,12 @@ def markdown(report: dict[str, Any]) -> str:
         scores = ", ".join(f"{k} {_pct(v)}" for k, v in info.get("val_scores", {}).items())
         offered = info.get("optimized_demos")
         offered = f"; the optimizer's pick had {offered} demos" if offered is not None else ""
+        margin = report.get("settings", {}).get("guard_margin") or 0
+        needed = (f"; to be kept, a candidate had to beat plain by more than {_pct(margin)} "
+                  "(guard_margin)" if margin and scores else "")
         lines.append(f"- Prompt stage for {arm}: kept **{info.get('winner')}** "
-                     f"({info.get('demos', 0)} demos{offered}); val: {scores or 'not compared'}")
+                     f"({info.get('demos', 0)} demos{offered}); val: {scores or 'not compared'}"
+                     + needed)
         for view in info.get("kept") or []:
             lines.append(f"  - instruction kept ({view['predictor']}): "
                          f"\"{_one_line(view['instructions'])}\"; {len(view['demos'])} demos")
