@@ -4,7 +4,10 @@ small recipe around it. Real parts everywhere: real transformers, Axolotl and DS
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,3 +126,29 @@ def write_prompt_only_recipe(folder: Path, model: Path, optimize: str) -> Path:
     path.write_text(text.replace(TINY_OPTIMIZE, optimize))
     return path
 
+
+@contextmanager
+def engine_lm(model: Any, name: str, max_batch_size: int = 4) -> Iterator[Any]:
+    """A dspy.LM on copa's real batching engine over a stand-in model (a class with
+    generate_detailed), for tests of what DSPy and copa do with its answers."""
+    import dspy
+
+    from copa.inference.engine import BatchingEngine
+
+    engine = BatchingEngine(model, max_batch_size=max_batch_size, batch_wait_ms=0)
+    try:
+        yield dspy.LM(f"local/{name}", engine=engine, cache=False, num_retries=0, max_tokens=16)
+    finally:
+        engine.close()
+
+
+def label_examples(texts: list[str]) -> list[Any]:
+    """text -> label examples: 'pos' where the text says good, else 'neg'."""
+    import dspy
+
+    return [dspy.Example(text=t, label="pos" if "good" in t else "neg").with_inputs("text")
+            for t in texts]
+
+
+def label_exact(example: Any, prediction: Any, trace: Any = None) -> float:
+    return float(example.label == prediction.label)

@@ -12,9 +12,9 @@ from pathlib import Path
 import dspy
 import pytest
 import yaml
+from conftest import engine_lm, label_exact, label_examples
 
 from copa.dspy.search import OptimizeError, ScoreError, evaluate_program, prompt_optimize
-from copa.inference.engine import BatchingEngine
 from copa.inference.local import Generation
 from copa.recipe.schema import Recipe
 
@@ -41,26 +41,14 @@ class FailingModel:
 
 @pytest.fixture
 def lm() -> Iterator[dspy.LM]:
-    engine = BatchingEngine(FailingModel(), max_batch_size=1, batch_wait_ms=0)  # type: ignore[arg-type]
-    try:
-        yield dspy.LM("local/failing", engine=engine, cache=False, num_retries=0, max_tokens=16)
-    finally:
-        engine.close()
-
-
-def examples(texts: list[str]) -> list[dspy.Example]:
-    return [dspy.Example(text=t, label="pos" if "good" in t else "neg").with_inputs("text")
-            for t in texts]
-
-
-def exact(example: dspy.Example, prediction: dspy.Prediction, trace=None) -> float:
-    return float(example.label == prediction.label)
+    with engine_lm(FailingModel(), "failing", max_batch_size=1) as failing:
+        yield failing
 
 
 def scored_with(lm: dspy.LM, texts: list[str], max_errors: int | None = None):
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
-        return evaluate_program(dspy.Predict("text -> label"), examples(texts), exact, 2,
-                                max_errors)
+        return evaluate_program(dspy.Predict("text -> label"), label_examples(texts),
+                                label_exact, 2, max_errors)
 
 
 def test_failed_calls_are_counted_per_row(lm: dspy.LM) -> None:
@@ -103,10 +91,10 @@ def _recipe(**evaluate) -> Recipe:
 
 
 def _optimize(lm: dspy.LM, recipe: Recipe, emit: Callable[[str], None]):
-    train = examples(["boom good 1", "good 2", "bad 3"])
-    val = examples(["good 4", "boom bad 5", "bad 6"])
+    train = label_examples(["boom good 1", "good 2", "bad 3"])
+    val = label_examples(["good 4", "boom bad 5", "bad 6"])
     return prompt_optimize(recipe, dspy.Predict("text -> label"), lm, dspy.ChatAdapter(), train,
-                           val, exact, emit=emit)
+                           val, label_exact, emit=emit)
 
 
 def test_the_prompt_stage_counts_failed_calls_and_says_so(lm: dspy.LM) -> None:

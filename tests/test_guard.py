@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import dspy
 import pytest
+from conftest import engine_lm, label_exact, label_examples
 
 from copa.dspy.search import beyond_margin, prompt_optimize
-from copa.inference.engine import BatchingEngine
 from copa.inference.local import Generation
 from copa.recipe import RecipeError, load_recipe
 from copa.recipe.schema import Recipe
@@ -35,21 +35,8 @@ class DemoHelpedModel:
 
 @pytest.fixture
 def lm() -> Iterator[dspy.LM]:
-    engine = BatchingEngine(DemoHelpedModel(), max_batch_size=4, batch_wait_ms=0)  # type: ignore[arg-type]
-    try:
-        yield dspy.LM("local/demo-helped", engine=engine, cache=False, num_retries=0,
-                      max_tokens=16)
-    finally:
-        engine.close()
-
-
-def _examples(texts: list[str]) -> list[dspy.Example]:
-    return [dspy.Example(text=t, label="pos" if "good" in t else "neg").with_inputs("text")
-            for t in texts]
-
-
-def _exact(example: dspy.Example, prediction: dspy.Prediction, trace=None) -> float:
-    return float(example.label == prediction.label)
+    with engine_lm(DemoHelpedModel(), "demo-helped") as helped:
+        yield helped
 
 
 def _recipe(margin: float) -> Recipe:
@@ -71,8 +58,8 @@ VAL = [f"good {i}" for i in range(5)] + [f"bad {i}" for i in range(4)] + ["hard 
 def test_a_gain_must_exceed_the_margin_to_be_kept(lm: dspy.LM, margin: float, kept: str) -> None:
     messages: list[str] = []
     result = prompt_optimize(_recipe(margin), dspy.Predict("text -> label"), lm,
-                             dspy.ChatAdapter(), _examples(["good 1", "bad 2"]), _examples(VAL),
-                             _exact, emit=messages.append)
+                             dspy.ChatAdapter(), label_examples(["good 1", "bad 2"]),
+                             label_examples(VAL), label_exact, emit=messages.append)
     assert result.val_scores == pytest.approx({"plain": 0.9, "optimized": 1.0})
     assert result.winner == kept
     assert result.demos == (2 if kept == "optimized" else 0)
@@ -99,7 +86,7 @@ def test_the_report_says_what_margin_the_kept_program_needed(lm: dspy.LM) -> Non
     from copa.stats import summarize
 
     result = prompt_optimize(_recipe(0.1), dspy.Predict("text -> label"), lm, dspy.ChatAdapter(),
-                             _examples(["good 1", "bad 2"]), _examples(VAL), _exact,
+                             label_examples(["good 1", "bad 2"]), label_examples(VAL), label_exact,
                              emit=lambda _: None)
     report = {"recipe": "guard", "metric": "label_accuracy", "test_rows": 2,
               **summarize({arm: [1.0, 0.0] for arm in ("baseline", "prompt_only",
