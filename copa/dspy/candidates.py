@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from copa.text import one_line
+
 if TYPE_CHECKING:  # the report formats candidates without loading DSPy
     import dspy
 
@@ -68,11 +70,6 @@ def optimizer_log_params(accepted: Any, log_dir: Path | None) -> dict[str, Any]:
     return params
 
 
-def _one_line(text: str, limit: int = 120) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 def candidate_table(rows: list[dict[str, Any]]) -> list[str]:
     """The candidates as a Markdown table (the report and `copa optimize` print the same)."""
     if not rows:
@@ -80,6 +77,6 @@ def candidate_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| candidate | val | demos | instruction |", "|---|---:|---:|---|"]
     for row in rows:
         score = "—" if row["val_score"] is None else f"{100 * row['val_score']:.1f}"
-        text = " / ".join(_one_line(i) for i in row["instructions"]).replace("|", "\\|")
+        text = " / ".join(one_line(i, 120) for i in row["instructions"]).replace("|", "\\|")
         lines.append(f"| {row['source']} | {score} | {row['demos']} | {text} |")
     return lines

@@ -22,6 +22,7 @@ from typing import Any
 from copa.files import atomic_write_json, sha256_json
 from copa.prompting import target_row
 from copa.recipe import Recipe, recipe_from_dict
+from copa.text import one_line
 
 ROLES = ("system", "user", "assistant")
 Emit = Callable[[str], None]
@@ -48,8 +49,7 @@ def one_answer_warning(rows: Sequence[Mapping[str, Any]]) -> str | None:
     answers = {row["messages"][-1]["content"] for row in rows}
     if len(rows) < 2 or len(answers) > 1:
         return None
-    answer = next(iter(answers))
-    shown = answer if len(answer) <= 40 else answer[:37] + "..."
+    shown = one_line(next(iter(answers)), 40)
     return (f"all {len(rows)} fine-tuning rows end in the same answer ({shown!r}): the model "
             "will learn to give only that one. BootstrapFinetune keeps only traces its metric "
             "scores correct; a stronger student (fine-tune on the gold labels first: w -> p) or "

@@ -7,6 +7,7 @@ from typing import Any
 
 from copa.dspy.candidates import candidate_table
 from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from copa.text import one_line
 
 ARM_LABELS = {"baseline": "baseline (base model, plain prompt)",
               "prompt_only": "prompt-only (base model + DSPy)",
@@ -16,11 +17,6 @@ ARM_LABELS = {"baseline": "baseline (base model, plain prompt)",
 
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -77,16 +73,16 @@ def markdown(report: dict[str, Any]) -> str:
                      + needed)
         for view in info.get("kept") or []:
             lines.append(f"  - instruction kept ({view['predictor']}): "
-                         f"\"{_one_line(view['instructions'])}\"; {len(view['demos'])} demos")
+                         f"\"{one_line(view['instructions'])}\"; {len(view['demos'])} demos")
             for demo in view["demos"]:
-                shown = "; ".join(f"{k}: {_one_line(v)}" for k, v in demo.items())
+                shown = "; ".join(f"{k}: {one_line(v)}" for k, v in demo.items())
                 lines.append(f"    - demo: {shown}")
         pick = info.get("optimizer_pick") or []
         kept = info.get("kept") or []
         for view, mine in zip(pick, kept):
             if view["instructions"] != mine["instructions"]:
                 lines.append(f"  - the optimizer proposed ({view['predictor']}): "
-                             f"\"{_one_line(view['instructions'])}\"")
+                             f"\"{one_line(view['instructions'])}\"")
         table = candidate_table(info.get("candidates") or [])
         if table:
             lines.append(f"  - every candidate the optimizer scored on val "
