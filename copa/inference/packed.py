@@ -120,20 +120,25 @@ class PackedBatch:
     # --- attention, row by row --------------------------------------------------------------
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None,
-               gqa: bool) -> torch.Tensor:
+               gqa: bool, window: int | None = None) -> torch.Tensor:
         """Attention output [1, tokens, heads, head_dim] for the packed query [1, heads,
-        tokens, head_dim]: each row's queries against its own buffer, causally."""
+        tokens, head_dim]: each row's queries against its own buffer, causally; a sliding-window
+        layer (Gemma 3's local layers) sees only its last `window` keys, as transformers does."""
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
         layer = self.buffers[layer_idx]
         for start, n, total, c, j, g in self.runs:
             k, v = layer[c]
             q = _rows_of(query, start, n, g).contiguous()
             mask = None
-            if 1 < n < total:  # the queries are the last n of total positions
+            if window is not None and total > window:
+                # query i sits at position total - n + i and sees keys in (it - window, it]
+                mask = (torch.ones(n, total, dtype=torch.bool, device=q.device)
+                        .tril(total - n).triu(total - n - window + 1))
+            elif 1 < n < total:  # the queries are the last n of total positions
                 mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
             o = torch.nn.functional.scaled_dot_product_attention(
                 q, k[j:j + g, :, :total], v[j:j + g, :, :total], attn_mask=mask,
-                scale=scaling, is_causal=1 < n == total, enable_gqa=gqa)
+                scale=scaling, is_causal=mask is None and 1 < n == total, enable_gqa=gqa)
             out[0, start:start + g * n] = o.transpose(1, 2).reshape(g * n, o.shape[1],
                                                                      o.shape[3])
         return out

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from copa.models import EMBEDDED
 from copa.recipe.data_schema import (  # noqa: F401 - the data sections are part of the schema
     BUILTIN_LOADERS,
     USER_CODE,
@@ -27,7 +28,7 @@ from copa.recipe.serve_schema import (  # noqa: F401 - the serve sections are pa
     ServeSection,
 )
 
-MODEL_ALIASES = ("smollm2-135m-instruct",)
+MODEL_ALIASES = tuple(EMBEDDED)  # the models that ship inside PyPI packages
 ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
 BUILTIN_METRICS = ("exact_match", "label_accuracy", "gsm8k_answer", "token_f1", "squad_em",
                    "squad_f1")
@@ -61,7 +62,8 @@ _Section = Section
 class ModelSection(_Section):
     base: str = Field(
         "smollm2-135m-instruct",
-        description="Built-in alias, a local HF model dir, a .gguf file or a hub id.",
+        description="An embedded model (smollm2-135m-instruct, gemma3-270m), a local HF "
+                    "model dir, a .gguf file or a hub id.",
     )
     trust_remote_code: bool = False
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from copa.models import EMBEDDED
 from copa.stages.report import ARM_LABELS
 from copa.use.bundle import Bundle
 
 # Licenses copa knows for what it ships or names; anything else the card says to check.
-KNOWN_MODEL_LICENSES = {
-    "smollm2-135m-instruct": ("apache-2.0", "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)")}
+KNOWN_MODEL_LICENSES = {alias: model.license for alias, model in EMBEDDED.items()}
 KNOWN_DATA_LICENSES = {
     "sklearn:iris": "Iris (R. A. Fisher, 1936), UCI Machine Learning Repository, CC BY 4.0; "
                     "read from the copy scikit-learn ships (BSD-3-Clause)"}
