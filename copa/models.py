@@ -119,6 +119,30 @@ def fix_chat_tokens(tokenizer: Any) -> Any:
     return tokenizer
 
 
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+def end_token_ids(tokenizer: Any, generation_config: Any) -> set[int]:
+    """Token ids that end a greedy answer.
+
+    A tokenizer converted from GGUF can name the wrong eos (SmolLM2's says <|im_start|>),
+    while generation_config holds the real one; a chat template's end-of-turn marker ends a
+    turn whatever either says.
+    """
+    ids: set[int] = set()
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    template = tokenizer.chat_template or ""
+    for marker in END_OF_TURN:
+        if marker in template:
+            tid = tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+                ids.add(tid)
+    return {int(i) for i in ids}
+
+
 @functools.lru_cache(maxsize=8)
 def _content_hash(path: Path, size: int, mtime_ns: int) -> str:  # size, mtime: the cache's key
     return sha256_file(path)
