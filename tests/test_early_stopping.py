@@ -22,7 +22,7 @@ from copa.recipe import RecipeError, load_recipe
 SCRIPTED_METRIC = '''\
 import json, os
 
-SCORES = [0.2, 0.5, 0.5, 0.4, 0.3, 0.3, 0.3]
+SCORES = json.loads(os.environ.get("SCRIPTED_SCORES", "[0.2, 0.5, 0.5, 0.4, 0.3]"))
 ROWS = 6  # the tiny recipe's val rows: one evaluation is ROWS calls
 calls = 0
 
@@ -40,7 +40,9 @@ def score(example, prediction, trace=None):
 EVAL = "  eval: {every: 2}\n  early_stopping: {patience: 2}\n"
 
 
-def _recipe(folder: Path, tiny_model_dir: Path, max_steps: int, finetune: str) -> Path:
+def scripted_recipe(folder: Path, tiny_model_dir: Path, max_steps: int, finetune: str) -> Path:
+    """The tiny recipe whose metric is SCRIPTED_METRIC; `finetune` replaces its 'finetune:'
+    line (the section's first lines)."""
     path = write_tiny_recipe(folder, tiny_model_dir, max_steps=max_steps)
     (folder / "scripted_metric.py").write_text(SCRIPTED_METRIC)
     text = path.read_text().replace("metric: label_accuracy", "metric: scripted_metric:score")
@@ -94,10 +96,11 @@ def stopped_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     from copa import pipeline
 
     folder = tmp_path_factory.mktemp("early-stop")
-    recipe = _recipe(folder, tiny_model_dir, max_steps=12, finetune="finetune:\n" + EVAL)
+    recipe = scripted_recipe(folder, tiny_model_dir, max_steps=12, finetune="finetune:\n" + EVAL)
     metric_log = folder / "metric.jsonl"
     mp = pytest.MonkeyPatch()
     mp.setenv("SCRIPTED_METRIC_LOG", str(metric_log))
+    mp.delenv("SCRIPTED_SCORES", raising=False)
     messages: list[str] = []
     try:
         run = pipeline.run(recipe, stages=["render"], run_dir=folder / "run",
@@ -187,3 +190,23 @@ def test_val_rows_are_never_training_rows_and_test_rows_never_scored(stopped_run
     test = {tuple(r[f] for f in fields) for r in read_jsonl(run.rendered / "splits" /
                                                             "test.jsonl")}
     assert not {tuple(c["example"][f] for f in fields) for c in metric_calls} & test
+
+
+def test_the_report_shows_the_val_curve_and_the_merged_checkpoint(tmp_path: Path) -> None:
+    from copa.stages.report import markdown, write_report
+    from copa.stats import summarize
+
+    curve = {"metric": "label_accuracy", "rows": 15, "every": 8, "patience": 3,
+             "min_delta": 0.0, "max_steps": 160, "best_step": 16, "best_score": 0.9,
+             "stopped_early": True, "ended_at": 40,
+             "evaluations": [{"step": s, "score": v, "loss": 0.1}
+                             for s, v in [(8, 0.4), (16, 0.9), (24, 0.8), (32, 0.9), (40, 0.8)]]}
+    report = {"recipe": "t", "metric": "label_accuracy", "test_rows": 2,
+              **summarize({"finetune_only": [1.0, 0.0]}, resamples=50, seed=0),
+              "versions": {}, "training_val": curve}
+    text = markdown(report)
+    assert ("val label_accuracy by step (15 rows): 8: 40.0, 16: 90.0 (best), 24: 80.0, "
+            "32: 90.0, 40: 80.0; stopped early at step 40 of at most 160") in text
+    assert "merged checkpoint-16" in text
+    paths = write_report(tmp_path, report)
+    assert paths["val_curve_png"].read_bytes().startswith(b"\x89PNG")
