@@ -83,10 +83,14 @@ def test_plateau_keeps_the_first_best_and_stops_after_patience_evaluations() -> 
 
 
 def test_answers_are_parsed_and_scored_with_the_recipes_metric() -> None:
-    spec = {"metric": "label_accuracy", "answer_field": "species", "output_fields": ["species"],
-            "choices": ["setosa", "virginica"], "base_dir": ".", "answers_field": None,
+    """As the template adapter parses a chain-of-thought answer: the answer field's line."""
+    spec = {"metric": "label_accuracy", "answer_field": "species",
+            "output_fields": ["reasoning", "species"], "choices": ["setosa", "virginica"],
+            "base_dir": ".", "answers_field": None,
             "examples": [{"species": "setosa"}, {"species": "virginica"}, {"species": "setosa"}]}
-    assert score_answers(spec, ["Setosa.", "the virginica", "virginica"]) == [1.0, 1.0, 0.0]
+    answers = ["reasoning: small petals\nspecies: Setosa.", "species: the virginica",
+               "reasoning: setosa is small\nspecies: virginica"]
+    assert score_answers(spec, answers) == [1.0, 1.0, 0.0]
 
 
 # ---- slow: one real training on the tiny model ------------------------------------------------
