@@ -214,3 +214,16 @@ def test_the_report_shows_the_val_curve_and_the_merged_checkpoint(tmp_path: Path
     assert "merged checkpoint-16" in text
     paths = write_report(tmp_path, report)
     assert paths["val_curve_png"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_recipe_without_the_new_keys_keeps_its_stage_keys(tmp_path: Path) -> None:
+    """finetune.eval / early_stopping left out: the content keys hash what they hashed before
+    the keys existed (runs made then keep their stages); set, they are part of them."""
+    from copa.runs import key_sections
+
+    path = write_tiny_recipe(tmp_path, tmp_path / "model")
+    plain = key_sections(load_recipe(path), "finetune")["finetune"]
+    assert "eval" not in plain and "early_stopping" not in plain
+    path.write_text(path.read_text().replace("finetune:\n", "finetune:\n" + EVAL))
+    assert key_sections(load_recipe(path), "finetune")["finetune"]["eval"] == {
+        "every": 2, "metric": None}
