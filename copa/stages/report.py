@@ -200,12 +200,15 @@ def plot_curve(report: dict[str, Any]) -> bytes:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"val {curve['metric']} (%)")
     ax.set_ylim(0, 105)
+    handles = ax.get_legend_handles_labels()
     losses = [(p["step"], p["loss"]) for p in points if p.get("loss") is not None]
     if losses:
         twin = ax.twinx()
         twin.plot(*zip(*losses), "s:", color="#607d8b", markersize=3, label="training loss")
         twin.set_ylabel("training loss")
-    ax.legend(loc="lower right", fontsize=8)
+        more = twin.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    ax.legend(*handles, loc="upper left", fontsize=8)
     ax.set_title(f"{report['recipe']}: val during fine-tuning ({curve['rows']} rows)", fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
