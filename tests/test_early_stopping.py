@@ -227,3 +227,30 @@ def test_a_recipe_without_the_new_keys_keeps_its_stage_keys(tmp_path: Path) -> N
     path.write_text(path.read_text().replace("finetune:\n", "finetune:\n" + EVAL))
     assert key_sections(load_recipe(path), "finetune")["finetune"]["eval"] == {
         "every": 2, "metric": None}
+
+
+def test_a_resumed_training_remembers_its_curve_and_its_evaluation_steps(tmp_path: Path) -> None:
+    """The callback alone (no training): evaluations come back from the checkpoint's
+    log_history, an evaluated step is not scored twice, and eval steps ask for a log and, with
+    early stopping, a checkpoint."""
+    import transformers
+
+    from copa.backends.axolotl_plugin import ValEvaluation
+    from copa.backends.valcurve import LOG_KEY, write_spec
+
+    spec = write_spec(tmp_path / "val_eval.json", {"every": 2, "patience": 2, "min_delta": 0.0,
+                                                   "prompts": [], "examples": []})
+    callback = ValEvaluation(str(spec))
+    history = [{"loss": 1.0, "step": 1}] + [{LOG_KEY: {"step": s, "score": v}, "step": s}
+                                            for s, v in [(2, 0.2), (4, 0.5), (6, 0.5)]]
+    state = transformers.TrainerState(max_steps=9, global_step=6, log_history=history)
+    callback.on_train_begin(None, state, transformers.TrainerControl())
+    assert [e["step"] for e in callback.evaluations] == [2, 4, 6]
+    # step 6 was scored before the kill: no model is needed to skip it
+    callback.on_log(None, state, transformers.TrainerControl(), logs={"loss": 0.1})
+    due = {}
+    for step in (7, 8, 9):  # every 2, and the last step
+        state.global_step = step
+        control = callback.on_step_end(None, state, transformers.TrainerControl())
+        due[step] = (control.should_log, control.should_save)
+    assert due == {7: (False, False), 8: (True, True), 9: (True, True)}
