@@ -164,7 +164,8 @@ def check_model(base: str, base_dir: Path | None = None) -> str | None:
 CONVERSION_VERSION = 2  # bump when the conversion's output changes (v2: end-of-turn eos)
 
 
-END_OF_TURN_MARKERS = ("<|im_end|>", "<end_of_turn>")
+# Chat templates' end-of-turn markers, the one a template uses first in this order is its eos.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 TEMPLATE_MARKER = re.compile(r"<[^<>\s'\"{}]+>")
 
 
@@ -189,7 +190,7 @@ def fix_chat_tokens(tokenizer: Any, chat_template: str | None = None) -> Any:
     if split:
         tokenizer.add_special_tokens({"additional_special_tokens": split},
                                      replace_extra_special_tokens=False)
-    for end in END_OF_TURN_MARKERS:
+    for end in END_OF_TURN:
         if end in vocab and end in template and tokenizer.eos_token != end:
             tokenizer.eos_token = end
             break
@@ -204,6 +205,27 @@ def chat_template_text(name: str) -> str:
     from copa.prompting import templates_dir
 
     return (templates_dir() / "chat" / name).read_text()
+
+
+def end_token_ids(tokenizer: Any, generation_config: Any) -> set[int]:
+    """Token ids that end a greedy answer.
+
+    A tokenizer converted from GGUF can name the wrong eos (SmolLM2's says <|im_start|>),
+    while generation_config holds the real one; a chat template's end-of-turn marker ends a
+    turn whatever either says.
+    """
+    ids: set[int] = set()
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    template = tokenizer.chat_template or ""
+    for marker in END_OF_TURN:
+        if marker in template:
+            tid = tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+                ids.add(tid)
+    return {int(i) for i in ids}
 
 
 @functools.lru_cache(maxsize=8)

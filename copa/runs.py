@@ -245,6 +245,7 @@ def _template_text(run: Run) -> str:
 # Recipe keys added after run directories existed, with their defaults: left out of the
 # stage keys while at the default, so a run made before a key existed keeps its stages.
 LATER_KEYS = {"optimize": {"strategy": DEFAULT_STRATEGY, "guard_margin": 0.0},
+              "finetune": {"eval": None, "early_stopping": None},
               "data": {"loader": None, "loader_options": {}, "group_by": None,
                        "answers_column": None}}
 
@@ -259,6 +260,21 @@ def key_sections(recipe: Recipe, *sections: str) -> dict[str, Any]:
                 if key in values and values[key] == default:
                     del values[key]
     return content
+
+
+def _val_eval_key(run: Run) -> list[str]:
+    """What finetune.eval scores val with, when set (it decides the adapter with early
+    stopping): its settings, the metric and answer length, and the val rows and their prompts."""
+    r = run.recipe
+    if r.finetune.eval is None:
+        return []
+    return [sha256_json([recipe_section_dict(r, "task")["task"],
+                         r.finetune.eval.model_dump(mode="json"),
+                         r.finetune.early_stopping and r.finetune.early_stopping.model_dump(
+                             mode="json"),
+                         r.evaluate.metric, r.evaluate.max_tokens, r.data.answers_column,
+                         sha256_file(run.rendered / "val.jsonl"),
+                         sha256_file(run.rendered / "splits" / "val.jsonl")])]
 
 
 def stage_key(run: Run, stage: str) -> str:
@@ -279,9 +295,13 @@ def stage_key(run: Run, stage: str) -> str:
     if stage == "train":
         return sha256_json([sha256_file(run.rendered / "axolotl.yml"),
                             sha256_file(run.rendered / "train.jsonl"),
-                            v["axolotl"], v["transformers"], v["torch"], v["peft"]])
+                            v["axolotl"], v["transformers"], v["torch"], v["peft"],
+                            *_val_eval_key(run)])
     if stage == "merge":
-        return sha256_json([run.keys["train"], v["axolotl"]])
+        # with early stopping, which checkpoint training kept (the best on val)
+        best = run.manifest.stage("train").get("artifacts", {}).get("best_step")
+        return sha256_json([run.keys["train"], v["axolotl"],
+                            *([f"checkpoint-{best}"] if r.finetune.early_stopping else [])])
     if stage == "optimize":
         sections = ["model", "task", "optimize", "serve"]
         if r.optimize.strategy != DEFAULT_STRATEGY:  # BetterTogether's "w" fine-tunes in here

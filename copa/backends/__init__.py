@@ -11,10 +11,12 @@ from typing import Any, Protocol
 class Backend(Protocol):
     name: str
 
-    # on_process: gets each subprocess the backend starts (a caller may kill it to cancel)
+    # on_process: gets each subprocess the backend starts (a caller may kill it to cancel);
+    # val_eval: copa.backends.valcurve's spec, to score val while training (finetune.eval)
     def train(self, recipe: Any, config_path: Path, work_dir: Path,
               emit: Callable[[str], None], total_steps: int | None,
-              on_process: Callable[[Any], None] | None = None) -> Path: ...
+              on_process: Callable[[Any], None] | None = None,
+              val_eval: Path | None = None) -> Path: ...
 
     def merge(self, config_path: Path, adapter_dir: Path, merged_dir: Path,
               work_dir: Path, on_process: Callable[[Any], None] | None = None) -> Path: ...
@@ -27,11 +29,12 @@ class AxolotlBackend:
 
     def train(self, recipe: Any, config_path: Path, work_dir: Path,
               emit: Callable[[str], None], total_steps: int | None,
-              on_process: Callable[[Any], None] | None = None) -> Path:
+              on_process: Callable[[Any], None] | None = None,
+              val_eval: Path | None = None) -> Path:
         from copa.backends import axolotl
 
         return axolotl.train(recipe, config_path, work_dir, emit=emit, total_steps=total_steps,
-                             on_process=on_process)
+                             on_process=on_process, val_eval=val_eval)
 
     def merge(self, config_path: Path, adapter_dir: Path, merged_dir: Path,
               work_dir: Path, on_process: Callable[[Any], None] | None = None) -> Path:

@@ -21,6 +21,7 @@ import jinja2
 import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from copa.backends import valcurve
 from copa.backends.progress import PROGRESS_ENV, TrainingProgress
 from copa.files import atomic_dir, atomic_write_text, quiet_fds
 from copa.models import lora_targets
@@ -347,8 +348,10 @@ def check_base_model(config: dict[str, Any], config_path: Path) -> None:
 
 def train(recipe: Recipe, config_path: Path, work_dir: Path,
           emit: Callable[[str], None] = print, total_steps: int | None = None,
-          on_process: OnProcess | None = None) -> Path:
+          on_process: OnProcess | None = None, val_eval: Path | None = None) -> Path:
     """Run `axolotl train`; resume from the last checkpoint if a previous run was killed.
+    With val_eval (copa.backends.valcurve's spec), the training process scores val as it goes
+    and, when it may stop early, the adapter returned is the best checkpoint's.
 
     Returns the adapter folder (adapter_config.json + adapter weights).
     """
@@ -362,6 +365,9 @@ def train(recipe: Recipe, config_path: Path, work_dir: Path,
         emit(f"  resuming from {resume.name}")
     env = subprocess_env()
     env[PROGRESS_ENV] = str(work_dir / "progress.jsonl")
+    valcurve.curve_path(work_dir).unlink(missing_ok=True)  # this training's curve only
+    if val_eval is not None:
+        env[valcurve.VAL_EVAL_ENV] = str(val_eval)
     if not Hardware.detect().cuda:
         # Accelerate's shared state must know it runs on the CPU from its first use, or
         # several processes each train alone ("not parallel") instead of as one gloo group.
@@ -373,7 +379,24 @@ def train(recipe: Recipe, config_path: Path, work_dir: Path,
         raise TrainError("axolotl train finished but wrote no adapter_config.json",
                          log=log_path, tail=meaningful_tail(
                              log_path.read_text(errors="replace").splitlines()))
-    return adapter
+    return best_adapter(work_dir, output_dir, log_path) if val_eval is not None else adapter
+
+
+def best_adapter(work_dir: Path, output_dir: Path, log_path: Path) -> Path:
+    """The adapter to merge after an evaluated training: with early stopping, the checkpoint
+    of the best val score (the Trainer keeps it from rotation); else the final one."""
+    curve = valcurve.read_curve(work_dir)
+    if curve is None:
+        raise TrainError("axolotl train finished but the val evaluation left no "
+                         f"{valcurve.CURVE_NAME}", log=log_path)
+    if curve.get("patience") is None or curve.get("best_step") is None:
+        return output_dir
+    best = output_dir / f"checkpoint-{curve['best_step']}"
+    if not (best / "adapter_config.json").is_file():
+        raise TrainError(f"the best step on val is {curve['best_step']}, but {best} holds no "
+                         "adapter (removed by a save_total_limit under finetune.axolotl?)",
+                         log=log_path)
+    return best
 
 
 def merge(config_path: Path, adapter_dir: Path, merged_dir: Path, work_dir: Path,

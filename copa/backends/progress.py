@@ -1,5 +1,6 @@
 """Training progress as the training process reports it: JSON lines written by the plugin's
-TrainerCallback (copa.backends.axolotl_plugin.ProgressFile), read here while training runs.
+TrainerCallback (copa.backends.axolotl_plugin.ProgressFile), read here while training runs:
+each logging step, and each val evaluation (finetune.eval).
 
 On a terminal a tqdm bar shows step, loss, learning rate and ETA; elsewhere (logs, tests, CI)
 each logging step is one line through `emit`.
@@ -21,6 +22,17 @@ PROGRESS_ENV = "COPA_PROGRESS_FILE"  # where the training process writes its eve
 
 def _loss(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
+
+
+def eval_line(event: dict[str, Any]) -> str:
+    """A finetune.eval evaluation as the progress display shows it."""
+    score, best = 100 * event["score"], event.get("best_score")
+    text = f"  val at step {event['step']}: {score:.1f}"
+    if best is not None:
+        text += f"  (best {100 * best:.1f} at step {event.get('best_step')})"
+    if event.get("stop"):
+        text += f"  no gain for {event.get('since_best')} evaluations: stopping"
+    return text
 
 
 class TrainingProgress:
@@ -74,6 +86,12 @@ class TrainingProgress:
             if line.strip():
                 self._show(json.loads(line))
 
+    def _say(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            self.emit(text)
+
     def _show(self, event: dict[str, Any]) -> None:
         self.events.append(event)
         total = event.get("max_steps") or self.total
@@ -85,6 +103,9 @@ class TrainingProgress:
 
                 self._bar = tqdm(total=total, initial=step, desc="  training", unit="step",
                                  dynamic_ncols=True)
+            return
+        if event["event"] == "eval":
+            self._say(eval_line(event))
             return
         if event["event"] != "step":
             return

@@ -35,6 +35,7 @@ from copa.inference import (
     packed,
     rowgemm,  # noqa: E402
 )
+from copa.models import end_token_ids  # noqa: E402
 
 Chat = list[dict[str, str]]
 log = logging.getLogger(__name__)
@@ -194,24 +195,8 @@ class LocalModel:
                                     for layer in layers)
 
     def _end_ids(self) -> set[int]:
-        """Token ids that end an answer.
-
-        A tokenizer converted from GGUF can name the wrong eos (SmolLM2's says <|im_start|>),
-        while generation_config holds the real one; a chat template's end-of-turn marker ends a
-        turn whatever either says.
-        """
-        ids: set[int] = set()
-        eos = self.model.generation_config.eos_token_id
-        ids.update([eos] if isinstance(eos, int) else list(eos or []))
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        template = self.tokenizer.chat_template or ""
-        for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
-            if marker in template:
-                tid = self.tokenizer.convert_tokens_to_ids(marker)
-                if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                    ids.add(tid)
-        return {int(i) for i in ids}
+        """Token ids that end an answer (copa.models.end_token_ids)."""
+        return end_token_ids(self.tokenizer, self.model.generation_config)
 
     def render(self, messages: Chat) -> str:
         """The prompt text for a chat, ending where the assistant's answer starts."""

@@ -147,6 +147,8 @@ def check_recipe(recipe: Recipe) -> Checked:
     problems.extend(retrieve_problems(recipe, label))
     user_code = user_code_problems({"task.module": recipe.task.module,
                                     "evaluate.metric": recipe.evaluate.metric,
+                                    "finetune.eval.metric": getattr(recipe.finetune.eval,
+                                                                    "metric", None) or "",
                                     "optimize.optimizer": recipe.optimize.optimizer},
                                    recipe.base_dir)
     problems += [Problem(file=label, path=key, message=msg) for key, msg in user_code.items()]

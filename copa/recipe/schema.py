@@ -129,6 +129,41 @@ class DistributedSection(_Section):
         return value
 
 
+class FinetuneEvalSection(_Section):
+    """finetune.eval: the val split scored with the task metric while the model trains."""
+
+    every: int = Field(..., description="Score val every N optimizer steps (and at the last).")
+    metric: str | None = Field(None, description="Default: evaluate.metric.")
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1 step (got {value})")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str | None) -> str | None:
+        return None if value is None else check_metric_name(value)
+
+
+class EarlyStoppingSection(_Section):
+    """finetune.early_stopping: stop when val has not improved for `patience` evaluations;
+    the best evaluated checkpoint is the one merged."""
+
+    patience: int = Field(3, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="What counts as an improvement, in the "
+                             "metric's units (0.02 = 2 points); 0: any gain.")
+
+    @field_validator("patience")
+    @classmethod
+    def _patience(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1 evaluation (got {value})")
+        return value
+
+
 class FinetuneSection(_Section):
     enabled: bool = True
     adapter: Literal["qlora", "lora", "auto"] = "auto"
@@ -162,6 +197,10 @@ class FinetuneSection(_Section):
     )
     num_demos: int = 3
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    eval: FinetuneEvalSection | None = Field(
+        None, description="Score val with the task metric during training: {every: N}.")
+    early_stopping: EarlyStoppingSection | None = Field(
+        None, description="Stop on a val plateau and merge the best checkpoint (needs eval).")
     axolotl: dict[str, Any] = Field(
         default_factory=dict, description="Passed through into the Axolotl config."
     )
@@ -226,6 +265,15 @@ class FinetuneSection(_Section):
             raise ValueError(
                 "'load_in_4bit: true' with 'adapter: lora' is QLoRA: write 'adapter: qlora'"
             )
+        if self.early_stopping is not None and self.eval is None:
+            raise ValueError("early_stopping stops on the val score that finetune.eval "
+                             "measures: add 'eval: {every: N}' (N steps between evaluations)")
+        sharded = self.distributed.backend == "fsdp" or (
+            self.distributed.backend == "deepspeed" and self.distributed.zero_stage == 3)
+        if self.eval is not None and sharded:
+            raise ValueError("finetune.eval generates on the first process alone, which needs "
+                             "the whole model there: not with fsdp or deepspeed zero_stage 3 "
+                             "(use zero_stage 1 or 2, or drop eval)")
         return self
 
 
@@ -307,12 +355,7 @@ class EvaluateSection(_Section):
     @field_validator("metric")
     @classmethod
     def _metric(cls, value: str) -> str:
-        if value not in BUILTIN_METRICS and not USER_CODE.match(value):
-            raise ValueError(
-                f"unknown metric {value!r}: use one of {', '.join(BUILTIN_METRICS)} "
-                "or a user function 'package.module:function'"
-            )
-        return value
+        return check_metric_name(value)
 
     @field_validator("arms")
     @classmethod
@@ -351,6 +394,16 @@ class Recipe(_Section):
         """A path from the recipe, relative to the recipe file's folder."""
         path = Path(os.path.expanduser(value))
         return path if path.is_absolute() else (self.base_dir / path)
+
+
+def check_metric_name(value: str) -> str:
+    """A built-in metric's name or a user function 'package.module:function'; raises ValueError."""
+    if value not in BUILTIN_METRICS and not USER_CODE.match(value):
+        raise ValueError(
+            f"unknown metric {value!r}: use one of {', '.join(BUILTIN_METRICS)} "
+            "or a user function 'package.module:function'"
+        )
+    return value
 
 
 def named_arms(value: list[str]) -> list[str]:

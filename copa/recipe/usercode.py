@@ -17,6 +17,8 @@ from typing import Any
 # (recipe key, what it must be): keys whose value may name user code
 USER_CODE_KEYS = (("task.module", "a dspy.Module class"),
                   ("evaluate.metric", "a function metric(example, prediction, trace=None)"),
+                  ("finetune.eval.metric",
+                   "a function metric(example, prediction, trace=None)"),
                   ("optimize.optimizer", "a DSPy optimizer class"))
 
 

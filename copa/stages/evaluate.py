@@ -84,6 +84,14 @@ def _unfair_synergy_reason(run: Any) -> str | None:
             "optimize.order: w->p)")
 
 
+def _training_curve(run: Any) -> dict[str, Any] | None:
+    """finetune.eval's val curve (copa.backends.valcurve), when training measured one."""
+    path = run.manifest.stage("train").get("artifacts", {}).get("val_curve")
+    if not run.finetunes or not path or not Path(path).is_file():
+        return None
+    return json.loads(Path(path).read_text())
+
+
 def evaluate_stage(run: Any) -> dict[str, Any]:
     """Pipeline stage: run each arm on the test split, write predictions and the report."""
     import time
@@ -195,6 +203,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
         **summary,
         "prompt_optimization": optimize_info,
         "val": val,
+        **({"training_val": curve} if (curve := _training_curve(run)) else {}),
         "eval_seconds": seconds,
         "eval_tokens": tokens,
         **({"retrieval": _retrieval_report(recipe, kit.program, test_rows)}

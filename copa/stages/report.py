@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from copa.backends.valcurve import curve_text
 from copa.dspy.candidates import candidate_table
 from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from copa.text import one_line
@@ -99,6 +100,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- Val ({val['rows']} rows): {shown}; best arm on val: "
                      f"**{val.get('best_arm')}** (what `copa.load`, `copa serve` and "
                      "`copa export` use by default; the test split never chooses)")
+    if report.get("training_val"):  # finetune.eval: val measured while the model trained
+        lines.append(f"- Fine-tuning: {curve_text(report['training_val'])} (val_curve.png)")
     retrieval = report.get("retrieval")
     if retrieval:
         lines.append(f"- Retrieval ({retrieval['retriever']}, {retrieval['passages']} passages): "
@@ -177,6 +180,43 @@ def plot(report: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def plot_curve(report: dict[str, Any]) -> bytes:
+    """finetune.eval's val score (and the training loss) by step, the best step marked."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = report["training_val"]
+    points = curve["evaluations"]
+    steps = [p["step"] for p in points]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    ax.plot(steps, [100 * p["score"] for p in points], "o-", color="#ef6c00", label="val")
+    if curve.get("best_step") is not None:
+        ax.axvline(curve["best_step"], color="#9e9e9e", linestyle="--",
+                   label=f"best (step {curve['best_step']})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"val {curve['metric']} (%)")
+    ax.set_ylim(0, 105)
+    handles = ax.get_legend_handles_labels()
+    losses = [(p["step"], p["loss"]) for p in points if p.get("loss") is not None]
+    if losses:
+        twin = ax.twinx()
+        twin.plot(*zip(*losses), "s:", color="#607d8b", markersize=3, label="training loss")
+        twin.set_ylabel("training loss")
+        more = twin.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    ax.legend(*handles, loc="upper left", fontsize=8)
+    ax.set_title(f"{report['recipe']}: val during fine-tuning ({curve['rows']} rows)", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     run_dir = Path(run_dir)
     paths = {"report_json": run_dir / "report.json", "report_md": run_dir / "report.md",
@@ -184,4 +224,7 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     atomic_write_json(paths["report_json"], report, sort_keys=False)  # arms in table order
     atomic_write_text(paths["report_md"], markdown(report))
     atomic_write_bytes(paths["report_png"], plot(report))
+    if report.get("training_val"):
+        paths["val_curve_png"] = run_dir / "val_curve.png"
+        atomic_write_bytes(paths["val_curve_png"], plot_curve(report))
     return paths

@@ -81,7 +81,9 @@ def run_cell(recipe: Path, study_dir: Path, cell: Cell, emit: Emit = print,
         atomic_write_json(directory / CELL_FILE, record)
         if share_models and run.recipe.optimize.strategy != DEFAULT_STRATEGY:
             link_finetunes(directory, Path(study_dir))
-        if share_models and run.finetunes:
+        # finetune.eval: the adapter depends on the cell's val split too; such a cell trains
+        # in its own run directory (the shared model's key knows only the training inputs)
+        if share_models and run.finetunes and run.recipe.finetune.eval is None:
             run_stages(run, ["render"])
             if not has_model(run):  # a cell trained before (e.g. by `copa run`) keeps its own
                 link_model(run, ensure_model(run, Path(study_dir) / MODELS_DIR, emit))
