@@ -26,6 +26,7 @@ from copa.recipe.serve_schema import (  # noqa: F401 - the serve sections are pa
     ServeModels,
     ServeSection,
 )
+from copa.recipe.track_schema import TrackSection
 
 MODEL_ALIASES = ("smollm2-135m-instruct",)
 ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
@@ -329,6 +330,8 @@ class Recipe(_Section):
     optimize: OptimizeSection = Field(default_factory=OptimizeSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    # MLflow tracking (copa.track): on by default, a local store; false turns it off
+    track: TrackSection | bool = Field(default_factory=TrackSection)
     run_dir: str | None = Field(None, description="Where runs go; default runs/<name>.")
 
     # Where the recipe was read from; not part of the YAML.
