@@ -63,15 +63,10 @@ def ui_command(errors: Callable[[Any], Any]) -> click.Command:
     def ui(store: str | None, port: int) -> None:
         """Start MLflow's UI on 127.0.0.1 (this machine only) on copa's tracking store: every
         run's recipe, training curves, arms with intervals, reports and predictions."""
-        import subprocess
-
-        from copa.track import ui_command_line
+        from copa.track import run_ui, ui_command_line
 
         command, uri = ui_command_line(store, port)
         click.echo(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C stops)", err=True)
-        try:
-            sys.exit(subprocess.call(command))
-        except KeyboardInterrupt:
-            sys.exit(130)
+        sys.exit(run_ui(command))
 
     return ui

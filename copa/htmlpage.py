@@ -219,7 +219,7 @@ def interval_chart(groups: Sequence[tuple[str, Sequence[Bar]]], low: float = 0.0
             parts.append(f'<text x="{cx:.1f}" y="{label_y:.1f}" font-size="10" '
                          f'text-anchor="middle">{shown}</text>')
     labels = list(dict.fromkeys((bar.label, bar.color) for _, e in groups for bar in e))
-    if len(labels) > 1:  # a legend when bars in a group differ (compare's runs)
+    if any(len(e) > 1 for _, e in groups):  # several bars a group (compare's runs): a legend
         x = left
         for text, color in labels:
             parts.append(f'<rect x="{x}" y="{height - 22}" width="10" height="10" '

@@ -384,3 +384,35 @@ def ui_command_line(store: str | None, port: int) -> tuple[list[str], str]:
     if path is not None:
         command += ["--default-artifact-root", (path.parent / "mlartifacts").as_uri()]
     return command, uri
+
+
+def run_ui(command: list[str]) -> int:
+    """Run `mlflow ui` in a process group of its own until it ends, Ctrl-C or SIGTERM; then
+    end the whole group (mlflow starts uvicorn below it, which would outlive a plain kill)."""
+    import signal
+    import subprocess
+
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    proc = subprocess.Popen(command, start_new_session=True)
+    code = 130
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                continue
+            if sig == signal.SIGTERM:
+                time.sleep(1)  # let uvicorn's workers follow before the group is checked again
+    return code

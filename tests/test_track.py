@@ -7,7 +7,8 @@ its own under tmp_path, by setting COPA_TRACK to that store's URI.
 - a tiny run (real Axolotl training) writes one MLflow run: the recipe as params, every arm's
   score and interval as metrics, the report, programs and predictions as artifacts, a nested
   run per stage, and Axolotl's own training curve in the train stage's run;
-- a study writes a parent run with its cells nested, and the cells' synergy as its metrics;
+- a study writes a parent run with its cells nested, and its cells' arms and effects (the
+  synergy and interaction) with their intervals as its metrics;
 - a tracking server that does not answer is one warning, and the run finishes.
 """
 
@@ -141,13 +142,22 @@ bootstrap: 200
 """
 
 
+def untrained(recipe: Path) -> Path:
+    """The tiny recipe without fine-tuning or prompt optimization: the two base-model arms,
+    evaluated only (seconds, not minutes)."""
+    text = recipe.read_text().replace("finetune:\n", "finetune:\n  enabled: false\n", 1)
+    recipe.write_text(text.replace("optimize:\n", "optimize:\n  enabled: false\n", 1))
+    return recipe
+
+
 @pytest.mark.slow
 def test_a_study_is_a_parent_run_with_its_cells_nested(tmp_path: Path,
                                                        tiny_model_dir: Path) -> None:
-    """Two cells that share one trained model (the grid is over evaluation only)."""
+    """Two cells, evaluation only (the study's logging does not depend on what the cells
+    trained; its synergy metrics are checked on hand-made data below)."""
     from copa.study.runner import run_study
 
-    write_tiny_recipe(tmp_path, tiny_model_dir)
+    untrained(write_tiny_recipe(tmp_path, tiny_model_dir))
     (tmp_path / "grid.yaml").write_text(STUDY)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tracking_on(uri):
@@ -164,17 +174,33 @@ def test_a_study_is_a_parent_run_with_its_cells_nested(tmp_path: Path,
     metrics = top[0].data.metrics
     for cell in data["cells"]:
         name = cell["cell"].replace("=", "_")
-        assert metrics[f"{name}/synergy"] == pytest.approx(cell["effects"]["synergy"]["value"])
-        assert f"{name}/interaction/ci_low" in metrics
+        assert metrics[f"{name}/prompt_gain"] == pytest.approx(
+            cell["effects"]["prompt_gain"]["value"])
+        assert metrics[f"{name}/baseline/ci_low"] == pytest.approx(
+            cell["arms"]["baseline"]["ci95"][0])
     assert "study.html" in {f.path for f in client.list_artifacts(top[0].info.run_id)}
+
+
+def test_a_study_cells_synergy_and_interaction_become_metrics() -> None:
+    from copa.track import study_metrics
+
+    effect = {"value": 0.1, "ci95": [-0.05, 0.2], "excludes_zero": False}
+    data = {"cells": [{"cell": "lr=0.001", "arms": {"combined": {"mean": 0.9,
+                                                                  "ci95": [0.8, 1.0]}},
+                       "effects": {"synergy": effect, "interaction": {**effect, "value": 0.3},
+                                   "finetune_gain": {"value": None, "comparable": False}}}]}
+    assert study_metrics(data) == {
+        "lr_0.001/combined": 0.9, "lr_0.001/combined/ci_low": 0.8,
+        "lr_0.001/combined/ci_high": 1.0, "lr_0.001/synergy": 0.1,
+        "lr_0.001/synergy/ci_low": -0.05, "lr_0.001/synergy/ci_high": 0.2,
+        "lr_0.001/interaction": 0.3, "lr_0.001/interaction/ci_low": -0.05,
+        "lr_0.001/interaction/ci_high": 0.2}
 
 
 @pytest.mark.slow
 def test_a_tracking_server_that_does_not_answer_is_one_warning(tmp_path: Path,
                                                                tiny_model_dir: Path) -> None:
-    recipe = write_tiny_recipe(tmp_path, tiny_model_dir)
-    text = recipe.read_text().replace("finetune:\n", "finetune:\n  enabled: false\n", 1)
-    recipe.write_text(text.replace("optimize:\n", "optimize:\n  enabled: false\n", 1))
+    recipe = untrained(write_tiny_recipe(tmp_path, tiny_model_dir))
     messages: list[str] = []
     with tracking_on("http://127.0.0.1:9"):  # nothing listens on the discard port
         run = pipeline.run(recipe, run_dir=tmp_path / "run", emit=messages.append)
@@ -184,3 +210,45 @@ def test_a_tracking_server_that_does_not_answer_is_one_warning(tmp_path: Path,
     assert (run.dir / "report.json").is_file()
     stages = json.loads((run.dir / "manifest.json").read_text())["stages"]
     assert all(entry["status"] == "done" for entry in stages.values())
+
+
+@pytest.mark.slow
+def test_copa_ui_serves_the_store_on_loopback_and_stops_with_its_server(tmp_path: Path) -> None:
+    """`copa ui` starts MLflow's UI on 127.0.0.1 on the store; SIGTERM ends it and the
+    uvicorn server below it (nothing left listening)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from copa.track import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, emit=print)
+    tracker.open("seen-in-ui", "r", {"a": "1"}, {})
+    tracker.close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "copa.cli", "ui", "--store", uri,
+                             "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    url = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=10"
+    found, deadline = None, time.time() + 300
+    try:
+        while found is None and time.time() < deadline and proc.poll() is None:
+            try:
+                found = json.loads(opener.open(url, timeout=5).read())
+            except OSError:
+                time.sleep(2)
+        assert found is not None, "copa ui did not answer"
+        assert "seen-in-ui" in [e["name"] for e in found["experiments"]]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    time.sleep(2)
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0  # its server ended with it
