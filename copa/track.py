@@ -45,7 +45,7 @@ def store_uri(track: Any = True, environ: Mapping[str, str] | None = None) -> st
     env = (environ.get(ENV) or "").strip()
     if env.lower() in OFF:
         return None
-    if track is False:
+    if track is False or getattr(track, "enabled", True) is False:
         return None
     uri = env or getattr(track, "mlflow", None) or DEFAULT_STORE
     return absolute(uri)

@@ -65,6 +65,21 @@ def test_the_store_follows_env_then_recipe_and_off_wins(tmp_path: Path) -> None:
     assert store_uri(TrackSection(mlflow="http://a:1"), {ENV: "http://b:2"}) == "http://b:2"
 
 
+def test_a_recipe_turns_tracking_off_or_names_its_store_in_one_line(tmp_path: Path) -> None:
+    from copa.recipe import RecipeError, load_recipe
+
+    recipe = write_tiny_recipe(tmp_path, tmp_path / "model")
+    base = recipe.read_text()
+    recipe.write_text(base + "track: false\n")
+    assert store_uri(load_recipe(recipe).track, {}) is None
+    recipe.write_text(base + "track: {mlflow: 'http://tracker:5000'}\n")
+    assert store_uri(load_recipe(recipe).track, {}) == "http://tracker:5000"
+    recipe.write_text(base + "track: yes please\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe)
+    assert len(caught.value.problems) == 1 and caught.value.problems[0].path == "track"
+
+
 def test_report_data_becomes_params_and_metrics() -> None:
     assert flatten({"finetune": {"max_steps": 3, "axolotl": {}}, "arms": ["a"]}) == {
         "finetune.max_steps": "3", "arms": '["a"]'}

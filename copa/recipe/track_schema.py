@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, field_validator
 
 from copa.recipe.data_schema import Section
@@ -10,6 +12,7 @@ DEFAULT_STORE = "sqlite:///runs/mlflow.db"  # relative to the folder copa runs i
 
 
 class TrackSection(Section):
+    enabled: bool = True
     mlflow: str = Field(
         DEFAULT_STORE, description="MLflow tracking URI: a local sqlite:/// store (default "
         "runs/mlflow.db, no server needed) or a tracking server's http(s):// address. The "
@@ -25,3 +28,13 @@ class TrackSection(Section):
             raise ValueError("write a tracking URI, e.g. sqlite:///runs/mlflow.db, or "
                              "'track: false' to turn tracking off")
         return value.strip()
+
+
+def track_value(value: Any) -> Any:
+    """`track: false` / `track: true` as the section (one section type: one error line)."""
+    if isinstance(value, bool):
+        return {"enabled": value}
+    if value is None or isinstance(value, dict) or isinstance(value, TrackSection):
+        return {} if value is None else value
+    raise ValueError(f"write 'track: false' (off) or a mapping such as "
+                     f"'track: {{mlflow: {DEFAULT_STORE}}}' (got {value!r})")

@@ -47,8 +47,12 @@ def sent_prompts(programs: dict[str, Any], adapter: Any, example: dict[str, Any]
             out[arm] = {"messages": None,
                         "why": f"its predictor's inputs {missing} are computed by the program"}
             continue
-        chat = adapter.format(predictor.signature, predictor.demos,
-                              {f: example[f] for f in fields})
+        try:
+            chat = adapter.format(predictor.signature, predictor.demos,
+                                  {f: example[f] for f in fields})
+        except Exception as exc:  # a page's extra never fails the evaluate stage
+            out[arm] = {"messages": None, "why": f"the adapter could not format it ({exc})"}
+            continue
         out[arm] = {"messages": [{"role": m["role"], "content": str(m["content"])}
                                  for m in chat]}
     return out
