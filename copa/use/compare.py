@@ -183,9 +183,9 @@ def text(data: dict[str, Any]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = [f"copa compare: {data['metric']} (percent) on {data['test_rows']} shared test rows "
              f"(rows hash {data['test_hash'][:12]}); reference {data['reference']}", ""]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines += ["", "score [95% CI] as in each run's report; difference in points [95% CI], "
               f"paired bootstrap, {data['bootstrap']} resamples; * = the interval excludes 0"]
     return "\n".join(lines) + "\n"
