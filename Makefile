@@ -54,6 +54,7 @@ bench: install
 	$(PY) bench/inference.py
 	$(PY) bench/rerun.py
 	$(PY) bench/demo.py
+	$(PY) bench/tracking.py
 	$(MAKE) bench-serve
 
 # `copa serve` on RECIPE's finished run (runs/iris by default; made first if it is missing):
