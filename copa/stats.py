@@ -106,6 +106,25 @@ def not_comparable(entry: Mapping[str, Any], reason: str) -> dict[str, Any]:
             "comparable": False, "reason": reason}
 
 
+def paired_differences(per_run: Mapping[str, Sequence[float]], reference: str,
+                       resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Each other run's mean minus the reference run's, on the same test rows (aligned by the
+    caller), with a paired-bootstrap interval: the same resampled rows for every run, as the
+    arms of one report (copa compare: "did my change help?")."""
+    means = resampled_means(per_run, resamples, seed)
+    point = {name: float(np.mean(scores)) if len(scores) else 0.0
+             for name, scores in per_run.items()}
+    out = {}
+    for name in per_run:
+        if name == reference:
+            continue
+        lo, hi = _interval(means[name] - means[reference], level)
+        out[name] = {"value": point[name] - point[reference], "ci95": [lo, hi],
+                     "excludes_zero": bool(lo > 0 or hi < 0)}
+    return out
+
+
 # ---- studies: one recipe on several seeds ------------------------------------------------------
 
 def pooled_resampled_means(per_seed: Sequence[Mapping[str, Sequence[float]]],

@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 # data sets.
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
 os.environ["COPA_DATA"] = str(FIXTURE_DATA)
+# MLflow tracking is on by default (copa.track); its import and a new sqlite store cost seconds
+# per run, so tests run untracked, except tests/test_track.py, which turns it on explicitly.
+os.environ["COPA_TRACK"] = "off"
 # Split sizes the fixtures can hold, for recipes whose own sizes need the full data sets.
 FIXTURE_SPLITS = {"banking77": {"train": 40, "val": 20, "test": 30, "seed": 0},
                   "gsm8k": {"train": 12, "val": 4, "test": 8, "seed": 0},

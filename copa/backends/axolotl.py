@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import os
 import re
 import shutil
@@ -346,6 +347,30 @@ def check_base_model(config: dict[str, Any], config_path: Path) -> None:
                          "render it again: copa run RECIPE --force render")
 
 
+# Set by copa.track around the train stage: {"uri", "experiment", "run_id"} of its MLflow run.
+TRACK_ENV = "COPA_MLFLOW_TRAIN"
+
+
+def tracked_config(config: dict[str, Any], config_path: Path, work_dir: Path,
+                   env: dict[str, str]) -> Path:
+    """With tracking on, Axolotl's own MLflow integration logs the training curves: its keys
+    (mlflow_tracking_uri, mlflow_experiment_name) go into a copy of the config, and the stage's
+    MLflow run id into the trainer's environment (MLFLOW_RUN_ID: HF's MLflowCallback resumes
+    that run instead of starting its own). The rendered config, and the train key, stay as they
+    were. Tracking off: the rendered config itself."""
+    raw = env.pop(TRACK_ENV, None)
+    if not raw:
+        return config_path
+    info = json.loads(raw)
+    tracked = {**config, "mlflow_tracking_uri": info["uri"],
+               "mlflow_experiment_name": info["experiment"]}
+    env["MLFLOW_RUN_ID"] = info["run_id"]
+    env["MLFLOW_TRACKING_URI"] = info["uri"]
+    path = work_dir / "axolotl-tracked.yml"
+    write_config(tracked, path)
+    return path
+
+
 def train(recipe: Recipe, config_path: Path, work_dir: Path,
           emit: Callable[[str], None] = print, total_steps: int | None = None,
           on_process: OnProcess | None = None, val_eval: Path | None = None) -> Path:
@@ -359,11 +384,12 @@ def train(recipe: Recipe, config_path: Path, work_dir: Path,
     check_base_model(config, config_path)
     output_dir = Path(config["output_dir"])
     log_path = work_dir / "axolotl-train.log"
+    env = subprocess_env()
+    config_path = tracked_config(config, config_path, work_dir, env)
     cmd = launch_command(recipe, config_path)
     resume = last_checkpoint(output_dir)
     if resume is not None:  # the config sets auto_resume_from_checkpoints
         emit(f"  resuming from {resume.name}")
-    env = subprocess_env()
     env[PROGRESS_ENV] = str(work_dir / "progress.jsonl")
     valcurve.curve_path(work_dir).unlink(missing_ok=True)  # this training's curve only
     if val_eval is not None:

@@ -27,6 +27,7 @@ from copa.recipe.serve_schema import (  # noqa: F401 - the serve sections are pa
     ServeModels,
     ServeSection,
 )
+from copa.recipe.track_schema import TrackSection, track_value
 
 MODEL_ALIASES = tuple(EMBEDDED)  # the models that ship inside PyPI packages
 ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
@@ -374,10 +375,17 @@ class Recipe(_Section):
     optimize: OptimizeSection = Field(default_factory=OptimizeSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    # MLflow tracking (copa.track): on by default, a local store; false turns it off
+    track: TrackSection = Field(default_factory=TrackSection)
     run_dir: str | None = Field(None, description="Where runs go; default runs/<name>.")
 
     # Where the recipe was read from; not part of the YAML.
     source_path: Path | None = Field(None, exclude=True)
+
+    @field_validator("track", mode="before")
+    @classmethod
+    def _track(cls, value: Any) -> Any:
+        return track_value(value)
 
     @field_validator("name")
     @classmethod

@@ -105,6 +105,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     from copa.files import atomic_write_text
     from copa.runs import versions
     from copa.stages.report import write_report
+    from copa.stages.report_html import sent_prompts
     from copa.stats import not_comparable, summarize
 
     recipe = run.recipe
@@ -218,6 +219,10 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
             "guard": recipe.optimize.guard, "guard_margin": recipe.optimize.guard_margin,
         },
     }
+    if testset:  # what the model receives, for report.html: each kept program on one row
+        report["prompt_sent"] = sent_prompts(
+            {a: _program_for(run, a, kit) for a in arms if a not in failed_arms}, kit.adapter,
+            testset[0].toDict())
     paths = write_report(run.dir, report)
     used = write_recipe_used(run)
     return {name: str(p) for name, p in paths.items()} | {

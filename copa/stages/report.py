@@ -8,6 +8,7 @@ from typing import Any
 from copa.backends.valcurve import curve_text
 from copa.dspy.candidates import candidate_table
 from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from copa.stages import report_html
 from copa.text import one_line
 
 ARM_LABELS = {"baseline": "baseline (base model, plain prompt)",
@@ -220,11 +221,12 @@ def plot_curve(report: dict[str, Any]) -> bytes:
 def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     run_dir = Path(run_dir)
     paths = {"report_json": run_dir / "report.json", "report_md": run_dir / "report.md",
-             "report_png": run_dir / "report.png"}
+             "report_png": run_dir / "report.png", "report_html": run_dir / "report.html"}
     atomic_write_json(paths["report_json"], report, sort_keys=False)  # arms in table order
     atomic_write_text(paths["report_md"], markdown(report))
     atomic_write_bytes(paths["report_png"], plot(report))
     if report.get("training_val"):
         paths["val_curve_png"] = run_dir / "val_curve.png"
         atomic_write_bytes(paths["val_curve_png"], plot_curve(report))
+    atomic_write_text(paths["report_html"], report_html.html(report, run_dir))
     return paths

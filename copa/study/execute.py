@@ -30,7 +30,8 @@ PLAN_FILE = "plan.json"
 # What a Ray worker needs from this process's environment (a worker on another machine, or
 # started by a cluster, does not inherit it).
 WORKER_ENV = ("MKL_CBWR", "HF_HUB_OFFLINE", "AXOLOTL_DO_NOT_TRACK", "TOKENIZERS_PARALLELISM",
-              "TQDM_DISABLE", "COPA_DATA", "HF_HOME", "PYTHONPATH", "TRANSFORMERS_VERBOSITY")
+              "TQDM_DISABLE", "COPA_DATA", "HF_HOME", "PYTHONPATH", "TRANSFORMERS_VERBOSITY",
+              "COPA_TRACK", "COPA_TRACK_PARENT")
 
 
 def cell_inputs(recipe: Path, cell: Cell) -> str:
@@ -60,6 +61,7 @@ def run_cell(recipe: Path, study_dir: Path, cell: Cell, emit: Emit = print,
     from copa.recipe.schema import DEFAULT_STRATEGY
     from copa.runs import open_run
     from copa.study.shared import MODELS_DIR, ensure_model, has_model, link_finetunes, link_model
+    from copa.track import tracking
 
     directory = Path(study_dir) / cell.rel_dir
     inputs = cell_inputs(recipe, cell)
@@ -81,13 +83,15 @@ def run_cell(recipe: Path, study_dir: Path, cell: Cell, emit: Emit = print,
         atomic_write_json(directory / CELL_FILE, record)
         if share_models and run.recipe.optimize.strategy != DEFAULT_STRATEGY:
             link_finetunes(directory, Path(study_dir))
-        # finetune.eval: the adapter depends on the cell's val split too; such a cell trains
-        # in its own run directory (the shared model's key knows only the training inputs)
-        if share_models and run.finetunes and run.recipe.finetune.eval is None:
-            run_stages(run, ["render"])
-            if not has_model(run):  # a cell trained before (e.g. by `copa run`) keeps its own
-                link_model(run, ensure_model(run, Path(study_dir) / MODELS_DIR, emit))
-        run_stages(run)
+        with tracking(run) as tracker:  # nested under the study's MLflow run (copa.track)
+            # finetune.eval: the adapter depends on the cell's val split too; such a cell
+            # trains in its own run directory (the shared model's key knows only the
+            # training inputs)
+            if share_models and run.finetunes and run.recipe.finetune.eval is None:
+                run_stages(run, ["render"], tracker=tracker)
+                if not has_model(run):  # a cell trained before (e.g. by `copa run`) keeps its own
+                    link_model(run, ensure_model(run, Path(study_dir) / MODELS_DIR, emit))
+            run_stages(run, tracker=tracker)
         seconds = round(time.time() - start, 2)
         atomic_write_json(directory / CELL_FILE, {**record, "finished": True, "seconds": seconds})
     return {**result, "status": "finished", "seconds": seconds}

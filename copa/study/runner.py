@@ -13,6 +13,7 @@ from copa.study.aggregate import aggregate
 from copa.study.execute import PLAN_FILE, cell_command, run_ray, run_sequential, write_plan
 from copa.study.spec import Study, load_study
 from copa.study.write import write_study
+from copa.track import study_results, study_tracking
 
 EXECUTORS = ("sequential", "ray")
 
@@ -36,28 +37,38 @@ def run_study(path: str | os.PathLike[str], executor: str = "sequential",
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r}: use one of {', '.join(EXECUTORS)}")
     study = load_study(path, out_dir, seeds)
-    preflight(study)
+    track = preflight(study)
     write_plan(study)
     emit(f"study {study.name}: {len(study.cells)} runs "
          f"({len(study.cells) // len(study.spec.seeds)} cells x {len(study.spec.seeds)} seeds) "
          f"in {study.dir}")
-    if executor == "ray":
-        results = run_ray(study, study.cells, emit, ray_address)
-    else:
-        results = run_sequential(study, study.cells, emit)
-    data = report_study(study.dir)
+    params = {"study.file": str(study.file), "study.recipe": str(study.recipe),
+              "study.grid": json.dumps(study.spec.grid, default=str),
+              "study.seeds": json.dumps(study.spec.seeds), "study.executor": executor}
+    # an MLflow parent run: each cell's run nests under it (copa.track)
+    with study_tracking(study.name, track, study.dir, params, emit) as tracker:
+        if executor == "ray":
+            results = run_ray(study, study.cells, emit, ray_address)
+        else:
+            results = run_sequential(study, study.cells, emit)
+        data = report_study(study.dir)
+        study_results(tracker, study.dir, data)
     return data, results
 
 
-def preflight(study: Study) -> None:
+def preflight(study: Study) -> Any:
     """What `copa run` checks before training (model, data files, template, one rendered row),
     on the first cell, before any cell runs: a problem every cell shares (a missing data file)
-    is one clear error up front, not the same failure once per cell."""
+    is one clear error up front, not the same failure once per cell. Returns the recipe's
+    track: setting."""
     from copa.recipe import load_recipe
     from copa.recipe.checks import check_recipe
 
-    if study.cells:
-        check_recipe(load_recipe(study.recipe, overrides=study.cells[0].overrides))
+    if not study.cells:
+        return False
+    recipe = load_recipe(study.recipe, overrides=study.cells[0].overrides)
+    check_recipe(recipe)
+    return recipe.track  # the study's MLflow run goes where its cells' runs go
 
 
 def report_study(study_dir: str | os.PathLike[str]) -> dict[str, Any]:

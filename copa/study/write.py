@@ -1,4 +1,5 @@
-"""A study's files: study.json (the data), study.md (tables and findings), study.png (arms
+"""A study's files: study.json (the data), study.md (tables and findings), study.html (the
+same as one offline page, copa.study.page), study.png (arms
 against a numeric grid axis with interval bands, a heatmap for two axes, else one point
 and interval per cell)."""
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from copa.study import page
 
 ARMS_SHOWN = {"baseline": "baseline", "prompt_only": "prompt-only",
               "finetune_only": "fine-tune-only", "combined": "combined"}
@@ -199,8 +201,9 @@ def _heatmaps(fig: Any, left: Any, right: Any, data: dict[str, Any], cells: list
 def write_study(study_dir: Path, data: dict[str, Any]) -> dict[str, Path]:
     study_dir = Path(study_dir)
     paths = {"json": study_dir / "study.json", "md": study_dir / "study.md",
-             "png": study_dir / "study.png"}
+             "png": study_dir / "study.png", "html": study_dir / "study.html"}
     atomic_write_json(paths["json"], data, sort_keys=False)
     atomic_write_text(paths["md"], markdown(data))
     atomic_write_bytes(paths["png"], plot(data))
+    atomic_write_text(paths["html"], page.html(data))
     return paths
