@@ -99,6 +99,14 @@ def _preload_noisy_modules() -> None:
                 pass
 
 
+def _quiet_dspy() -> None:
+    """DSPy sets its logger to INFO when imported (after _quiet_libraries ran): a warning per
+    call (an answer cut at max_tokens) would flood a server's or a file's output."""
+    import logging
+
+    logging.getLogger("dspy").setLevel(logging.ERROR)
+
+
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 run_dir_opt = click.option("--run-dir", type=click.Path(file_okay=False),
                            help="Run directory (default: runs/<recipe name>).")
@@ -290,6 +298,30 @@ def init(name: str, output: str | None) -> None:
     click.echo(f"wrote {target}: edit it, then `copa validate {target}`")
 
 
+def _check_output(path: str | None, option: str, folder: bool = False) -> None:
+    """An output path that cannot be written is a user error before any work (exit 2)."""
+    from copa.files import output_problem
+    from copa.use.predict import InputError
+
+    problem = output_problem(Path(path), folder) if path else None
+    if problem:
+        raise InputError(f"{path}: {problem} ({option})")
+
+
+def _limit_tokens(bundle: Any, max_input_tokens: int | None) -> int:
+    from copa.use.limits import limit_tokens
+    from copa.use.predict import InputError
+
+    try:
+        return limit_tokens(bundle.recipe, bundle.model_path, max_input_tokens)
+    except ValueError as exc:
+        raise InputError(f"--max-input-tokens: {exc}") from None
+
+
+max_input_tokens_opt = click.option(
+    "--max-input-tokens", type=click.IntRange(min=1), metavar="N",
+    help="Longest input field, in tokens (default: the recipe's finetune.sequence_len, within "
+         "the model's context); a longer one is refused before the model sees it.")
 arm_opt = click.option("--arm", default="best", show_default=True,
                        type=click.Choice(["best", "baseline", "prompt_only", "finetune_only",
                                           "combined"]),
@@ -305,13 +337,15 @@ use_dir_arg = click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="JSONL file to write (default: standard output).")
 @arm_opt
-@click.option("--threads", type=click.IntRange(min=1),
+@click.option("--threads", type=click.IntRange(min=1, max=256),
               help="Rows in flight at once (default: the recipe's evaluate.num_threads).")
+@max_input_tokens_opt
 @_errors
 def predict(run_dir: str, input_path: str, output: str | None, arm: str,
-            threads: int | None) -> None:
+            threads: int | None, max_input_tokens: int | None) -> None:
     """Predict on every row of a file with a finished run (or a `copa export` folder): one JSON
-    line per input row, in order: the row, "prediction" and "error" (null, or why it failed)."""
+    line per input row, in order: the row, "prediction" and "error" (null, or why it failed;
+    a field over the token limit fails its row only)."""
     import json
 
     _quiet_libraries()
@@ -319,13 +353,18 @@ def predict(run_dir: str, input_path: str, output: str | None, arm: str,
     from copa.use.bundle import open_bundle
     from copa.use.predict import check_columns, predict_rows, progress_bar, read_rows
 
+    _check_output(output, "-o/--output")
     bundle = open_bundle(run_dir, arm)
+    _limit_tokens(bundle, max_input_tokens)
     rows = read_rows(input_path)
     mapping = check_columns(rows, bundle.input_fields, bundle.recipe.data.columns, input_path)
     _preload_noisy_modules()
     from copa.use.load import load_bundle
 
-    with load_bundle(bundle, emit=lambda m: click.echo(m, err=True)) as program, \
+    _quiet_dspy()
+    with load_bundle(bundle, emit=lambda m: click.echo(m, err=True),
+                     max_input_tokens=max_input_tokens,
+                     how="copa predict --max-input-tokens N changes it") as program, \
             progress_bar(len(rows), bundle.arm) as tick:
         results = predict_rows(program, rows, mapping,
                                threads or bundle.recipe.evaluate.num_threads, tick)
@@ -349,27 +388,44 @@ def predict(run_dir: str, input_path: str, output: str | None, arm: str,
 @arm_opt
 @click.option("--api-key", envvar="COPA_API_KEY", metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on /predict (or set COPA_API_KEY).")
+@max_input_tokens_opt
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1, max=3600), default=60.0,
+              show_default=True, help="One request's time limit in seconds (504 past it).")
+@click.option("--max-body-bytes", type=click.IntRange(min=256), metavar="N",
+              help="Largest request body read (413 over it; default: every field at its token "
+                   "limit).")
 @_errors
-def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None) -> None:
+def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None,
+          max_input_tokens: int | None, timeout_s: float, max_body_bytes: int | None) -> None:
     """Serve a finished run (or a `copa export` folder) over HTTP: POST /predict with the input
-    fields as JSON answers the output fields; GET /health; API docs at /docs."""
+    fields as JSON answers the output fields; GET /health; API docs at /docs. Fields over the
+    token limit, bodies over the size limit and requests past the time limit are refused
+    without touching the model; SIGTERM / Ctrl-C stop it within seconds."""
     _quiet_libraries()
     from copa.use.bundle import open_bundle
 
     bundle = open_bundle(run_dir, arm)
+    _limit_tokens(bundle, max_input_tokens)
     api_key = api_key or None
     _preload_noisy_modules()
     from copa.use.load import load_bundle
     from copa.use.serve import LOOPBACK, make_app, run_server
 
+    _quiet_dspy()
     if host not in LOOPBACK and api_key is None:
         click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this "
                    "port can use the model", err=True)
-    with load_bundle(bundle, emit=lambda m: click.echo(m, err=True)) as program:
-        app = make_app(program, api_key)
+    with load_bundle(bundle, emit=lambda m: click.echo(m, err=True),
+                     max_input_tokens=max_input_tokens,
+                     how="copa serve --max-input-tokens N changes it") as program:
+        app = make_app(program, api_key, timeout_s=timeout_s, max_body_bytes=max_body_bytes)
         click.echo(f"serving the {bundle.arm} arm of {bundle.root} on http://{host}:{port} "
-                   "(POST /predict, GET /health, docs at /docs); Ctrl-C stops", err=True)
-        run_server(app, host, port)
+                   f"(POST /predict, GET /health, docs at /docs; input fields up to "
+                   f"{program.limit.max_tokens} tokens); Ctrl-C stops", err=True)
+        engine = getattr(program.lm, "engine", None)
+        # On stop, what is still queued fails at once: no request thread outlives the server.
+        run_server(app, host, port, on_stop=lambda: getattr(
+            engine, "close", lambda wait=True: None)(wait=False))
 
 
 @cli.command(name="export")
