@@ -49,6 +49,15 @@ def _errors(func):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except click.ClickException:
+            raise  # OneLineErrors says it in one line
+        except OSError as exc:
+            if debug or not exc.filename:
+                raise
+            # a path the user gave that cannot be read or written: theirs to fix
+            where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
+            click.echo(f"{where}: {exc.strerror or exc}", err=True)
+            sys.exit(EXIT_RECIPE)
         except Exception as exc:
             if debug:
                 raise
@@ -80,6 +89,10 @@ def _quiet_libraries() -> None:
     # DSPy warns per call (e.g. an answer cut at max_tokens): thousands of lines for a file of
     # rows or a server's traffic. The stages keep DSPy's chatter in their logs instead.
     logging.getLogger("dspy").setLevel(logging.ERROR)
+    # bitsandbytes (imported with Axolotl, to validate a config) looks for a kernels-community
+    # CPU kernel and logs a warning when offline; torchao logs its CUDA kernels' absence.
+    for name in ("bitsandbytes", "torchao"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _preload_noisy_modules() -> None:
@@ -112,15 +125,27 @@ run_dir_opt = click.option("--run-dir", type=click.Path(file_okay=False),
                            help="Run directory (default: runs/<recipe name>).")
 
 
+def _user_error(message: str) -> None:
+    """A user error found while reading the command line: one line, exit 2."""
+    click.echo(message, err=True)
+    sys.exit(EXIT_RECIPE)
+
+
 def _set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
-    import yaml
+    from copa.recipe.yamlread import YAMLProblem, read_yaml
+    from copa.text import one_line
 
     overrides = {}
     for item in values:
         if "=" not in item:
-            raise click.BadParameter(f"'{item}': write KEY.PATH=VALUE, e.g. finetune.num_epochs=2")
+            _user_error(f"--set {one_line(item, 80)}: write KEY.PATH=VALUE, e.g. "
+                        "--set finetune.num_epochs=2")
         key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = read_yaml(value)
+        except YAMLProblem as exc:
+            _user_error(f"--set {one_line(key, 80)}: the value is not valid YAML "
+                        f"({exc.message}); quote a string, e.g. --set '{key}=\"...\"'")
     return overrides
 
 
@@ -131,7 +156,33 @@ set_opt = click.option("--set", "overrides", multiple=True, callback=_set, metav
                        help="Override a recipe value, e.g. --set finetune.num_epochs=2.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """click's usage errors as one line ("copa predict: Missing option '-i' / '--input' (copa
+    predict --help)") and exit 2, like every other user error, instead of a usage block."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `copa`: its help, as click
+            click.echo(exc.format_message(), err=True)
+            sys.exit(EXIT_RECIPE)
+        except click.ClickException as exc:
+            from copa.text import one_line
+
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else (prog_name or "copa")
+            hint = f" ({where} --help)" if isinstance(exc, click.UsageError) else ""
+            click.echo(f"{where}: {one_line(exc.format_message(), 500)}{hint}", err=True)
+            sys.exit(EXIT_RECIPE if isinstance(exc, click.UsageError) else exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(EXIT_FAILED)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.version_option(package_name="copa")
 def cli(debug: bool) -> None:
@@ -191,15 +242,18 @@ def validate(recipe: str, full: bool, overrides: dict[str, Any]) -> None:
 def render(recipe: str, output: str | None, wait: bool, overrides: dict[str, Any]) -> None:
     """Render RECIPE: data splits, training rows, prompt preview and a validated axolotl.yml."""
     _quiet_libraries()
+    from copa.files import removed_on_failure
     from copa.recipe import load_recipe
     from copa.recipe.checks import check_recipe
     from copa.runs import run_dir_for, run_dir_locked
     from copa.stages.render import render as render_files
 
+    _check_output(output, "-o/--output", folder=True)
     checked = check_recipe(load_recipe(recipe, overrides=overrides))
     if output:
         out = Path(output)
-        result = render_files(checked, out, emit=click.echo)
+        with removed_on_failure(out):  # a failed render leaves none of its files
+            result = render_files(checked, out, emit=click.echo)
     else:  # into the run directory: not while another command works there
         directory = run_dir_for(checked.recipe).resolve()
         out = directory / "rendered"
@@ -219,6 +273,7 @@ def _stage_command(name: str, help_text: str):
     @_errors
     def command(recipe: str, run_dir: str | None, force: bool, wait: bool,
                 overrides: dict[str, Any]) -> None:
+        _check_output(run_dir, "--run-dir", folder=True)
         _quiet_libraries()
         _preload_noisy_modules()
         from copa import pipeline
@@ -248,6 +303,7 @@ _stage_command("evaluate", "Evaluate the four arms on the test split and write t
 def run(recipe: str, run_dir: str | None, force: tuple[str, ...], wait: bool,
         overrides: dict[str, Any]) -> None:
     """Every stage of RECIPE in order (unchanged ones are skipped), then the report."""
+    _check_output(run_dir, "--run-dir", folder=True)
     _quiet_libraries()
     _preload_noisy_modules()
     from copa import pipeline
@@ -277,7 +333,7 @@ def report(run_dir: str) -> None:
     """Print the report table of a finished run directory."""
     path = Path(run_dir) / "report.md"
     if not path.is_file():
-        raise click.ClickException(f"{path} does not exist: run `copa run` or `copa evaluate`")
+        _user_error(f"{path} does not exist: run `copa run` or `copa evaluate`")
     click.echo(path.read_text())
 
 
@@ -292,7 +348,8 @@ def init(name: str, output: str | None) -> None:
 
     target = Path(output or f"{name}.yaml")
     if target.exists():
-        raise click.ClickException(f"{target} exists; choose another name or -o")
+        _user_error(f"{target} exists; choose another name or -o")
+    _check_output(str(target), "-o/--output")
     text = (templates_dir() / "recipe" / "starter.yaml").read_text().replace("{{ name }}", name)
     target.write_text(text)
     click.echo(f"wrote {target}: edit it, then `copa validate {target}`")
@@ -436,6 +493,10 @@ def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None,
 def export_command(run_dir: str, out_dir: str, arm: str) -> None:
     """Write one arm of a finished run into OUT_DIR, usable without the run directory: the model,
     the optimized program, the prompt template and recipe, and a model card (README.md)."""
+    _check_output(out_dir, "OUT_DIR", folder=True)
+    out_path = Path(out_dir)
+    if out_path.is_dir() and any(out_path.iterdir()):
+        _user_error(f"{out_dir}: exists and is not empty; choose a new folder (OUT_DIR)")
     _quiet_libraries()
     from copa.use.export import export
 

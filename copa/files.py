@@ -110,6 +110,29 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 @contextmanager
+def removed_on_failure(folder: Path) -> Iterator[Path]:
+    """Yield `folder`; if the block fails, what it added there is removed again (the whole
+    folder, when the block created it): a failed command leaves no half of its output. What
+    was there before stays."""
+    folder = Path(folder)
+    existed = folder.exists()
+    before = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    try:
+        yield folder
+    except BaseException:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.is_dir():
+            for item in folder.iterdir():
+                if item.name not in before:
+                    if item.is_dir() and not item.is_symlink():
+                        shutil.rmtree(item, ignore_errors=True)
+                    else:
+                        item.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
 def quiet_fds() -> Iterator[None]:
     """Silence a library's import-time prints and warnings at the file-descriptor level
     (torchao and bitsandbytes print from C and from their own loggers on CPU machines)."""

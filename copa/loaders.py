@@ -57,7 +57,7 @@ def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[st
         try:
             return list(reader)
         except csv.Error as exc:  # e.g. a field over csv's limit (131072 characters)
-            raise ValueError(f"line {reader.line_num}: {exc}") from None
+            raise ValueError(f"line {reader.line_num + 1}: {exc}") from None
     if fmt == "jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):

@@ -266,7 +266,7 @@ def test_the_command_says_what_it_needs(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "grid.finetune.lora_r: 0: must be at least 1" in result.output
     result = CliRunner().invoke(cli, ["study", "--report", str(tmp_path)])
-    assert result.exit_code == 1 and "is not a study folder" in result.output
+    assert result.exit_code == 2 and "not a study folder" in result.output
 
 
 def test_a_problem_every_cell_shares_stops_the_study_before_any_cell(tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ Loading, `${VAR}` interpolation and error messages live in `copa.recipe`.
 
 from __future__ import annotations
 
+import keyword
+import math
 import os
 import re
 from pathlib import Path
@@ -33,6 +35,74 @@ BUILTIN_METRICS = ("exact_match", "label_accuracy", "gsm8k_answer", "token_f1", 
                    "squad_f1")
 FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_STRATEGY = "w -> p"  # copa's own pipeline: fine-tune, then prompts on the merged model
+
+# Field names a signature cannot use, and who holds each: the prompt template's own variables
+# (a field by that name would replace them: the instruction or the choices line vanishes from
+# every training row), DSPy's Example / Prediction members (`prediction.keys` is a method, not
+# the field), and pydantic's model namespace (DSPy signatures are pydantic models).
+TEMPLATE_VARIABLES = ("instructions", "choices", "inputs", "outputs", "input_fields",
+                      "output_fields")
+DSPY_MEMBERS = ("completions", "copy", "from_completions", "get", "get_lm_usage", "inputs",
+                "items", "keys", "labels", "set_lm_usage", "toDict", "values", "with_inputs",
+                "without")
+MAX_SEED = 2**32 - 1  # numpy and torch seeds
+MAX_COUNT = 2**31 - 1  # steps, sizes: a 32-bit count
+MAX_THREADS = 256
+MAX_TOKENS = 131_072  # a token budget past any model's context
+
+
+def field_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a signature field, with what to write instead; None if it can."""
+    if not FIELD_NAME.match(name):
+        return f"field name {name!r} is not an identifier"
+    fix = f"rename it, e.g. '{name.strip('_') or 'field'}_text'"
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name):
+        return f"field name {name!r} is a Python keyword: {fix}"
+    if name.startswith("_"):
+        return f"field name {name!r} starts with '_', which pydantic keeps private: {fix}"
+    if name.startswith("model_"):
+        return f"field name {name!r} is in pydantic's reserved 'model_' namespace: {fix}"
+    if name in TEMPLATE_VARIABLES:
+        return (f"field name {name!r} is a variable the prompt template already has (it would "
+                f"replace it in every prompt): {fix}")
+    if name in DSPY_MEMBERS:
+        return f"field name {name!r} is a member of DSPy's Example and Prediction: {fix}"
+    return None
+
+
+_FORMAT_SPEC = re.compile(r"^(?:.?[<>=^])?[+\- ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?[eEfFgGn%]?$")
+
+
+def number_format_checked(spec: str) -> str:
+    """A Python format spec for numbers ('.1f', '.2e', '>6.2f'), or ValueError with the fix;
+    width and precision at most 50 (format(x, '.100000000f') builds a 100 MB string)."""
+    fix = "write a Python format spec for numbers, e.g. '.1f' or '.2e'"
+    match = _FORMAT_SPEC.match(spec)
+    if not match or not spec:
+        raise ValueError(f"{spec!r} is not a number format: {fix}")
+    if any(part and int(part) > 50 for part in match.groups()):
+        raise ValueError(f"{spec!r}: width and precision are at most 50; {fix}")
+    try:
+        format(1.5, spec)
+        format(2, spec)
+    except ValueError as exc:
+        raise ValueError(f"{spec!r} is not a number format ({exc}): {fix}") from None
+    return spec
+
+
+def bounded(value: float, low: float, high: float, *, low_open: bool = False,
+            hint: str = "") -> float:
+    """`value` if finite and within [low, high] ((low, high] with low_open); else ValueError
+    saying the range, the value and `hint` (what to write instead)."""
+    inside = math.isfinite(value) and (value > low if low_open else value >= low) and \
+        value <= high
+    if not inside:
+        left = "(" if low_open else "["
+        said = f"must be a finite number in {left}{low:g}, {high:g}]" if isinstance(value, float) \
+            or isinstance(low, float) or isinstance(high, float) \
+            else f"must be a whole number from {low} to {high}"
+        raise ValueError(f"{said} (got {value!r})" + (f"; {hint}" if hint else ""))
+    return value
 
 
 class Problem(BaseModel):
@@ -112,6 +182,11 @@ class PromptSection(_Section):
         None, description="Python format spec applied to float inputs, e.g. '.1f'."
     )
 
+    @field_validator("number_format")
+    @classmethod
+    def _number_format(cls, value: str | None) -> str | None:
+        return value if not value else number_format_checked(value)
+
 
 class DistributedSection(_Section):
     processes: int = 1
@@ -124,7 +199,7 @@ class DistributedSection(_Section):
     def _at_least_one(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1")
-        return value
+        return bounded(value, 1, 1024)
 
 
 class FinetuneSection(_Section):
@@ -167,9 +242,9 @@ class FinetuneSection(_Section):
     @field_validator("learning_rate")
     @classmethod
     def _lr(cls, value: float) -> float:
-        if not value > 0:
+        if math.isfinite(value) and not value > 0:
             raise ValueError(f"must be > 0 (got {value}); a typical LoRA value is 2e-4")
-        return value
+        return bounded(value, 0.0, 1.0, low_open=True, hint="a typical LoRA value is 2e-4")
 
     @field_validator("micro_batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
                      "save_steps")
@@ -177,14 +252,32 @@ class FinetuneSection(_Section):
     def _at_least_one(cls, value: int) -> int:
         if value < 1:
             raise ValueError(f"must be at least 1 (got {value})")
-        return value
+        return bounded(value, 1, MAX_COUNT)
 
     @field_validator("sequence_len")
     @classmethod
     def _seq(cls, value: int) -> int:
         if value < 16:
             raise ValueError(f"must be at least 16 tokens (got {value})")
+        return bounded(value, 16, MAX_TOKENS)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        return bounded(value, 0, MAX_SEED)
+
+    @field_validator("num_epochs")
+    @classmethod
+    def _epochs(cls, value: float | None) -> float | None:
+        if value is not None and (not math.isfinite(value) or value > 100_000):
+            raise ValueError(f"must be a finite number of epochs, at most 100000 (got {value!r});"
+                             " or leave it out and set max_steps")
         return value
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int | None) -> int | None:
+        return None if value is None or value < 1 else bounded(value, 1, MAX_COUNT)
 
     @field_validator("lora_dropout", "val_set_size")
     @classmethod
@@ -198,14 +291,14 @@ class FinetuneSection(_Section):
     def _non_negative(cls, value: float) -> float:
         if value < 0:
             raise ValueError(f"must be >= 0 (got {value})")
-        return value
+        return bounded(value, 0.0, 1e6)
 
     @field_validator("warmup_steps", "num_demos")
     @classmethod
     def _count(cls, value: int) -> int:
         if value < 0:
             raise ValueError(f"must be >= 0 (got {value})")
-        return value
+        return bounded(value, 0, MAX_COUNT)
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneSection:
@@ -261,6 +354,16 @@ class OptimizeSection(_Section):
                     "GEPA's reflections), apart from the task's answer length.",
     )
 
+    @field_validator("num_threads")
+    @classmethod
+    def _threads(cls, value: int) -> int:
+        return bounded(value, 1, MAX_THREADS)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _budget(cls, value: int) -> int:
+        return bounded(value, 16, MAX_TOKENS)
+
     @field_validator("optimizer")
     @classmethod
     def _name(cls, value: str) -> str:
@@ -300,7 +403,22 @@ class EvaluateSection(_Section):
     def _max_errors(cls, value: int) -> int:
         if value < 0:
             raise ValueError(f"must be >= 0 (got {value}); 0 fails on the first failed call")
-        return value
+        return bounded(value, 0, MAX_COUNT)
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: int) -> int:
+        return bounded(value, 10, 1_000_000, hint="1000 resamples is usual")
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _budget(cls, value: int) -> int:
+        return bounded(value, 1, MAX_TOKENS, hint="the longest answer, in tokens, e.g. 64")
+
+    @field_validator("num_threads")
+    @classmethod
+    def _threads(cls, value: int) -> int:
+        return bounded(value, 1, MAX_THREADS)
 
     @field_validator("metric")
     @classmethod
@@ -377,8 +495,9 @@ def parse_signature(signature: str) -> tuple[list[str], list[str]]:
     if not inputs or not outputs:
         raise ValueError("needs at least one input and one output field, e.g. 'text -> label'")
     for name in inputs + outputs:
-        if not FIELD_NAME.match(name):
-            raise ValueError(f"field name {name!r} is not an identifier")
+        problem = field_name_problem(name)
+        if problem:
+            raise ValueError(problem)
     if len(set(inputs + outputs)) != len(inputs) + len(outputs):
         raise ValueError("field names must be unique")
     return inputs, outputs
