@@ -145,7 +145,7 @@ def _set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
             overrides[key] = read_yaml(value)
         except YAMLProblem as exc:
             _user_error(f"--set {one_line(key, 80)}: the value is not valid YAML "
-                        f"({exc.message}); quote a string, e.g. --set '{key}=\"...\"'")
+                        f"({exc}); quote a string, e.g. --set '{key}=\"...\"'")
     return overrides
 
 
@@ -162,6 +162,7 @@ class OneLineErrors(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        prog_name = "copa"  # also under `python -m copa.cli` and click's test runner
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
@@ -173,7 +174,7 @@ class OneLineErrors(click.Group):
             from copa.text import one_line
 
             ctx = getattr(exc, "ctx", None)
-            where = ctx.command_path if ctx is not None else (prog_name or "copa")
+            where = ctx.command_path if ctx is not None else prog_name
             hint = f" ({where} --help)" if isinstance(exc, click.UsageError) else ""
             click.echo(f"{where}: {one_line(exc.format_message(), 500)}{hint}", err=True)
             sys.exit(EXIT_RECIPE if isinstance(exc, click.UsageError) else exc.exit_code)

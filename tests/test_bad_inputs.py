@@ -463,3 +463,96 @@ def test_a_user_metric_next_to_the_recipe_validates_and_is_the_one_the_run_uses(
     assert result.exit_code == 0, result.output
     metric = make_metric("case_good_metrics:f1", "label", base_dir=tmp_path)
     assert metric({}, {}) == 0.25
+
+
+# --- round 2: the command line's own inputs, and output paths checked before any work ---------
+
+def _one_line_exit_2(result: Any) -> str:
+    import re
+
+    output = result.output.strip()
+    assert result.exit_code == 2, output
+    assert len(output.splitlines()) == 1, output
+    assert "Traceback" not in output and not re.search(r"\b[A-Z]\w*(Error|Exception)\b", output)
+    return output
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["validate", "{recipe}", "--set", "finetune.lora_r=["],
+     "--set finetune.lora_r: the value is not valid YAML (line 1, column 2"),
+    (["validate", "{recipe}", "--set", "finetune.axolotl={{a: 1, a: 2}}"],
+     "--set finetune.axolotl: the value is not valid YAML (a: line 1: duplicate key 'a'"),
+    (["validate", "{recipe}", "--set", f"finetune.seed={'9' * 5000}"],
+     "--set finetune.seed: the value is not valid YAML (line 1: integer of 5000 digits"),
+    (["validate", "{recipe}", "--set", "finetune.seed=-1"],
+     "finetune.seed: must be a whole number from 0 to 4294967295 (got -1)"),
+    (["predict", "{tmp}/no-run", "-i", "{tmp}/no-rows.csv", "-o", "{file}/out.jsonl"],
+     "{file}/out.jsonl: {file} is not a folder (-o/--output)"),
+    (["render", "{recipe}", "-o", "{file}"], "copa render: Invalid value for '-o' / '--output'"),
+    (["run", "{recipe}", "--run-dir", "{file}/run"], "{file} is not a folder (--run-dir)"),
+    (["train", "{recipe}", "--run-dir", "{file}/run"], "{file} is not a folder (--run-dir)"),
+    (["export", "{tmp}/no-run", "{file}/out"], "{file} is not a folder (OUT_DIR)"),
+    (["init", "x", "-o", "{file}/x.yaml"], "{file} is not a folder (-o/--output)"),
+    (["study", "{tmp}/s.yaml", "--out", "{file}/s"], "copa study: Invalid value for --out"),
+    (["predict", "{tmp}/no-run"], "copa predict: Missing option '-i' / '--input'."),
+    (["serve", "{tmp}/no-run", "--max-input-tokens", "0"], "copa serve: Invalid value for"),
+    (["report", "{tmp}/no-run"], "copa report: Invalid value for 'RUN_DIR'"),
+    (["report", "{tmp}"], "report.md does not exist: run `copa run` or `copa evaluate`"),
+    (["study", "--report", "{tmp}"], "not a study folder"),
+    (["nosuch"], "copa: No such command 'nosuch'."),
+], ids=["set-yaml", "set-duplicate", "set-huge-int", "set-bad-seed", "predict-output",
+        "render-output", "run-dir", "train-run-dir", "export-output", "init-output", "study-out",
+        "missing-option", "bad-option-value", "missing-dir", "report-missing", "not-a-study",
+        "unknown-command"])
+def test_command_line_user_errors_are_one_line_with_exit_2(tmp_path: Path, args: list[str],
+                                                           expected: str) -> None:
+    recipe = _write_case(tmp_path, {})
+    file = tmp_path / "a-file"
+    file.write_text("not a folder\n")
+    (tmp_path / "s.yaml").write_text("recipe: recipe.yaml\n")
+    fill = {"recipe": str(recipe), "tmp": str(tmp_path), "file": str(file)}
+    result = CliRunner().invoke(cli, [a.format(**fill) for a in args])
+    assert expected.format(**fill) in _one_line_exit_2(result)
+
+
+def test_a_failed_render_leaves_none_of_its_files(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Rendering fails after the splits are written (every training row is over sequence_len,
+    found with the model's tokenizer): the new folder is gone, a folder that existed keeps only
+    what it had."""
+    from conftest import write_tiny_recipe
+
+    recipe = write_tiny_recipe(tmp_path / "recipe", tiny_model_dir)
+    too_short = ["--set", "finetune.sequence_len=16"]
+    new = tmp_path / "new" / "rendered"
+    result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(new), *too_short])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "finetune.sequence_len: every training row is longer" in result.output.splitlines()[-1]
+    assert not new.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("the user's\n")
+    result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(kept), *too_short])
+    assert result.exit_code == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["mine.txt"]
+    result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(kept)])
+    assert result.exit_code == 0, result.output
+    assert {"mine.txt", "splits", "train.jsonl", "axolotl.yml"} <= {p.name for p in kept.iterdir()}
+
+
+@pytest.mark.slow
+def test_render_and_validate_print_no_third_party_noise(tmp_path: Path,
+                                                        tiny_model_dir: Path) -> None:
+    """In a fresh process (bitsandbytes logs its kernels-community lookup once per process,
+    when Axolotl is imported to validate the config)."""
+    from conftest import write_tiny_recipe
+
+    recipe = write_tiny_recipe(tmp_path / "recipe", tiny_model_dir)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args in (["validate", str(recipe), "--full"],
+                 ["render", str(recipe), "-o", str(tmp_path / "out")]):
+        done = subprocess.run([sys.executable, "-m", "copa.cli", *args], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        assert not [line for line in lines if not line.startswith(
+            (str(recipe), "resolving model", "wrote "))], lines
