@@ -416,3 +416,39 @@ def test_copa_serve_under_attack_answers_every_valid_request_and_stops_on_sigter
         log.close()
     text = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in text and "WARNING" not in text, text[-2000:]
+
+
+@pytest.mark.slow
+def test_load_and_predict_apply_the_token_limit(baseline_run: Path, tmp_path: Path) -> None:
+    """copa.load raises InputTooLong before the model runs; copa predict fails that row only;
+    a limit past the model's context (1024 for the tiny model) is refused before loading."""
+    from click.testing import CliRunner
+
+    import copa
+    from copa.cli import cli
+
+    program = copa.load(str(baseline_run))
+    assert program.limit.max_tokens == 128  # the tiny recipe's sequence_len, within 1024
+    assert isinstance(program(**ROW).species, str)
+    calls = len(program.lm.engine.batch_sizes)
+    with pytest.raises(InputTooLong, match=r"petal_width: \d+ tokens, over the limit of 128"):
+        program(**{**ROW, "petal_width": " x" * 300})
+    assert len(program.lm.engine.batch_sizes) == calls  # the engine never saw it
+    with pytest.raises(ValueError, match="leaves no room in the model's context of 1024"):
+        copa.load(str(baseline_run), max_input_tokens=5000)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in (
+        ROW, {**ROW, "sepal_width": "w " * 100_000}, ROW)))
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(cli, ["predict", str(baseline_run), "-i", str(rows), "-o",
+                                      str(out), "--max-input-tokens", "64"])
+    assert result.exit_code == 0, result.output
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["error"] is None for w in written] == [True, False, True]
+    assert written[1]["error"] == ("sepal_width: far more tokens, over the limit of 64 tokens "
+                                   "per input field (copa predict --max-input-tokens N changes "
+                                   "it)")
+    result = CliRunner().invoke(cli, ["predict", str(baseline_run), "-i", str(rows),
+                                      "--max-input-tokens", "5000"])
+    assert result.exit_code == 2 and "--max-input-tokens: max_input_tokens 5000 leaves no room" \
+        in result.output
