@@ -285,6 +285,8 @@ CASES += [
      "finetune.weight_decay: must be a finite number"),
     ("grad-norm-infinite", {"set": {"finetune.max_grad_norm": float("inf")}},
      "finetune.max_grad_norm: must be a finite number"),
+    ("optimizer-seed-negative", {"set": {"optimize.params": {"seed": -1}}},
+     f"optimize.params: seed must be a whole number from 0 to {MAX_SEED} (got -1)"),
     ("max-steps-huge", {"set": {"finetune.max_steps": 2**40}},
      "finetune.max_steps: must be a whole number from 1 to"),
     ("split-size-nan", {"set": {"data.splits.train": float("nan")}},
@@ -556,3 +558,17 @@ def test_render_and_validate_print_no_third_party_noise(tmp_path: Path,
         lines = (done.stdout + done.stderr).strip().splitlines()
         assert not [line for line in lines if not line.startswith(
             (str(recipe), "resolving model", "wrote "))], lines
+
+
+def test_the_reserved_field_names_cover_dspys_own_members() -> None:
+    """copa.recipe.schema lists DSPy's Example / Prediction members without importing DSPy (a
+    light module): the list must still hold every public member of the installed DSPy."""
+    import dspy
+
+    from copa.recipe.schema import DSPY_MEMBERS, field_name_problem
+
+    members = {n for cls in (dspy.Example, dspy.Prediction) for n in dir(cls)
+               if not n.startswith("_")}
+    assert members <= set(DSPY_MEMBERS), members - set(DSPY_MEMBERS)
+    assert all(field_name_problem(n) for n in members)
+    assert field_name_problem("petal_width") is None

@@ -364,6 +364,15 @@ class OptimizeSection(_Section):
     def _budget(cls, value: int) -> int:
         return bounded(value, 16, MAX_TOKENS)
 
+    @field_validator("params")
+    @classmethod
+    def _params_seed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        seed = value.get("seed")  # the optimizer's seed (a study sets it per cell)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not 0 <= seed <= MAX_SEED):
+            raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED} (got {seed!r})")
+        return value
+
     @field_validator("optimizer")
     @classmethod
     def _name(cls, value: str) -> str:
