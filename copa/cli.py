@@ -345,8 +345,13 @@ def report(run_dir: str) -> None:
 @_errors
 def init(name: str, output: str | None) -> None:
     """Write a starter recipe NAME.yaml (Iris + the embedded model) that validates as is."""
+    import re
+
     from copa.prompting import templates_dir
 
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name):
+        _user_error(f"NAME {name[:80]!r}: use letters, digits, '-', '_' or '.' (it names the "
+                    "recipe and its run folder); -o says where the file goes")
     target = Path(output or f"{name}.yaml")
     if target.exists():
         _user_error(f"{target} exists; choose another name or -o")

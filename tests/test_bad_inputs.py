@@ -495,6 +495,7 @@ def _one_line_exit_2(result: Any) -> str:
     (["train", "{recipe}", "--run-dir", "{file}/run"], "{file} is not a folder (--run-dir)"),
     (["export", "{tmp}/no-run", "{file}/out"], "{file} is not a folder (OUT_DIR)"),
     (["init", "x", "-o", "{file}/x.yaml"], "{file} is not a folder (-o/--output)"),
+    (["init", "../../escape"], "NAME '../../escape': use letters, digits"),
     (["study", "{tmp}/s.yaml", "--out", "{file}/s"], "copa study: Invalid value for --out"),
     (["predict", "{tmp}/no-run"], "copa predict: Missing option '-i' / '--input'."),
     (["serve", "{tmp}/no-run", "--max-input-tokens", "0"], "copa serve: Invalid value for"),
@@ -503,7 +504,8 @@ def _one_line_exit_2(result: Any) -> str:
     (["study", "--report", "{tmp}"], "not a study folder"),
     (["nosuch"], "copa: No such command 'nosuch'."),
 ], ids=["set-yaml", "set-duplicate", "set-huge-int", "set-bad-seed", "predict-output",
-        "render-output", "run-dir", "train-run-dir", "export-output", "init-output", "study-out",
+        "render-output", "run-dir", "train-run-dir", "export-output", "init-output", "init-name",
+        "study-out",
         "missing-option", "bad-option-value", "missing-dir", "report-missing", "not-a-study",
         "unknown-command"])
 def test_command_line_user_errors_are_one_line_with_exit_2(tmp_path: Path, args: list[str],
