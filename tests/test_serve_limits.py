@@ -452,3 +452,35 @@ def test_load_and_predict_apply_the_token_limit(baseline_run: Path, tmp_path: Pa
                                       "--max-input-tokens", "5000"])
     assert result.exit_code == 2 and "--max-input-tokens: max_input_tokens 5000 leaves no room" \
         in result.output
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "deep.json: JSON nested too deeply"),
+    ("big.jsonl", '{"sepal_length": ' + "7" * 6000 + "}\n",
+     "big.jsonl: line 1: Exceeds the limit (4300 digits) for integer string conversion"),
+    ("long.csv", ",".join(FIELDS) + "\n" + "x" * 200_000 + ",1,2,3\n",
+     "long.csv: line 2: field larger than field limit (131072)"),
+], ids=["deep-json", "huge-integer", "long-csv-field"])
+def test_predict_refuses_an_unreadable_input_file_in_one_line(tmp_path: Path, name: str,
+                                                               content: str,
+                                                               expected: str) -> None:
+    """Before any model loads (a run directory as the stages leave it; no model in it)."""
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    recipe = write_tiny_recipe(tmp_path / "recipe", tmp_path / "no-model-is-loaded")
+    run = tmp_path / "run"
+    (run / "merged").mkdir(parents=True)
+    (run / "merged" / "config.json").write_text("{}")
+    (run / "manifest.json").write_text(json.dumps(
+        {"recipe": str(recipe), "stages": {"evaluate": {"status": "done"}}}))
+    (run / "report.json").write_text(json.dumps({
+        "arms": {"finetune_only": {"score": 1.0, "ci95": [1, 1], "n": 9}},
+        "val": {"scores": {"finetune_only": 1.0}, "best_arm": "finetune_only"}}))
+    rows = tmp_path / name
+    rows.write_text(content)
+    result = CliRunner().invoke(cli, ["predict", str(run), "-i", str(rows)])
+    output = result.output.strip()
+    assert result.exit_code == 2 and len(output.splitlines()) == 1, output
+    assert output.startswith(str(tmp_path)) and expected in output, output
