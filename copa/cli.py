@@ -286,6 +286,20 @@ def _limit_tokens(bundle: Any, max_input_tokens: int | None) -> int:
         raise InputError(f"--max-input-tokens: {exc}") from None
 
 
+def _check_port(host: str, port: int) -> None:
+    """A port taken (or a host this machine does not have) is said before the model loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as exc:
+        _user_error(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                    "choose another --port")
+
+
 max_input_tokens_opt = click.option(
     "--max-input-tokens", type=click.IntRange(min=1), metavar="N",
     help="Longest input field, in tokens (default: the recipe's finetune.sequence_len, within "
@@ -374,6 +388,7 @@ def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None,
 
     bundle = open_bundle(run_dir, arm)
     _limit_tokens(bundle, max_input_tokens)
+    _check_port(host, port)
     api_key = api_key or None
     _preload_noisy_modules()
     from copa.use.load import load_bundle

@@ -454,6 +454,39 @@ def test_load_and_predict_apply_the_token_limit(baseline_run: Path, tmp_path: Pa
         in result.output
 
 
+def _finished_run_without_a_model(tmp_path: Path) -> Path:
+    """A run directory as the stages leave it (fine-tune-only arm best), with no model in it:
+    whatever is refused before the model loads is refused on it."""
+    recipe = write_tiny_recipe(tmp_path / "recipe", tmp_path / "no-model-is-loaded")
+    run = tmp_path / "run"
+    (run / "merged").mkdir(parents=True)
+    (run / "merged" / "config.json").write_text("{}")
+    (run / "manifest.json").write_text(json.dumps(
+        {"recipe": str(recipe), "stages": {"evaluate": {"status": "done"}}}))
+    (run / "report.json").write_text(json.dumps({
+        "arms": {"finetune_only": {"score": 1.0, "ci95": [1, 1], "n": 9}},
+        "val": {"scores": {"finetune_only": 1.0}, "best_arm": "finetune_only"}}))
+    return run
+
+
+def test_serve_says_a_taken_port_before_loading_the_model(tmp_path: Path) -> None:
+    import socket
+
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    run = _finished_run_without_a_model(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", str(run), "--port", str(port)])
+    output = result.output.strip()
+    assert result.exit_code == 2 and len(output.splitlines()) == 1, output
+    assert output.startswith(f"--host 127.0.0.1 --port {port}: cannot listen there"), output
+
+
 @pytest.mark.parametrize("name, content, expected", [
     ("deep.json", "[" * 100_000 + "]" * 100_000, "deep.json: JSON nested too deeply"),
     ("big.jsonl", '{"sepal_length": ' + "7" * 6000 + "}\n",
@@ -469,15 +502,7 @@ def test_predict_refuses_an_unreadable_input_file_in_one_line(tmp_path: Path, na
 
     from copa.cli import cli
 
-    recipe = write_tiny_recipe(tmp_path / "recipe", tmp_path / "no-model-is-loaded")
-    run = tmp_path / "run"
-    (run / "merged").mkdir(parents=True)
-    (run / "merged" / "config.json").write_text("{}")
-    (run / "manifest.json").write_text(json.dumps(
-        {"recipe": str(recipe), "stages": {"evaluate": {"status": "done"}}}))
-    (run / "report.json").write_text(json.dumps({
-        "arms": {"finetune_only": {"score": 1.0, "ci95": [1, 1], "n": 9}},
-        "val": {"scores": {"finetune_only": 1.0}, "best_arm": "finetune_only"}}))
+    run = _finished_run_without_a_model(tmp_path)
     rows = tmp_path / name
     rows.write_text(content)
     result = CliRunner().invoke(cli, ["predict", str(run), "-i", str(rows)])
