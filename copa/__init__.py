@@ -20,14 +20,16 @@ def run(recipe: str, **kwargs: Any) -> Any:
     return run_pipeline(recipe, **kwargs)
 
 
-def load(path: str, arm: str = "best") -> Any:
+def load(path: str, arm: str = "best", max_input_tokens: int | None = None) -> Any:
     """One arm of a finished run directory (or a `copa export` folder) as a callable DSPy
     program bound to its model and template adapter: `load("runs/iris")(**inputs).species`.
     `arm="best"` is the arm with the best val score; or baseline, prompt_only, finetune_only,
-    combined."""
+    combined. An input field over `max_input_tokens` (default: the recipe's
+    finetune.sequence_len, within the model's context) raises copa.use.limits.InputTooLong
+    before the model runs."""
     from copa.use.load import load as load_arm
 
-    return load_arm(path, arm)
+    return load_arm(path, arm, max_input_tokens=max_input_tokens)
 
 
 def load_recipe(path: str, **kwargs: Any) -> Any:

@@ -6,7 +6,6 @@ Heavy modules (torch, dspy, axolotl) are imported only inside the commands that 
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from pathlib import Path
@@ -14,54 +13,12 @@ from typing import Any
 
 import click
 
+from copa.cli_errors import EXIT_FAILED, OneLineErrors
+from copa.cli_errors import check_output as _check_output
+from copa.cli_errors import errors as _errors
+from copa.cli_errors import user_error as _user_error
 from copa.cli_see import compare_command, ui_command
 from copa.cli_study import study_command
-
-EXIT_RECIPE = 2
-EXIT_FAILED = 1
-
-
-def _errors(func):
-    """Turn known failures into one-line messages and exit codes; --debug shows the traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from copa.prompting import PromptError
-        from copa.recipe import RecipeError
-        from copa.runs import RunDirBusy
-        from copa.use.bundle import NotFinished
-        from copa.use.predict import InputError
-
-        ctx = click.get_current_context()
-        debug = (ctx.find_root().params.get("debug") or os.environ.get("COPA_DEBUG"))
-        try:
-            return func(*args, **kwargs)
-        except RecipeError as exc:
-            if debug:
-                raise
-            for problem in exc.problems:
-                click.echo(str(problem), err=True)
-            sys.exit(EXIT_RECIPE)
-        except (PromptError, RunDirBusy, NotFinished, InputError) as exc:
-            if debug:
-                raise
-            click.echo(str(exc), err=True)
-            sys.exit(EXIT_RECIPE)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-        except Exception as exc:
-            if debug:
-                raise
-            name = type(exc).__name__
-            if name in ("TrainError", "ModelError", "OptimizeError", "EvaluateError", "ServeError",
-                        "ExportError"):
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(EXIT_FAILED)
-            click.echo(f"error: {name}: {exc} (run with --debug for the traceback)", err=True)
-            sys.exit(EXIT_FAILED)
-
-    return wrapper
 
 
 def _quiet_libraries() -> None:
@@ -81,6 +38,10 @@ def _quiet_libraries() -> None:
     # DSPy warns per call (e.g. an answer cut at max_tokens): thousands of lines for a file of
     # rows or a server's traffic. The stages keep DSPy's chatter in their logs instead.
     logging.getLogger("dspy").setLevel(logging.ERROR)
+    # bitsandbytes (imported with Axolotl, to validate a config) looks for a kernels-community
+    # CPU kernel and logs a warning when offline; torchao logs its CUDA kernels' absence.
+    for name in ("bitsandbytes", "torchao"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _preload_noisy_modules() -> None:
@@ -100,20 +61,34 @@ def _preload_noisy_modules() -> None:
                 pass
 
 
+def _quiet_dspy() -> None:
+    """DSPy sets its logger to INFO when imported (after _quiet_libraries ran): a warning per
+    call (an answer cut at max_tokens) would flood a server's or a file's output."""
+    import logging
+
+    logging.getLogger("dspy").setLevel(logging.ERROR)
+
+
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 run_dir_opt = click.option("--run-dir", type=click.Path(file_okay=False),
                            help="Run directory (default: runs/<recipe name>).")
 
 
 def _set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
-    import yaml
+    from copa.recipe.yamlread import YAMLProblem, read_yaml
+    from copa.text import one_line
 
     overrides = {}
     for item in values:
         if "=" not in item:
-            raise click.BadParameter(f"'{item}': write KEY.PATH=VALUE, e.g. finetune.num_epochs=2")
+            _user_error(f"--set {one_line(item, 80)}: write KEY.PATH=VALUE, e.g. "
+                        "--set finetune.num_epochs=2")
         key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = read_yaml(value)
+        except YAMLProblem as exc:
+            _user_error(f"--set {one_line(key, 80)}: the value is not valid YAML "
+                        f"({exc}); quote a string, e.g. --set '{key}=\"...\"'")
     return overrides
 
 
@@ -124,7 +99,7 @@ set_opt = click.option("--set", "overrides", multiple=True, callback=_set, metav
                        help="Override a recipe value, e.g. --set finetune.num_epochs=2.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.version_option(package_name="copa")
 def cli(debug: bool) -> None:
@@ -184,15 +159,18 @@ def validate(recipe: str, full: bool, overrides: dict[str, Any]) -> None:
 def render(recipe: str, output: str | None, wait: bool, overrides: dict[str, Any]) -> None:
     """Render RECIPE: data splits, training rows, prompt preview and a validated axolotl.yml."""
     _quiet_libraries()
+    from copa.files import removed_on_failure
     from copa.recipe import load_recipe
     from copa.recipe.checks import check_recipe
     from copa.runs import run_dir_for, run_dir_locked
     from copa.stages.render import render as render_files
 
+    _check_output(output, "-o/--output", folder=True)
     checked = check_recipe(load_recipe(recipe, overrides=overrides))
     if output:
         out = Path(output)
-        result = render_files(checked, out, emit=click.echo)
+        with removed_on_failure(out):  # a failed render leaves none of its files
+            result = render_files(checked, out, emit=click.echo)
     else:  # into the run directory: not while another command works there
         directory = run_dir_for(checked.recipe).resolve()
         out = directory / "rendered"
@@ -212,6 +190,7 @@ def _stage_command(name: str, help_text: str):
     @_errors
     def command(recipe: str, run_dir: str | None, force: bool, wait: bool,
                 overrides: dict[str, Any]) -> None:
+        _check_output(run_dir, "--run-dir", folder=True)
         _quiet_libraries()
         _preload_noisy_modules()
         from copa import pipeline
@@ -241,6 +220,7 @@ _stage_command("evaluate", "Evaluate the four arms on the test split and write t
 def run(recipe: str, run_dir: str | None, force: tuple[str, ...], wait: bool,
         overrides: dict[str, Any]) -> None:
     """Every stage of RECIPE in order (unchanged ones are skipped), then the report."""
+    _check_output(run_dir, "--run-dir", folder=True)
     _quiet_libraries()
     _preload_noisy_modules()
     from copa import pipeline
@@ -270,7 +250,7 @@ def report(run_dir: str) -> None:
     """Print the report table of a finished run directory."""
     path = Path(run_dir) / "report.md"
     if not path.is_file():
-        raise click.ClickException(f"{path} does not exist: run `copa run` or `copa evaluate`")
+        _user_error(f"{path} does not exist: run `copa run` or `copa evaluate`")
     click.echo(path.read_text())
 
 
@@ -281,16 +261,50 @@ def report(run_dir: str) -> None:
 @_errors
 def init(name: str, output: str | None) -> None:
     """Write a starter recipe NAME.yaml (Iris + the embedded model) that validates as is."""
+    import re
+
     from copa.prompting import templates_dir
 
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name):
+        _user_error(f"NAME {name[:80]!r}: use letters, digits, '-', '_' or '.' (it names the "
+                    "recipe and its run folder); -o says where the file goes")
     target = Path(output or f"{name}.yaml")
     if target.exists():
-        raise click.ClickException(f"{target} exists; choose another name or -o")
+        _user_error(f"{target} exists; choose another name or -o")
+    _check_output(str(target), "-o/--output")
     text = (templates_dir() / "recipe" / "starter.yaml").read_text().replace("{{ name }}", name)
     target.write_text(text)
     click.echo(f"wrote {target}: edit it, then `copa validate {target}`")
 
 
+def _limit_tokens(bundle: Any, max_input_tokens: int | None) -> int:
+    from copa.use.limits import limit_tokens
+    from copa.use.predict import InputError
+
+    try:
+        return limit_tokens(bundle.recipe, bundle.model_path, max_input_tokens)
+    except ValueError as exc:
+        raise InputError(f"--max-input-tokens: {exc}") from None
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port taken (or a host this machine does not have) is said before the model loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as exc:
+        _user_error(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                    "choose another --port")
+
+
+max_input_tokens_opt = click.option(
+    "--max-input-tokens", type=click.IntRange(min=1), metavar="N",
+    help="Longest input field, in tokens (default: the recipe's finetune.sequence_len, within "
+         "the model's context); a longer one is refused before the model sees it.")
 arm_opt = click.option("--arm", default="best", show_default=True,
                        type=click.Choice(["best", "baseline", "prompt_only", "finetune_only",
                                           "combined"]),
@@ -306,13 +320,15 @@ use_dir_arg = click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="JSONL file to write (default: standard output).")
 @arm_opt
-@click.option("--threads", type=click.IntRange(min=1),
+@click.option("--threads", type=click.IntRange(min=1, max=256),
               help="Rows in flight at once (default: the recipe's evaluate.num_threads).")
+@max_input_tokens_opt
 @_errors
 def predict(run_dir: str, input_path: str, output: str | None, arm: str,
-            threads: int | None) -> None:
+            threads: int | None, max_input_tokens: int | None) -> None:
     """Predict on every row of a file with a finished run (or a `copa export` folder): one JSON
-    line per input row, in order: the row, "prediction" and "error" (null, or why it failed)."""
+    line per input row, in order: the row, "prediction" and "error" (null, or why it failed;
+    a field over the token limit fails its row only)."""
     import json
 
     _quiet_libraries()
@@ -320,13 +336,18 @@ def predict(run_dir: str, input_path: str, output: str | None, arm: str,
     from copa.use.bundle import open_bundle
     from copa.use.predict import check_columns, predict_rows, progress_bar, read_rows
 
+    _check_output(output, "-o/--output")
     bundle = open_bundle(run_dir, arm)
+    _limit_tokens(bundle, max_input_tokens)
     rows = read_rows(input_path)
     mapping = check_columns(rows, bundle.input_fields, bundle.recipe.data.columns, input_path)
     _preload_noisy_modules()
     from copa.use.load import load_bundle
 
-    with load_bundle(bundle, emit=lambda m: click.echo(m, err=True)) as program, \
+    _quiet_dspy()
+    with load_bundle(bundle, emit=lambda m: click.echo(m, err=True),
+                     max_input_tokens=max_input_tokens,
+                     how="copa predict --max-input-tokens N changes it") as program, \
             progress_bar(len(rows), bundle.arm) as tick:
         results = predict_rows(program, rows, mapping,
                                threads or bundle.recipe.evaluate.num_threads, tick)
@@ -350,27 +371,45 @@ def predict(run_dir: str, input_path: str, output: str | None, arm: str,
 @arm_opt
 @click.option("--api-key", envvar="COPA_API_KEY", metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on /predict (or set COPA_API_KEY).")
+@max_input_tokens_opt
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1, max=3600), default=60.0,
+              show_default=True, help="One request's time limit in seconds (504 past it).")
+@click.option("--max-body-bytes", type=click.IntRange(min=256), metavar="N",
+              help="Largest request body read (413 over it; default: every field at its token "
+                   "limit).")
 @_errors
-def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None) -> None:
+def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None,
+          max_input_tokens: int | None, timeout_s: float, max_body_bytes: int | None) -> None:
     """Serve a finished run (or a `copa export` folder) over HTTP: POST /predict with the input
-    fields as JSON answers the output fields; GET /health; API docs at /docs."""
+    fields as JSON answers the output fields; GET /health; API docs at /docs. Fields over the
+    token limit, bodies over the size limit and requests past the time limit are refused
+    without touching the model; SIGTERM / Ctrl-C stop it within seconds."""
     _quiet_libraries()
     from copa.use.bundle import open_bundle
 
     bundle = open_bundle(run_dir, arm)
+    _limit_tokens(bundle, max_input_tokens)
+    _check_port(host, port)
     api_key = api_key or None
     _preload_noisy_modules()
     from copa.use.load import load_bundle
     from copa.use.serve import LOOPBACK, make_app, run_server
 
+    _quiet_dspy()
     if host not in LOOPBACK and api_key is None:
         click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this "
                    "port can use the model", err=True)
-    with load_bundle(bundle, emit=lambda m: click.echo(m, err=True)) as program:
-        app = make_app(program, api_key)
+    with load_bundle(bundle, emit=lambda m: click.echo(m, err=True),
+                     max_input_tokens=max_input_tokens,
+                     how="copa serve --max-input-tokens N changes it") as program:
+        app = make_app(program, api_key, timeout_s=timeout_s, max_body_bytes=max_body_bytes)
         click.echo(f"serving the {bundle.arm} arm of {bundle.root} on http://{host}:{port} "
-                   "(POST /predict, GET /health, docs at /docs); Ctrl-C stops", err=True)
-        run_server(app, host, port)
+                   f"(POST /predict, GET /health, docs at /docs; input fields up to "
+                   f"{program.limit.max_tokens} tokens); Ctrl-C stops", err=True)
+        engine = getattr(program.lm, "engine", None)
+        # On stop, what is still queued fails at once: no request thread outlives the server.
+        run_server(app, host, port, on_stop=lambda: getattr(
+            engine, "close", lambda wait=True: None)(wait=False))
 
 
 @cli.command(name="export")
@@ -381,6 +420,10 @@ def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None) -> 
 def export_command(run_dir: str, out_dir: str, arm: str) -> None:
     """Write one arm of a finished run into OUT_DIR, usable without the run directory: the model,
     the optimized program, the prompt template and recipe, and a model card (README.md)."""
+    _check_output(out_dir, "OUT_DIR", folder=True)
+    out_path = Path(out_dir)
+    if out_path.is_dir() and any(out_path.iterdir()):
+        _user_error(f"{out_dir}: exists and is not empty; choose a new folder (OUT_DIR)")
     _quiet_libraries()
     from copa.use.export import export
 

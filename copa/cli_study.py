@@ -49,6 +49,11 @@ def study_command(errors: Callable[[Any], Any], quiet: Callable[[], None],
         arms' means over seeds, the synergy and interaction, and their 95% intervals."""
         if (study_file is None) == (report_dir is None):
             raise click.UsageError("give STUDY.yaml, or --report DIR (one of the two)")
+        from copa.files import output_problem
+
+        problem = output_problem(Path(out_dir), folder=True) if out_dir else None
+        if problem:
+            raise click.BadParameter(f"{out_dir}: {problem}", param_hint="--out")
         run(study_file, report_dir, executor, ray_address, print_commands, out_dir, seeds)
 
     @errors

@@ -32,6 +32,31 @@ def missing_file_reason(path: Path) -> str | None:
     return f"not a regular file ({kind})"
 
 
+def output_problem(path: Path, folder: bool = False) -> str | None:
+    """Why `path` cannot be written (as a file, or with folder=True as a folder copa creates or
+    fills), or None: checked before any work, so an hour of work is never lost to a typo.
+    The nearest existing folder above it must be a writable folder."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.exists():
+        if folder and not path.is_dir():
+            return "exists and is not a folder"
+        if not folder and path.is_dir():
+            return "is a folder; give a file name"
+        if not folder and not path.is_file():
+            return missing_file_reason(path) or "not a regular file"
+        if not os.access(path, os.W_OK):
+            return "not writable"
+        return None
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create it: {parent} is not writable"
+    return None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -81,6 +106,29 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def removed_on_failure(folder: Path) -> Iterator[Path]:
+    """Yield `folder`; if the block fails, what it added there is removed again (the whole
+    folder, when the block created it): a failed command leaves no half of its output. What
+    was there before stays."""
+    folder = Path(folder)
+    existed = folder.exists()
+    before = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    try:
+        yield folder
+    except BaseException:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.is_dir():
+            for item in folder.iterdir():
+                if item.name not in before:
+                    if item.is_dir() and not item.is_symlink():
+                        shutil.rmtree(item, ignore_errors=True)
+                    else:
+                        item.unlink(missing_ok=True)
         raise
 
 

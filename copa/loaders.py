@@ -53,28 +53,40 @@ def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[st
         raise ValueError(f"not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
     if fmt == "csv":
         dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-        return list(csv.DictReader(io.StringIO(text), dialect=dialect))
+        reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+        try:
+            return list(reader)
+        except csv.Error as exc:  # e.g. a field over csv's limit (131072 characters)
+            raise ValueError(f"line {reader.line_num + 1}: {exc}") from None
     if fmt == "jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"line {n}: invalid JSON ({exc.msg})") from None
+                row = _json(line, f"line {n}: ")
                 if not isinstance(row, dict):
                     raise ValueError(f"line {n}: each line must be a JSON object")
                 rows.append(row)
         return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON at line {exc.lineno} ({exc.msg})") from None
+    data = _json(text, "")
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ValueError("a JSON data file must be a list of objects")
     return data
+
+
+def _json(text: str, where: str) -> Any:
+    """json.loads with every failure a ValueError that says where and why in one line (deep
+    nesting and over-long integers included, which json raises otherwise)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = where or f"line {exc.lineno}: "
+        raise ValueError(f"{at}invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}JSON nested too deeply") from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise ValueError(f"{where}{str(exc).split(';')[0]}") from None
 
 
 def is_squad(data: Any) -> bool:

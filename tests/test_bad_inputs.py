@@ -234,6 +234,121 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("yaml-empty", {"raw": ""}, "a recipe is a YAML mapping"),
 ]
 
+# Round 2 (issue 26): recipes that exhaust the machine before any check, duplicate keys, numbers
+# and names that validate but break training or evaluation later, data files that crash the
+# readers. Each must be refused by `copa validate`, one line naming the file and key.
+ALIAS_BOMB = "\n".join(
+    ['a0: &a0 ["lol"]']
+    + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    + ["name: bomb"]) + "\n"  # ~400 bytes; 9**9 strings once expanded
+MAX_SEED = 2**32 - 1
+CASES += [
+    # --- YAML that costs work and memory before any check (copa.recipe.yamlread)
+    ("yaml-alias-bomb", {"raw": ALIAS_BOMB}, "expands to more than 100000 values"),
+    ("yaml-alias-bomb-in-axolotl",
+     {"raw": "x: &x [a, a, a, a, a, a, a, a, a, a]\ny: &y [*x, *x, *x, *x, *x, *x, *x, *x, *x]\n"
+             "z: &z [*y, *y, *y, *y, *y, *y, *y, *y, *y]\nw: &w [*z, *z, *z, *z, *z, *z, *z, *z]\n"
+             "v: &v [*w, *w, *w, *w, *w, *w, *w, *w, *w]\nfinetune: {axolotl: {k: *v}}\n"},
+     "expands to more than 100000 values"),
+    ("yaml-recursive-alias", {"raw": "name: x\nfinetune:\n  axolotl: &a {loop: *a}\n"},
+     "finetune.axolotl.loop: line 3: an alias refers to a node that contains it"),
+    ("yaml-deep-nesting", {"raw": "name: " + "[" * 3000 + "]" * 3000 + "\n"},
+     "nested more than 40 levels deep"),
+    ("yaml-deep-mapping", {"raw": "finetune:\n  axolotl: " + "{a: " * 60 + "1" + "}" * 60 + "\n"},
+     "nested more than 40 levels deep"),
+    ("yaml-duplicate-key", {"raw": "name: dup\nfinetune:\n  lora_r: 8\n  num_epochs: 1\n"
+                                   "  lora_r: 16\n"},
+     "finetune.lora_r: line 5: duplicate key 'lora_r' (first on line 3)"),
+    ("yaml-duplicate-section", {"raw": "name: a\ntask: {signature: 'a -> b'}\nname: b\n"},
+     "name: line 3: duplicate key 'name' (first on line 1)"),
+    ("yaml-huge-integer", {"raw": "name: x\nfinetune:\n  seed: " + "9" * 5000 + "\n"},
+     "finetune.seed: line 3: integer of 5000 digits, over the 64-bit range"),
+    ("yaml-integer-past-64-bit", {"raw": f"name: x\nfinetune: {{max_steps: {2**64}}}\n"},
+     "finetune.max_steps: line 2: integer of 20 digits, over the 64-bit range"),
+    # --- numbers: finite, in range, with what to write instead
+    ("seed-negative", {"set": {"finetune.seed": -1}},
+     f"finetune.seed: must be a whole number from 0 to {MAX_SEED} (got -1)"),
+    ("seed-too-large", {"set": {"finetune.seed": 2**40}}, "finetune.seed: must be a whole number"),
+    ("split-seed-negative", {"set": {"data.splits.seed": -7}},
+     f"data.splits.seed: must be a whole number from 0 to {MAX_SEED} (got -7)"),
+    ("epochs-nan", {"set": {"finetune.num_epochs": float("nan")}},
+     "finetune.num_epochs: must be a finite number of epochs"),
+    ("epochs-infinite", {"set": {"finetune.num_epochs": float("inf")}},
+     "finetune.num_epochs: must be a finite number of epochs"),
+    ("lr-nan", {"set": {"finetune.learning_rate": float("nan")}},
+     "finetune.learning_rate: must be a finite number in (0, 1] (got nan)"),
+    ("lr-infinite", {"set": {"finetune.learning_rate": float("inf")}},
+     "finetune.learning_rate: must be a finite number in (0, 1]"),
+    ("lr-too-large", {"set": {"finetune.learning_rate": 5.0}},
+     "finetune.learning_rate: must be a finite number in (0, 1] (got 5.0); a typical LoRA"),
+    ("weight-decay-nan", {"set": {"finetune.weight_decay": float("nan")}},
+     "finetune.weight_decay: must be a finite number"),
+    ("grad-norm-infinite", {"set": {"finetune.max_grad_norm": float("inf")}},
+     "finetune.max_grad_norm: must be a finite number"),
+    ("optimizer-seed-negative", {"set": {"optimize.params": {"seed": -1}}},
+     f"optimize.params: seed must be a whole number from 0 to {MAX_SEED} (got -1)"),
+    ("max-steps-huge", {"set": {"finetune.max_steps": 2**40}},
+     "finetune.max_steps: must be a whole number from 1 to"),
+    ("split-size-nan", {"set": {"data.splits.train": float("nan")}},
+     "data.splits.train: must be a finite row count or fraction"),
+    ("bootstrap-zero", {"set": {"evaluate.bootstrap": 0}},
+     "evaluate.bootstrap: must be a whole number from 10 to 1000000 (got 0); 1000 resamples"),
+    ("bootstrap-negative", {"set": {"evaluate.bootstrap": -100}}, "evaluate.bootstrap: must be"),
+    ("eval-threads-zero", {"set": {"evaluate.num_threads": 0}},
+     "evaluate.num_threads: must be a whole number from 1 to 256 (got 0)"),
+    ("optimize-threads-huge", {"set": {"optimize.num_threads": 100000}},
+     "optimize.num_threads: must be a whole number from 1 to 256"),
+    ("answer-tokens-zero", {"set": {"evaluate.max_tokens": 0}},
+     "evaluate.max_tokens: must be a whole number from 1 to"),
+    ("optimizer-tokens-huge", {"set": {"optimize.max_tokens": 10**9}},
+     "optimize.max_tokens: must be a whole number from 16 to"),
+    ("seq-len-huge", {"set": {"finetune.sequence_len": 10**9}}, "finetune.sequence_len: must be"),
+    ("processes-huge", {"set": {"finetune.distributed": {"processes": 10**6}}},
+     "finetune.distributed.processes: must be a whole number from 1 to 1024"),
+    ("serve-batch-zero", {"set": {"serve.max_batch_size": 0}},
+     "serve.max_batch_size: must be a whole number from 1 to 1024"),
+    ("serve-wait-nan", {"set": {"serve.batch_wait_ms": float("nan")}},
+     "serve.batch_wait_ms: must be a finite number"),
+    ("number-format-unknown", {"set": {"prompt.number_format": ".1q"}},
+     "prompt.number_format: '.1q' is not a number format: write a Python format spec"),
+    ("number-format-huge", {"set": {"prompt.number_format": ".100000000f"}},
+     "prompt.number_format: '.100000000f': width and precision are at most 50"),
+    ("number-format-int-only", {"set": {"prompt.number_format": "d"}},
+     "prompt.number_format: 'd' is not a number format"),
+    # --- signature field names: Python, pydantic, DSPy and the template's own variables
+    ("field-python-keyword", {"set": {"task.signature": "class -> label"}},
+     "task.signature: field name 'class' is a Python keyword: rename it"),
+    ("field-soft-keyword", {"set": {"task.signature": "text -> match"}},
+     "task.signature: field name 'match' is a Python keyword"),
+    ("field-private", {"set": {"task.signature": "_text -> label"}},
+     "task.signature: field name '_text' starts with '_'"),
+    ("field-pydantic", {"set": {"task.signature": "model_input -> label"}},
+     "task.signature: field name 'model_input' is in pydantic's reserved 'model_' namespace"),
+    ("field-dspy-member", {"set": {"task.signature": "text -> keys"}},
+     "task.signature: field name 'keys' is a member of DSPy's Example and Prediction"),
+    ("field-template-instructions", {"set": {"task.signature": "instructions -> label"}},
+     "task.signature: field name 'instructions' is a variable the prompt template already has"),
+    ("field-template-choices", {"set": {"task.signature": "text -> choices"}},
+     "task.signature: field name 'choices' is a variable the prompt template already has"),
+    ("field-template-inputs", {"set": {"task.signature": "inputs, text -> label"}},
+     "task.signature: field name 'inputs' is a variable the prompt template already has"),
+    # --- data files that crashed the readers
+    ("csv-field-over-limit", {"set": {"data.source": "long.csv"},
+                              "files": {"long.csv": "text,label\n" + "x" * 200_000 + ",pos\n"}},
+     "data.source: long.csv: line 2: field larger than field limit"),
+    ("json-nested-deep", {"set": {"data.source": "deep.json"},
+                          "files": {"deep.json": "[" * 100_000 + "]" * 100_000}},
+     "data.source: deep.json: JSON nested too deeply"),
+    ("jsonl-nested-deep", {"set": {"data.source": "deep.jsonl"},
+                           "files": {"deep.jsonl": '{"text": ' + "[" * 100_000 + "]" * 100_000
+                                                   + "}\n"}},
+     "data.source: deep.jsonl: line 1: JSON nested too deeply"),
+    ("jsonl-huge-integer",
+     {"set": {"data.source": "big.jsonl"},
+      "files": {"big.jsonl": '{"text": ' + "7" * 6000 + ', "label": "pos"}\n'}},
+     "data.source: big.jsonl: line 1: Exceeds the limit (4300 digits) for integer string"),
+]
+
 
 def _write_case(tmp_path: Path, case: dict[str, Any]) -> Path:
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -264,7 +379,7 @@ def test_the_base_case_is_valid(tmp_path: Path) -> None:
 
 
 def test_corpus_is_large_enough() -> None:
-    assert len(CASES) >= 60
+    assert len(CASES) >= 110
 
 
 @pytest.mark.parametrize("case, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -350,3 +465,112 @@ def test_a_user_metric_next_to_the_recipe_validates_and_is_the_one_the_run_uses(
     assert result.exit_code == 0, result.output
     metric = make_metric("case_good_metrics:f1", "label", base_dir=tmp_path)
     assert metric({}, {}) == 0.25
+
+
+# --- round 2: the command line's own inputs, and output paths checked before any work ---------
+
+def _one_line_exit_2(result: Any) -> str:
+    import re
+
+    output = result.output.strip()
+    assert result.exit_code == 2, output
+    assert len(output.splitlines()) == 1, output
+    assert "Traceback" not in output and not re.search(r"\b[A-Z]\w*(Error|Exception)\b", output)
+    return output
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["validate", "{recipe}", "--set", "finetune.lora_r=["],
+     "--set finetune.lora_r: the value is not valid YAML (line 1, column 2"),
+    (["validate", "{recipe}", "--set", "finetune.axolotl={{a: 1, a: 2}}"],
+     "--set finetune.axolotl: the value is not valid YAML (a: line 1: duplicate key 'a'"),
+    (["validate", "{recipe}", "--set", f"finetune.seed={'9' * 5000}"],
+     "--set finetune.seed: the value is not valid YAML (line 1: integer of 5000 digits"),
+    (["validate", "{recipe}", "--set", "finetune.seed=-1"],
+     "finetune.seed: must be a whole number from 0 to 4294967295 (got -1)"),
+    (["predict", "{tmp}/no-run", "-i", "{tmp}/no-rows.csv", "-o", "{file}/out.jsonl"],
+     "{file}/out.jsonl: {file} is not a folder (-o/--output)"),
+    (["render", "{recipe}", "-o", "{file}"], "copa render: Invalid value for '-o' / '--output'"),
+    (["run", "{recipe}", "--run-dir", "{file}/run"], "{file} is not a folder (--run-dir)"),
+    (["train", "{recipe}", "--run-dir", "{file}/run"], "{file} is not a folder (--run-dir)"),
+    (["export", "{tmp}/no-run", "{file}/out"], "{file} is not a folder (OUT_DIR)"),
+    (["init", "x", "-o", "{file}/x.yaml"], "{file} is not a folder (-o/--output)"),
+    (["init", "../../escape"], "NAME '../../escape': use letters, digits"),
+    (["study", "{tmp}/s.yaml", "--out", "{file}/s"], "copa study: Invalid value for --out"),
+    (["predict", "{tmp}/no-run"], "copa predict: Missing option '-i' / '--input'."),
+    (["serve", "{tmp}/no-run", "--max-input-tokens", "0"], "copa serve: Invalid value for"),
+    (["report", "{tmp}/no-run"], "copa report: Invalid value for 'RUN_DIR'"),
+    (["report", "{tmp}"], "report.md does not exist: run `copa run` or `copa evaluate`"),
+    (["study", "--report", "{tmp}"], "not a study folder"),
+    (["nosuch"], "copa: No such command 'nosuch'."),
+], ids=["set-yaml", "set-duplicate", "set-huge-int", "set-bad-seed", "predict-output",
+        "render-output", "run-dir", "train-run-dir", "export-output", "init-output", "init-name",
+        "study-out",
+        "missing-option", "bad-option-value", "missing-dir", "report-missing", "not-a-study",
+        "unknown-command"])
+def test_command_line_user_errors_are_one_line_with_exit_2(tmp_path: Path, args: list[str],
+                                                           expected: str) -> None:
+    recipe = _write_case(tmp_path, {})
+    file = tmp_path / "a-file"
+    file.write_text("not a folder\n")
+    (tmp_path / "s.yaml").write_text("recipe: recipe.yaml\n")
+    fill = {"recipe": str(recipe), "tmp": str(tmp_path), "file": str(file)}
+    result = CliRunner().invoke(cli, [a.format(**fill) for a in args])
+    assert expected.format(**fill) in _one_line_exit_2(result)
+
+
+def test_a_failed_render_leaves_none_of_its_files(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Rendering fails after the splits are written (every training row is over sequence_len,
+    found with the model's tokenizer): the new folder is gone, a folder that existed keeps only
+    what it had."""
+    from conftest import write_tiny_recipe
+
+    recipe = write_tiny_recipe(tmp_path / "recipe", tiny_model_dir)
+    too_short = ["--set", "finetune.sequence_len=16"]
+    new = tmp_path / "new" / "rendered"
+    result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(new), *too_short])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "finetune.sequence_len: every training row is longer" in result.output.splitlines()[-1]
+    assert not new.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("the user's\n")
+    result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(kept), *too_short])
+    assert result.exit_code == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["mine.txt"]
+    result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(kept)])
+    assert result.exit_code == 0, result.output
+    assert {"mine.txt", "splits", "train.jsonl", "axolotl.yml"} <= {p.name for p in kept.iterdir()}
+
+
+@pytest.mark.slow
+def test_render_and_validate_print_no_third_party_noise(tmp_path: Path,
+                                                        tiny_model_dir: Path) -> None:
+    """In a fresh process (bitsandbytes logs its kernels-community lookup once per process,
+    when Axolotl is imported to validate the config)."""
+    from conftest import write_tiny_recipe
+
+    recipe = write_tiny_recipe(tmp_path / "recipe", tiny_model_dir)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args in (["validate", str(recipe), "--full"],
+                 ["render", str(recipe), "-o", str(tmp_path / "out")]):
+        done = subprocess.run([sys.executable, "-m", "copa.cli", *args], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        assert not [line for line in lines if not line.startswith(
+            (str(recipe), "resolving model", "wrote "))], lines
+
+
+def test_the_reserved_field_names_cover_dspys_own_members() -> None:
+    """copa.recipe.schema lists DSPy's Example / Prediction members without importing DSPy (a
+    light module): the list must still hold every public member of the installed DSPy."""
+    import dspy
+
+    from copa.recipe.schema import DSPY_MEMBERS, field_name_problem
+
+    members = {n for cls in (dspy.Example, dspy.Prediction) for n in dir(cls)
+               if not n.startswith("_")}
+    assert members <= set(DSPY_MEMBERS), members - set(DSPY_MEMBERS)
+    assert all(field_name_problem(n) for n in members)
+    assert field_name_problem("petal_width") is None

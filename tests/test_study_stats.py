@@ -3,6 +3,7 @@ file checks, cell names, commands and plots (no training: fast)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shlex
 from pathlib import Path
@@ -266,7 +267,7 @@ def test_the_command_says_what_it_needs(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "grid.finetune.lora_r: 0: must be at least 1" in result.output
     result = CliRunner().invoke(cli, ["study", "--report", str(tmp_path)])
-    assert result.exit_code == 1 and "is not a study folder" in result.output
+    assert result.exit_code == 2 and "not a study folder" in result.output
 
 
 def test_a_problem_every_cell_shares_stops_the_study_before_any_cell(tmp_path: Path) -> None:
@@ -325,3 +326,43 @@ def test_bettertogether_cells_fine_tune_in_one_study_folder(tmp_path: Path) -> N
     link_finetunes(own, study)  # fine-tuned on its own before: kept, not replaced
     assert not (own / "finetunes").is_symlink()
     assert (own / "finetunes" / "0123456789abcdef").is_dir()
+
+
+@pytest.mark.parametrize("grid", [
+    # a key whose last part is the user's text, under free-form mappings
+    {"finetune.axolotl./tmp/copa-escape": [1, 2]},
+    {"finetune.axolotl.x/y/copa-escape": [1], "optimize.params./abs/dir": [3, 4]},
+    # values: absolute paths and '..'
+    {"finetune.axolotl.note": ["/etc", "..", "../../x"]},
+], ids=["absolute-key", "slash-keys", "values"])
+def test_cell_folders_never_leave_the_study_folder(tmp_path: Path, grid: dict) -> None:
+    path = _study(tmp_path, f"grid: {yaml.safe_dump(grid, default_flow_style=True)}")
+    study = load_study(path, out_dir=tmp_path / "study")
+    root = (tmp_path / "study").resolve()
+    assert len(study.cells) == len(list(itertools.product(*grid.values())))
+    for cell in study.cells:
+        assert not Path(cell.rel_dir).is_absolute() and ".." not in Path(cell.rel_dir).parts
+        target = (root / cell.rel_dir).resolve()
+        assert target.parent.parent == root, cell.rel_dir  # <cell>/seed-<n>, one level down
+        assert f"--run-dir {root}/{cell.rel_dir.split('/')[0]}/" in cell_command(study, cell)
+
+
+def test_a_grid_key_with_dotdot_is_not_a_key_path(tmp_path: Path) -> None:
+    problems = _problems(_study(tmp_path, "grid: {optimize.params.../../../x: [1, 2]}\n"))
+    assert problems and all("grid.optimize.params.../../../x" in p and "not a key path" in p
+                            for p in problems)
+
+
+def test_seeds_out_of_range_are_refused(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    assert any("seeds: seeds are whole numbers from 0 to 4294967295 (got -1)" in p
+               for p in _problems(_study(tmp_path, "seeds: [0, -1]\n")))
+    path = _study(tmp_path, "seeds: [0]\n")
+    for seeds in ("-3", f"{2**40}", "0,1e3"):
+        result = CliRunner().invoke(cli, ["study", str(path), "--print-commands", "--seeds", seeds])
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert "Traceback" not in result.output and "Error:" not in result.output

@@ -10,6 +10,7 @@ Imported only by the stages that need a model: torch, transformers and dspy load
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import logging
@@ -17,7 +18,8 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,50 @@ class _Pending:
 
 class EngineClosed(RuntimeError):
     pass
+
+
+class RequestTimeout(TimeoutError):
+    """A request's time limit (time_limit) passed before its answer came."""
+
+
+# When the current caller stops waiting (time.monotonic()); None: it waits as long as it takes.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("copa_deadline",
+                                                                        default=None)
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Engine calls made inside the block give up after `seconds` in all (RequestTimeout); a
+    request still queued is withdrawn, so a caller that gave up costs the model nothing."""
+    if seconds is None:
+        yield
+        return
+    token = _DEADLINE.set(time.monotonic() + float(seconds))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def wait_for(future: Future) -> Any:
+    """The future's result, within the caller's time limit (RequestTimeout past it)."""
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return future.result()
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        started = not future.cancel()  # still queued: withdrawn; running: it finishes unread
+        raise RequestTimeout("the request's time limit passed " + (
+            "while the model answered it" if started else "before the model started on it")
+        ) from None
+
+
+def _fail(future: Future, exc: BaseException) -> None:
+    try:
+        future.set_exception(exc)
+    except InvalidStateError:  # withdrawn by its caller meanwhile
+        pass
 
 
 class BatchingEngine:
@@ -91,7 +137,7 @@ class BatchingEngine:
         validate_request(request)
         messages, max_tokens, stop = self._unpack(request)
         sampling = self.sampling_for(request, messages)
-        gen = self.submit(messages, max_tokens, stop, sampling).result()
+        gen = wait_for(self.submit(messages, max_tokens, stop, sampling))
         return _response(request, gen)
 
     def sampling_for(self, request: Request, messages: Chat) -> Sampling | None:
@@ -148,6 +194,7 @@ class BatchingEngine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed")
+            self._queue = [i for i in self._queue if not i.future.cancelled()]
             self._queue.append(item)
             self._cond.notify_all()
         return item.future
@@ -183,19 +230,21 @@ class BatchingEngine:
                 self._cond.wait(left)
             batch = self._queue[:self.max_batch_size]
             del self._queue[:self.max_batch_size]
-            return batch
+            # Requests their callers withdrew (time limit passed) are dropped, not generated.
+            return [b for b in batch if b.future.set_running_or_notify_cancel()]
 
     def _run(self) -> None:
         try:
             while (batch := self._take_batch()) is not None:
-                self._generate(batch)
+                if batch:
+                    self._generate(batch)
         finally:
             # Also reached if the worker dies: nobody may wait forever on a queued request.
             with self._cond:
                 self._closed = True
                 pending, self._queue = self._queue, []
             for item in pending:
-                item.future.set_exception(EngineClosed("the engine closed before this request ran"))
+                _fail(item.future, EngineClosed("the engine closed before this request ran"))
 
     def _generate(self, batch: list[_Pending]) -> None:
         self.batch_sizes.append(len(batch))
@@ -252,7 +301,16 @@ class AsyncBatchingEngine:
         validate_request(request)
         messages, max_tokens, stop = self.engine._unpack(request)
         sampling = self.engine.sampling_for(request, messages)
-        gen = await asyncio.wrap_future(self.engine.submit(messages, max_tokens, stop, sampling))
+        future = self.engine.submit(messages, max_tokens, stop, sampling)
+        deadline = _DEADLINE.get()
+        if deadline is None:
+            gen = await asyncio.wrap_future(future)
+        else:
+            try:
+                gen = await asyncio.wait_for(asyncio.wrap_future(future),
+                                             max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise RequestTimeout("the request's time limit passed") from None
         return _response(request, gen)
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:

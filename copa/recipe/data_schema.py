@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -31,10 +32,19 @@ class SplitSizes(Section):
     @field_validator("train", "val", "test")
     @classmethod
     def _positive(cls, value: int | float) -> int | float:
+        if not math.isfinite(value) or value > 2**31 - 1:
+            raise ValueError(f"must be a finite row count or fraction (got {value!r})")
         if value <= 0:
             raise ValueError("must be > 0 (a row count, or a fraction below 1)")
         if isinstance(value, float) and value >= 1 and not value.is_integer():
             raise ValueError("a fraction must be below 1; write a whole number for a row count")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        if not 0 <= value <= 2**32 - 1:
+            raise ValueError(f"must be a whole number from 0 to {2**32 - 1} (got {value})")
         return value
 
 

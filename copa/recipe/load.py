@@ -15,7 +15,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from copa.files import missing_file_reason
@@ -24,8 +23,9 @@ from copa.recipe.schema import (
     Recipe,
     RecipeError,
 )
+from copa.recipe.yamlread import MAX_YAML_BYTES, YAMLProblem, read_yaml
 
-MAX_RECIPE_BYTES = 1_000_000
+MAX_RECIPE_BYTES = MAX_YAML_BYTES
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -148,12 +148,9 @@ def load_recipe(path: str | os.PathLike[str], env: dict[str, str] | None = None,
     except UnicodeDecodeError:
         raise RecipeError([Problem(file=label, path="", message="not UTF-8 text")]) from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError([Problem(file=label, path="", message=f"{where}{problem}")]) from None
+        raw = read_yaml(text)  # bounded: aliases, depth, integers; duplicate keys refused
+    except YAMLProblem as exc:
+        raise RecipeError([Problem(file=label, path=exc.path, message=exc.message)]) from None
     if not isinstance(raw, dict):
         raise RecipeError([Problem(
             file=label, path="",

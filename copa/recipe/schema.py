@@ -5,6 +5,7 @@ Loading, `${VAR}` interpolation and error messages live in `copa.recipe`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -28,14 +29,24 @@ from copa.recipe.serve_schema import (  # noqa: F401 - the serve sections are pa
     ServeSection,
 )
 from copa.recipe.track_schema import TrackSection, track_value
+from copa.recipe.values import (  # noqa: F401 - the ranges and names are part of the schema
+    DSPY_MEMBERS,
+    FIELD_NAME,
+    MAX_COUNT,
+    MAX_SEED,
+    MAX_THREADS,
+    MAX_TOKENS,
+    TEMPLATE_VARIABLES,
+    bounded,
+    field_name_problem,
+    number_format_checked,
+)
 
 MODEL_ALIASES = tuple(EMBEDDED)  # the models that ship inside PyPI packages
 ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
 BUILTIN_METRICS = ("exact_match", "label_accuracy", "gsm8k_answer", "token_f1", "squad_em",
                    "squad_f1")
-FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_STRATEGY = "w -> p"  # copa's own pipeline: fine-tune, then prompts on the merged model
-
 
 class Problem(BaseModel):
     """One thing wrong with a recipe, located by file and dotted key path."""
@@ -115,6 +126,11 @@ class PromptSection(_Section):
         None, description="Python format spec applied to float inputs, e.g. '.1f'."
     )
 
+    @field_validator("number_format")
+    @classmethod
+    def _number_format(cls, value: str | None) -> str | None:
+        return value if not value else number_format_checked(value)
+
 
 class DistributedSection(_Section):
     processes: int = 1
@@ -127,7 +143,7 @@ class DistributedSection(_Section):
     def _at_least_one(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1")
-        return value
+        return bounded(value, 1, 1024)
 
 
 class FinetuneEvalSection(_Section):
@@ -209,9 +225,9 @@ class FinetuneSection(_Section):
     @field_validator("learning_rate")
     @classmethod
     def _lr(cls, value: float) -> float:
-        if not value > 0:
+        if math.isfinite(value) and not value > 0:
             raise ValueError(f"must be > 0 (got {value}); a typical LoRA value is 2e-4")
-        return value
+        return bounded(value, 0.0, 1.0, low_open=True, hint="a typical LoRA value is 2e-4")
 
     @field_validator("micro_batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
                      "save_steps")
@@ -219,14 +235,32 @@ class FinetuneSection(_Section):
     def _at_least_one(cls, value: int) -> int:
         if value < 1:
             raise ValueError(f"must be at least 1 (got {value})")
-        return value
+        return bounded(value, 1, MAX_COUNT)
 
     @field_validator("sequence_len")
     @classmethod
     def _seq(cls, value: int) -> int:
         if value < 16:
             raise ValueError(f"must be at least 16 tokens (got {value})")
+        return bounded(value, 16, MAX_TOKENS)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        return bounded(value, 0, MAX_SEED)
+
+    @field_validator("num_epochs")
+    @classmethod
+    def _epochs(cls, value: float | None) -> float | None:
+        if value is not None and (not math.isfinite(value) or value > 100_000):
+            raise ValueError(f"must be a finite number of epochs, at most 100000 (got {value!r});"
+                             " or leave it out and set max_steps")
         return value
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int | None) -> int | None:
+        return None if value is None or value < 1 else bounded(value, 1, MAX_COUNT)
 
     @field_validator("lora_dropout", "val_set_size")
     @classmethod
@@ -240,14 +274,14 @@ class FinetuneSection(_Section):
     def _non_negative(cls, value: float) -> float:
         if value < 0:
             raise ValueError(f"must be >= 0 (got {value})")
-        return value
+        return bounded(value, 0.0, 1e6)
 
     @field_validator("warmup_steps", "num_demos")
     @classmethod
     def _count(cls, value: int) -> int:
         if value < 0:
             raise ValueError(f"must be >= 0 (got {value})")
-        return value
+        return bounded(value, 0, MAX_COUNT)
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneSection:
@@ -312,6 +346,25 @@ class OptimizeSection(_Section):
                     "GEPA's reflections), apart from the task's answer length.",
     )
 
+    @field_validator("num_threads")
+    @classmethod
+    def _threads(cls, value: int) -> int:
+        return bounded(value, 1, MAX_THREADS)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _budget(cls, value: int) -> int:
+        return bounded(value, 16, MAX_TOKENS)
+
+    @field_validator("params")
+    @classmethod
+    def _params_seed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        seed = value.get("seed")  # the optimizer's seed (a study sets it per cell)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not 0 <= seed <= MAX_SEED):
+            raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED} (got {seed!r})")
+        return value
+
     @field_validator("optimizer")
     @classmethod
     def _name(cls, value: str) -> str:
@@ -351,7 +404,22 @@ class EvaluateSection(_Section):
     def _max_errors(cls, value: int) -> int:
         if value < 0:
             raise ValueError(f"must be >= 0 (got {value}); 0 fails on the first failed call")
-        return value
+        return bounded(value, 0, MAX_COUNT)
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: int) -> int:
+        return bounded(value, 10, 1_000_000, hint="1000 resamples is usual")
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _budget(cls, value: int) -> int:
+        return bounded(value, 1, MAX_TOKENS, hint="the longest answer, in tokens, e.g. 64")
+
+    @field_validator("num_threads")
+    @classmethod
+    def _threads(cls, value: int) -> int:
+        return bounded(value, 1, MAX_THREADS)
 
     @field_validator("metric")
     @classmethod
@@ -440,8 +508,9 @@ def parse_signature(signature: str) -> tuple[list[str], list[str]]:
     if not inputs or not outputs:
         raise ValueError("needs at least one input and one output field, e.g. 'text -> label'")
     for name in inputs + outputs:
-        if not FIELD_NAME.match(name):
-            raise ValueError(f"field name {name!r} is not an identifier")
+        problem = field_name_problem(name)
+        if problem:
+            raise ValueError(problem)
     if len(set(inputs + outputs)) != len(inputs) + len(outputs):
         raise ValueError("field names must be unique")
     return inputs, outputs

@@ -4,6 +4,7 @@ of a recipe."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -55,6 +56,20 @@ class ServeSection(_Section):
     response_cache: bool = Field(True, description="local engine: keep DSPy's response cache "
                                  "in the run directory, keyed by the model weights' hash, so a "
                                  "re-run repeats no generation (greedy decoding is deterministic).")
+
+    @field_validator("max_batch_size")
+    @classmethod
+    def _batch(cls, value: int) -> int:
+        if not 1 <= value <= 1024:
+            raise ValueError(f"must be a whole number from 1 to 1024 (got {value})")
+        return value
+
+    @field_validator("batch_wait_ms")
+    @classmethod
+    def _wait(cls, value: float) -> float:
+        if not (math.isfinite(value) and 0 <= value <= 10_000):
+            raise ValueError(f"must be a finite number in [0, 10000] ms (got {value!r})")
+        return value
 
     @field_validator("models")
     @classmethod

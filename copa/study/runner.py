@@ -76,8 +76,11 @@ def report_study(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
     directory = Path(study_dir)
     plan_path = directory / PLAN_FILE
     if not plan_path.is_file():
-        raise FileNotFoundError(f"{plan_path} does not exist: {directory} is not a study folder "
-                                "(run `copa study STUDY.yaml` or --print-commands first)")
+        from copa.recipe import Problem, RecipeError
+
+        raise RecipeError([Problem(file=str(directory), path="", message=(
+            f"not a study folder: it has no {PLAN_FILE} (run `copa study STUDY.yaml` or "
+            "--print-commands first)"))])
     data = aggregate(json.loads(plan_path.read_text()), directory)
     write_study(directory, data)
     return data

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from copa.files import missing_file_reason
 from copa.recipe import ARMS, Problem, RecipeError, load_recipe
 from copa.recipe.data_schema import Section
 from copa.recipe.load import _describe, _loc
-from copa.recipe.schema import named_arms
+from copa.recipe.schema import MAX_SEED, named_arms
+from copa.recipe.yamlread import MAX_YAML_BYTES, YAMLProblem, read_yaml
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # The recipe keys one seed sets: the data split, the fine-tune (and through it the optimizer's
@@ -68,7 +68,8 @@ class StudyFile(Section):
     arms: list[Literal["baseline", "prompt_only", "finetune_only", "combined"]] = Field(
         default_factory=lambda: list(ARMS))
     resources: Resources = Field(default_factory=Resources)
-    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the intervals.")
+    bootstrap: int = Field(2000, ge=100, le=1_000_000,
+                           description="Bootstrap resamples of the intervals.")
     run_dir: str | None = Field(None, description="Where the cells go; default runs/<name>.")
 
     @field_validator("name")
@@ -93,6 +94,9 @@ class StudyFile(Section):
     def _seeds(cls, value: list[int]) -> list[int]:
         if not value:
             raise ValueError("give at least one seed, e.g. seeds: [0, 1, 2]")
+        bad = [v for v in value if not 0 <= v <= MAX_SEED]
+        if bad:
+            raise ValueError(f"seeds are whole numbers from 0 to {MAX_SEED} (got {bad[0]})")
         if len(set(value)) != len(value):
             raise ValueError("seeds repeat")
         return value
@@ -133,13 +137,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if reason:
         raise RecipeError([Problem(file=label, path="", message=(
             "no such study file" if reason == "no such file" else f"{reason}, not a study"))])
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise RecipeError([Problem(file=label, path="", message="study file is over 1 MB")])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or "not valid YAML text"
-        raise RecipeError([Problem(file=label, path="", message=f"{where}{problem}")]) from None
+        raw = read_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError([Problem(file=label, path="", message="not UTF-8 text")]) from None
+    except YAMLProblem as exc:
+        raise RecipeError([Problem(file=label, path=exc.path, message=exc.message)]) from None
     if not isinstance(raw, dict):
         raise RecipeError([Problem(file=label, path="", message=(
             "a study is a YAML mapping: recipe, grid, seeds, arms (see docs/studies.md)"))])
@@ -175,22 +180,44 @@ def folder_part(value: Any) -> str:
     return text
 
 
-def _labels(keys: list[str]) -> dict[str, str]:
-    """Each grid key's label in folder names: its last part, unless two keys share it."""
-    last = [k.split(".")[-1] for k in keys]
-    return {k: (tail if last.count(tail) == 1 else k) for k, tail in zip(keys, last)}
+def _labels(keys: list[str], label: str) -> dict[str, str]:
+    """Each grid key's label in folder names: its last part, unless two keys share it; made of
+    folder-safe characters only, like the values (a key's last part under a free-form mapping,
+    e.g. finetune.axolotl./abs/path or optimize.params.../x, is the user's text)."""
+    last = [folder_part(k.split(".")[-1]) for k in keys]
+    labels = {k: (tail if last.count(tail) == 1 else folder_part(k)) for k, tail in zip(keys, last)}
+    taken: dict[str, str] = {}
+    for key, name in labels.items():
+        if name in taken:
+            raise RecipeError([Problem(file=label, path=f"grid.{key}", message=(
+                f"names the same cell folders as grid.{taken[name]} ('{name}=...'); make the "
+                "keys differ in letters or digits"))])
+        taken[name] = key
+    return labels
+
+
+MAX_CELL_NAME = 120  # a folder name's bytes are limited (255 on most file systems)
+
+
+def _cell_name(parts: list[str]) -> str:
+    name = ",".join(parts)
+    if len(name) > MAX_CELL_NAME:  # many keys: the start and a hash of the whole
+        name = name[:MAX_CELL_NAME - 8].rstrip("-.,=") + "-" + \
+            hashlib.sha256(name.encode()).hexdigest()[:6]
+    return name
 
 
 def cell_names(spec: StudyFile, label: str) -> list[tuple[str, dict[str, Any]]]:
-    """(folder name, grid values) of every grid point, in the grid's order."""
+    """(folder name, grid values) of every grid point, in the grid's order. A name is made of
+    letters, digits and _ . + - = , only: it never leaves the study folder."""
     keys = list(spec.grid)
     if not keys:
         return [("base", {})]
-    labels = _labels(keys)
+    labels = _labels(keys, label)
     points = []
     for combo in itertools.product(*(spec.grid[k] for k in keys)):
         values = dict(zip(keys, combo))
-        points.append((",".join(f"{labels[k]}={folder_part(v)}" for k, v in values.items()),
+        points.append((_cell_name([f"{labels[k]}={folder_part(v)}" for k, v in values.items()]),
                        values))
     names = [n for n, _ in points]
     for key in keys:
@@ -199,8 +226,18 @@ def cell_names(spec: StudyFile, label: str) -> list[tuple[str, dict[str, Any]]]:
             raise RecipeError([Problem(file=label, path=f"grid.{key}", message=(
                 f"values {spec.grid[key]} give the same folder name twice ({parts}); "
                 "make them differ in letters or digits"))])
-    assert len(set(names)) == len(names)
+    if len(set(names)) != len(names):
+        raise RecipeError([Problem(file=label, path="grid", message=(
+            "two grid points give the same cell folder name; make the values differ in "
+            "letters or digits"))])
     return points
+
+
+def inside(directory: Path, rel_dir: str) -> bool:
+    """rel_dir, under directory, stays inside it (no absolute part, no '..' out of it)."""
+    root = directory.resolve()
+    target = (root / rel_dir).resolve()
+    return not Path(rel_dir).is_absolute() and target != root and target.is_relative_to(root)
 
 
 def _seed_keys(recipe_path: Path) -> tuple[str, ...]:
@@ -279,6 +316,9 @@ def load_study(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | N
             overrides = {**spec.set, **values, **{k: seed for k in seed_keys},
                          "evaluate.arms": list(spec.arms)}
             cell = Cell(name=cell_name, values=values, seed=seed, overrides=overrides)
+            if not inside(study.dir, cell.rel_dir):  # cell_names never gives one: kept so
+                raise RecipeError([Problem(file=label, path="grid", message=(
+                    f"cell folder {cell.rel_dir!r} would leave the study folder"))])
             try:
                 load_recipe(recipe, overrides=overrides)
             except RecipeError as exc:

@@ -15,6 +15,13 @@ from copa.data import format_value
 from copa.dspy.kit import make_adapter, model_lm
 from copa.dspy.program import make_program
 from copa.use.bundle import Bundle, open_bundle
+from copa.use.limits import (
+    InputLimit,
+    guessed_limit,
+    limit_tokens,
+    tokenizer_limit,
+    total_tokens,
+)
 
 
 class LoadedProgram:
@@ -22,8 +29,9 @@ class LoadedProgram:
     batches them. Close it (or use `with`) to stop a server engine the recipe started."""
 
     def __init__(self, bundle: Bundle, program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter,
-                 stack: ExitStack) -> None:
+                 stack: ExitStack, limit: InputLimit | None = None) -> None:
         self.bundle, self.program, self.lm, self.adapter = bundle, program, lm, adapter
+        self.limit = limit  # each input field's token limit (None: unchecked)
         self._stack = stack
 
     @property
@@ -40,7 +48,8 @@ class LoadedProgram:
 
     def inputs_for(self, values: Mapping[str, Any]) -> dict[str, str]:
         """The input fields as the model saw them in training (the recipe's number_format
-        applied, as data loading applied it); a missing or unknown field is a TypeError."""
+        applied, as data loading applied it); a missing or unknown field is a TypeError, a field
+        over the token limit an InputTooLong (copa.use.limits), before the model sees anything."""
         missing = [f for f in self.input_fields if f not in values]
         unknown = [k for k in values if k not in self.input_fields]
         if missing or unknown:
@@ -48,7 +57,10 @@ class LoadedProgram:
                    ([f"unknown {', '.join(unknown)}"] if unknown else [])
             raise TypeError(f"{'; '.join(said)}: this task takes {', '.join(self.input_fields)}")
         number_format = self.bundle.recipe.prompt.number_format
-        return {f: format_value(values[f], number_format) for f in self.input_fields}
+        formatted = {f: format_value(values[f], number_format) for f in self.input_fields}
+        if self.limit is not None:
+            self.limit.check(formatted)
+        return formatted
 
     def __call__(self, **inputs: Any) -> dspy.Prediction:
         values = self.inputs_for(inputs)
@@ -75,18 +87,40 @@ class LoadedProgram:
                 f"{', '.join(self.input_fields)} -> {', '.join(self.output_fields)})")
 
 
-def load(path: str | Path, arm: str = "best",
-         emit: Callable[[str], None] = lambda _: None) -> LoadedProgram:
+def load(path: str | Path, arm: str = "best", emit: Callable[[str], None] = lambda _: None,
+         max_input_tokens: int | None = None) -> LoadedProgram:
     """An arm of a finished run directory or `copa export` folder as a callable program.
 
     `arm="best"` is the arm with the best val score (report.json's val section; the test split
     never chooses); any of baseline, prompt_only, finetune_only, combined by name.
+    `max_input_tokens`: each input field's limit (default: the recipe's finetune.sequence_len,
+    within the model's context); a longer field raises InputTooLong before the model runs.
     """
-    return load_bundle(open_bundle(path, arm), emit)
+    return load_bundle(open_bundle(path, arm), emit, max_input_tokens)
 
 
-def load_bundle(bundle: Bundle, emit: Callable[[str], None] = lambda _: None) -> LoadedProgram:
+def input_limit(bundle: Bundle, lm: Any, max_tokens: int, how: str = "") -> InputLimit:
+    """An InputLimit counting with the arm's model's tokenizer (the local engine's, else the
+    model folder's; without either, guessed from bytes)."""
+    tokenizer = getattr(getattr(getattr(lm, "engine", None), "model", None), "tokenizer", None)
+    if tokenizer is None and Path(bundle.model_path).is_dir():
+        try:
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                bundle.model_path, trust_remote_code=bundle.recipe.model.trust_remote_code)
+        except Exception:  # noqa: BLE001 - a folder without a tokenizer: guess from bytes
+            tokenizer = None
+    total = total_tokens(bundle.recipe, bundle.model_path)
+    return tokenizer_limit(tokenizer, max_tokens, how, total) if tokenizer is not None \
+        else guessed_limit(max_tokens, how, total)
+
+
+def load_bundle(bundle: Bundle, emit: Callable[[str], None] = lambda _: None,
+                max_input_tokens: int | None = None, how: str = "") -> LoadedProgram:
+    """`how`: what a refusal of a long field tells the caller to change (a CLI option)."""
     recipe = bundle.recipe
+    max_tokens = limit_tokens(recipe, bundle.model_path, max_input_tokens)
     program = make_program(recipe)
     if bundle.program_path is not None:
         program.load(str(bundle.program_path))
@@ -96,7 +130,9 @@ def load_bundle(bundle: Bundle, emit: Callable[[str], None] = lambda _: None) ->
         # No run directory: answers to new rows are not kept in the run's response cache.
         lm = stack.enter_context(model_lm(recipe, bundle.model_path, bundle.model_role,
                                           emit=emit))
+        limit = input_limit(bundle, lm, max_tokens,
+                            how or "copa.load(..., max_input_tokens=N) changes it")
     except BaseException:
         stack.close()
         raise
-    return LoadedProgram(bundle, program, lm, adapter, stack)
+    return LoadedProgram(bundle, program, lm, adapter, stack, limit)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from copa.data import read_table
+from copa.text import one_line
+from copa.use.limits import InputTooLong
 
 # Keys each output row adds after the input row's own columns.
 PREDICTION_KEY, ERROR_KEY = "prediction", "error"
@@ -80,8 +82,11 @@ def predict_rows(program: Answerer, rows: Sequence[Mapping[str, Any]],
                 raise ValueError(f"row lacks {', '.join(absent)}")
             answer = program.answer({f: row[column] for f, column in mapping.items()})
             return {**row, PREDICTION_KEY: answer, ERROR_KEY: None}
+        except InputTooLong as exc:  # refused before the model saw it
+            return {**row, PREDICTION_KEY: None, ERROR_KEY: str(exc)}
         except Exception as exc:  # this row's failure, reported in its row
-            return {**row, PREDICTION_KEY: None, ERROR_KEY: f"{type(exc).__name__}: {exc}"}
+            return {**row, PREDICTION_KEY: None,
+                    ERROR_KEY: one_line(f"{type(exc).__name__}: {exc}", 500)}
         finally:
             progress(1)
 

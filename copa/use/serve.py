@@ -4,11 +4,23 @@ POST /predict takes the signature's input fields and answers its output fields; 
 says it is up and what it serves; /docs and /openapi.json describe the request and response
 models, which are generated from the signature. Requests run in FastAPI's thread pool, so
 concurrent ones meet in the one engine, which batches them.
+
+No request can stall the others: a body over the size limit is refused (413) before it is read
+whole, each field over the token limit (copa.use.limits) is refused (422) before the engine sees
+it, a request past its time limit is answered 504 (its queued generation withdrawn), requests
+beyond the in-flight limit are answered 503 at once, and /health runs on the event loop, never
+behind them. No refusal echoes the input. SIGTERM / Ctrl-C: in-flight requests get a few
+seconds to finish, then the rest are cancelled.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint's annotations at
 # run time, and the request model is made per signature, inside make_app.
+import asyncio
+import json
 import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -17,9 +29,78 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, create_model
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from copa.text import one_line
+from copa.use.limits import DEFAULT_TIMEOUT_S, InputTooLong
 
 API_KEY_ENV = "COPA_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SHUTDOWN_GRACE_S = 5.0  # SIGTERM / Ctrl-C: how long in-flight requests may still finish
+MAX_CONNECTIONS = 256  # open connections beyond this are answered 503 by uvicorn
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
+                   Awaitable[None]]
+
+
+def body_limit(fields: int, max_input_tokens: int, chars_per_token: int = 64) -> int:
+    """The largest request body worth reading: every field at its token limit, each character
+    escaped in JSON (at most 6 bytes: \\uXXXX), and room for names and punctuation."""
+    return max(64 * 1024, fields * max_input_tokens * chars_per_token * 6 + 4096)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 without reading it
+    whole (a Content-Length over the limit: without reading any of it)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+        chunks, size, more = [], 0, True
+        while more:  # bounded: at most max_bytes are ever held
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Callable[[Message], Awaitable[None]]) -> None:
+        message = (f"request body over {self.max_bytes} bytes: send the input fields only "
+                   "(copa serve --max-body-bytes)")
+        payload = json.dumps({"message": message}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
 
 InputValue = str | int | float  # numbers are formatted as the training data's were
 
@@ -52,16 +133,42 @@ def _explain(errors: list[dict[str, Any]], fields: list[str]) -> str:
         elif kind == "extra_forbidden":
             what = "not an input field of this task"
         else:
-            what = f"must be a string or a number (got {error.get('input')!r})"
-        said.setdefault(where, what)
-    return "; ".join(f"{k}: {v}" for k, v in said.items()) + \
+            what = f"must be a string or a number (got {_kind(error.get('input'))})"
+        said.setdefault(one_line(where, 60), what)
+    return "; ".join(f"{k}: {v}" for k, v in list(said.items())[:10]) + \
         f" (the inputs are {', '.join(fields)})"
 
 
-def make_app(program: Any, api_key: str | None = None) -> FastAPI:
+def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, kind):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _kind(value: Any) -> str:
+    """What a refused value is, never the value itself (it may be megabytes)."""
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def _without_input(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic's errors without the input they quote (a refusal never echoes the request)."""
+    return [{"type": e.get("type"), "loc": [one_line(str(p), 60) for p in e.get("loc", ())],
+             "msg": one_line(str(e.get("msg", "")), 200)} for e in errors[:20]]
+
+
+def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+             max_body_bytes: int | None = None, max_in_flight: int | None = None) -> FastAPI:
     """The service for a loaded arm (copa.use.load.LoadedProgram, or anything with its
-    input_fields, output_fields, arm, bundle and answer())."""
+    input_fields, output_fields, arm, bundle and answer(); its `limit` sets the token limit).
+
+    timeout_s: one request's time limit (504 past it); max_body_bytes: the largest body read
+    (413 over it; default from the token limit); max_in_flight: requests answered at once
+    (503 beyond; default 4 x the engine's batch size)."""
     import copa
+    from copa.inference.engine import RequestTimeout, time_limit
 
     inputs, outputs = list(program.input_fields), list(program.output_fields)
     recipe = program.bundle.recipe
@@ -79,16 +186,30 @@ def make_app(program: Any, api_key: str | None = None) -> FastAPI:
             raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer ...)",
                                 headers={"WWW-Authenticate": "Bearer"})
 
+    limit = getattr(program, "limit", None)
+    if max_body_bytes is None:
+        max_body_bytes = body_limit(len(inputs), limit.max_tokens, limit.chars_per_token) \
+            if limit is not None else 1 << 20
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, headers=exc.headers,
+                            content={"message": str(exc.detail), "detail": exc.detail})
+
     @app.exception_handler(RequestValidationError)
     async def unprocessable(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = jsonable_encoder(exc.errors())
         return JSONResponse(status_code=422, content={"message": _explain(errors, inputs),
-                                                      "detail": errors})
+                                                      "detail": _without_input(errors)})
 
     engine = getattr(getattr(program, "lm", None), "engine", None)
+    if max_in_flight is None:
+        max_in_flight = 4 * int(getattr(engine, "max_batch_size", 8) or 8)
+    slots = threading.BoundedSemaphore(max(1, int(max_in_flight)))
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:  # on the event loop: never queued behind /predict
         state: dict[str, Any] = {"status": "ok", "task": recipe.name, "arm": program.arm,
                                  "inputs": inputs, "outputs": outputs}
         sizes = getattr(engine, "batch_sizes", None)  # copa's local engine: is it batching?
@@ -97,11 +218,33 @@ def make_app(program: Any, api_key: str | None = None) -> FastAPI:
                                "largest_batch": max(sizes, default=0)}
         return state
 
-    def predict(body: Body) -> dict[str, str]:  # type: ignore[valid-type]
+    def answer(values: dict[str, Any], deadline: float) -> dict[str, str]:
+        left = deadline - time.monotonic()
+        if left <= 0:  # it waited for a thread past its time: the caller is gone
+            raise RequestTimeout("the request's time limit passed before it started")
+        with time_limit(left):
+            return program.answer(values)
+
+    async def predict(body: Body) -> dict[str, str]:  # type: ignore[valid-type]
+        if not slots.acquire(blocking=False):
+            raise HTTPException(503, f"busy: {max_in_flight} requests in flight; retry shortly",
+                                headers={"Retry-After": "1"})
+        deadline = time.monotonic() + timeout_s
         try:
-            return program.answer(body.model_dump())  # type: ignore[attr-defined]
-        except Exception as exc:  # the model or engine failed: say so, keep serving
-            raise HTTPException(500, f"{type(exc).__name__}: {exc}") from None
+            # The time limit twice: inside (the engine withdraws a queued request) and here
+            # (an engine that cannot withdraw, e.g. a server's, still frees the caller).
+            return await asyncio.wait_for(run_in_threadpool(
+                answer, body.model_dump(), deadline), timeout_s + 1.0)  # type: ignore[attr-defined]
+        except InputTooLong as exc:
+            raise HTTPException(422, str(exc)) from None
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) or _caused_by(exc, RequestTimeout):  # DSPy wraps it
+                raise HTTPException(504, f"no answer within the time limit of {timeout_s:g} s "
+                                         "(copa serve --timeout)") from None
+            # the model or engine failed: say so, keep serving
+            raise HTTPException(500, one_line(f"{type(exc).__name__}: {exc}", 300)) from None
+        finally:
+            slots.release()
 
     app.post("/predict", response_model=Answer,
              summary=f"{', '.join(inputs)} -> {', '.join(outputs)}",
@@ -109,9 +252,18 @@ def make_app(program: Any, api_key: str | None = None) -> FastAPI:
     return app
 
 
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until Ctrl-C / SIGTERM (uvicorn finishes the requests in flight)."""
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
+               grace_s: float = SHUTDOWN_GRACE_S, on_stop: Callable[[], None] = lambda: None
+               ) -> None:
+    """Serve until Ctrl-C / SIGTERM: requests in flight get `grace_s` to finish, then are
+    cancelled; `on_stop` (e.g. closing the engine, which fails what is still queued) runs then,
+    so no worker thread keeps the process alive."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                  access_log=False)).run()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False,
+        timeout_graceful_shutdown=grace_s, limit_concurrency=MAX_CONNECTIONS))
+    try:
+        server.run()
+    finally:
+        on_stop()

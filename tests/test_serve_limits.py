@@ -1,0 +1,511 @@
+"""copa serve / predict / load under hostile rows: token limits per field, body size limits,
+time limits, an in-flight limit, refusals that never echo the input, and a bounded load test of
+a real `copa serve` on loopback (mixed valid, oversized and malformed requests).
+
+The fast tests drive the real FastAPI app and copa's real BatchingEngine; only the program
+behind the app is a small stand-in (answers from a function, records what reached it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from conftest import write_tiny_recipe
+
+from copa.recipe import load_recipe
+from copa.use.limits import InputLimit, InputTooLong, choose_max_tokens, guessed_limit
+
+REPO = Path(__file__).resolve().parent.parent
+FIELDS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+ROW = dict(zip(FIELDS, (5.1, 3.5, 1.4, 0.2)))
+
+
+# --- the limit itself ---------------------------------------------------------------------------
+
+def test_a_field_over_the_token_limit_is_refused_without_echoing_it() -> None:
+    counted: list[int] = []
+
+    def count(text: str) -> int:
+        counted.append(len(text))
+        return len(text.split())
+
+    limit = InputLimit(max_tokens=8, count=count, chars_per_token=10, how="--max-input-tokens")
+    limit.check({"a": "one two three", "b": 4.5})
+    with pytest.raises(InputTooLong, match=r"^b: 9 tokens, over the limit of 8 tokens per "
+                                           r"input field \(--max-input-tokens\)$"):
+        limit.check({"a": "x", "b": " ".join(["secret"] * 9)})
+    counted.clear()
+    with pytest.raises(InputTooLong, match="far more tokens") as info:
+        limit.check({"a": "secret " * 1_000_000})
+    assert counted == []  # refused on its length alone: 7 MB never tokenized
+    assert "secret" not in str(info.value)
+    together = InputLimit(max_tokens=8, count=count, max_total=10)
+    with pytest.raises(InputTooLong, match="a, b: 12 tokens, over the limit of 10 tokens for "
+                                           "the input fields together"):
+        together.check({"a": "w " * 6, "b": "w " * 6})
+
+
+def test_the_default_limit_comes_from_sequence_len_and_the_context() -> None:
+    assert choose_max_tokens(None, sequence_len=512, context=8192, answer_tokens=64) == 512
+    assert choose_max_tokens(None, sequence_len=4096, context=1024, answer_tokens=24) == 1000
+    assert choose_max_tokens(2000, sequence_len=512, context=8192, answer_tokens=64) == 2000
+    with pytest.raises(ValueError, match="leaves no room in the model's context of 1024"):
+        choose_max_tokens(1020, sequence_len=512, context=1024, answer_tokens=64)
+    with pytest.raises(ValueError, match=">= 1"):
+        choose_max_tokens(0, sequence_len=512, context=None, answer_tokens=64)
+
+
+# --- the engine: a caller that gave up costs the model nothing -------------------------------
+
+class GatedModel:
+    """Stands in for LocalModel: the first batch waits for `gate`; records every prompt."""
+
+    path = "gated"
+
+    def __init__(self) -> None:
+        self.gate, self.started, self.seen = threading.Event(), threading.Event(), []
+
+    def generate_detailed(self, prompts, max_new_tokens, stop, sampling=None):  # noqa: ANN001
+        from copa.inference.local import Generation
+
+        self.seen += [p[-1]["content"] for p in prompts]
+        self.started.set()
+        self.gate.wait()
+        return [Generation("ok", 1, 1, "stop") for _ in prompts]
+
+
+def test_the_engine_withdraws_a_queued_request_past_its_time_limit() -> None:
+    import dspy
+    from dspy.lm15 import Message, Request
+
+    from copa.inference.engine import BatchingEngine, RequestTimeout, time_limit, wait_for
+
+    model = GatedModel()
+    engine = BatchingEngine(model, max_batch_size=1, batch_wait_ms=0)  # type: ignore[arg-type]
+    try:
+        first = engine.submit([{"role": "user", "content": "first"}], 4)
+        assert model.started.wait(10)  # the worker is inside generate with it
+        start = time.monotonic()
+        with time_limit(0.3), pytest.raises(RequestTimeout, match="before the model started"):
+            wait_for(engine.submit([{"role": "user", "content": "withdrawn"}], 4))
+        assert time.monotonic() - start < 2
+        lm = dspy.LM("local/gated", engine=engine, cache=False, max_tokens=4, num_retries=0)
+        with time_limit(0.3), pytest.raises(Exception) as info:  # through DSPy, as serve calls
+            lm(Request(model=lm.model, messages=(Message.user("also withdrawn"),)))
+        chain, exc = [], info.value
+        while exc is not None:
+            chain.append(exc)
+            exc = exc.__cause__ or exc.__context__
+        assert any(isinstance(e, RequestTimeout) for e in chain), chain
+        model.gate.set()
+        assert first.result(10).text == "ok"
+        assert engine.submit([{"role": "user", "content": "later"}], 4).result(10).text == "ok"
+        assert model.seen == ["first", "later"]  # the withdrawn ones never reached the model
+    finally:
+        model.gate.set()
+        engine.close()
+
+
+# --- the app, with a stand-in program ----------------------------------------------------------
+
+class Program:
+    """What make_app needs of a loaded arm; answers after `delay` seconds (in the engine's
+    place), records the rows that reached it."""
+
+    input_fields, output_fields, arm = FIELDS, ["species"], "baseline"
+
+    def __init__(self, recipe: Any, limit: InputLimit, delay: float = 0.0) -> None:
+        self.bundle = SimpleNamespace(recipe=recipe, model_role="base")
+        self.limit, self.delay, self.seen = limit, delay, []
+
+    def answer(self, values: dict[str, Any]) -> dict[str, str]:
+        from copa.inference.engine import wait_for
+
+        self.limit.check({k: str(v) for k, v in values.items()})
+        self.seen.append(values)
+        if self.delay:  # like the engine: a Future the time limit can withdraw
+            from concurrent.futures import Future
+
+            future: Future = Future()
+            threading.Timer(self.delay, lambda: future.done() or future.set_result(1)).start()
+            wait_for(future)
+        return {"species": "setosa"}
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    folder = tmp_path_factory.mktemp("recipe")
+    return load_recipe(write_tiny_recipe(folder, folder / "no-model-is-loaded"))
+
+
+def client(program: Program, **options: Any) -> Any:
+    from fastapi.testclient import TestClient
+
+    from copa.use.serve import make_app
+
+    return TestClient(make_app(program, **options))
+
+
+def test_oversized_bodies_get_413_before_they_are_read(recipe: Any) -> None:
+    program = Program(recipe, guessed_limit(16))
+    app = client(program, max_body_bytes=2048)
+    big = {**ROW, "sepal_length": "x" * 100_000}
+    response = app.post("/predict", json=big)
+    assert response.status_code == 413
+    assert "over 2048 bytes" in response.json()["message"]
+    assert len(response.content) < 300  # no echo
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"sepal_length": "'
+        for _ in range(100):
+            yield b"x" * 1000
+
+    response = app.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert program.seen == []
+    assert app.post("/predict", json=ROW).status_code == 200
+
+
+def test_a_field_over_the_token_limit_gets_422_and_never_reaches_the_model(recipe: Any) -> None:
+    program = Program(recipe, guessed_limit(16, how="copa serve --max-input-tokens N"))
+    app = client(program)
+    response = app.post("/predict", json={**ROW, "petal_width": "leak " * 40})
+    assert response.status_code == 422
+    body = response.json()
+    assert body["message"].startswith("petal_width: ") and "over the limit of 16" in body["message"]
+    assert "leak" not in response.text
+    assert program.seen == []
+
+
+@pytest.mark.parametrize("raw", [
+    json.dumps(["secret" * 5000]).encode(),       # not an object
+    json.dumps({**ROW, "sepal_length": {"secret": "x" * 5000}}).encode(),  # wrong type
+    json.dumps({**ROW, "secret" * 100: 1}).encode(),   # unknown field, long name
+    b"secret" * 5000,                                  # not JSON
+    b"[" * 40_000,                                     # nested past the parser's depth
+    b'{"sepal_length": ' + b"9" * 6000 + b"}",        # an integer past Python's digits limit
+], ids=["list", "object-field", "long-key", "not-json", "deep", "huge-int"])
+def test_malformed_bodies_are_refused_without_echoing_them(recipe: Any, raw: bytes) -> None:
+    program = Program(recipe, guessed_limit(16))
+    response = client(program).post("/predict", content=raw,
+                                    headers={"content-type": "application/json"})
+    assert response.status_code in (400, 422), response.text[:300]
+    assert len(response.content) < 1200, response.text[:300]
+    assert "secret" * 12 not in response.text and "9" * 100 not in response.text
+    assert program.seen == []
+
+
+def test_a_request_past_its_time_limit_gets_504_and_others_still_answer(recipe: Any) -> None:
+    program = Program(recipe, guessed_limit(16), delay=30.0)
+    app = client(program, timeout_s=0.5)
+    start = time.monotonic()
+    response = app.post("/predict", json=ROW)
+    assert response.status_code == 504
+    assert "time limit of 0.5 s" in response.json()["message"]
+    assert time.monotonic() - start < 5
+    program.delay = 0.0
+    assert app.post("/predict", json=ROW).status_code == 200
+
+
+@contextmanager
+def live(app: Any) -> Iterator[str]:
+    """The app on a real uvicorn server on loopback, in this process (one event loop, one
+    thread pool: what `copa serve` runs)."""
+    import uvicorn
+
+    from copa.inference.servers import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_health_answers_while_every_request_slot_is_busy(recipe: Any) -> None:
+    """More requests in flight than the server's thread pool has threads (40): /health, on the
+    event loop, still answers at once; one request past the in-flight limit gets 503 at once."""
+    from copa.use.serve import make_app
+
+    program = Program(recipe, guessed_limit(16), delay=3.0)
+    raw = json.dumps(ROW).encode()
+    with live(make_app(program, max_in_flight=45, timeout_s=20)) as url, \
+            ThreadPoolExecutor(46) as pool:
+        slow = [pool.submit(_post, url, raw) for _ in range(45)]
+        time.sleep(1.0)  # all are in flight
+        start = time.monotonic()
+        with urllib.request.urlopen(f"{url}/health", timeout=30) as response:
+            assert response.status == 200
+        assert time.monotonic() - start < 1.0
+        status, _, _ = _post(url, raw)
+        assert status == 503
+        assert [f.result()[0] for f in slow] == [200] * 45
+        program.delay = 0.0
+        assert _post(url, raw)[0] == 200  # the slots came back
+
+
+def test_predict_rows_fails_a_long_row_in_its_row_and_goes_on(recipe: Any) -> None:
+    from copa.use.predict import predict_rows
+
+    program = Program(recipe, guessed_limit(16, how="copa predict --max-input-tokens N"))
+    rows = [dict(ROW, id=0), dict(ROW, id=1, petal_width="w" * 500), dict(ROW, id=2)]
+    out = predict_rows(program, rows, {f: f for f in FIELDS}, threads=2)
+    assert [r["id"] for r in out] == [0, 1, 2]
+    assert out[0]["error"] is None and out[2]["error"] is None
+    assert out[1]["prediction"] is None
+    assert out[1]["error"].startswith("petal_width: far more tokens, over the limit of 16")
+    assert len(program.seen) == 2
+
+
+# --- slow: a real `copa serve` under attack ----------------------------------------------------
+
+def _post(url: str, raw: bytes, timeout: float = 120) -> tuple[int, bytes, float]:
+    request = urllib.request.Request(f"{url}/predict", data=raw, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    start = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read(), time.monotonic() - start
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), time.monotonic() - start
+    except (urllib.error.URLError, ConnectionError) as exc:  # refused mid-upload: the 413
+        return getattr(exc, "code", 0) or 0, str(exc).encode(), time.monotonic() - start
+
+
+def _memory_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} for {pid}")
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A finished run of the tiny recipe with the baseline arm only (no training: seconds)."""
+    from copa import pipeline
+
+    folder = tmp_path_factory.mktemp("baseline-run")
+    path = write_tiny_recipe(folder, tiny_model_dir)
+    text = path.read_text().replace("finetune:\n", "finetune:\n  enabled: false\n", 1)
+    text = text.replace("optimize:\n", "optimize:\n  enabled: false\n", 1)
+    path.write_text(text.replace("evaluate:\n", "evaluate:\n  arms: [baseline]\n", 1))
+    return pipeline.run(path, run_dir=folder / "run", emit=lambda _: None).dir
+
+
+def _attack(i: int) -> tuple[str, bytes]:
+    """Request i of the load test: 6 in 10 valid, the rest oversized or malformed."""
+    row = {f: round(4.0 + (i * 7 + k) % 30 / 10, 1) for k, f in enumerate(FIELDS)}
+    kind = ["valid", "valid", "long-field", "valid", "big-body", "valid", "malformed", "valid",
+            "not-json", "valid"][i % 10]
+    if kind == "long-field":  # under the body limit, over the token limit
+        row["petal_width"] = "word " * 2000
+    elif kind == "big-body":
+        row["petal_width"] = "x" * 2_000_000
+    elif kind == "malformed":
+        row = {"sepal_length": [row["sepal_length"]] * 1000, "petal_colour": "blue"}
+    elif kind == "not-json":
+        return kind, b"[" * 20_000 if i % 20 else b"{" * 20_000
+    return kind, json.dumps(row).encode()
+
+
+@pytest.mark.slow
+def test_copa_serve_under_attack_answers_every_valid_request_and_stops_on_sigterm(
+        baseline_run: Path, tmp_path: Path) -> None:
+    from copa.inference.servers import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "copa.cli", "serve", str(baseline_run),
+                             "--port", str(port), "--timeout", "60"], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"copa serve did not come up: {(tmp_path / 'serve.log').read_text()}")
+            time.sleep(0.5)
+        start_kb = _memory_kb(proc.pid, "VmRSS")
+        health: list[float] = []
+        attacking = threading.Event()
+        attacking.set()
+
+        def watch_health() -> None:
+            while attacking.is_set():
+                t = time.monotonic()
+                with urllib.request.urlopen(f"{url}/health", timeout=30) as response:
+                    assert response.status == 200
+                health.append(time.monotonic() - t)
+                time.sleep(0.1)
+
+        watcher = threading.Thread(target=watch_health)
+        watcher.start()
+        requests = [_attack(i) for i in range(200)]
+        began = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda r: (r[0], *_post(url, r[1])), requests))
+        wall = time.monotonic() - began
+        attacking.clear()
+        watcher.join()
+        peak_kb = _memory_kb(proc.pid, "VmHWM")
+
+        valid = [(status, body, s) for kind, status, body, s in results if kind == "valid"]
+        assert len(valid) == 120
+        assert [status for status, _, _ in valid] == [200] * 120, [b[:200] for _, b, _ in valid]
+        assert all(set(json.loads(body)) == {"species"} for _, body, _ in valid)
+        refused = {kind: sorted({status for k, status, _, _ in results if k == kind})
+                   for kind in ("long-field", "big-body", "malformed", "not-json")}
+        assert refused["long-field"] == [422]
+        assert set(refused["big-body"]) <= {413, 0}  # 0: the connection closed mid-upload
+        assert refused["malformed"] == [422] and set(refused["not-json"]) <= {400, 422}
+        assert max(health) < 1.0, health
+        assert peak_kb - start_kb < 512 * 1024, (start_kb, peak_kb)  # never a 2 MB field's blowup
+        latencies = sorted(s for _, _, s in valid)
+        p95 = latencies[int(0.95 * len(latencies)) - 1]
+        print(f"\nload test: {len(results)} requests from 16 clients in {wall:.1f} s; valid "
+              f"{len(valid)}, all answered; p50 {latencies[len(latencies) // 2]:.3f} s, p95 "
+              f"{p95:.3f} s; /health max {max(health):.3f} s over {len(health)} polls; RSS "
+              f"{start_kb // 1024} MB after start, peak {peak_kb // 1024} MB")
+
+        # SIGTERM while requests are in flight: the server is gone within seconds.
+        with ThreadPoolExecutor(16) as pool:
+            flight = [pool.submit(_post, url, _attack(i)[1], 60) for i in range(64)]
+            time.sleep(0.5)
+            stop = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+            stopped = time.monotonic() - stop
+            [f.result() for f in flight]
+        assert stopped < 10, stopped
+        # uvicorn re-raises the signal after its graceful shutdown: the exit says SIGTERM
+        assert proc.returncode in (0, -signal.SIGTERM), (tmp_path / "serve.log").read_text()
+        print(f"SIGTERM under load: exited in {stopped:.1f} s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in text and "WARNING" not in text, text[-2000:]
+
+
+@pytest.mark.slow
+def test_load_and_predict_apply_the_token_limit(baseline_run: Path, tmp_path: Path) -> None:
+    """copa.load raises InputTooLong before the model runs; copa predict fails that row only;
+    a limit past the model's context (1024 for the tiny model) is refused before loading."""
+    from click.testing import CliRunner
+
+    import copa
+    from copa.cli import cli
+
+    program = copa.load(str(baseline_run))
+    assert program.limit.max_tokens == 128  # the tiny recipe's sequence_len, within 1024
+    assert isinstance(program(**ROW).species, str)
+    calls = len(program.lm.engine.batch_sizes)
+    with pytest.raises(InputTooLong, match=r"petal_width: \d+ tokens, over the limit of 128"):
+        program(**{**ROW, "petal_width": " x" * 300})
+    assert len(program.lm.engine.batch_sizes) == calls  # the engine never saw it
+    with pytest.raises(ValueError, match="leaves no room in the model's context of 1024"):
+        copa.load(str(baseline_run), max_input_tokens=5000)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in (
+        ROW, {**ROW, "sepal_width": "w " * 100_000}, ROW)))
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(cli, ["predict", str(baseline_run), "-i", str(rows), "-o",
+                                      str(out), "--max-input-tokens", "64"])
+    assert result.exit_code == 0, result.output
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["error"] is None for w in written] == [True, False, True]
+    assert written[1]["error"] == ("sepal_width: far more tokens, over the limit of 64 tokens "
+                                   "per input field (copa predict --max-input-tokens N changes "
+                                   "it)")
+    result = CliRunner().invoke(cli, ["predict", str(baseline_run), "-i", str(rows),
+                                      "--max-input-tokens", "5000"])
+    assert result.exit_code == 2 and "--max-input-tokens: max_input_tokens 5000 leaves no room" \
+        in result.output
+
+
+def _finished_run_without_a_model(tmp_path: Path) -> Path:
+    """A run directory as the stages leave it (fine-tune-only arm best), with no model in it:
+    whatever is refused before the model loads is refused on it."""
+    recipe = write_tiny_recipe(tmp_path / "recipe", tmp_path / "no-model-is-loaded")
+    run = tmp_path / "run"
+    (run / "merged").mkdir(parents=True)
+    (run / "merged" / "config.json").write_text("{}")
+    (run / "manifest.json").write_text(json.dumps(
+        {"recipe": str(recipe), "stages": {"evaluate": {"status": "done"}}}))
+    (run / "report.json").write_text(json.dumps({
+        "arms": {"finetune_only": {"score": 1.0, "ci95": [1, 1], "n": 9}},
+        "val": {"scores": {"finetune_only": 1.0}, "best_arm": "finetune_only"}}))
+    return run
+
+
+def test_serve_says_a_taken_port_before_loading_the_model(tmp_path: Path) -> None:
+    import socket
+
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    run = _finished_run_without_a_model(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", str(run), "--port", str(port)])
+    output = result.output.strip()
+    assert result.exit_code == 2 and len(output.splitlines()) == 1, output
+    assert output.startswith(f"--host 127.0.0.1 --port {port}: cannot listen there"), output
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "deep.json: JSON nested too deeply"),
+    ("big.jsonl", '{"sepal_length": ' + "7" * 6000 + "}\n",
+     "big.jsonl: line 1: Exceeds the limit (4300 digits) for integer string conversion"),
+    ("long.csv", ",".join(FIELDS) + "\n" + "x" * 200_000 + ",1,2,3\n",
+     "long.csv: line 2: field larger than field limit (131072)"),
+], ids=["deep-json", "huge-integer", "long-csv-field"])
+def test_predict_refuses_an_unreadable_input_file_in_one_line(tmp_path: Path, name: str,
+                                                               content: str,
+                                                               expected: str) -> None:
+    """Before any model loads (a run directory as the stages leave it; no model in it)."""
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    run = _finished_run_without_a_model(tmp_path)
+    rows = tmp_path / name
+    rows.write_text(content)
+    result = CliRunner().invoke(cli, ["predict", str(run), "-i", str(rows)])
+    output = result.output.strip()
+    assert result.exit_code == 2 and len(output.splitlines()) == 1, output
+    assert output.startswith(str(tmp_path)) and expected in output, output
