@@ -15,7 +15,7 @@ COPA = Path(__file__).resolve().parent.parent / "copa"
 HEAVY = ("torch", "transformers", "dspy", "axolotl", "peft", "accelerate")
 LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.serve_schema",
          "copa.recipe.checks", "copa.data", "copa.sources", "copa.loaders", "copa.retrieval",
-         "copa.prompting", "copa.use.bundle", "copa.use.predict", "copa.study.spec",
+         "copa.demos", "copa.prompting", "copa.use.bundle", "copa.use.predict", "copa.study.spec",
          "copa.cli_study")
 # (importer prefix, imported prefix): imports that would send data up the tree.
 FORBIDDEN = [
@@ -38,7 +38,7 @@ FORBIDDEN = [
                                       "copa.backends", "copa.runs", "copa.pipeline",
                                       "copa.provider", "copa.use", "copa.recipe", "copa.stats")],
     *[(light, up) for light in ("copa.recipe", "copa.data", "copa.sources", "copa.loaders",
-                                "copa.retrieval", "copa.prompting")
+                                "copa.retrieval", "copa.demos", "copa.prompting")
       for up in ("copa.stages", "copa.pipeline", "copa.runs", "copa.dspy", "copa.inference",
                  "copa.backends", "copa.optimizer", "copa.provider", "copa.use")],
 ]
