@@ -165,7 +165,7 @@ def test_an_arm_whose_every_call_failed_is_marked_failed_not_zero(tmp_path: Path
         assert data["failed"] is True and data["errors"] == 3 and data["score"] is None
         assert any(m.strip().startswith(arm) and "FAILED" in m for m in messages)
     markdown = (run.dir / "report.md").read_text()
-    assert "| baseline (base model, plain prompt) | **failed** | — | 3 | 3 |" in markdown
+    assert "| baseline | base (" in markdown and "| plain | **failed** | — | 3 | 3 |" in markdown
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert len(table) == 3 and not any("| 0.0 |" in line for line in table), table
     assert not (run.dir / "predictions" / "baseline.key").exists()  # a re-run retries
