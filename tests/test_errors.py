@@ -180,6 +180,6 @@ def test_the_report_shows_failed_calls_within_the_budget() -> None:
         "prompt_optimization": {"prompt_only": {"winner": "plain", "val_scores": {"plain": 0.5},
                                                 "val_errors": {"plain": 1}, "lm_errors": 3}}}
     text = markdown(report)
-    assert "| prompt-only (base model + DSPy) | 30.0 | [10.0, 60.0] | 9 | 2 |" in text
+    assert "| prompt-only | base | DSPy | 30.0 | [10.0, 60.0] | 9 | 2 |" in text
     assert "- prompt_only: 2 of 9 calls failed and score 0" in text
     assert "failed calls: 3 while optimizing; on val plain 1" in text

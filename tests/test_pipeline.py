@@ -93,7 +93,7 @@ def test_report_has_four_arms_with_cis_and_synergy(tiny_run) -> None:
     combined = report["prompt_optimization"]["combined"]
     assert combined["val_scores"][combined["winner"]] == max(combined["val_scores"].values())
     assert (run.dir / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| combined (merged model + DSPy) |" in (run.dir / "report.md").read_text()
+    assert "| combined | fine-tuned (merged) |" in (run.dir / "report.md").read_text()
     for arm in report["arms"]:
         assert len(read_jsonl(run.dir / "predictions" / f"{arm}.jsonl")) == 9
 
