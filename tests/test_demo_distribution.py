@@ -173,3 +173,35 @@ def test_a_demo_distribution_with_p_to_w_is_refused(tmp_path: Path,
         "finetune.demos": RANDOM, "optimize.order": "p->w"})
     with pytest.raises(RecipeError, match="finetune.demos: optimize.order: p->w chooses"):
         check_recipe(recipe)
+
+
+def test_a_study_shares_the_demo_free_model_with_its_demo_free_cell(tmp_path: Path,
+                                                                     tiny_model_dir: Path) -> None:
+    """The demo-free rows and config rendered beside a demo-trained fine-tune are, up to their
+    paths, what a `demos: none` cell renders: one shared model (study/shared.py) serves both,
+    and linking it makes the cell's plain_finetune stage current (nothing trains)."""
+    from copa.runs import open_run
+    from copa.stages.render import render
+    from copa.study.shared import has_plain_model, link_plain_model, shared_train_key
+
+    _, none = _render(tmp_path / "none", tiny_model_dir, "none")
+    recipe = write_tiny_recipe(tmp_path / "cell", tiny_model_dir)
+    overrides = {"finetune.demos": RANDOM, "finetune.sequence_len": 1024}
+    with open_run(recipe, run_dir=tmp_path / "cell" / "run", overrides=overrides) as run:
+        render(run.checked, run.rendered, work_dir=run.train_dir, base_model=str(tiny_model_dir),
+               validate_axolotl=False, plain_work_dir=run.plain_dir / "train")
+        assert run.trains_plain
+        assert shared_train_key(run.rendered / "plain") == shared_train_key(none)
+        assert shared_train_key(run.rendered) != shared_train_key(none)
+        assert not has_plain_model(run)
+        folder = tmp_path / "models" / "shared"
+        for sub in ("merged", "train/checkpoints"):
+            (folder / sub).mkdir(parents=True)
+        (folder / "merged" / "config.json").write_text("{}")
+        (folder / "train.log").write_text("")
+        (folder / "model.json").write_text(json.dumps({
+            "key": "k", "adapter": str(folder / "train" / "checkpoints"),
+            "merged": str(folder / "merged"), "log": str(folder / "train.log")}))
+        link_plain_model(run, folder)
+        assert has_plain_model(run)
+        assert run.plain_merged.resolve() == (folder / "merged").resolve()
