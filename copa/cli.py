@@ -212,7 +212,8 @@ _stage_command("evaluate", "Evaluate the four arms on the test split and write t
 @recipe_arg
 @run_dir_opt
 @click.option("--force", "force", multiple=True, is_flag=False, flag_value="all",
-              type=click.Choice(["all", "render", "train", "merge", "optimize", "evaluate"]),
+              type=click.Choice(["all", "render", "train", "merge", "plain_finetune",
+                                 "optimize", "evaluate"]),
               help="Re-run a stage (and what follows) even if unchanged; bare --force = all.")
 @wait_opt
 @set_opt
@@ -307,7 +308,7 @@ max_input_tokens_opt = click.option(
          "the model's context); a longer one is refused before the model sees it.")
 arm_opt = click.option("--arm", default="best", show_default=True,
                        type=click.Choice(["best", "baseline", "prompt_only", "finetune_only",
-                                          "combined"]),
+                                          "demo_finetune", "combined"]),
                        help="Which arm: best = the best on the val split (never on test).")
 use_dir_arg = click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
 

@@ -1,8 +1,9 @@
-"""The pipeline: recipe -> render -> train -> merge -> optimize -> evaluate, the only place that
-knows the order of stages (and, through copa.track, wraps them in an MLflow run). Each stage
-(copa.stages) reads the previous stages' files in the run directory (copa.runs) and writes its
-own; a stage whose content key is unchanged and whose artifacts are on disk is skipped, and a
-stage is marked done only once its artifacts are complete.
+"""The pipeline: recipe -> render -> train -> merge -> (plain_finetune) -> optimize -> evaluate,
+the only place that knows the order of stages (and, through copa.track, wraps them in an MLflow
+run). Each stage (copa.stages) reads the previous stages' files in the run directory (copa.runs)
+and writes its own; a stage whose content key is unchanged and whose artifacts are on disk is
+skipped, and a stage is marked done only once its artifacts are complete. plain_finetune runs
+only when the recipe's fine-tune saw demos.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from copa.runs import Emit, Run, now, open_run, stage_key
 from copa.track import Tracker, tracking
 
-STAGES = ("render", "train", "merge", "optimize", "evaluate")
+STAGES = ("render", "train", "merge", "plain_finetune", "optimize", "evaluate")
 
 
 def _stage_function(stage: str) -> Callable[[Run], dict[str, Any]]:
@@ -29,6 +30,8 @@ def _stage_function(stage: str) -> Callable[[Run], dict[str, Any]]:
         from copa.stages.train import train_stage as func
     elif stage == "merge":
         from copa.stages.merge import merge_stage as func
+    elif stage == "plain_finetune":
+        from copa.stages.plain import plain_finetune_stage as func
     elif stage == "optimize":
         from copa.stages.optimize import optimize_stage as func
     elif stage == "evaluate":
@@ -41,11 +44,12 @@ def _stage_function(stage: str) -> Callable[[Run], dict[str, Any]]:
 def _invalidate(run: Run, stage: str, forced: bool = False) -> None:
     """A stage about to re-run with new inputs (or by --force): clear what its old run left
     behind, so Axolotl does not resume from checkpoints of other inputs."""
-    if stage == "train":
-        entry = run.manifest.stage("train")
-        if forced or (entry.get("key") and entry.get("key") != run.keys.get("train")):
-            shutil.rmtree(run.train_dir / "checkpoints", ignore_errors=True)
-            shutil.rmtree(run.train_dir / "prepared", ignore_errors=True)
+    if stage in ("train", "plain_finetune"):
+        entry = run.manifest.stage(stage)
+        work = run.train_dir if stage == "train" else run.plain_dir / "train"
+        if forced or (entry.get("key") and entry.get("key") != run.keys.get(stage)):
+            shutil.rmtree(work / "checkpoints", ignore_errors=True)
+            shutil.rmtree(work / "prepared", ignore_errors=True)
 
 
 def _paths(artifacts: Any) -> list[Path]:
@@ -71,6 +75,8 @@ def run_stages(run: Run, stages: Sequence[str] = STAGES, force: Sequence[str] = 
     for stage in STAGES[:last + 1]:
         if not run.finetunes and stage in ("train", "merge"):
             continue
+        if stage == "plain_finetune" and not run.trains_plain:
+            continue  # the recipe's fine-tune is demo-free already: it is the fair arm
         key = stage_key(run, stage)
         run.keys[stage] = key
         if stage not in force and is_current(run, stage, key):

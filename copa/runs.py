@@ -6,6 +6,8 @@ runs/<name>/
                            retriever/ (a RAG recipe's index)
   train/                   checkpoints/ (Axolotl output_dir), axolotl-train.log
   merged/                  the standalone merged model
+  plain/                   train/, merged/: the demo-free fine-tune beside a demo-trained one
+                           (rendered/plain/ holds its rows and config)
   optimize/                program_<arm>.json, optimize.json
   report.json, report.md, report.png, predictions/<arm>.jsonl
   recipe.json              the recipe and prompt template the results came from (copa.load)
@@ -117,6 +119,21 @@ class Run:
     @property
     def merged(self) -> Path:
         return self.dir / "merged"
+
+    @property
+    def plain_dir(self) -> Path:
+        """The demo-free fine-tune trained beside a demo-trained one (train/, merged/)."""
+        return self.dir / "plain"
+
+    @property
+    def plain_merged(self) -> Path:
+        return self.plain_dir / "merged"
+
+    @property
+    def trains_plain(self) -> bool:
+        """Whether the render stage asked for a demo-free fine-tune beside the recipe's
+        demo-trained one (its rows and config are in rendered/plain/)."""
+        return self.finetunes and (self.rendered / "plain" / "axolotl.yml").is_file()
 
     @property
     def optimize_dir(self) -> Path:
@@ -292,9 +309,10 @@ def stage_key(run: Run, stage: str) -> str:
         return sha256_json([key_sections(r, *sections), _template_text(run), v["copa"],
                             data_identity(r), sha256_json(run.checked.splits.as_dict()),
                             *rag])
-    if stage == "train":
-        return sha256_json([sha256_file(run.rendered / "axolotl.yml"),
-                            sha256_file(run.rendered / "train.jsonl"),
+    if stage in ("train", "plain_finetune"):
+        rendered = run.rendered / ("plain" if stage == "plain_finetune" else "")
+        return sha256_json([sha256_file(rendered / "axolotl.yml"),
+                            sha256_file(rendered / "train.jsonl"),
                             v["axolotl"], v["transformers"], v["torch"], v["peft"],
                             *_val_eval_key(run)])
     if stage == "merge":
@@ -316,5 +334,7 @@ def stage_key(run: Run, stage: str) -> str:
                             *precision.key_part(r.serve.precision)])
     if stage == "evaluate":
         return sha256_json([run.keys["optimize"], recipe_section_dict(r, "evaluate"),
-                            sha256_file(run.rendered / "splits" / "test.jsonl")])
+                            sha256_file(run.rendered / "splits" / "test.jsonl"),
+                            # the fair fine-tune-only arm's model, where one was trained
+                            *([run.keys["plain_finetune"]] if run.trains_plain else [])])
     raise ValueError(stage)

@@ -43,9 +43,12 @@ def bootstrap_ci(scores: Sequence[float], resamples: int = 1000, seed: int = 0,
 
 # The effects of the 2x2 design (the four arms), each a function of the arms' means; a run's
 # report gives REPORT_EFFECTS, a study all of them.
+# The arms that pull one lever (weights or prompt); demo_finetune (a fine-tune trained with
+# demos, prompted plainly) is one where a run has it. Synergy is against the best of them.
+SINGLE_ARMS = ("prompt_only", "finetune_only", "demo_finetune")
 EFFECTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "synergy": ("combined - max(finetune_only, prompt_only)",
-                ("combined", "finetune_only", "prompt_only")),
+    "synergy": ("combined - max(every single-lever arm: prompt_only, finetune_only and, where "
+                "reported, demo_finetune)", ("combined", "finetune_only", "prompt_only")),
     "interaction": ("combined - finetune_only - prompt_only + baseline",
                     ("combined", "finetune_only", "prompt_only", "baseline")),
     "finetune_gain": ("finetune_only - baseline", ("finetune_only", "baseline")),
@@ -57,7 +60,7 @@ def effect(name: str, means: Mapping[str, Any]) -> Any:
     """An effect from the arms' means (floats, or arrays of resampled means)."""
     m = means
     if name == "synergy":
-        return m["combined"] - np.maximum(m["finetune_only"], m["prompt_only"])
+        return m["combined"] - np.maximum.reduce([m[a] for a in SINGLE_ARMS if a in m])
     if name == "interaction":
         return m["combined"] - m["finetune_only"] - m["prompt_only"] + m["baseline"]
     if name == "finetune_gain":
@@ -74,7 +77,7 @@ def paired_bootstrap(per_arm: Mapping[str, Sequence[float]], resamples: int = 10
                      seed: int = 0, level: float = 0.95) -> dict[str, Any]:
     """CIs of each arm's mean and of differences, resampling the same test rows for every arm.
 
-    synergy = combined - max(finetune_only, prompt_only); its CI uses the same resamples.
+    synergy = combined - max(single-lever arms); its CI uses the same resamples.
     """
     means = resampled_means(per_arm, resamples, seed)
     result: dict[str, Any] = {"arms": {a: _interval(m, level) for a, m in means.items()}}
@@ -97,13 +100,6 @@ def summarize(per_arm: Mapping[str, Sequence[float]], resamples: int = 1000,
             out[name] = {"value": float(effect(name, scores)), "ci95": cis[name],
                          "definition": EFFECTS[name][0]}
     return out
-
-
-def not_comparable(entry: Mapping[str, Any], reason: str) -> dict[str, Any]:
-    """A difference (synergy) whose arms were not prompted as they were trained: no value, no
-    interval, so no report can print one as a result; the reason says why."""
-    return {"value": None, "ci95": None, "definition": entry.get("definition"),
-            "comparable": False, "reason": reason}
 
 
 def paired_differences(per_run: Mapping[str, Sequence[float]], reference: str,

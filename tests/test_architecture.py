@@ -15,8 +15,8 @@ COPA = Path(__file__).resolve().parent.parent / "copa"
 HEAVY = ("torch", "transformers", "dspy", "axolotl", "peft", "accelerate")
 LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.serve_schema",
          "copa.recipe.checks", "copa.data", "copa.sources", "copa.loaders", "copa.retrieval",
-         "copa.prompting", "copa.metrics", "copa.backends.valcurve", "copa.use.bundle",
-         "copa.use.predict", "copa.study.spec", "copa.cli_study")
+         "copa.demos", "copa.prompting", "copa.metrics", "copa.backends.valcurve",
+         "copa.use.bundle", "copa.use.predict", "copa.study.spec", "copa.cli_study")
 # (importer prefix, imported prefix): imports that would send data up the tree.
 FORBIDDEN = [
     ("copa.stages", "copa.pipeline"), ("copa.stages", "copa.optimizer"),
@@ -38,7 +38,7 @@ FORBIDDEN = [
                                       "copa.backends", "copa.runs", "copa.pipeline",
                                       "copa.provider", "copa.use", "copa.recipe", "copa.stats")],
     *[(light, up) for light in ("copa.recipe", "copa.data", "copa.sources", "copa.loaders",
-                                "copa.retrieval", "copa.prompting", "copa.metrics")
+                                "copa.retrieval", "copa.demos", "copa.prompting", "copa.metrics")
       for up in ("copa.stages", "copa.pipeline", "copa.runs", "copa.dspy", "copa.inference",
                  "copa.backends", "copa.optimizer", "copa.provider", "copa.use")],
 ]

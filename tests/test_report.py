@@ -1,6 +1,7 @@
 """report.md from report.json's data (copa.stages.report.markdown), on hand-made reports: the
-synergy verdict follows its CI, and a synergy from arms not prompted as they were trained is
-printed as not comparable, with its reason, never as a number or a "beats"."""
+synergy verdict follows its CI, synergy is against the best of every single-lever arm (a
+demo-trained fine-tune prompted plainly included), and the table says each arm's model and
+prompt."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ from typing import Any
 import pytest
 
 from copa.stages.report import markdown, plot
-from copa.stats import not_comparable, summarize
-
-REASON = "the model was fine-tuned with 3 demos in every training row (finetune.demos: fixed)"
+from copa.stats import summarize
 
 
 def _report(per_arm: dict[str, list[float]]) -> dict[str, Any]:
@@ -28,7 +27,7 @@ def test_a_synergy_whose_ci_is_above_zero_beats() -> None:
     report = _report(STRONG)
     assert report["synergy"]["ci95"][0] > 0
     text = markdown(report)
-    assert "50.0 points" in text and "combined beats the better single arm" in text
+    assert "50.0 points" in text and "combined beats the best single-lever arm" in text
 
 
 def test_a_synergy_whose_ci_straddles_zero_is_not_significant() -> None:
@@ -40,14 +39,25 @@ def test_a_synergy_whose_ci_straddles_zero_is_not_significant() -> None:
 
 
 @pytest.mark.parametrize("with_plot", [False, True])
-def test_an_unfair_synergy_prints_why_and_no_number(with_plot: bool) -> None:
-    report = _report(STRONG)
-    report["synergy"] = not_comparable(report["synergy"], REASON)
+def test_synergy_is_against_every_single_lever_arm_and_the_table_says_model_and_prompt(
+        with_plot: bool) -> None:
+    """A demo-trained fine-tune prompted plainly (demo_finetune) right on every row is a
+    single lever of its own: the combined arm's equal score is then no synergy at all."""
+    report = _report({**STRONG, "demo_finetune": [1.0] * 8})
+    assert report["synergy"]["value"] == 0.0 and report["synergy"]["ci95"] == [0.0, 0.0]
+    report["arms"]["demo_finetune"] |= {"model": "demo-trained fine-tune (merged; rows with "
+                                                 "random train demos, k in [0, 3] per row)",
+                                       "prompt": "plain"}
+    report["arms"]["finetune_only"] |= {"model": "demo-free fine-tune (plain/merged)",
+                                        "prompt": "plain"}
     text = markdown(report)
-    line = next(line for line in text.splitlines() if "Synergy" in line)
-    assert line.endswith(f"not comparable: {REASON}")
-    assert "beats" not in text and "points" not in line and "CI" not in line
-    if with_plot:  # the figure's title would print the value too
+    assert "not comparable" not in text and "beats" not in text
+    assert ("| demo-aware fine-tune only | demo-trained fine-tune (merged; rows with random "
+            "train demos, k in [0, 3] per row) | plain | 100.0 |") in text
+    assert "| fine-tune-only | demo-free fine-tune (plain/merged) | plain | 50.0 |" in text
+    assert ("**Synergy** (combined − max(prompt-only, fine-tune-only, demo-aware fine-tune "
+            "only)): 0.0 points") in text
+    if with_plot:
         assert plot(report)[:4] == b"\x89PNG"
 
 

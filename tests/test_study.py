@@ -112,7 +112,7 @@ def test_every_cell_is_an_ordinary_run_directory(study: dict) -> None:
                   for p in study["out"].glob("*/seed-*/report.json"))
     assert len(runs) == 8 and FIRST in runs
     result = CliRunner().invoke(cli, ["report", str(study["out"] / FIRST)])
-    assert result.exit_code == 0 and "| combined (merged model + DSPy)" in result.output
+    assert result.exit_code == 0 and "| combined | fine-tuned (merged) |" in result.output
     recipe = json.loads((study["out"] / FIRST / "recipe.json").read_text())["recipe"]
     assert recipe["optimize"]["params"]["max_labeled_demos"] == 1
     assert recipe["evaluate"]["max_tokens"] == 4

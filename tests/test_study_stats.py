@@ -173,7 +173,7 @@ def test_printed_commands_set_what_the_study_sets(tmp_path: Path) -> None:
     assert isinstance(study.cells[0].overrides["task.instructions"], str)
 
 
-@pytest.mark.parametrize("name", ["data_size", "order", "demos", "instructions"])
+@pytest.mark.parametrize("name", ["data_size", "order", "demos", "instructions", "in_context"])
 def test_the_shipped_studies_load(name: str) -> None:
     study = load_study(REPO / "studies" / f"{name}.yaml")
     assert len(study.spec.seeds) >= 3
@@ -231,6 +231,25 @@ def test_the_demos_study_gives_each_cell_its_own_demo_count() -> None:
     recipes = [load_recipe(study.recipe, overrides=c.overrides) for c in study.cells
                if c.seed == 0]
     assert [r.optimize.params["max_labeled_demos"] for r in recipes] == [0, 1, 2, 4, 8]
+
+
+def test_the_in_context_study_crosses_demo_training_with_the_combined_program() -> None:
+    """Three ways to train (no demos, random and retrieved k in [0, 3]) x two programs (the
+    optimizer's pick, retrieved demos), every cell a recipe copa's checks accept."""
+    from copa.recipe.checks import demo_problems
+
+    study = load_study(REPO / "studies" / "in_context.yaml")
+    assert study.spec.seeds == [0, 1, 2] and len(study.cells) == 18
+    recipes = [load_recipe(study.recipe, overrides=c.overrides) for c in study.cells
+               if c.seed == 0]
+    demos = [r.model_dump(mode="json")["finetune"]["demos"] for r in recipes]
+    assert demos == ["none"] * 2 + [{"k": [0, 3], "pick": "random"}] * 2 + [
+        {"k": [0, 3], "pick": "retrieved"}] * 2
+    assert [r.optimize.optimizer for r in recipes] == [
+        "BootstrapFewShotWithRandomSearch", "retrieved"] * 3
+    assert all(r.data.splits.train == 40 and r.optimize.guard for r in recipes)
+    assert not any(demo_problems(r, "in_context") for r in recipes)
+    assert len({c.name for c in study.cells}) == 6
 
 
 def test_a_long_grid_value_gets_a_short_distinct_folder_name() -> None:

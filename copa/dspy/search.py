@@ -18,10 +18,14 @@ from dspy.utils.callback import BaseCallback
 
 from copa.dspy.candidates import optimizer_candidates, optimizer_log_params
 from copa.dspy.program import to_examples
+from copa.dspy.retrieved import retrieved_info, retrieved_program
 from copa.recipe import Recipe
 from copa.recipe.usercode import import_object
 
 Emit = Callable[[str], None]
+
+
+RETRIEVED = "retrieved"  # optimize.optimizer: per-input demos (copa.dspy.retrieved)
 
 
 class OptimizeError(Exception):
@@ -279,7 +283,9 @@ def dspy_chatter_to(log_path: Path | None) -> Iterator[None]:
 
 
 def demo_count(program: dspy.Module) -> int:
-    return sum(len(p.demos) for p in program.predictors())
+    """Demos the program shows its model per call (a retrieved-demos program: k)."""
+    return (sum(len(p.demos) for p in program.predictors())
+            + len(program.predictors()) * getattr(program, "retrieved_k", 0))
 
 
 def with_demos(program: dspy.Module, demos: Sequence[dict[str, str]],
@@ -310,7 +316,8 @@ class PromptResult:
                 "kept": program_view(self.program),
                 "candidates": optimizer_candidates(self.optimized),
                 "optimizer_pick": program_view(self.optimized)
-                if self.optimized is not None else None}
+                if self.optimized is not None else None,
+                **({"retrieved": info} if (info := retrieved_info(self.optimized)) else {})}
 
 
 def program_view(program: dspy.Module) -> list[dict[str, Any]]:
@@ -354,10 +361,14 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
         emit(f"  {recipe.optimize.optimizer} on {len(trainset)} train / {len(valset)} val"
              + (f" (its log: {log_path})" if log_path else ""))
         with dspy_chatter_to(log_path):
-            optimizer = build_optimizer(recipe, metric, lm, proposer, teacher, log_dir)
-            candidates["optimized"] = compile_program(
-                optimizer, program.deepcopy(), trainset, valset,
-                compile_params(type(optimizer), dict(recipe.optimize.params)))
+            if recipe.optimize.optimizer == RETRIEVED:  # nothing to search: demos per input
+                candidates["optimized"] = retrieved_program(program, trainset,
+                                                            dict(recipe.optimize.params))
+            else:
+                optimizer = build_optimizer(recipe, metric, lm, proposer, teacher, log_dir)
+                candidates["optimized"] = compile_program(
+                    optimizer, program.deepcopy(), trainset, valset,
+                    compile_params(type(optimizer), dict(recipe.optimize.params)))
         if counter.errors:
             emit(f"  warning: {counter.errors} LM calls failed while the optimizer ran "
                  f"(first: {counter.first}); it scored them as wrong answers")

@@ -100,6 +100,35 @@ def strategy_problems(recipe: Recipe, label: str) -> list[Problem]:
     return problems
 
 
+def demo_problems(recipe: Recipe, label: str) -> list[Problem]:
+    """Demos as a training distribution (finetune.demos: {k, pick}) and the retrieved-demos
+    program (optimize.optimizer: retrieved) against the keys they cannot go with."""
+    opt, demos, problems = recipe.optimize, recipe.finetune.demos, []
+    if not isinstance(demos, str) and (opt.order == "p->w" or opt.strategy != DEFAULT_STRATEGY):
+        which = "optimize.order: p->w" if opt.order == "p->w" else "optimize.strategy"
+        problems.append(Problem(file=label, path="finetune.demos", message=(
+            f"{which} chooses the training rows' demos itself; a demo distribution "
+            "({k, pick}) is for the default 'w -> p': drop one of the two")))
+    if opt.optimizer != "retrieved":
+        return problems
+    unknown = sorted(set(opt.params) - {"k", "by"})
+    k, by = opt.params.get("k", 3), opt.params.get("by", "bm25")
+    if unknown:
+        problems.append(Problem(file=label, path="optimize.params", message=(
+            f"'retrieved' takes k (demos per input) and by (bm25), not {', '.join(unknown)}")))
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+        problems.append(Problem(file=label, path="optimize.params.k",
+                                message=f"must be a whole number from 1 to 16 (got {k!r})"))
+    if by != "bm25":
+        problems.append(Problem(file=label, path="optimize.params.by",
+                                message=f"copa retrieves demos by bm25 (got {by!r})"))
+    if opt.order == "p->w" or opt.strategy != DEFAULT_STRATEGY:
+        problems.append(Problem(file=label, path="optimize.optimizer", message=(
+            "'retrieved' has no fixed demo set for a fine-tune to carry: use it with the "
+            "default strategy 'w -> p' and order 'w->p'")))
+    return problems
+
+
 def retrieve_problems(recipe: Recipe, label: str) -> list[Problem]:
     """retrieve: fills a new input field from a query field of the signature, out of a corpus
     that has passages; data.answers_column's rows key must not shadow a field."""
@@ -145,6 +174,7 @@ def check_recipe(recipe: Recipe) -> Checked:
         problems.append(Problem(file=label, path="model.base", message=model_problem))
     problems.extend(_role_problems(recipe, label))
     problems.extend(retrieve_problems(recipe, label))
+    problems.extend(demo_problems(recipe, label))
     user_code = user_code_problems({"task.module": recipe.task.module,
                                     "evaluate.metric": recipe.evaluate.metric,
                                     "finetune.eval.metric": getattr(recipe.finetune.eval,

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from copa.models import EMBEDDED
 from copa.recipe.data_schema import (  # noqa: F401 - the data sections are part of the schema
@@ -181,6 +181,43 @@ class EarlyStoppingSection(_Section):
         return value
 
 
+DEMO_WORDS = ("none", "fixed", "program")
+MAX_DEMOS = 16
+
+
+class DemoDistribution(_Section):
+    """finetune.demos as a distribution: every training row gets k demos, k drawn per row from
+    [lo, hi]; `random` draws other train rows, `retrieved` takes the row's nearest train rows
+    (BM25 over the input fields). Either way never the row itself, never a val or test row."""
+
+    k: tuple[int, int]
+    pick: Literal["random", "retrieved"] = "random"
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _range(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value, value]
+        if not (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"write k: [lo, hi] (two whole numbers) or k: N (got {value!r})")
+        lo, hi = value
+        if not 0 <= lo <= hi <= MAX_DEMOS or hi == 0:
+            raise ValueError(f"needs 0 <= lo <= hi <= {MAX_DEMOS} and hi >= 1 (got {list(value)}); "
+                             "for no demos write demos: none")
+        return (lo, hi)
+
+    @classmethod
+    def from_mapping(cls, value: dict[str, Any]) -> DemoDistribution:
+        """Validated, with one line per problem (the recipe's error names finetune.demos)."""
+        try:
+            return cls.model_validate(value)
+        except ValidationError as exc:
+            said = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'demos'}: "
+                             f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+            raise ValueError(said) from None
+
+
 class FinetuneSection(_Section):
     enabled: bool = True
     adapter: Literal["qlora", "lora", "auto"] = "auto"
@@ -206,11 +243,13 @@ class FinetuneSection(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Training precision. auto: bf16 on a GPU, fp32 on a CPU "
         "(copa.precision); bf16 on a CPU is only faster with AVX-512 BF16 or AMX.")
-    demos: Literal["none", "fixed", "program"] = Field(
+    demos: str | DemoDistribution = Field(
         "none",
         description="Demo-aware fine-tuning: 'fixed' puts the demo set the prompt stage will use "
         "into every training row, rendered exactly as at inference; 'program' (with "
-        "optimize.strategy) keeps the demos the program holds at each 'w' step in its rows.",
+        "optimize.strategy) keeps the demos the program holds at each 'w' step in its rows; "
+        "a mapping {k: [lo, hi], pick: random | retrieved} gives every row k other train rows "
+        "as demos, k drawn per row (seeded by finetune.seed).",
     )
     num_demos: int = 3
     distributed: DistributedSection = Field(default_factory=DistributedSection)
@@ -275,6 +314,18 @@ class FinetuneSection(_Section):
         if value < 0:
             raise ValueError(f"must be >= 0 (got {value})")
         return bounded(value, 0.0, 1e6)
+
+    @field_validator("demos", mode="before")
+    @classmethod
+    def _demos(cls, value: Any) -> Any:
+        if isinstance(value, DemoDistribution):
+            return value
+        if isinstance(value, dict):
+            return DemoDistribution.from_mapping(value)
+        if value not in DEMO_WORDS:
+            raise ValueError(f"must be {', '.join(DEMO_WORDS)} or a mapping such as "
+                             "{k: [0, 3], pick: random} (got " + repr(value) + ")")
+        return value
 
     @field_validator("warmup_steps", "num_demos")
     @classmethod

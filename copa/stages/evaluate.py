@@ -1,9 +1,11 @@
-"""The four arms on the held-out test split, with paired bootstrap confidence intervals.
+"""The arms on the held-out test split, with paired bootstrap confidence intervals.
 
 baseline      base model,   plain program
 prompt_only   base model,   prompt-optimized program
-finetune_only merged model, plain program
+finetune_only merged model, plain program (a demo-free fine-tune: plain/merged when the
+              recipe's fine-tune saw demos, so the arm is prompted as it was trained)
 combined      merged model, prompt-optimized program (optimized on the merged model)
+demo_finetune the demo-trained merged model, plain program (only when the fine-tune saw demos)
 """
 
 from __future__ import annotations
@@ -13,9 +15,69 @@ from pathlib import Path
 from typing import Any
 
 from copa import precision
+from copa.stages.val import DEMO_ARM
 
 ARM_MODELS = {"baseline": "base", "prompt_only": "base", "finetune_only": "merged",
-              "combined": "merged"}
+              "combined": "merged", DEMO_ARM: "merged"}
+
+
+def run_arms(run: Any) -> list[str]:
+    """The arms this run reports: the recipe's (those its models allow), and beside
+    fine-tune-only the demo-trained model prompted plainly when the fine-tune saw demos."""
+    arms = [a for a in run.recipe.evaluate.arms if run.finetunes or ARM_MODELS[a] == "base"]
+    if run.trains_plain and "finetune_only" in arms:
+        arms.insert(arms.index("finetune_only") + 1, DEMO_ARM)
+    return arms
+
+
+def arm_model_dir(run: Any, arm: str) -> Path | None:
+    """The fine-tuned model an arm runs on (None: the base model)."""
+    if ARM_MODELS[arm] == "base":
+        return None
+    return run.plain_merged if arm == "finetune_only" and run.trains_plain else run.merged
+
+
+def arm_model_path(run: Any, arm: str) -> str:
+    from copa.dspy.kit import base_model_path
+
+    folder = arm_model_dir(run, arm)
+    return base_model_path(run.recipe) if folder is None else str(folder)
+
+
+def demo_training(recipe: Any) -> str:
+    """What the demo-trained fine-tune's rows carried, in words."""
+    demos = recipe.finetune.demos
+    if recipe.optimize.order == "p->w":
+        return "the demos the base model's prompt optimizer chose (optimize.order: p->w)"
+    if demos == "fixed":
+        return f"{recipe.finetune.num_demos} fixed demos (finetune.demos: fixed)"
+    return f"{demos.pick} train demos, k in [{demos.k[0]}, {demos.k[1]}] per row"
+
+
+def arm_used(run: Any, arm: str, optimize_info: dict[str, Any]) -> dict[str, Any]:
+    """Which model and which prompt an arm used (the report's table says both)."""
+    folder = arm_model_dir(run, arm)
+    if folder is None:
+        model = f"base ({run.recipe.model.base})"
+    elif not run.trains_plain:
+        model = "fine-tuned (merged)"
+    elif arm == "finetune_only":
+        model = "demo-free fine-tune (plain/merged)"
+    else:
+        model = f"demo-trained fine-tune (merged; rows with {demo_training(run.recipe)})"
+    info = optimize_info.get(arm) or {}
+    if arm not in ("prompt_only", "combined"):
+        prompt = "plain"
+    elif info.get("retrieved"):
+        r = info["retrieved"]
+        prompt = f"{info.get('winner')}: {r['k']} retrieved demos per input ({r['by']})" \
+            if info.get("winner") == "optimized" else f"{info.get('winner')}"
+    else:
+        prompt = f"{info.get('winner', 'plain')} ({info.get('demos', 0)} demos)"
+    if chosen := info.get("model"):
+        model = f"BetterTogether's pick ({chosen})"
+    return {"model": model, "prompt": prompt,
+            "model_dir": None if folder is None else str(folder.relative_to(run.dir))}
 
 
 def arm_key(run: Any, arm: str, program: Any, model_dir: str | None = None) -> str:
@@ -26,6 +88,8 @@ def arm_key(run: Any, arm: str, program: Any, model_dir: str | None = None) -> s
 
     recipe = run.recipe
     model = "base" if ARM_MODELS[arm] == "base" else run.keys.get("merge", "merged")
+    if arm == "finetune_only" and run.trains_plain:
+        model = run.keys.get("plain_finetune", "plain")
     if model_dir is not None:
         model = [model_dir, run.keys.get("optimize")]
     settings = recipe.model_dump(mode="json")["evaluate"]
@@ -57,31 +121,11 @@ def _cached_scores(folder: Path, arm: str, key: str) -> list[float] | None:
 
 
 def _program_for(run: Any, arm: str, kit: Any) -> Any:
-    if arm in ("baseline", "finetune_only"):
+    if arm not in ("prompt_only", "combined"):
         return kit.program.deepcopy()
-    path = run.optimize_dir / f"program_{arm}.json"
-    program = kit.program.deepcopy()
-    program.load(str(path))
-    return program
+    from copa.dspy.retrieved import load_program
 
-
-def _unfair_synergy_reason(run: Any) -> str | None:
-    """Why synergy would compare against a crippled arm, or None: when every training row
-    carried demos (finetune.demos: fixed, optimize.order: p->w), the fine-tune-only arm is a
-    model trained to see demos, prompted without them; combined - max(single arms) would then
-    credit the prompt stage with putting back what the fine-tune-only arm's prompt took away."""
-    if not run.finetunes:
-        return None
-    demos = json.loads((run.rendered / "demos.json").read_text())
-    if not demos:
-        return None
-    recipe = run.recipe
-    why = ("optimize.order: p->w" if recipe.optimize.order == "p->w"
-           else f"finetune.demos: {recipe.finetune.demos}")
-    return (f"the model was fine-tuned with {len(demos)} demos in every training row ({why}), "
-            "and the fine-tune-only arm prompts it without them, so it is not a fair weights-only "
-            "arm; compare with a run fine-tuned demo-free on the same rows (finetune.demos: none, "
-            "optimize.order: w->p)")
+    return load_program(kit.program, run.optimize_dir / f"program_{arm}.json", kit.recipe)
 
 
 def _training_curve(run: Any) -> dict[str, Any] | None:
@@ -99,21 +143,21 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     import dspy
 
     from copa.data import read_jsonl, write_jsonl
-    from copa.dspy.kit import base_model_path, model_lm, run_retriever, task_kit
+    from copa.dspy.kit import model_lm, run_retriever, task_kit
     from copa.dspy.program import to_examples
     from copa.dspy.search import ScoreError, dspy_chatter_to, evaluate_program
     from copa.files import atomic_write_text
     from copa.runs import versions
     from copa.stages.report import write_report
     from copa.stages.report_html import sent_prompts
-    from copa.stats import not_comparable, summarize
+    from copa.stats import summarize
 
     recipe = run.recipe
     kit = task_kit(recipe, [], [], run.checked.spec,
                    retriever=run_retriever(recipe, run.rendered))
     test_rows = read_jsonl(run.rendered / "splits" / "test.jsonl")
     testset = to_examples(recipe, test_rows)
-    arms = [a for a in recipe.evaluate.arms if run.finetunes or ARM_MODELS[a] == "base"]
+    arms = run_arms(run)
     per_arm: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
     failed_arms: dict[str, str | None] = {}  # arm -> first error, for arms whose every call failed
@@ -126,7 +170,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     if opt_path.is_file():
         optimize_info = json.loads(opt_path.read_text())
     for arm in arms:
-        model_path = base_model_path(recipe) if ARM_MODELS[arm] == "base" else str(run.merged)
+        model_path = arm_model_path(run, arm)
         # optimize.strategy: the combined arm runs on the model of BetterTogether's pick
         chosen = optimize_info.get(arm, {}).get("model")
         if chosen:
@@ -185,10 +229,8 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
                              "first_error": failed_arms[arm]}
         else:
             arms_out[arm] = {**summary["arms"][arm], "errors": errors[arm]}
+        arms_out[arm].update(arm_used(run, arm, optimize_info))
     summary["arms"] = arms_out
-    reason = _unfair_synergy_reason(run)
-    if reason and "synergy" in summary:
-        summary["synergy"] = not_comparable(summary["synergy"], reason)
     val = _val_scores(run, kit, [a for a in arms if a not in failed_arms], optimize_info)
     run.emit(f"  best arm on val: {val['best_arm']}" if val["best_arm"] else
              "  no arm has a val score: nothing to choose `best` from")
@@ -214,7 +256,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
         "settings": {
             "model": recipe.model.base, "optimizer": recipe.optimize.optimizer,
             "order": recipe.optimize.order, "strategy": recipe.optimize.strategy,
-            "finetune_demos": recipe.finetune.demos,
+            "finetune_demos": recipe.model_dump(mode="json")["finetune"]["demos"],
             "adapter": recipe.optimize.adapter, "seed": recipe.finetune.seed,
             "guard": recipe.optimize.guard, "guard_margin": recipe.optimize.guard_margin,
         },
@@ -236,14 +278,14 @@ def _val_scores(run: Any, kit: Any, arms: list[str],
     import dspy
 
     from copa.data import read_jsonl
-    from copa.dspy.kit import base_model_path, model_lm
+    from copa.dspy.kit import model_lm
     from copa.dspy.program import to_examples
     from copa.dspy.search import demo_count, dspy_chatter_to, evaluate_program
     from copa.stages.val import val_scores_from_optimize, val_section
 
     recipe = run.recipe
     valset = to_examples(recipe, read_jsonl(run.rendered / "splits" / "val.jsonl"))
-    known = val_scores_from_optimize(optimize_info)
+    known = val_scores_from_optimize(optimize_info, plain_model=run.trains_plain)
     scores: dict[str, float | None] = {}
     sources: dict[str, str] = {}
     demos: dict[str, int] = {}
@@ -253,7 +295,7 @@ def _val_scores(run: Any, kit: Any, arms: list[str],
         if arm in known:
             scores[arm], sources[arm] = known[arm], "optimize"
             continue
-        model_path = base_model_path(recipe) if ARM_MODELS[arm] == "base" else str(run.merged)
+        model_path = arm_model_path(run, arm)
         with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir, emit=run.emit) as lm, \
                 dspy.context(lm=lm, adapter=kit.adapter), \
                 dspy_chatter_to(run.dir / "predictions" / "dspy-evaluate.log"):

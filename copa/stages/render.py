@@ -7,12 +7,14 @@ byte-identical files.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from copa.data import Row, write_jsonl
+from copa.demos import is_distribution, trains_with_demos
 from copa.files import atomic_write_text
 from copa.prompting import PromptSpec, preview, training_row
 from copa.recipe import Recipe
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from copa.runs import Run
 
 SPLITS = ("train", "val", "test")
+TRAIN_DEMOS = "train_demos.json"  # a demo distribution's draw: row -> indices of its demos
+PLAIN_DIR = "plain"  # rendered/plain/: the demo-free fine-tune's rows and config
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def render_stage(run: Run) -> dict[str, Any]:
         demos = prompt_first(run)
         run.emit(f"  fine-tuning rows will carry the {len(demos)} demos it chose")
     result = render(run.checked, run.rendered, work_dir=run.train_dir, demos=demos,
-                    emit=run.emit)
+                    emit=run.emit, plain_work_dir=run.plain_dir / "train")
     artifacts = {"config": str(result.config_path), "train_rows": result.train_rows}
     if result.index_dir is not None:
         artifacts["retriever"] = str(result.index_dir)
@@ -106,9 +110,10 @@ def write_splits(checked: Checked, out_dir: Path) -> None:
 
 def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
            base_model: str | None = None, hardware=None, demos: Sequence[Row] | None = None,
-           validate_axolotl: bool = True, emit: Callable[[str], None] = lambda _: None
-           ) -> Rendered:
-    """Write splits/, train.jsonl, val.jsonl, prompt_preview.txt, demos.json and axolotl.yml."""
+           validate_axolotl: bool = True, emit: Callable[[str], None] = lambda _: None,
+           plain_work_dir: Path | None = None) -> Rendered:
+    """Write splits/, train.jsonl, val.jsonl, prompt_preview.txt, demos.json and axolotl.yml;
+    for a recipe that trains with demos also plain/ (the same rows without them)."""
     from copa.backends import axolotl as backend  # render owns the config; axolotl import is lazy
     from copa.models import resolve_model
 
@@ -126,9 +131,14 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     if demos is None:
         demos = choose_fixed_demos(recipe, train) if recipe.finetune.demos == "fixed" else []
     demos = list(demos)
-    rows = training_rows(spec, train, demos)
+    distribution = recipe.finetune.demos if is_distribution(recipe.finetune.demos) else None
+    if distribution is not None:
+        rows, val_rows = distributed_rows(recipe, spec, train, val, out_dir, emit)
+    else:
+        rows, val_rows = training_rows(spec, train, demos), training_rows(spec, val, demos)
+        (out_dir / TRAIN_DEMOS).unlink(missing_ok=True)
     write_jsonl(out_dir / "train.jsonl", rows)
-    write_jsonl(out_dir / "val.jsonl", training_rows(spec, val, demos))
+    write_jsonl(out_dir / "val.jsonl", val_rows)
     atomic_write_text(out_dir / "demos.json", json.dumps(demos, indent=2) + "\n")
     atomic_write_text(out_dir / "prompt_preview.txt", preview(spec, train[:2]))
 
@@ -142,8 +152,43 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
                                     hardware, validate=validate_axolotl)
     config_path = out_dir / "axolotl.yml"
     backend.write_config(config, config_path)
+    # The fair fine-tune-only arm: the same rows without demos, trained beside (copa.runs).
+    plain_rows = training_rows(spec, train)
+    plain = out_dir / PLAIN_DIR
+    if trains_with_demos(recipe) and plain_rows != rows:
+        write_jsonl(plain / "train.jsonl", plain_rows)
+        write_jsonl(plain / "val.jsonl", training_rows(spec, val))
+        plain_work = Path(plain_work_dir).resolve() if plain_work_dir else plain / "train"
+        backend.write_config(backend.checked_config(recipe, base_model, plain / "train.jsonl",
+                                                    plain_work, hardware,
+                                                    validate=validate_axolotl),
+                             plain / "axolotl.yml")
+    elif plain.exists():  # rendered before with demos: no second fine-tune now
+        shutil.rmtree(plain)
     return Rendered(dir=out_dir, config_path=config_path, train_rows=len(rows), demos=demos,
                     index_dir=None if retriever is None else out_dir / INDEX_DIR)
+
+
+def distributed_rows(recipe: Recipe, spec: PromptSpec, train: Sequence[Row], val: Sequence[Row],
+                     out_dir: Path, emit: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """finetune.demos as a distribution: every row with its own k demos from the train split
+    (train rows leave themselves out), rendered by the path the DSPy adapter formats with.
+    Which demos each train row got goes to train_demos.json (indices into splits/train)."""
+    from copa.demos import DemoIndex, draw_demos
+
+    dist, fields = recipe.finetune.demos, recipe.task.input_fields
+    index = DemoIndex(train, fields) if dist.pick == "retrieved" else None
+    seed = recipe.finetune.seed
+    drawn = draw_demos(train, train, fields, dist.k, dist.pick, seed, "train", index)
+    val_drawn = draw_demos(val, train, fields, dist.k, dist.pick, seed, "val", index)
+    rows = [training_row(spec, row, [train[j] for j in js]) for row, js in zip(train, drawn)]
+    val_rows = [training_row(spec, row, [train[j] for j in js])
+                for row, js in zip(val, val_drawn)]
+    atomic_write_text(out_dir / TRAIN_DEMOS, json.dumps(drawn) + "\n")
+    counts = [len(js) for js in drawn]
+    emit(f"  training rows carry {dist.pick} demos, k in [{dist.k[0]}, {dist.k[1]}] "
+         f"(mean {sum(counts) / max(len(counts), 1):.2f})")
+    return rows, val_rows
 
 
 def too_long_rows(rows: Sequence[dict], model_path: str, recipe: Recipe, label: str,

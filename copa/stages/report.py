@@ -14,7 +14,15 @@ from copa.text import one_line
 ARM_LABELS = {"baseline": "baseline (base model, plain prompt)",
               "prompt_only": "prompt-only (base model + DSPy)",
               "finetune_only": "fine-tune-only (merged model, plain prompt)",
+              "demo_finetune": "demo-aware fine-tune only (demo-trained model, plain prompt)",
               "combined": "combined (merged model + DSPy)"}
+# The report's table names each arm's model and prompt in columns of their own.
+SHORT_LABELS = {"baseline": "baseline", "prompt_only": "prompt-only",
+                "finetune_only": "fine-tune-only", "demo_finetune": "demo-aware fine-tune only",
+                "combined": "combined"}
+# For a report written before arms recorded their model and prompt.
+_USED = {"baseline": ("base", "plain"), "prompt_only": ("base", "DSPy"),
+         "finetune_only": ("merged", "plain"), "combined": ("merged", "DSPy")}
 
 
 def _pct(value: float) -> str:
@@ -25,16 +33,19 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# copa report: {report['recipe']}", "",
              f"Metric: `{report['metric']}` on {report['test_rows']} held-out test rows "
              "(percent, with paired-bootstrap 95% CIs).", "",
-             "| arm | score | 95% CI | n | failed calls |", "|---|---:|---:|---:|---:|"]
+             "| arm | model | prompt | score | 95% CI | n | failed calls |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for arm, data in report["arms"].items():
         errors = data.get("errors", 0)
+        model, prompt = (data.get("model", _USED.get(arm, ("?", "?"))[0]),
+                         data.get("prompt", _USED.get(arm, ("?", "?"))[1]))
+        used = f"| {SHORT_LABELS.get(arm, arm)} | {model} | {prompt} "
         if data.get("failed"):  # every call failed: no score, never a 0.0
-            lines.append(f"| {ARM_LABELS.get(arm, arm)} | **failed** | — | {data['n']} | "
-                         f"{errors} |")
+            lines.append(f"{used}| **failed** | — | {data['n']} | {errors} |")
             continue
         lo, hi = data["ci95"]
-        lines.append(f"| {ARM_LABELS.get(arm, arm)} | {_pct(data['score'])} | "
-                     f"[{_pct(lo)}, {_pct(hi)}] | {data['n']} | {errors} |")
+        lines.append(f"{used}| {_pct(data['score'])} | [{_pct(lo)}, {_pct(hi)}] | {data['n']} | "
+                     f"{errors} |")
     lines.append("")
     for arm, data in report["arms"].items():
         if data.get("failed"):
@@ -49,16 +60,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- Fine-tune gain (fine-tune-only − baseline): {_pct(gain['value'])} "
                      f"points, 95% CI [{_pct(gain['ci95'][0])}, {_pct(gain['ci95'][1])}]")
     syn = report.get("synergy")
-    if syn is not None and syn.get("comparable") is False:
-        # Arms not prompted as they were trained: no number, and never a verdict.
-        lines.append("- **Synergy** (combined − max(fine-tune-only, prompt-only)): "
-                     f"not comparable: {syn.get('reason', 'no reason recorded')}")
-    elif syn is not None:
+    if syn is not None and syn.get("value") is not None:
         lo, hi = syn["ci95"]
-        verdict = ("combined beats the better single arm" if lo > 0 else
-                   "combined is worse than the better single arm" if hi < 0 else
+        singles = [SHORT_LABELS[a] for a in ("prompt_only", "finetune_only", "demo_finetune")
+                   if a in report["arms"]]
+        verdict = ("combined beats the best single-lever arm" if lo > 0 else
+                   "combined is worse than the best single-lever arm" if hi < 0 else
                    "no significant synergy (CI includes 0)")
-        lines.append(f"- **Synergy** (combined − max(fine-tune-only, prompt-only)): "
+        lines.append(f"- **Synergy** (combined − max({', '.join(singles)})): "
                      f"{_pct(syn['value'])} points, 95% CI [{_pct(lo)}, {_pct(hi)}]: {verdict}")
     for arm, info in report.get("prompt_optimization", {}).items():
         if info.get("strategy"):  # BetterTogether's arm: its own candidate list

@@ -12,16 +12,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-ARM_ORDER = ("baseline", "prompt_only", "finetune_only", "combined")
+from copa.demos import RETRIEVED_MARK
+
+DEMO_ARM = "demo_finetune"  # the demo-trained fine-tune, prompted plainly (copa.stages.evaluate)
+ARM_ORDER = ("baseline", "prompt_only", "finetune_only", DEMO_ARM, "combined")
 # Which optimize.json entry knows an arm's val score: (entry, candidate; None = its winner).
 _FROM_OPTIMIZE = {"baseline": ("prompt_only", "plain"), "prompt_only": ("prompt_only", None),
                   "finetune_only": ("combined", "plain"), "combined": ("combined", None)}
 
 
-def val_scores_from_optimize(optimize_info: Mapping[str, Any]) -> dict[str, float]:
-    """The arms' val scores the optimize stage recorded (optimize.json), by arm."""
+def val_scores_from_optimize(optimize_info: Mapping[str, Any],
+                             plain_model: bool = False) -> dict[str, float]:
+    """The arms' val scores the optimize stage recorded (optimize.json), by arm. With
+    plain_model (a demo-free fine-tune beside the demo-trained one), the combined arm's plain
+    candidate ran on the demo-trained model: it is demo_finetune's score, not fine-tune-only's."""
     known: dict[str, float] = {}
-    for arm, (entry, candidate) in _FROM_OPTIMIZE.items():
+    table = dict(_FROM_OPTIMIZE)
+    if plain_model:
+        table[DEMO_ARM] = table.pop("finetune_only")
+    for arm, (entry, candidate) in table.items():
         info = optimize_info.get(entry) or {}
         scores = info.get("val_scores") or {}
         name = candidate or info.get("winner")
@@ -31,8 +40,13 @@ def val_scores_from_optimize(optimize_info: Mapping[str, Any]) -> dict[str, floa
 
 
 def demo_count(program_state: Mapping[str, Any]) -> int:
-    """Demos in a program saved with DSPy's save (one entry per predictor)."""
-    return sum(len(p.get("demos") or []) for p in program_state.values() if isinstance(p, dict))
+    """Demos in a program saved with DSPy's save (one entry per predictor); a retrieved-demos
+    program shows k per predictor and call."""
+    predictors = [p for name, p in program_state.items()
+                  if isinstance(p, dict) and name != RETRIEVED_MARK and "demos" in p]
+    retrieved = program_state.get(RETRIEVED_MARK) or {}
+    return (sum(len(p.get("demos") or []) for p in predictors)
+            + len(predictors) * int(retrieved.get("k", 0)))
 
 
 def best_arm(val: Mapping[str, float | None], demos: Mapping[str, int] | None = None) -> str:

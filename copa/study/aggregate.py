@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from copa.stages.val import DEMO_ARM
 from copa.stats import study_cell
 
 NOT_COMPARABLE = ("synergy", "interaction")  # effects that compare against fine-tune-only
@@ -53,8 +54,11 @@ def aggregate(plan: Mapping[str, Any], study_dir: Path, seed: int = 0) -> dict[s
         if found:
             point["found"].append((entry["seed"], found))
     cells = [_cell(point, plan["bootstrap"], seed) for point in by_point.values()]
+    arms = list(plan["arms"])
+    if "finetune_only" in arms and any(DEMO_ARM in c["arms"] for c in cells):
+        arms.insert(arms.index("finetune_only") + 1, DEMO_ARM)  # cells fine-tuned with demos
     return {"study": plan["study"], "file": plan.get("file"), "recipe": plan["recipe"],
-            "metric": metric, "grid": plan["grid"], "seeds": plan["seeds"], "arms": plan["arms"],
+            "metric": metric, "grid": plan["grid"], "seeds": plan["seeds"], "arms": arms,
             "bootstrap": plan["bootstrap"],
             "method": "arm means averaged over seeds; 95% intervals by a paired bootstrap that "
                       "resamples each seed's test rows (the same rows for every arm) and "

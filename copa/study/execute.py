@@ -60,7 +60,15 @@ def run_cell(recipe: Path, study_dir: Path, cell: Cell, emit: Emit = print,
     from copa.pipeline import run_stages
     from copa.recipe.schema import DEFAULT_STRATEGY
     from copa.runs import open_run
-    from copa.study.shared import MODELS_DIR, ensure_model, has_model, link_finetunes, link_model
+    from copa.study.shared import (
+        MODELS_DIR,
+        ensure_model,
+        has_model,
+        has_plain_model,
+        link_finetunes,
+        link_model,
+        link_plain_model,
+    )
     from copa.track import tracking
 
     directory = Path(study_dir) / cell.rel_dir
@@ -91,6 +99,9 @@ def run_cell(recipe: Path, study_dir: Path, cell: Cell, emit: Emit = print,
                 run_stages(run, ["render"], tracker=tracker)
                 if not has_model(run):  # a cell trained before (e.g. by `copa run`) keeps its own
                     link_model(run, ensure_model(run, Path(study_dir) / MODELS_DIR, emit))
+                if run.trains_plain and not has_plain_model(run):  # = its seed's demo-free cell's
+                    link_plain_model(run, ensure_model(run, Path(study_dir) / MODELS_DIR, emit,
+                                                       rendered=run.rendered / "plain"))
             run_stages(run, tracker=tracker)
         seconds = round(time.time() - start, 2)
         atomic_write_json(directory / CELL_FILE, {**record, "finished": True, "seconds": seconds})

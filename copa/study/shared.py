@@ -70,8 +70,10 @@ def read_model_info(folder: Path) -> dict[str, Any] | None:
     return info
 
 
-def ensure_model(run: Run, models_dir: Path, emit: Emit = print) -> Path:
-    """The trained and merged model for this rendered run, trained in the shared folder unless
+def ensure_model(run: Run, models_dir: Path, emit: Emit = print,
+                 rendered: Path | None = None) -> Path:
+    """The trained and merged model for this rendered run (or for the rows and config in
+    `rendered`: the demo-free fine-tune's rendered/plain/), trained in the shared folder unless
     it is there already (under the folder's lock: never twice, even from cells running at
     once). Returns the folder."""
     from copa.backends import get_backend
@@ -79,7 +81,8 @@ def ensure_model(run: Run, models_dir: Path, emit: Emit = print) -> Path:
     from copa.data import read_jsonl
     from copa.stages.render import steps_for
 
-    key = shared_train_key(run.rendered)
+    rendered = Path(rendered or run.rendered)
+    key = shared_train_key(rendered)
     folder = model_folder(models_dir, key)
     with run_dir_locked(folder, wait=True, emit=emit):
         info = read_model_info(folder)
@@ -88,8 +91,8 @@ def ensure_model(run: Run, models_dir: Path, emit: Emit = print) -> Path:
             return folder
         emit(f"  training the shared model {folder.name}")
         start = time.time()
-        atomic_write_bytes(folder / "train.jsonl", (run.rendered / "train.jsonl").read_bytes())
-        config = yaml.safe_load((run.rendered / "axolotl.yml").read_text())
+        atomic_write_bytes(folder / "train.jsonl", (rendered / "train.jsonl").read_bytes())
+        config = yaml.safe_load((rendered / "axolotl.yml").read_text())
         write_config(relocated_config(config, folder / "train.jsonl", folder / "train"),
                      folder / "axolotl.yml")
         backend = get_backend()
@@ -119,6 +122,32 @@ def has_model(run: Run) -> bool:
     run.keys["train"] = keys["train"]
     keys["merge"] = stage_key(run, "merge")
     return all(is_current(run, stage, key) for stage, key in keys.items())
+
+
+def has_plain_model(run: Run) -> bool:
+    """Whether the run's demo-free fine-tune (plain_finetune) is current already."""
+    from copa.pipeline import is_current
+
+    run.keys["plain_finetune"] = stage_key(run, "plain_finetune")
+    return is_current(run, "plain_finetune", run.keys["plain_finetune"])
+
+
+def link_plain_model(run: Run, folder: Path) -> None:
+    """Record a shared model as this run's demo-free fine-tune: a cell fine-tuned with demos
+    borrows the model its seed's demo-free cell trained (the same rows and config)."""
+    info = read_model_info(folder)
+    if info is None:
+        raise FileNotFoundError(f"{folder}: no complete shared model ({MODEL_INFO})")
+    run.plain_dir.mkdir(parents=True, exist_ok=True)
+    _symlink(run.plain_merged, os.path.relpath(folder / "merged", run.plain_dir))
+    run.keys["plain_finetune"] = stage_key(run, "plain_finetune")
+    entry = run.manifest.stage("plain_finetune")
+    entry.clear()
+    entry.update({"key": run.keys["plain_finetune"], "status": "done", "ended": now(),
+                  "artifacts": {"adapter": info["adapter"], "model": str(run.plain_merged),
+                                "log": info["log"]},
+                  "shared_model": str(folder)})
+    run.manifest.save()
 
 
 def _symlink(link: Path, target: str) -> None:

@@ -13,9 +13,11 @@ from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from copa.study import page
 
 ARMS_SHOWN = {"baseline": "baseline", "prompt_only": "prompt-only",
-              "finetune_only": "fine-tune-only", "combined": "combined"}
+              "finetune_only": "fine-tune-only", "demo_finetune": "demo-aware fine-tune only",
+              "combined": "combined"}
 COLORS = {"baseline": "#757575", "prompt_only": "#1e88e5", "finetune_only": "#fb8c00",
-          "combined": "#43a047", "synergy": "#8e24aa", "interaction": "#e53935"}
+          "demo_finetune": "#6d4c41", "combined": "#43a047", "synergy": "#8e24aa",
+          "interaction": "#e53935"}
 
 
 def _pct(value: float | None) -> str:
@@ -55,7 +57,8 @@ def markdown(data: dict[str, Any]) -> str:
                 star = "*" if entry["excludes_zero"] else ""
                 shown.append(f"{100 * entry['value']:+.1f}{star} {_ci(entry['ci95'])}")
             lines.append(f"| {cell['cell']} | " + " | ".join(shown) + " |")
-        lines += ["", "Synergy: combined − max(fine-tune-only, prompt-only). Interaction: "
+        lines += ["", "Synergy: combined − max(every single-lever arm: prompt-only, fine-tune-only "
+                  "and, where the fine-tune saw demos, demo-aware fine-tune only). Interaction: "
                   "combined − fine-tune-only − prompt-only + baseline (what the two together "
                   "add beyond the sum of their separate gains)."]
     lines += ["", "## Findings", "", *(f"- {line}" for line in data["findings"]),

@@ -15,11 +15,12 @@ from typing import Any
 from copa.prompting import PromptSpec, PromptTemplate, default_instructions
 from copa.recipe import ARMS, Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_read_back
 from copa.stages.evaluate import ARM_MODELS
-from copa.stages.val import best_arm, demo_count, val_scores_from_optimize
+from copa.stages.val import DEMO_ARM, best_arm, demo_count, val_scores_from_optimize
 
 EXPORT_MANIFEST = "copa-export.json"
 EXPORT_FORMAT = 1
 OPTIMIZED_ARMS = ("prompt_only", "combined")  # the arms with a program of their own
+KNOWN_ARMS = (*ARMS, DEMO_ARM)  # a run that fine-tuned with demos reports demo_finetune too
 
 
 class NotFinished(Exception):
@@ -69,8 +70,8 @@ def open_bundle(path: str | Path, arm: str = "best") -> Bundle:
     if not root.is_dir():
         raise NotFinished(f"{path}: no such directory (give a run directory such as runs/iris, "
                           "or a folder written by `copa export`)")
-    if arm != "best" and arm not in ARMS:
-        raise NotFinished(f"unknown arm '{arm}': use best, {', '.join(ARMS)}")
+    if arm != "best" and arm not in KNOWN_ARMS:
+        raise NotFinished(f"unknown arm '{arm}': use best, {', '.join(KNOWN_ARMS)}")
     if (root / EXPORT_MANIFEST).is_file():
         return _open_export(root, arm)
     if (root / "manifest.json").is_file():
@@ -157,7 +158,8 @@ def _open_run(root: Path, arm: str) -> Bundle:
                           f"{', '.join(arms) or 'none'})")
     role = ARM_MODELS[chosen]
     if role == "merged":
-        model = root / "merged"
+        # fine-tune-only runs on plain/merged where the run also fine-tuned with demos
+        model = root / (report.get("arms", {}).get(chosen, {}).get("model_dir") or "merged")
         if not (model / "config.json").is_file():
             raise NotFinished(f"{root}: the merged model ({model}) is missing: re-run "
                               "`copa merge RECIPE`")

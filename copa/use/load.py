@@ -14,6 +14,7 @@ import dspy
 from copa.data import format_value
 from copa.dspy.kit import make_adapter, model_lm
 from copa.dspy.program import make_program
+from copa.dspy.retrieved import load_program
 from copa.use.bundle import Bundle, open_bundle
 from copa.use.limits import (
     InputLimit,
@@ -122,8 +123,8 @@ def load_bundle(bundle: Bundle, emit: Callable[[str], None] = lambda _: None,
     recipe = bundle.recipe
     max_tokens = limit_tokens(recipe, bundle.model_path, max_input_tokens)
     program = make_program(recipe)
-    if bundle.program_path is not None:
-        program.load(str(bundle.program_path))
+    if bundle.program_path is not None:  # a retrieved-demos program carries its train rows
+        program = load_program(program, bundle.program_path)
     adapter = make_adapter(recipe, bundle.spec())
     stack = ExitStack()
     try:
