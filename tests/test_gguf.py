@@ -235,6 +235,7 @@ def test_go_renderer_follows_go_semantics() -> None:
     # consecutive user turns merge (Ollama's collate); the system turn stays in Messages
     assert gotemplate.render(template, values) == "S:sys\n?U:a\n\nb|A:c|"
     assert gotemplate.render(template, {"System": "", "Messages": []}) == "none\n"
+    assert gotemplate.render("x \n {{- .A -}} \n y", {"A": "1"}) == "x1y"  # trim markers
     with pytest.raises(gotemplate.GoTemplateError):
         gotemplate.render("{{ with .System }}x{{ end }}", {})
 
