@@ -393,6 +393,7 @@ def export_command(run_dir: str, out_dir: str, arm: str, fmt: str, outtype: str,
     --format gguf writes model.gguf and an Ollama Modelfile instead of the model folder."""
     _quiet_libraries()
     if fmt == "gguf":
+        _preload_noisy_modules()
         from copa.use.export_gguf import export_gguf
 
         out = export_gguf(run_dir, out_dir, arm, outtype, verify, emit=click.echo)

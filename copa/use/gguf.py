@@ -152,7 +152,7 @@ def verify(bundle: Any, gguf_file: Path, work: Path,
     from copa.data import read_jsonl
     from copa.dspy.kit import local_lm, run_retriever, task_kit
     from copa.dspy.program import to_examples
-    from copa.dspy.search import evaluate_program
+    from copa.dspy.search import dspy_chatter_to, evaluate_program
     from copa.inference.engine import release_model
     from copa.models import gguf_to_hf_dir
 
@@ -170,7 +170,7 @@ def verify(bundle: Any, gguf_file: Path, work: Path,
     # copa's in-process engine, whatever serve: names: it is this file that is checked
     lm = local_lm(recipe, str(model_dir), "gguf-verify", recipe.evaluate.max_tokens)
     try:
-        with dspy.context(lm=lm, adapter=kit.adapter):
+        with dspy.context(lm=lm, adapter=kit.adapter), dspy_chatter_to(work / "dspy.log"):
             scored = evaluate_program(program, to_examples(recipe, rows), kit.metric,
                                       recipe.evaluate.num_threads)
     finally:
