@@ -400,9 +400,10 @@ def export_command(run_dir: str, out_dir: str, arm: str, fmt: str, outtype: str,
         click.echo(f"wrote {out}/ (model.gguf, Modelfile, chat-example.json, README.md); try "
                    f"`cd {out} && ollama create NAME -f Modelfile`")
         return
+    from copa.use.export import ExportRefused, export
+
     if verify or outtype != "f16":
-        raise click.UsageError("--outtype and --verify go with --format gguf")
-    from copa.use.export import export
+        raise ExportRefused("--outtype and --verify go with --format gguf")
 
     out = export(run_dir, out_dir, arm, emit=click.echo)
     click.echo(f"wrote {out}/ (model/, program.json, template.jinja, recipe.yaml, README.md); "

@@ -194,6 +194,9 @@ def test_export_refuses_a_used_folder_or_a_file_with_exit_2(hand_run: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "used"]  # no leftovers
     result = run_cli("export", str(hand_run), str(used), "--format", "hf")
     assert result.exit_code == 2 and "is not empty" in result.output
+    result = run_cli("export", str(hand_run), str(tmp_path / "hf"), "--verify")
+    assert result.exit_code == 2 and "go with --format gguf" in result.output
+    assert not (tmp_path / "hf").exists()
 
 
 def test_verify_needs_the_run_directory(exported_f32: Path, tmp_path: Path) -> None:
