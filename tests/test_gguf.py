@@ -199,12 +199,14 @@ def test_export_refuses_a_used_folder_or_a_file_with_exit_2(hand_run: Path,
     assert not (tmp_path / "hf").exists()
 
 
-def test_verify_needs_the_run_directory(exported_f32: Path, tmp_path: Path) -> None:
-    result = run_cli("export", str(exported_f32), str(tmp_path / "again"), "--format", "gguf",
+def test_verify_needs_the_run_directory(hand_run: Path, tmp_path: Path) -> None:
+    from copa.use.export import export
+
+    folder = export(hand_run, tmp_path / "hf", emit=lambda _: None)  # a folder export
+    result = run_cli("export", str(folder), str(tmp_path / "again"), "--format", "gguf",
                      "--verify")
     assert result.exit_code == 2
-    assert "compares with the run's own test predictions" in result.output \
-        or "neither a copa run directory" in result.output
+    assert "compares with the run's own test predictions" in result.output
     assert not (tmp_path / "again").exists()
 
 
@@ -264,6 +266,10 @@ GLUED = ("{% for m in messages %}{% if m['role'] == 'system' %}{% set ns = m['co
          "{% elif m['role'] == 'user' %}<u>{{ m['content'] }}</u>{% else %}<a>{{ m['content'] }}"
          "</a>{% endif %}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}")
 
+GEN_BY_SYSTEM = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>"
+                 "{% endfor %}{% if add_generation_prompt %}{% if messages[0]['role'] == "
+                 "'system' %}<assistant>{% else %}<reply>{% endif %}{% endif %}")
+
 
 def test_chat_format_is_read_off_the_chat_template() -> None:
     fmt = ollama.chat_format(_jinja_renderer(LLAMA3))
@@ -278,6 +284,10 @@ def test_chat_format_is_read_off_the_chat_template() -> None:
     assert ollama.ollama_prompt(text, "2+2?") == _jinja_renderer(LLAMA3)(chat, True)
     with pytest.raises(ollama.ChatFormatError):
         ollama.chat_format(_jinja_renderer(GLUED))
+    # Every turn cut cleanly, but the answer starts differently without a system turn: only
+    # writing the probes back through the Go template catches that.
+    with pytest.raises(ollama.ChatFormatError, match="not written the same way"):
+        ollama.chat_format(_jinja_renderer(GEN_BY_SYSTEM))
 
 
 def test_modelfile_values_are_read_back_verbatim() -> None:
