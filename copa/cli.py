@@ -415,18 +415,39 @@ def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None,
 
 @cli.command(name="export")
 @use_dir_arg
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path())
 @arm_opt
+@click.option("--format", "fmt", default="hf", show_default=True, type=click.Choice(["hf", "gguf"]),
+              help="hf: a folder copa, transformers and vLLM load; gguf: model.gguf and an "
+                   "Ollama Modelfile for llama.cpp / Ollama.")
+@click.option("--outtype", default="f16", show_default=True,
+              type=click.Choice(["f32", "f16", "q8_0"]), help="GGUF weight type (--format gguf).")
+@click.option("--verify", is_flag=True,
+              help="Score the GGUF on the run's test split and compare with the run's own "
+                   "answers; the numbers go into the model card (--format gguf).")
 @_errors
-def export_command(run_dir: str, out_dir: str, arm: str) -> None:
+def export_command(run_dir: str, out_dir: str, arm: str, fmt: str, outtype: str,
+                   verify: bool) -> None:
     """Write one arm of a finished run into OUT_DIR, usable without the run directory: the model,
-    the optimized program, the prompt template and recipe, and a model card (README.md)."""
+    the optimized program, the prompt template and recipe, and a model card (README.md).
+    --format gguf writes model.gguf and an Ollama Modelfile instead of the model folder."""
     _check_output(out_dir, "OUT_DIR", folder=True)
     out_path = Path(out_dir)
     if out_path.is_dir() and any(out_path.iterdir()):
         _user_error(f"{out_dir}: exists and is not empty; choose a new folder (OUT_DIR)")
     _quiet_libraries()
-    from copa.use.export import export
+    if fmt == "gguf":
+        _preload_noisy_modules()
+        from copa.use.export_gguf import export_gguf
+
+        out = export_gguf(run_dir, out_dir, arm, outtype, verify, emit=click.echo)
+        click.echo(f"wrote {out}/ (model.gguf, Modelfile, chat-example.json, README.md); try "
+                   f"`cd {out} && ollama create NAME -f Modelfile`")
+        return
+    from copa.use.export import ExportRefused, export
+
+    if verify or outtype != "f16":
+        raise ExportRefused("--outtype and --verify go with --format gguf")
 
     out = export(run_dir, out_dir, arm, emit=click.echo)
     click.echo(f"wrote {out}/ (model/, program.json, template.jinja, recipe.yaml, README.md); "

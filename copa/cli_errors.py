@@ -25,6 +25,7 @@ def errors(func):
         from copa.recipe import RecipeError
         from copa.runs import RunDirBusy
         from copa.use.bundle import NotFinished
+        from copa.use.export import ExportRefused
         from copa.use.predict import InputError
 
         ctx = click.get_current_context()
@@ -37,7 +38,7 @@ def errors(func):
             for problem in exc.problems:
                 click.echo(str(problem), err=True)
             sys.exit(EXIT_RECIPE)
-        except (PromptError, RunDirBusy, NotFinished, InputError) as exc:
+        except (PromptError, RunDirBusy, NotFinished, InputError, ExportRefused) as exc:
             if debug:
                 raise
             click.echo(str(exc), err=True)
@@ -59,7 +60,7 @@ def errors(func):
                 raise
             name = type(exc).__name__
             if name in ("TrainError", "ModelError", "OptimizeError", "EvaluateError", "ServeError",
-                        "ExportError"):
+                        "ExportError", "GGUFError"):
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_FAILED)
             click.echo(f"error: {name}: {exc} (run with --debug for the traceback)", err=True)

@@ -16,7 +16,8 @@ HEAVY = ("torch", "transformers", "dspy", "axolotl", "peft", "accelerate")
 LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.serve_schema",
          "copa.recipe.checks", "copa.data", "copa.sources", "copa.loaders", "copa.retrieval",
          "copa.demos", "copa.prompting", "copa.metrics", "copa.backends.valcurve",
-         "copa.use.bundle", "copa.use.predict", "copa.study.spec", "copa.cli_study")
+         "copa.use.bundle", "copa.use.predict", "copa.use.ollama", "copa.use.gotemplate",
+         "copa.study.spec", "copa.cli_study")
 # (importer prefix, imported prefix): imports that would send data up the tree.
 FORBIDDEN = [
     ("copa.stages", "copa.pipeline"), ("copa.stages", "copa.optimizer"),

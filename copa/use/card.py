@@ -164,3 +164,79 @@ def model_card(bundle: Bundle, folder_name: str) -> str:
         f"- Data: {data_license(recipe)}.", ""]
     return "\n".join(lines)
 
+
+
+def _round_trip(info: dict[str, Any], metric: str) -> list[str]:
+    check = info.get("verify")
+    if not check:
+        return ["Not checked: export again with `--verify` to score the GGUF on the run's test "
+                "split."]
+    run = f" (the run's {_pct(check['run_score'])})" if check.get("run_score") is not None \
+        else ""
+    return [f"`copa export --verify` loaded `model.gguf` back with transformers (as copa loads "
+            f"its embedded GGUF model), scored the run's {check['rows']} test rows with copa's "
+            "engine and compared each answer with the run's own prediction for this arm:", "",
+            f"- `{metric}`: {_pct(check['score'])}{run}.",
+            f"- Answers identical to the run's: {check['identical']} of {check['rows']} "
+            f"({_pct(check['agreement'])} %)."
+            + (f" Failed calls: {check['errors']}." if check.get("errors") else ""), "",
+            "This checks the weights and tokenizer the GGUF holds, through transformers; it does "
+            "not run llama.cpp's own kernels, whose float arithmetic differs slightly."]
+
+
+def _shell_text(text: str) -> str:
+    """text as one bash word, newlines included ($'...' quoting)."""
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return f"$'{escaped}'"
+
+
+def gguf_card(bundle: Bundle, folder_name: str, info: dict[str, Any]) -> str:
+    """The README.md of a `copa export --format gguf` folder."""
+    recipe = bundle.recipe
+    license_id, license_text = model_license(recipe)
+    params = info["parameters"]
+    stops = " ".join(f"'{s}'" for s in info["stop"])
+    user = info["example_user_message"]
+    serve = (f"llama-server -m model.gguf --jinja --temp 0 --top-k 1 --repeat-penalty 1 "
+             f"-n {params['num_predict']} -c {params['num_ctx']} --port 8080")
+    notes = info.get("notes") or []
+    lines = [
+        "---", f"license: {license_id}", f"base_model: {recipe.model.base}",
+        "tags: [copa, dspy, axolotl, gguf, ollama]", "---", "",
+        f"# {recipe.name}: `{recipe.task.signature}` (GGUF, {info['outtype']})", "",
+        recipe.task.instructions or "", "",
+        f"The {bundle.arm} arm of a copa run as `model.gguf` ({info['outtype']}, "
+        f"{info['gguf_bytes'] / 2**20:.1f} MiB, converted by llama.cpp's converter, "
+        f"`{info['converter']}`), with the prompt program copa optimized for it. "
+        + _why(bundle), "",
+        "## Run it with Ollama", "",
+        "```bash",
+        f"ollama create {recipe.name} -f Modelfile",
+        f"ollama run {recipe.name} {_shell_text(user)}",
+        "```", "",
+        "The `Modelfile` holds the model's chat format as `TEMPLATE`, the kept instruction as "
+        f"`SYSTEM`, the kept demos as {info['demos']} `MESSAGE` pair(s), greedy decoding "
+        f"(temperature 0, top_k 1, repeat_penalty 1, num_predict {params['num_predict']}) and "
+        f"the stop string(s) {stops}. Rendered as Ollama renders it, it sends byte for byte "
+        "the prompt copa sends (checked when this folder was written). Send each input as the "
+        "user message, written as copa writes it (the example above).", "",
+        "## Run it with llama.cpp", "",
+        "```bash",
+        serve,
+        "curl -s http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' "
+        "-d @chat-example.json",
+        "```", "",
+        "`--jinja` makes llama-server use the chat template inside `model.gguf`, the one copa "
+        "trained and prompted with. llama-server has no place for demos: each request carries "
+        "the whole chat, as `chat-example.json` does (system turn, demo turns, then the input).",
+        "",
+        *(["## What this folder cannot carry", "", *[f"- {n}" for n in notes], ""]
+          if notes else []),
+        "## Round trip", "", *_round_trip(info, recipe.evaluate.metric), "",
+        "## Results of the run", "", *_results(bundle.report, bundle.arm), "",
+        "## How it was trained", "",
+        *[line.replace("`model/`", "`model.gguf`") for line in _training(bundle, bundle.report)],
+        "", "## Licenses", "",
+        f"- Base model: {license_text}. The fine-tuned weights derive from it.",
+        f"- Data: {data_license(recipe)}.", ""]
+    return "\n".join(lines)

@@ -32,6 +32,11 @@ class ExportError(Exception):
     pass
 
 
+class ExportRefused(Exception):
+    """An export refused before anything is written (the CLI exits 2 with the message): the
+    destination exists, or what was asked for cannot be exported."""
+
+
 def shareable_recipe(recipe: Recipe, template_name: str) -> dict[str, Any]:
     """The recipe as data for the exported folder: its template beside it, data paths absolute
     (they only say where the data came from), no run_dir, and no server keys."""
@@ -45,7 +50,8 @@ def shareable_recipe(recipe: Recipe, template_name: str) -> dict[str, Any]:
     return data
 
 
-def _copy_model(model_path: str, target: Path) -> None:
+def model_folder(model_path: str) -> Path:
+    """The arm's model as a local folder (a hub id: its snapshot in the local hub cache)."""
     source = Path(model_path)
     if not source.is_dir():
         from copa.inference.cache import hub_snapshot
@@ -54,6 +60,11 @@ def _copy_model(model_path: str, target: Path) -> None:
         if snapshot is None:
             raise ExportError(f"model {model_path}: not a folder, and not in the local hub cache")
         source = snapshot
+    return source
+
+
+def _copy_model(model_path: str, target: Path) -> None:
+    source = model_folder(model_path)
     if not any(source.glob("*.safetensors")):
         raise ExportError(f"model {source}: no .safetensors weights to export")
     config = source / "tokenizer_config.json"
@@ -84,7 +95,7 @@ def _copy_user_module(recipe: Recipe, out: Path) -> str | None:
                       f"({recipe.base_dir}); an export carries only code found there")
 
 
-def _write_program(bundle: Bundle, target: Path) -> None:
+def write_program(bundle: Bundle, target: Path) -> None:
     if bundle.program_path is not None:
         shutil.copy2(bundle.program_path, target)
         return
@@ -93,19 +104,28 @@ def _write_program(bundle: Bundle, target: Path) -> None:
     make_program(bundle.recipe).save(str(target))  # the plain program, in DSPy's own format
 
 
+def check_destination(out_dir: str | Path, bundle: Bundle) -> Path:
+    """out_dir, resolved, if an export may be written there: a new or empty folder outside
+    the run; else ExportRefused (nothing has been written)."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ExportRefused(f"{out_dir} is a file: give a new folder to export into")
+    if out.exists() and any(out.iterdir()):
+        raise ExportRefused(f"{out_dir} exists and is not empty: choose a new folder")
+    if out == bundle.root or bundle.root in out.parents:
+        raise ExportRefused(f"{out_dir} is inside {bundle.root}: export to a folder outside it")
+    return out
+
+
 def export(path: str | Path, out_dir: str | Path, arm: str = "best",
            emit: Callable[[str], None] = print) -> Path:
     """Write arm `arm` of a finished run (or of an export) into out_dir; returns out_dir."""
     bundle = open_bundle(path, arm)
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out_dir} exists and is not empty: choose a new folder")
-    if out == bundle.root or bundle.root in out.parents:
-        raise ExportError(f"{out_dir} is inside {bundle.root}: export to a folder outside it")
+    out = check_destination(out_dir, bundle)
     emit(f"exporting the {bundle.arm} arm of {bundle.root} to {out}")
     with atomic_dir(out) as tmp:
         _copy_model(bundle.model_path, tmp / "model")
-        _write_program(bundle, tmp / "program.json")
+        write_program(bundle, tmp / "program.json")
         atomic_write_text(tmp / "template.jinja", bundle.template_text)
         recipe_data = shareable_recipe(bundle.recipe, "template.jinja")
         atomic_write_text(tmp / "recipe.yaml", yaml.safe_dump(recipe_data, sort_keys=False,
