@@ -431,10 +431,7 @@ def export_command(run_dir: str, out_dir: str, arm: str, fmt: str, outtype: str,
     """Write one arm of a finished run into OUT_DIR, usable without the run directory: the model,
     the optimized program, the prompt template and recipe, and a model card (README.md).
     --format gguf writes model.gguf and an Ollama Modelfile instead of the model folder."""
-    _check_output(out_dir, "OUT_DIR", folder=True)
-    out_path = Path(out_dir)
-    if out_path.is_dir() and any(out_path.iterdir()):
-        _user_error(f"{out_dir}: exists and is not empty; choose a new folder (OUT_DIR)")
+    _check_output(out_dir, "OUT_DIR", folder=True)  # a file, or an unwritable place
     _quiet_libraries()
     if fmt == "gguf":
         _preload_noisy_modules()
