@@ -75,8 +75,13 @@ class Manifest:
     def stage(self, name: str) -> dict[str, Any]:
         return self.data.setdefault("stages", {}).setdefault(name, {})
 
+    def recorded(self, name: str) -> dict[str, Any]:
+        """A stage's entry to read, without adding an empty one for a stage that never ran
+        (a recipe without fine-tuning has no train entry)."""
+        return self.data.get("stages", {}).get(name, {})
+
     def is_done(self, name: str, key: str) -> bool:
-        entry = self.data.get("stages", {}).get(name, {})
+        entry = self.recorded(name)
         return entry.get("status") == "done" and entry.get("key") == key
 
     def save(self) -> None:
@@ -317,7 +322,7 @@ def stage_key(run: Run, stage: str) -> str:
                             *_val_eval_key(run)])
     if stage == "merge":
         # with early stopping, which checkpoint training kept (the best on val)
-        best = run.manifest.stage("train").get("artifacts", {}).get("best_step")
+        best = run.manifest.recorded("train").get("artifacts", {}).get("best_step")
         return sha256_json([run.keys["train"], v["axolotl"],
                             *([f"checkpoint-{best}"] if r.finetune.early_stopping else [])])
     if stage == "optimize":

@@ -130,7 +130,7 @@ def _program_for(run: Any, arm: str, kit: Any) -> Any:
 
 def _training_curve(run: Any) -> dict[str, Any] | None:
     """finetune.eval's val curve (copa.backends.valcurve), when training measured one."""
-    path = run.manifest.stage("train").get("artifacts", {}).get("val_curve")
+    path = run.manifest.recorded("train").get("artifacts", {}).get("val_curve")
     if not run.finetunes or not path or not Path(path).is_file():
         return None
     return json.loads(Path(path).read_text())
