@@ -245,6 +245,35 @@ def gguf_cache_dir(gguf: Path, chat_template: str | None = None) -> Path:
     return copa_home() / "models" / f"{gguf.stem}-{key.hexdigest()[:12]}"
 
 
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """Save a tokenizer read from a GGUF so that it reloads tokenizing as it does now.
+
+    transformers reloads some saved GGUF tokenizers through their model's class, and Gemma's
+    rebuilds a BPE from the vocabulary, dropping the Unigram model the GGUF gave: every word
+    comes back one character a token ("virginica" in 9 tokens instead of 4), which training and
+    inference then both use. When that happens the folder names the generic fast tokenizer,
+    which reads tokenizer.json as saved; if even that differs, the conversion stops.
+    """
+    import transformers
+
+    tokenizer.save_pretrained(folder)
+    chat = [{"role": "user", "content": "The iris virginica: 5.1 cm, <odd> words."}]
+    probe = (tokenizer.apply_chat_template(chat, tokenize=False) if tokenizer.chat_template
+             else chat[0]["content"])
+
+    def ids(tok: Any) -> list[int]:
+        return list(tok(probe, add_special_tokens=False)["input_ids"])
+
+    if ids(transformers.AutoTokenizer.from_pretrained(folder)) == ids(tokenizer):
+        return
+    config_path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2))
+    if ids(transformers.AutoTokenizer.from_pretrained(folder)) != ids(tokenizer):
+        raise ModelError(f"{folder}: the saved tokenizer does not tokenize as the GGUF's does")
+
+
 def gguf_to_hf_dir(gguf: Path, out_dir: Path | None = None,
                    chat_template: str | None = None) -> Path:
     """Dequantize a GGUF model once into a standard HF folder; atomic, so never half-written."""
@@ -264,7 +293,7 @@ def gguf_to_hf_dir(gguf: Path, out_dir: Path | None = None,
         if quantizer is not None:
             quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         config = json.loads((tmp / "config.json").read_text())
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

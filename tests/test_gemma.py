@@ -25,6 +25,7 @@ from copa.models import (
     fix_chat_tokens,
     gemma3_gguf_path,
     model_type,
+    save_tokenizer,
 )
 
 CHAT = [{"role": "system", "content": "Name the iris species."},
@@ -53,7 +54,7 @@ def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny-gemma")
     transformers.Gemma3ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)  # as the conversion of the 270M model saves it
     return out
 
 
@@ -61,6 +62,20 @@ def test_gemma_alias_is_an_embedded_model_with_its_own_architecture() -> None:
     assert check_model(GEMMA3_ALIAS) is None
     assert model_type(GEMMA3_ALIAS) == "gemma3_text"
     assert gemma3_gguf_path().stat().st_size > 200_000_000  # assembled whole
+
+
+def test_the_saved_gemma_tokenizer_tokenizes_as_the_gguf_does(tiny_gemma_dir: Path) -> None:
+    """Reloaded from the folder, words keep the GGUF's tokens (Gemma's own tokenizer class
+    rebuilt a character-per-token BPE from the saved vocabulary: 'virginica' in 9 tokens)."""
+    import transformers
+
+    gguf = gemma3_gguf_path()
+    original = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    saved = LocalModel(str(tiny_gemma_dir)).tokenizer
+    for text in ("virginica", "Name the iris species.\npetal_length: 5.1"):
+        want = original(text, add_special_tokens=False)["input_ids"]
+        assert saved(text, add_special_tokens=False)["input_ids"] == want
+    assert len(saved("virginica", add_special_tokens=False)["input_ids"]) < 9
 
 
 def test_every_gemma_prompt_starts_with_one_bos_and_whole_turn_markers(
