@@ -167,12 +167,13 @@ def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAUL
     timeout_s: one request's time limit (504 past it); max_body_bytes: the largest body read
     (413 over it; default from the token limit); max_in_flight: requests answered at once
     (503 beyond; default 4 x the engine's batch size)."""
-    import copa
+    from importlib.metadata import version
+
     from copa.inference.engine import RequestTimeout, time_limit
 
     inputs, outputs = list(program.input_fields), list(program.output_fields)
     recipe = program.bundle.recipe
-    app = FastAPI(title=f"copa: {recipe.name} ({program.arm})", version=copa.__version__,
+    app = FastAPI(title=f"copa: {recipe.name} ({program.arm})", version=version("copa"),
                   description=f"`{recipe.task.signature}`, answered by the {program.arm} arm "
                               f"(model: {program.bundle.model_role}). "
                               f"{recipe.task.instructions}".strip())
