@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from copa.files import missing_file_reason
-from copa.recipe.usercode import import_object
+from copa.usercode import import_object
 
 _CALCULATION = re.compile(r"<<[^<>]*>>")
 

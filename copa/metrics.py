@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from copa.recipe.usercode import import_object
+from copa.usercode import import_object
 
 Metric = Callable[..., float]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

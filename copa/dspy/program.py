@@ -9,7 +9,7 @@ import dspy
 
 from copa.prompting import default_instructions
 from copa.recipe import Recipe
-from copa.recipe.usercode import import_object
+from copa.usercode import import_object
 
 if TYPE_CHECKING:
     from copa.retrieval import Retriever

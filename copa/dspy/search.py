@@ -20,7 +20,7 @@ from copa.dspy.candidates import optimizer_candidates, optimizer_log_params
 from copa.dspy.program import to_examples
 from copa.dspy.retrieved import retrieved_info, retrieved_program
 from copa.recipe import Recipe
-from copa.recipe.usercode import import_object
+from copa.usercode import import_object
 
 Emit = Callable[[str], None]
 

@@ -12,7 +12,7 @@ from copa.models import check_model
 from copa.prompting import PromptError, PromptSpec, build_messages, spec_from_recipe
 from copa.recipe import Problem, Recipe, RecipeError
 from copa.recipe.schema import DEFAULT_STRATEGY
-from copa.recipe.usercode import user_code_problems
+from copa.usercode import user_code_problems
 
 
 @dataclass(frozen=True)
