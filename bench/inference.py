@@ -40,11 +40,11 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
                  demos: int, precision: str = "fp32") -> dict[str, Any]:
     import logging
 
+    from copa.checks import check_recipe
     from copa.dspy.kit import base_model_path, task_kit
     from copa.dspy.program import to_examples
     from copa.inference.engine import BatchingEngine, LocalModel
     from copa.recipe import load_recipe
-    from copa.recipe.checks import check_recipe
 
     logging.getLogger("dspy").setLevel(logging.ERROR)
     checked = check_recipe(load_recipe(REPO / "recipes" / f"{name}.yaml"))

@@ -76,11 +76,11 @@ def engine_run(name: str, n: int, threads: int, demos: int, model_path: str | No
     a run's merged model): speed, metric, and the rows of `split` whose answer bf16 changed."""
     import logging
 
+    from copa.checks import check_recipe
     from copa.dspy.kit import base_model_path, task_kit
     from copa.dspy.program import to_examples
     from copa.inference.engine import BatchingEngine, LocalModel
     from copa.recipe import load_recipe
-    from copa.recipe.checks import check_recipe
 
     logging.getLogger("dspy").setLevel(logging.ERROR)
     checked = check_recipe(load_recipe(REPO / "recipes" / f"{name}.yaml"))

@@ -132,8 +132,8 @@ def cli(debug: bool) -> None:
 @_errors
 def validate(recipe: str, full: bool, overrides: dict[str, Any]) -> None:
     """Check RECIPE: schema, model, template, data columns, splits. Exit 2 on any problem."""
+    from copa.checks import check_recipe
     from copa.recipe import load_recipe
-    from copa.recipe.checks import check_recipe
 
     checked = check_recipe(load_recipe(recipe, overrides=overrides))
     if full:
@@ -159,9 +159,9 @@ def validate(recipe: str, full: bool, overrides: dict[str, Any]) -> None:
 def render(recipe: str, output: str | None, wait: bool, overrides: dict[str, Any]) -> None:
     """Render RECIPE: data splits, training rows, prompt preview and a validated axolotl.yml."""
     _quiet_libraries()
+    from copa.checks import check_recipe
     from copa.files import removed_on_failure
     from copa.recipe import load_recipe
-    from copa.recipe.checks import check_recipe
     from copa.runs import run_dir_for, run_dir_locked
     from copa.stages.render import render as render_files
 

@@ -37,9 +37,9 @@ from typing import Any
 import filelock
 
 from copa import precision
+from copa.checks import Checked, check_recipe
 from copa.files import atomic_write_json, sha256_file, sha256_json
 from copa.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_section_dict
-from copa.recipe.checks import Checked, check_recipe
 from copa.recipe.schema import DEFAULT_STRATEGY
 from copa.retrieval import corpus_identity as retrieval_identity
 from copa.sources import data_identity

@@ -14,7 +14,7 @@ import pytest
 COPA = Path(__file__).resolve().parent.parent / "copa"
 HEAVY = ("torch", "transformers", "dspy", "axolotl", "peft", "accelerate")
 LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.serve_schema",
-         "copa.recipe.checks", "copa.data", "copa.sources", "copa.loaders", "copa.retrieval",
+         "copa.checks", "copa.data", "copa.sources", "copa.loaders", "copa.retrieval",
          "copa.demos", "copa.prompting", "copa.metrics", "copa.backends.valcurve",
          "copa.use.bundle", "copa.use.predict", "copa.use.ollama", "copa.use.gotemplate",
          "copa.study.spec", "copa.cli_study")

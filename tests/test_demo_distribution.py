@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from conftest import write_tiny_recipe
 
+from copa.checks import check_recipe
 from copa.data import read_jsonl
 from copa.demos import DemoIndex, draw_demos
 from copa.recipe import RecipeError, load_recipe
-from copa.recipe.checks import check_recipe
 
 FIELDS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 RANDOM = {"k": [0, 3], "pick": "random"}

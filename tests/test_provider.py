@@ -12,6 +12,7 @@ import pytest
 from conftest import write_tiny_recipe
 
 import copa
+from copa.checks import strategy_problems
 from copa.provider.finetune import (
     FinetuneError,
     axolotl_rows,
@@ -19,7 +20,6 @@ from copa.provider.finetune import (
     with_train_kwargs,
 )
 from copa.recipe import RecipeError, load_recipe
-from copa.recipe.checks import strategy_problems
 
 
 def _chat_row() -> dict:

@@ -10,12 +10,12 @@ import dspy
 import pytest
 from conftest import FIXTURE_DATA, FIXTURE_SPLITS
 
+from copa.checks import check_recipe
 from copa.data import load_splits
 from copa.dspy.metrics import answer_found, make_metric, squad_em, squad_f1, squad_normalize
 from copa.loaders import gsm8k_rows, squad_rows
 from copa.prompting import build_messages, parse_completion
 from copa.recipe import RecipeError, load_recipe
-from copa.recipe.checks import check_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURE_DATA, FIXTURE_SPLITS
 
+from copa.checks import check_recipe
 from copa.data import read_jsonl
 from copa.loaders import squad_rows
 from copa.recipe import RecipeError, load_recipe
-from copa.recipe.checks import check_recipe
 from copa.retrieval import INDEX_DIR, META_FILE, build_retriever, index_for, load_retriever
 from copa.stages.render import render
 

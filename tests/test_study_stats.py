@@ -236,7 +236,7 @@ def test_the_demos_study_gives_each_cell_its_own_demo_count() -> None:
 def test_the_in_context_study_crosses_demo_training_with_the_combined_program() -> None:
     """Three ways to train (no demos, random and retrieved k in [0, 3]) x two programs (the
     optimizer's pick, retrieved demos), every cell a recipe copa's checks accept."""
-    from copa.recipe.checks import demo_problems
+    from copa.checks import demo_problems
 
     study = load_study(REPO / "studies" / "in_context.yaml")
     assert study.spec.seeds == [0, 1, 2] and len(study.cells) == 18

@@ -1,5 +1,6 @@
 """The recipe: schema (copa.recipe.schema), YAML loading with env interpolation and error
-reporting (copa.recipe.load), and cross-checks before any training (copa.recipe.checks).
+reporting (copa.recipe.load). The cross-checks before any training read the data too, so they
+live one room up (copa.checks).
 
 Nothing here imports torch, transformers, dspy or axolotl: `copa validate` answers fast.
 """

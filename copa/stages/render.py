@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from copa.checks import Checked
 from copa.data import Row, write_jsonl
 from copa.demos import is_distribution, trains_with_demos
 from copa.files import atomic_write_text
 from copa.prompting import PromptSpec, preview, training_row
 from copa.recipe import Recipe
-from copa.recipe.checks import Checked
 from copa.retrieval import INDEX_DIR
 
 if TYPE_CHECKING:

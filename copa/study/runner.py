@@ -61,8 +61,8 @@ def preflight(study: Study) -> Any:
     on the first cell, before any cell runs: a problem every cell shares (a missing data file)
     is one clear error up front, not the same failure once per cell. Returns the recipe's
     track: setting."""
+    from copa.checks import check_recipe
     from copa.recipe import load_recipe
-    from copa.recipe.checks import check_recipe
 
     if not study.cells:
         return False
