@@ -66,7 +66,7 @@ def test_inputs(run_dir: Path, fields: list[str]) -> list[dict[str, Any]]:
     if split.is_file():
         rows = [json.loads(line) for line in split.read_text().splitlines() if line.strip()]
     else:
-        from copa.sources import iris_rows
+        from copa.data.sources import iris_rows
 
         rows = iris_rows()
     return [{f: row[f] for f in fields} for row in rows]

@@ -149,7 +149,7 @@ def retrieve_problems(recipe: Recipe, label: str) -> list[Problem]:
         problems.append(Problem(file=label, path="retrieve.query", message=(
             f"'{section.query}' is not an input field of the signature "
             f"({', '.join(recipe.task.input_fields)})")))
-    from copa.retrieval import recipe_passages
+    from copa.data.retrieval import recipe_passages
 
     try:
         passages = recipe_passages(recipe)

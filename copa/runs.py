@@ -38,11 +38,11 @@ import filelock
 
 from copa import precision
 from copa.checks import Checked, check_recipe
+from copa.data.retrieval import corpus_identity as retrieval_identity
+from copa.data.sources import data_identity
 from copa.files import atomic_write_json, sha256_file, sha256_json
 from copa.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_section_dict
 from copa.recipe.schema import DEFAULT_STRATEGY
-from copa.retrieval import corpus_identity as retrieval_identity
-from copa.sources import data_identity
 
 Emit = Callable[[str], None]
 

@@ -14,8 +14,9 @@ import pytest
 COPA = Path(__file__).resolve().parent.parent / "copa"
 HEAVY = ("torch", "transformers", "dspy", "axolotl", "peft", "accelerate")
 LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.serve_schema",
-         "copa.checks", "copa.data", "copa.sources", "copa.loaders", "copa.retrieval",
-         "copa.demos", "copa.prompting", "copa.metrics", "copa.backends.valcurve",
+         "copa.checks", "copa.data", "copa.data.sources", "copa.data.loaders",
+         "copa.data.retrieval", "copa.data.demos", "copa.prompting", "copa.metrics",
+         "copa.backends.valcurve",
          "copa.use.bundle", "copa.use.predict", "copa.use.ollama", "copa.use.gotemplate",
          "copa.study.spec", "copa.cli_study")
 # (importer prefix, imported prefix): imports that would send data up the tree.
@@ -38,8 +39,9 @@ FORBIDDEN = [
     *[(low, "copa.study") for low in ("copa.stages", "copa.dspy", "copa.inference",
                                       "copa.backends", "copa.runs", "copa.pipeline",
                                       "copa.provider", "copa.use", "copa.recipe", "copa.stats")],
-    *[(light, up) for light in ("copa.recipe", "copa.data", "copa.sources", "copa.loaders",
-                                "copa.retrieval", "copa.demos", "copa.prompting", "copa.metrics")
+    *[(light, up) for light in ("copa.recipe", "copa.data", "copa.data.sources",
+                                "copa.data.loaders", "copa.data.retrieval", "copa.data.demos",
+                                "copa.prompting", "copa.metrics")
       for up in ("copa.stages", "copa.pipeline", "copa.runs", "copa.dspy", "copa.inference",
                  "copa.backends", "copa.optimizer", "copa.provider", "copa.use")],
 ]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURE_DATA, FIXTURE_SPLITS
 
-from copa.data import load_splits, read_table
+from copa.data import load_splits
+from copa.data.loaders import read_table
 from copa.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent

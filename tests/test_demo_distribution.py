@@ -13,7 +13,7 @@ from conftest import write_tiny_recipe
 
 from copa.checks import check_recipe
 from copa.data import read_jsonl
-from copa.demos import DemoIndex, draw_demos
+from copa.data.demos import DemoIndex, draw_demos
 from copa.recipe import RecipeError, load_recipe
 
 FIELDS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]

@@ -32,12 +32,12 @@ def hand_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     import dspy
 
     from copa.data import format_value, write_jsonl
+    from copa.data.sources import iris_rows
     from copa.dspy.kit import local_lm, task_kit
     from copa.dspy.program import make_program, to_examples
     from copa.dspy.search import evaluate_program
     from copa.inference.engine import release_model
     from copa.recipe import load_recipe
-    from copa.sources import iris_rows
 
     root = tmp_path_factory.mktemp("gguf-run")
     run = root / "run"

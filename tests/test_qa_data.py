@@ -12,8 +12,8 @@ from conftest import FIXTURE_DATA, FIXTURE_SPLITS
 
 from copa.checks import check_recipe
 from copa.data import load_splits
+from copa.data.loaders import gsm8k_rows, squad_rows
 from copa.dspy.metrics import answer_found, make_metric, squad_em, squad_f1, squad_normalize
-from copa.loaders import gsm8k_rows, squad_rows
 from copa.prompting import build_messages, parse_completion
 from copa.recipe import RecipeError, load_recipe
 

@@ -12,9 +12,9 @@ from conftest import FIXTURE_DATA, FIXTURE_SPLITS
 
 from copa.checks import check_recipe
 from copa.data import read_jsonl
-from copa.loaders import squad_rows
+from copa.data.loaders import squad_rows
+from copa.data.retrieval import INDEX_DIR, META_FILE, build_retriever, index_for, load_retriever
 from copa.recipe import RecipeError, load_recipe
-from copa.retrieval import INDEX_DIR, META_FILE, build_retriever, index_for, load_retriever
 from copa.stages.render import render
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def test_bm25_ranks_the_obvious_passage_first(tmp_path: Path) -> None:
     assert retriever.search("") == CORPUS[:2]
     assert len(retriever.search("honey", k=10)) == 4  # k is capped at the corpus size
     # Saved and loaded, it ranks the same.
-    from copa.retrieval import save_retriever
+    from copa.data.retrieval import save_retriever
 
     save_retriever(retriever, tmp_path / "index", {"corpus": "test"})
     loaded = load_retriever(tmp_path / "index", k=2)

@@ -69,7 +69,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, finished_run: Path) -> Pa
 
 def iris_rows(n: int) -> list[dict[str, Any]]:
     """n Iris rows as numbers (not the run's formatted strings), gold label included."""
-    from copa.sources import iris_rows as all_iris_rows
+    from copa.data.sources import iris_rows as all_iris_rows
 
     return all_iris_rows()[:n]
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import dspy
 
+from copa.data.retrieval import INDEX_DIR, Retriever, with_passages
 from copa.dspy.adapter import TemplateAdapter
 from copa.dspy.metrics import make_metric
 from copa.dspy.program import make_program, to_examples
 from copa.prompting import PromptSpec, spec_from_recipe
 from copa.recipe import Recipe
-from copa.retrieval import INDEX_DIR, Retriever, with_passages
 
 
 @dataclass
@@ -60,7 +60,7 @@ def run_retriever(recipe: Recipe, rendered_dir: Path) -> Retriever | None:
     a retrieve section)."""
     if recipe.retrieve is None:
         return None
-    from copa.retrieval import load_retriever
+    from copa.data.retrieval import load_retriever
 
     return load_retriever(Path(rendered_dir) / INDEX_DIR, recipe.retrieve.k)
 

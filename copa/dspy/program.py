@@ -12,7 +12,7 @@ from copa.recipe import Recipe
 from copa.usercode import import_object
 
 if TYPE_CHECKING:
-    from copa.retrieval import Retriever
+    from copa.data.retrieval import Retriever
 
 
 def make_signature(recipe: Recipe) -> type[dspy.Signature]:

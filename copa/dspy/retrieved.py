@@ -1,6 +1,6 @@
 """The retrieved-demos program (`optimize.optimizer: retrieved`, params {k, by}): for every input
 the k most similar train rows are its demos (DSPy's KNNFewShot idea, without bootstrapping),
-chosen by the same BM25 ranking (copa.demos) that `finetune.demos: {pick: retrieved}` trains
+chosen by the same BM25 ranking (copa.data.demos) that `finetune.demos: {pick: retrieved}` trains
 with.
 
 The train rows it draws from are part of its saved state, so a program file is all that
@@ -17,8 +17,8 @@ from typing import Any
 
 import dspy
 
-from copa.demos import RETRIEVED_MARK as MARK
-from copa.demos import DemoIndex
+from copa.data.demos import RETRIEVED_MARK as MARK
+from copa.data.demos import DemoIndex
 from copa.prompting import field_value
 
 METHODS = ("bm25",)

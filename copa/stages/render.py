@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from copa.checks import Checked
 from copa.data import Row, write_jsonl
-from copa.demos import is_distribution, trains_with_demos
+from copa.data.demos import is_distribution, trains_with_demos
+from copa.data.retrieval import INDEX_DIR
 from copa.files import atomic_write_text
 from copa.prompting import PromptSpec, preview, training_row
 from copa.recipe import Recipe
-from copa.retrieval import INDEX_DIR
 
 if TYPE_CHECKING:
-    from copa.retrieval import Retriever
+    from copa.data.retrieval import Retriever
     from copa.runs import Run
 
 SPLITS = ("train", "val", "test")
@@ -93,7 +93,7 @@ def build_index(recipe: Recipe, out_dir: Path, emit: Callable[[str], None] = lam
     corpus and settings are the same); None without a retrieve section."""
     if recipe.retrieve is None:
         return None
-    from copa.retrieval import index_for
+    from copa.data.retrieval import index_for
 
     emit(f"  indexing {recipe.retrieve.corpus} ({recipe.retrieve.retriever})")
     retriever = index_for(recipe, Path(out_dir) / INDEX_DIR)
@@ -124,7 +124,7 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     train, val = splits.train, splits.val
     retriever = build_index(recipe, out_dir, emit)
     if retriever is not None:
-        from copa.retrieval import with_passages
+        from copa.data.retrieval import with_passages
 
         # The passages the program will retrieve for each question, never the gold paragraph.
         train, val = with_passages(recipe, retriever, train), with_passages(recipe, retriever, val)
@@ -174,7 +174,7 @@ def distributed_rows(recipe: Recipe, spec: PromptSpec, train: Sequence[Row], val
     """finetune.demos as a distribution: every row with its own k demos from the train split
     (train rows leave themselves out), rendered by the path the DSPy adapter formats with.
     Which demos each train row got goes to train_demos.json (indices into splits/train)."""
-    from copa.demos import DemoIndex, draw_demos
+    from copa.data.demos import DemoIndex, draw_demos
 
     dist, fields = recipe.finetune.demos, recipe.task.input_fields
     index = DemoIndex(train, fields) if dist.pick == "retrieved" else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from copa.demos import RETRIEVED_MARK
+from copa.data.demos import RETRIEVED_MARK
 
 DEMO_ARM = "demo_finetune"  # the demo-trained fine-tune, prompted plainly (copa.stages.evaluate)
 ARM_ORDER = ("baseline", "prompt_only", "finetune_only", DEMO_ARM, "combined")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from copa.data import read_table
+from copa.data.loaders import read_table
 from copa.text import one_line
 from copa.use.limits import InputTooLong
 

@@ -1,4 +1,4 @@
-"""Task data: load rows, map columns onto signature fields, dedupe, split train / val / test.
+"""Splits: map a source's rows onto signature fields, dedupe, split train / val / test.
 
 Splits are deterministic for a seed, stratified by label for classification, and never overlap
 (rows are deduplicated on their input fields before splitting).
@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from copa.loaders import read_table  # noqa: F401 - read_table: part of the data API
+from copa.data.sources import DataError, data_problem, load_source
 from copa.recipe import Problem, Recipe
-from copa.sources import DataError, data_problem, load_source
 
 # A task example: signature field -> text; `answers` (data.answers_column) is a list of texts.
 Row = dict[str, Any]

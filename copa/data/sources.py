@@ -1,6 +1,6 @@
 """Where a recipe's rows come from: scikit-learn's Iris, a `datasets` folder or hub dataset
-(`hf:`), or a file read by copa.loaders; and what identifies each source's content for the render
-stage's key (so data edited in place re-renders)."""
+(`hf:`), or a file read by copa.data.loaders; and what identifies each source's content for the
+render stage's key (so data edited in place re-renders)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from copa.loaders import LoaderError, load_rows
+from copa.data.loaders import LoaderError, load_rows
 from copa.recipe import Problem, Recipe, RecipeError
 
 IRIS_COLUMNS = ("sepal_length", "sepal_width", "petal_length", "petal_width")

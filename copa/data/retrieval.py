@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from copa.data.loaders import is_squad, read_table, squad_paragraphs
 from copa.files import atomic_dir, sha256_file
-from copa.loaders import is_squad, read_table, squad_paragraphs
 
 INDEX_DIR = "retriever"  # the index's folder in a run's rendered/ folder
 PASSAGES_FILE = "passages.json"
