@@ -108,3 +108,37 @@ def test_a_margin_without_the_guard_is_a_recipe_error(tmp_path) -> None:
                     "optimize: {guard: false, guard_margin: 0.05}\n")
     with pytest.raises(RecipeError, match=r"optimize: .*drop guard_margin, or write guard: true"):
         load_recipe(path)
+
+
+def _entry(val_gain: float, pick: float, plain: float) -> dict:
+    return {"val_gain": val_gain, "test": {"pick": pick, "plain": plain, "kept": None}}
+
+
+def test_margin_outcomes_keep_the_pick_only_beyond_the_margin() -> None:
+    from copa.stages.val import margin_outcomes
+
+    entries = [_entry(0.1, 0.7, 0.6), _entry(0.05, 0.4, 0.6), _entry(0.0, 0.9, 0.6),
+               _entry(-0.1, 0.2, 0.6), {"val_gain": None, "test": {}}]
+    by_margin = {o["margin"]: o for o in margin_outcomes(entries, (0.0, 0.05, 0.1))}
+    assert by_margin[0.0]["entries"] == 4
+    assert by_margin[0.0]["kept_pick"] == 2          # a tie (gain 0) keeps plain
+    assert by_margin[0.0]["test_gains"] == pytest.approx([0.1, -0.2, 0.0, 0.0])
+    assert by_margin[0.05]["kept_pick"] == 1         # a gain equal to the margin keeps plain
+    assert by_margin[0.05]["mean_test_gain"] == pytest.approx(0.1 / 4)
+    assert by_margin[0.1]["kept_pick"] == 0 and by_margin[0.1]["mean_test_gain"] == 0.0
+
+
+def test_a_guard_entry_pairs_the_pick_with_the_plain_prompt_on_test() -> None:
+    from copa.stages.report import guard_line
+    from copa.stages.val import guard_entry
+
+    info = {"winner": "plain", "val_scores": {"plain": 0.5, "optimized": 0.5}}
+    plain, pick = [1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]
+    entry = guard_entry(info, plain, pick, plain, "finetune_only", resamples=200)
+    assert entry["kept"] == "plain" and entry["val_gain"] == 0.0
+    assert entry["test"] == {"kept": 0.75, "pick": 0.25, "plain": 0.75}
+    assert entry["test_gain"]["value"] == pytest.approx(-0.5)
+    lo, hi = entry["test_gain"]["ci95"]
+    assert lo <= -0.5 <= hi <= 0
+    line = guard_line("combined", entry)
+    assert "kept **plain**" in line and "pick scored 25.0" in line and "-50.0" in line

@@ -96,6 +96,18 @@ def test_report_has_four_arms_with_cis_and_synergy(tiny_run) -> None:
     assert "| combined | fine-tuned (merged) |" in (run.dir / "report.md").read_text()
     for arm in report["arms"]:
         assert len(read_jsonl(run.dir / "predictions" / f"{arm}.jsonl")) == 9
+    # Where the guard declined the optimizer's pick (the tiny model ties on val, and a tie keeps
+    # the plain program), the pick is scored on test too: the evidence for guard_margin.
+    optimized = report["prompt_optimization"]
+    declined = [a for a in ("prompt_only", "combined") if optimized[a]["winner"] != "optimized"]
+    assert declined
+    for arm in declined:
+        entry = report["guard"][arm]
+        picked = read_jsonl(run.dir / "predictions" / f"{arm}_pick.jsonl")
+        assert entry["kept"] == optimized[arm]["winner"] and len(picked) == 9
+        assert entry["test"]["pick"] == sum(r["score"] for r in picked) / 9
+        assert entry["val"]["pick"] == optimized[arm]["val_scores"]["optimized"]
+    assert "pick" not in "".join(report["arms"])  # never an arm
 
 
 def test_the_report_lists_every_candidate_the_optimizer_scored(tiny_run) -> None:

@@ -4,6 +4,7 @@ file checks, cell names, commands and plots (no training: fast)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shlex
 from pathlib import Path
@@ -385,3 +386,33 @@ def test_seeds_out_of_range_are_refused(tmp_path: Path) -> None:
         assert result.exit_code == 2, result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert "Traceback" not in result.output and "Error:" not in result.output
+
+
+def test_a_study_tables_what_each_guard_margin_would_have_kept(tmp_path: Path) -> None:
+    from copa.study.aggregate import aggregate
+    from copa.study.write import markdown
+
+    arms = ["baseline", "prompt_only", "finetune_only", "combined"]
+    # seed 0: the guard kept the pick (val +0.1), which gained 20 points on test;
+    # seed 1: it declined a pick whose val gain was 0 and whose test score lost 40 points.
+    gains = {0: (0.1, 0.8, 0.6), 1: (0.0, 0.2, 0.6)}
+    cells = []
+    for seed, (val_gain, pick, plain) in gains.items():
+        run = tmp_path / f"cell/seed-{seed}"
+        (run / "predictions").mkdir(parents=True)
+        for arm in arms:
+            (run / "predictions" / f"{arm}.jsonl").write_text('{"score": 1.0}\n')
+        guard = {"combined": {"kept": "optimized" if val_gain else "plain",
+                              "val_gain": val_gain,
+                              "test": {"kept": None, "pick": pick, "plain": plain}}}
+        (run / "report.json").write_text(json.dumps(
+            {"metric": "label_accuracy", "arms": {a: {} for a in arms}, "guard": guard}))
+        cells.append({"name": "cell", "values": {}, "seed": seed, "dir": f"cell/seed-{seed}"})
+    plan = {"study": "s", "recipe": "r.yaml", "grid": {}, "seeds": [0, 1], "arms": arms,
+            "bootstrap": 50, "cells": cells}
+    data = aggregate(plan, tmp_path)
+    margins = {o["margin"]: o for o in data["guard_margins"]}
+    assert margins[0.0]["kept_pick"] == 1 and margins[0.0]["mean_test_gain"] == pytest.approx(0.1)
+    assert margins[0.1]["kept_pick"] == 0 and margins[0.1]["mean_test_gain"] == 0.0
+    table = markdown(data)
+    assert "| 0 | 1 of 2 | +10.0 |" in table and "| 0.1 | 0 of 2 | +0.0 |" in table

@@ -11,6 +11,7 @@ demo_finetune the demo-trained merged model, plain program (only when the fine-t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +139,9 @@ def _training_curve(run: Any) -> dict[str, Any] | None:
 
 def evaluate_stage(run: Any) -> dict[str, Any]:
     """Pipeline stage: run each arm on the test split, write predictions and the report."""
-    import time
-
-    import dspy
-
-    from copa.data import read_jsonl, write_jsonl
-    from copa.dspy.kit import model_lm, run_retriever, task_kit
+    from copa.data import read_jsonl
+    from copa.dspy.kit import run_retriever, task_kit
     from copa.dspy.program import to_examples
-    from copa.dspy.search import ScoreError, dspy_chatter_to, evaluate_program
-    from copa.files import atomic_write_text
     from copa.runs import versions
     from copa.stages.report import write_report
     from copa.stages.report_html import sent_prompts
@@ -164,59 +159,18 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     tokens: dict[str, int | None] = {}  # answer tokens each arm generated (local engine only)
     predictions_dir = run.dir / "predictions"
-    field = recipe.task.output_fields[-1]
     optimize_info = {}
     opt_path = run.optimize_dir / "optimize.json"
     if opt_path.is_file():
         optimize_info = json.loads(opt_path.read_text())
     for arm in arms:
-        model_path = arm_model_path(run, arm)
         # optimize.strategy: the combined arm runs on the model of BetterTogether's pick
         chosen = optimize_info.get(arm, {}).get("model")
-        if chosen:
-            model_path = chosen
-        program = _program_for(run, arm, kit)
-        key = arm_key(run, arm, program, chosen)
-        cached = _cached_scores(predictions_dir, arm, key)
-        if cached is not None:
-            # Same program, model, test rows and settings as last time: the same predictions.
-            per_arm[arm], seconds[arm], errors[arm], tokens[arm] = cached, 0.0, 0, None
-            run.emit(f"  {arm:<14} {sum(cached) / len(cached):.3f}  (unchanged, from "
-                     f"predictions/{arm}.jsonl)")
-            continue
-        (predictions_dir / f"{arm}.key").unlink(missing_ok=True)  # new predictions come
-        start, tokens_before = time.time(), _generated_tokens(recipe)
-        try:
-            with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir, emit=run.emit) as lm, \
-                    dspy.context(lm=lm, adapter=kit.adapter), \
-                    dspy_chatter_to(run.dir / "predictions" / "dspy-evaluate.log"):
-                scored = evaluate_program(program, testset, kit.metric,
-                                          recipe.evaluate.num_threads, recipe.evaluate.max_errors)
-        except ScoreError as exc:
-            raise EvaluateError(
-                f"evaluate: arm '{arm}': {exc}. Fix the model or server (its log: "
-                f"{run.dir / 'predictions' / 'dspy-evaluate.log'}), or raise evaluate.max_errors "
-                "to score failed calls as wrong answers") from None
-        seconds[arm] = round(time.time() - start, 2)
-        after = _generated_tokens(recipe)
-        tokens[arm] = None if after is None or tokens_before is None else after - tokens_before
-        results = scored.results
-        per_arm[arm], errors[arm] = [float(s) for _, _, s in results], scored.errors
-        if scored.all_failed:
-            failed_arms[arm] = scored.first_error
-            run.emit(f"  {arm:<14} FAILED: all {len(results)} calls failed "
-                     f"(first: {scored.first_error})")
-        else:
-            failures = f", {scored.errors} failed calls scored 0" if scored.errors else ""
-            run.emit(f"  {arm:<14} {scored.mean:.3f}  ({len(results)} test rows{failures}, "
-                     f"{seconds[arm]:.0f}s)")
-        write_jsonl(predictions_dir / f"{arm}.jsonl", [
-            {"inputs": {f: ex[f] for f in recipe.task.input_fields}, "gold": ex[field],
-             "prediction": getattr(pred, field, None) if pred is not None else None,
-             "score": float(s), **({"error": True} if bad else {})}
-            for (ex, pred, s), bad in zip(results, scored.failed, strict=True)])
-        if not scored.errors:  # a re-run retries failed calls instead of reusing them
-            atomic_write_text(predictions_dir / f"{arm}.key", key + "\n")
+        scored = _score_on_test(run, kit, testset, arm, arm, _program_for(run, arm, kit), chosen)
+        per_arm[arm], seconds[arm], errors[arm], tokens[arm], failed = scored
+        if failed is not None:
+            failed_arms[arm] = failed
+    guard = _guard_check(run, kit, testset, arms, failed_arms, per_arm, optimize_info)
     # An arm whose every call failed has no score: it is left out of the intervals, the
     # synergy and the gain, and the report marks it failed instead of printing 0.0.
     summary = summarize({a: s for a, s in per_arm.items() if a not in failed_arms},
@@ -246,6 +200,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
         **summary,
         "prompt_optimization": optimize_info,
         "val": val,
+        **({"guard": guard} if guard else {}),
         **({"training_val": curve} if (curve := _training_curve(run)) else {}),
         "eval_seconds": seconds,
         "eval_tokens": tokens,
@@ -269,6 +224,102 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     used = write_recipe_used(run)
     return {name: str(p) for name, p in paths.items()} | {
         "predictions": str(predictions_dir), "recipe_used": str(used)}
+
+
+def _score_on_test(run: Any, kit: Any, testset: list[Any], name: str, arm: str, program: Any,
+                   chosen: str | None = None
+                   ) -> tuple[list[float], float, int, int | None, str | None]:
+    """One program on the test split, on `arm`'s model: per-row scores, seconds, failed calls,
+    generated tokens, and the first error when every call failed (else None). Predictions go to
+    predictions/<name>.jsonl; an unchanged program, model and test split reuses them."""
+    import time
+
+    import dspy
+
+    from copa.data import write_jsonl
+    from copa.dspy.kit import model_lm
+    from copa.dspy.search import ScoreError, dspy_chatter_to, evaluate_program
+    from copa.files import atomic_write_text
+
+    recipe = run.recipe
+    predictions_dir = run.dir / "predictions"
+    field = recipe.task.output_fields[-1]
+    model_path = chosen or arm_model_path(run, arm)
+    key = arm_key(run, arm, program, chosen)
+    cached = _cached_scores(predictions_dir, name, key)
+    if cached is not None:
+        # Same program, model, test rows and settings as last time: the same predictions.
+        run.emit(f"  {name:<14} {sum(cached) / len(cached):.3f}  (unchanged, from "
+                 f"predictions/{name}.jsonl)")
+        return cached, 0.0, 0, None, None
+    (predictions_dir / f"{name}.key").unlink(missing_ok=True)  # new predictions come
+    start, tokens_before = time.time(), _generated_tokens(recipe)
+    log = predictions_dir / "dspy-evaluate.log"
+    try:
+        with model_lm(recipe, model_path, ARM_MODELS[arm], run.dir, emit=run.emit) as lm, \
+                dspy.context(lm=lm, adapter=kit.adapter), dspy_chatter_to(log):
+            scored = evaluate_program(program, testset, kit.metric,
+                                      recipe.evaluate.num_threads, recipe.evaluate.max_errors)
+    except ScoreError as exc:
+        raise EvaluateError(
+            f"evaluate: arm '{name}': {exc}. Fix the model or server (its log: {log}), or "
+            "raise evaluate.max_errors to score failed calls as wrong answers") from None
+    seconds = round(time.time() - start, 2)
+    after = _generated_tokens(recipe)
+    tokens = None if after is None or tokens_before is None else after - tokens_before
+    results = scored.results
+    failed = None
+    if scored.all_failed:
+        failed = scored.first_error
+        run.emit(f"  {name:<14} FAILED: all {len(results)} calls failed "
+                 f"(first: {scored.first_error})")
+    else:
+        failures = f", {scored.errors} failed calls scored 0" if scored.errors else ""
+        run.emit(f"  {name:<14} {scored.mean:.3f}  ({len(results)} test rows{failures}, "
+                 f"{seconds:.0f}s)")
+    write_jsonl(predictions_dir / f"{name}.jsonl", [
+        {"inputs": {f: ex[f] for f in recipe.task.input_fields}, "gold": ex[field],
+         "prediction": getattr(pred, field, None) if pred is not None else None,
+         "score": float(s), **({"error": True} if bad else {})}
+        for (ex, pred, s), bad in zip(results, scored.failed, strict=True)])
+    if not scored.errors:  # a re-run retries failed calls instead of reusing them
+        atomic_write_text(predictions_dir / f"{name}.key", key + "\n")
+    return [float(s) for _, _, s in results], seconds, scored.errors, tokens, failed
+
+
+def _guard_check(run: Any, kit: Any, testset: list[Any], arms: list[str],
+                 failed_arms: Mapping[str, Any], per_arm: Mapping[str, list[float]],
+                 optimize_info: Mapping[str, Any]) -> dict[str, Any]:
+    """Where the val guard kept another program than the optimizer's pick, the pick is scored
+    on test too (predictions/<arm>_pick.jsonl): never an arm, never in the synergy, but the
+    evidence that decides optimize.guard_margin (copa.stages.val.margin_outcomes): what the
+    guard's choice gained or lost on test against the pick it declined."""
+    from copa.stages.val import guard_entry
+
+    out: dict[str, Any] = {}
+    for arm in ("prompt_only", "combined"):
+        info = optimize_info.get(arm) or {}
+        pick_file = run.optimize_dir / f"program_{arm}_pick.json"
+        if arm not in arms or arm in failed_arms or "plain" not in (info.get("val_scores") or {}):
+            continue
+        pick = per_arm[arm]
+        if info.get("winner") != "optimized":
+            if not pick_file.is_file():
+                continue
+            from copa.dspy.retrieved import load_program
+
+            program = load_program(kit.program, pick_file, kit.recipe)
+            scores, _, _, _, failed = _score_on_test(run, kit, testset, f"{arm}_pick", arm,
+                                                     program)
+            if failed is not None:
+                continue
+            pick = scores
+        plain_arm = "baseline" if arm == "prompt_only" else (
+            DEMO_ARM if run.trains_plain else "finetune_only")
+        plain = per_arm.get(plain_arm) if plain_arm not in failed_arms else None
+        out[arm] = guard_entry(info, per_arm[arm], pick, plain, plain_arm,
+                               run.recipe.evaluate.bootstrap, run.recipe.data.splits.seed)
+    return out
 
 
 def _val_scores(run: Any, kit: Any, arms: list[str],

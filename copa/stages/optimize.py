@@ -61,6 +61,13 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
     else:
         result = PromptResult(kit.program.deepcopy(), "plain")
     _save_program(result.program, out / f"program_{arm}.json")
+    pick = out / f"program_{arm}_pick.json"
+    if result.optimized is not None and result.winner != "optimized":
+        # The guard declined the optimizer's pick: evaluate scores it on test beside the kept
+        # program, the evidence guard_margin's default is decided on (copa.stages.val).
+        _save_program(result.optimized, pick)
+    else:
+        pick.unlink(missing_ok=True)
     return result
 
 

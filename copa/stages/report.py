@@ -29,6 +29,22 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def guard_line(arm: str, entry: dict[str, Any]) -> str:
+    """One line on what the val guard chose for an arm and what its pick scored on test."""
+    val, test = entry["val"], entry["test"]
+    gain = entry.get("test_gain")
+
+    def _pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}"
+
+    shown = (f"; pick - plain on test {gain['value'] * 100:+.1f} "
+             f"[{gain['ci95'][0] * 100:+.1f}, {gain['ci95'][1] * 100:+.1f}]" if gain else "")
+    return (f"- Val guard ({arm}): plain {_pct(val['plain'])} vs the optimizer's pick "
+            f"{_pct(val['pick'])} on val, kept **{entry['kept']}**; on test the pick scored "
+            f"{_pct(test['pick'])} and the plain prompt ({entry['plain_arm']}) "
+            f"{_pct(test['plain'])}{shown}")
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# copa report: {report['recipe']}", "",
              f"Metric: `{report['metric']}` on {report['test_rows']} held-out test rows "
@@ -110,6 +126,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- Val ({val['rows']} rows): {shown}; best arm on val: "
                      f"**{val.get('best_arm')}** (what `copa.load`, `copa serve` and "
                      "`copa export` use by default; the test split never chooses)")
+    lines += [guard_line(arm, entry) for arm, entry in (report.get("guard") or {}).items()]
     if report.get("training_val"):  # finetune.eval: val measured while the model trained
         lines.append(f"- Fine-tuning: {curve_text(report['training_val'])} (val_curve.png)")
     retrieval = report.get("retrieval")

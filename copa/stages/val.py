@@ -9,7 +9,7 @@ the guard off, an arm left out of optimization) and records all of them in repor
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from copa.data.demos import RETRIEVED_MARK
@@ -69,3 +69,50 @@ def val_section(scores: Mapping[str, float | None], sources: Mapping[str, str], 
     return {"rows": rows, "scores": dict(scores), "from": dict(sources), "demos": dict(demos),
             "best_arm": best,
             "rule": "highest val score; ties: fewer demos, then the later arm"}
+
+
+def guard_entry(info: Mapping[str, Any], kept: Sequence[float], pick: Sequence[float],
+                plain: Sequence[float] | None, plain_arm: str, resamples: int = 1000,
+                seed: int = 0) -> dict[str, Any]:
+    """report.json's "guard" entry for one prompt-optimized arm: the val scores the guard chose
+    on (plain vs the optimizer's pick), what it kept, and both programs' test scores with the
+    paired difference pick - plain (plain: the same model prompted plainly, `plain_arm`)."""
+    from copa.stats import paired_differences
+
+    val = info.get("val_scores") or {}
+    optimized = val.get("optimized")
+    entry: dict[str, Any] = {
+        "kept": info.get("winner"), "plain_arm": plain_arm,
+        "val": {"plain": val.get("plain"), "pick": optimized},
+        "val_gain": None if optimized is None else optimized - val["plain"],
+        "test": {"kept": _mean(kept), "pick": _mean(pick),
+                 "plain": None if plain is None else _mean(plain)},
+    }
+    if plain is not None and len(plain) == len(pick) and pick:
+        entry["test_gain"] = paired_differences({"pick": pick, "plain": plain}, "plain",
+                                                resamples, seed)["pick"]
+    return entry
+
+
+def _mean(scores: Sequence[float]) -> float | None:
+    return sum(scores) / len(scores) if scores else None
+
+
+def margin_outcomes(entries: Sequence[Mapping[str, Any]],
+                    margins: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.2)
+                    ) -> list[dict[str, Any]]:
+    """What each guard_margin would have done on recorded guard entries (one per cell and
+    prompt-optimized arm, from report.json's "guard"): how often it keeps the pick, and the mean
+    test gain over always keeping plain. The guard keeps the pick when its val gain is more
+    than the margin (a tie keeps plain, as copa.dspy.search's guard does)."""
+    usable = [e for e in entries
+              if e.get("val_gain") is not None and (e.get("test") or {}).get("plain") is not None
+              and e["test"].get("pick") is not None]
+    out = []
+    for margin in margins:
+        gains = [(e["test"]["pick"] - e["test"]["plain"]) if e["val_gain"] > margin + 1e-9
+                 else 0.0 for e in usable]
+        out.append({"margin": margin, "entries": len(usable),
+                    "kept_pick": sum(e["val_gain"] > margin + 1e-9 for e in usable),
+                    "mean_test_gain": _mean(gains), "test_gains": gains})
+    return out

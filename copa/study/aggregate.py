@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from copa.stages.val import DEMO_ARM
+from copa.stages.val import DEMO_ARM, margin_outcomes
 from copa.stats import study_cell
 
 NOT_COMPARABLE = ("synergy", "interaction")  # effects that compare against fine-tune-only
@@ -32,13 +32,15 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     return {"metric": report.get("metric"), "scores": scores,
             "failed_arms": [a for a, d in report["arms"].items() if d.get("failed")],
             "not_comparable": synergy.get("reason") if synergy.get("comparable") is False
-            else None}
+            else None,
+            "guard": report.get("guard") or {}}
 
 
 def aggregate(plan: Mapping[str, Any], study_dir: Path, seed: int = 0) -> dict[str, Any]:
     """study.json's data from plan.json's cells and their run directories."""
     runs, by_point = [], {}
     metric = None
+    guard_entries = []
     for entry in plan["cells"]:
         found = read_run(Path(study_dir) / entry["dir"])
         row = {"cell": entry["name"], "values": entry["values"], "seed": entry["seed"],
@@ -53,6 +55,8 @@ def aggregate(plan: Mapping[str, Any], study_dir: Path, seed: int = 0) -> dict[s
                                                     "values": entry["values"], "found": []})
         if found:
             point["found"].append((entry["seed"], found))
+            guard_entries += [{**e, "cell": entry["name"], "seed": entry["seed"], "arm": arm}
+                              for arm, e in found["guard"].items()]
     cells = [_cell(point, plan["bootstrap"], seed) for point in by_point.values()]
     arms = list(plan["arms"])
     if "finetune_only" in arms and any(DEMO_ARM in c["arms"] for c in cells):
@@ -64,7 +68,8 @@ def aggregate(plan: Mapping[str, Any], study_dir: Path, seed: int = 0) -> dict[s
                       "resamples each seed's test rows (the same rows for every arm) and "
                       "averages the seeds' resampled means; seed_ci95: Student-t over the "
                       "seeds' means",
-            "cells": cells, "runs": runs, "findings": findings(cells)}
+            "cells": cells, "runs": runs, "findings": findings(cells),
+            **({"guard_margins": margin_outcomes(guard_entries)} if guard_entries else {})}
 
 
 def _cell(point: dict[str, Any], resamples: int, seed: int) -> dict[str, Any]:

@@ -61,6 +61,16 @@ def markdown(data: dict[str, Any]) -> str:
                   "and, where the fine-tune saw demos, demo-aware fine-tune only). Interaction: "
                   "combined − fine-tune-only − prompt-only + baseline (what the two together "
                   "add beyond the sum of their separate gains)."]
+    if data.get("guard_margins"):
+        lines += ["", "## The val guard's margin", "",
+                  "Each cell's prompt-optimized arms where the optimizer's pick was scored on "
+                  "test (copa scores it when the guard declines it): what each "
+                  "`optimize.guard_margin` would have kept, and the mean test gain over always "
+                  "keeping the plain prompt.", "",
+                  "| guard_margin | kept the pick | mean test gain (points) |", "|---:|---:|---:|"]
+        lines += [f"| {o['margin']:g} | {o['kept_pick']} of {o['entries']} | "
+                  f"{100 * o['mean_test_gain']:+.1f} |" for o in data["guard_margins"]
+                  if o["mean_test_gain"] is not None]
     lines += ["", "## Findings", "", *(f"- {line}" for line in data["findings"]),
               "", "## Every run", "",
               "| cell | seed | test rows | " + " | ".join(ARMS_SHOWN[a] for a in arms) + " |",
