@@ -115,13 +115,15 @@ def demo_problems(recipe: Recipe, label: str) -> list[Problem]:
     k, by = opt.params.get("k", 3), opt.params.get("by", "bm25")
     if unknown:
         problems.append(Problem(file=label, path="optimize.params", message=(
-            f"'retrieved' takes k (demos per input) and by (bm25), not {', '.join(unknown)}")))
+            f"'retrieved' takes k (demos per input) and by (bm25 or hidden), not "
+            f"{', '.join(unknown)}")))
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
         problems.append(Problem(file=label, path="optimize.params.k",
                                 message=f"must be a whole number from 1 to 16 (got {k!r})"))
-    if by != "bm25":
-        problems.append(Problem(file=label, path="optimize.params.by",
-                                message=f"copa retrieves demos by bm25 (got {by!r})"))
+    if by not in ("bm25", "hidden"):  # copa.dspy.retrieved.METHODS (checks stay light)
+        problems.append(Problem(file=label, path="optimize.params.by", message=(
+            f"copa ranks demos by bm25 or hidden (the base model's hidden states), "
+            f"got {by!r}")))
     if opt.order == "p->w" or opt.strategy != DEFAULT_STRATEGY:
         problems.append(Problem(file=label, path="optimize.optimizer", message=(
             "'retrieved' has no fixed demo set for a fine-tune to carry: use it with the "

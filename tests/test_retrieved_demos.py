@@ -102,3 +102,34 @@ def test_the_demos_are_the_nearest_train_rows_most_similar_first() -> None:
     copy = program.deepcopy()
     assert copy.demos_for({"text": "rainy"}) == program.demos_for({"text": "rainy"})
     assert copy.program is not program.program  # concurrent calls never share a predictor
+
+
+def test_hidden_states_rank_a_rows_own_text_first_and_the_model_travels_in_the_file(
+        lm: dspy.LM, tiny_model_dir: Path, tmp_path: Path) -> None:
+    rows = [{"text": str(t.text), "label": str(t.label)} for t in TRAIN]
+    program = RetrievedDemos(dspy.Predict("text -> label"), rows, ["text"], 2, "hidden",
+                             str(tiny_model_dir))
+    for i, row in enumerate(rows):  # cosine 1 with itself: first whatever the row order
+        assert program.demos_for({"text": row["text"]})[0].text == row["text"], i
+    path = tmp_path / "program.json"
+    program.save(str(path))
+    assert json.loads(path.read_text())["copa_retrieved"]["model"] == str(tiny_model_dir)
+    loaded = load_program(dspy.Predict("text -> label"), path)
+    query = {"text": "rainy office meeting"}
+    assert [d.text for d in loaded.demos_for(query)] == [d.text for d in program.demos_for(query)]
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        assert loaded(text="rainy office meeting").label == "neg"
+
+
+def test_hidden_needs_a_model_and_a_bad_method_is_one_line(tmp_path: Path) -> None:
+    from copa.checks import demo_problems
+
+    with pytest.raises(ValueError, match="needs the model"):
+        RetrievedDemos(dspy.Predict("text -> label"), [{"text": "a", "label": "pos"}],
+                       ["text"], 1, "hidden")
+    recipe = _recipe().model_copy(deep=True)
+    recipe.optimize.params = {"k": 2, "by": "cosine"}
+    [problem] = demo_problems(recipe, "r.yaml")
+    assert problem.path == "optimize.params.by" and "bm25 or hidden" in problem.message
+    recipe.optimize.params = {"k": 2, "by": "hidden"}
+    assert demo_problems(recipe, "r.yaml") == []

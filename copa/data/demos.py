@@ -33,27 +33,42 @@ def _inputs_key(row: Mapping[str, Any], fields: Sequence[str]) -> tuple[str, ...
     return tuple(str(row.get(f)) for f in fields)
 
 
-class DemoIndex:
-    """The train rows, ranked by BM25 similarity of their input fields to a query row. Ties
-    keep the rows' order, so a ranking is deterministic."""
+class BM25Similarity:
+    """BM25 scores of the train rows' input fields against a query row (bm25s)."""
 
     def __init__(self, rows: Sequence[Row], fields: Sequence[str]):
         import bm25s  # lazy: only recipes with retrieved demos pay for it
 
+        self.fields = list(fields)
+        corpus = [row_tokens(r, self.fields) or ["<empty>"] for r in rows]
+        self.size = len(corpus)
+        self.bm25 = bm25s.BM25()
+        self.bm25.index(corpus, show_progress=False)
+
+    def scores(self, query: Mapping[str, Any]) -> Any:
+        import numpy as np
+
+        tokens = [t for t in row_tokens(query, self.fields) if t in self.bm25.vocab_dict]
+        return (self.bm25.get_scores(tokens) if tokens
+                else np.zeros(self.size, dtype=np.float32))
+
+
+class DemoIndex:
+    """The train rows, ranked by similarity of their input fields to a query row: BM25 by
+    default, or any `similarity` with a scores(query) -> one score per row (the model's hidden
+    states: copa.inference.embed). Ties keep the rows' order, so a ranking is deterministic."""
+
+    def __init__(self, rows: Sequence[Row], fields: Sequence[str], similarity: Any = None):
         self.rows, self.fields = list(rows), list(fields)
         if not self.rows:
             raise ValueError("no train rows to draw demos from")
-        corpus = [row_tokens(r, self.fields) or ["<empty>"] for r in self.rows]
-        self.bm25 = bm25s.BM25()
-        self.bm25.index(corpus, show_progress=False)
+        self.similarity = similarity or BM25Similarity(self.rows, self.fields)
 
     def ranked(self, query: Mapping[str, Any]) -> list[int]:
         """Every row's index, most similar first."""
         import numpy as np
 
-        tokens = [t for t in row_tokens(query, self.fields) if t in self.bm25.vocab_dict]
-        scores = (self.bm25.get_scores(tokens) if tokens
-                  else np.zeros(len(self.rows), dtype=np.float32))
+        scores = np.asarray(self.similarity.scores(query))
         return [int(i) for i in np.lexsort((np.arange(len(scores)), -scores))]
 
     def nearest(self, query: Mapping[str, Any], k: int, leave_out: int | None = None

@@ -18,7 +18,7 @@ from dspy.utils.callback import BaseCallback
 
 from copa.dspy.candidates import optimizer_candidates, optimizer_log_params
 from copa.dspy.program import to_examples
-from copa.dspy.retrieved import retrieved_info, retrieved_program
+from copa.dspy.retrieved import ranking_model, retrieved_info, retrieved_program
 from copa.recipe import Recipe
 from copa.usercode import import_object
 
@@ -362,8 +362,8 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
              + (f" (its log: {log_path})" if log_path else ""))
         with dspy_chatter_to(log_path):
             if recipe.optimize.optimizer == RETRIEVED:  # nothing to search: demos per input
-                candidates["optimized"] = retrieved_program(program, trainset,
-                                                            dict(recipe.optimize.params))
+                candidates["optimized"] = retrieved_program(
+                    program, trainset, dict(recipe.optimize.params), ranking_model(recipe))
             else:
                 optimizer = build_optimizer(recipe, metric, lm, proposer, teacher, log_dir)
                 candidates["optimized"] = compile_program(
