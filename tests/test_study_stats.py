@@ -244,10 +244,11 @@ def test_the_in_context_study_crosses_demo_training_with_the_combined_program() 
     recipes = [load_recipe(study.recipe, overrides=c.overrides) for c in study.cells
                if c.seed == 0]
     demos = [r.model_dump(mode="json")["finetune"]["demos"] for r in recipes]
-    assert demos == ["none"] * 2 + [{"k": [0, 3], "pick": "random"}] * 2 + [
-        {"k": [0, 3], "pick": "retrieved"}] * 2
+    # grid order is run order: the demo-aware cells, retrieved first, before the demo-free ones
+    assert demos == [{"k": [0, 3], "pick": "retrieved"}] * 2 + [
+        {"k": [0, 3], "pick": "random"}] * 2 + ["none"] * 2
     assert [r.optimize.optimizer for r in recipes] == [
-        "BootstrapFewShotWithRandomSearch", "retrieved"] * 3
+        "retrieved", "BootstrapFewShotWithRandomSearch"] * 3
     assert all(r.data.splits.train == 40 and r.optimize.guard for r in recipes)
     assert not any(demo_problems(r, "in_context") for r in recipes)
     assert len({c.name for c in study.cells}) == 6
