@@ -119,7 +119,9 @@ def test_margin_outcomes_keep_the_pick_only_beyond_the_margin() -> None:
 
     entries = [_entry(0.1, 0.7, 0.6), _entry(0.05, 0.4, 0.6), _entry(0.0, 0.9, 0.6),
                _entry(-0.1, 0.2, 0.6), {"val_gain": None, "test": {}}]
-    by_margin = {o["margin"]: o for o in margin_outcomes(entries, (0.0, 0.05, 0.1))}
+    by_margin = {o["margin"]: o for o in margin_outcomes(entries, (None, 0.0, 0.05, 0.1))}
+    assert by_margin[None]["kept_pick"] == 4      # the guard off: always the pick
+    assert by_margin[None]["mean_test_gain"] == pytest.approx((0.1 - 0.2 + 0.3 - 0.4) / 4)
     assert by_margin[0.0]["entries"] == 4
     assert by_margin[0.0]["kept_pick"] == 2          # a tie (gain 0) keeps plain
     assert by_margin[0.0]["test_gains"] == pytest.approx([0.1, -0.2, 0.0, 0.0])

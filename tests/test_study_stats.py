@@ -417,3 +417,4 @@ def test_a_study_tables_what_each_guard_margin_would_have_kept(tmp_path: Path) -
     assert margins[0.1]["kept_pick"] == 0 and margins[0.1]["mean_test_gain"] == 0.0
     table = markdown(data)
     assert "| 0 | 1 of 2 | +10.0 |" in table and "| 0.1 | 0 of 2 | +0.0 |" in table
+    assert "| off | 2 of 2 | -10.0 |" in table

@@ -99,20 +99,21 @@ def _mean(scores: Sequence[float]) -> float | None:
 
 
 def margin_outcomes(entries: Sequence[Mapping[str, Any]],
-                    margins: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.2)
+                    margins: Sequence[float | None] = (None, 0.0, 0.02, 0.05, 0.1, 0.2)
                     ) -> list[dict[str, Any]]:
     """What each guard_margin would have done on recorded guard entries (one per cell and
     prompt-optimized arm, from report.json's "guard"): how often it keeps the pick, and the mean
     test gain over always keeping plain. The guard keeps the pick when its val gain is more
-    than the margin (a tie keeps plain, as copa.dspy.search's guard does)."""
+    than the margin (a tie keeps plain, as copa.dspy.search's guard does); margin None is the
+    guard off (always the pick)."""
     usable = [e for e in entries
               if e.get("val_gain") is not None and (e.get("test") or {}).get("plain") is not None
               and e["test"].get("pick") is not None]
     out = []
     for margin in margins:
-        gains = [(e["test"]["pick"] - e["test"]["plain"]) if e["val_gain"] > margin + 1e-9
-                 else 0.0 for e in usable]
-        out.append({"margin": margin, "entries": len(usable),
-                    "kept_pick": sum(e["val_gain"] > margin + 1e-9 for e in usable),
+        keep = [margin is None or e["val_gain"] > margin + 1e-9 for e in usable]
+        gains = [(e["test"]["pick"] - e["test"]["plain"]) if kept else 0.0
+                 for e, kept in zip(usable, keep, strict=True)]
+        out.append({"margin": margin, "entries": len(usable), "kept_pick": sum(keep),
                     "mean_test_gain": _mean(gains), "test_gains": gains})
     return out

@@ -65,10 +65,11 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", "## The val guard's margin", "",
                   "Each cell's prompt-optimized arms where the optimizer's pick was scored on "
                   "test (copa scores it when the guard declines it): what each "
-                  "`optimize.guard_margin` would have kept, and the mean test gain over always "
+                  "`optimize.guard_margin` would have kept (off: `guard: false`), and the mean test gain over always "
                   "keeping the plain prompt.", "",
                   "| guard_margin | kept the pick | mean test gain (points) |", "|---:|---:|---:|"]
-        lines += [f"| {o['margin']:g} | {o['kept_pick']} of {o['entries']} | "
+        lines += [f"| {'off' if o['margin'] is None else format(o['margin'], 'g')} | "
+                  f"{o['kept_pick']} of {o['entries']} | "
                   f"{100 * o['mean_test_gain']:+.1f} |" for o in data["guard_margins"]
                   if o["mean_test_gain"] is not None]
     lines += ["", "## Findings", "", *(f"- {line}" for line in data["findings"]),
