@@ -65,8 +65,8 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", "## The val guard's margin", "",
                   "Each cell's prompt-optimized arms where the optimizer's pick was scored on "
                   "test (copa scores it when the guard declines it): what each "
-                  "`optimize.guard_margin` would have kept (off: `guard: false`), and the mean test gain over always "
-                  "keeping the plain prompt.", "",
+                  "`optimize.guard_margin` would have kept (off: `guard: false`), and the mean "
+                  "test gain over always keeping the plain prompt.", "",
                   "| guard_margin | kept the pick | mean test gain (points) |", "|---:|---:|---:|"]
         lines += [f"| {'off' if o['margin'] is None else format(o['margin'], 'g')} | "
                   f"{o['kept_pick']} of {o['entries']} | "
