@@ -170,7 +170,7 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
         per_arm[arm], seconds[arm], errors[arm], tokens[arm], failed = scored
         if failed is not None:
             failed_arms[arm] = failed
-    guard = _guard_check(run, kit, testset, arms, failed_arms, per_arm, optimize_info)
+    guard = _guard_check(run, kit, testset, arms, failed_arms, per_arm, optimize_info, seconds)
     # An arm whose every call failed has no score: it is left out of the intervals, the
     # synergy and the gain, and the report marks it failed instead of printing 0.0.
     summary = summarize({a: s for a, s in per_arm.items() if a not in failed_arms},
@@ -289,7 +289,7 @@ def _score_on_test(run: Any, kit: Any, testset: list[Any], name: str, arm: str, 
 
 def _guard_check(run: Any, kit: Any, testset: list[Any], arms: list[str],
                  failed_arms: Mapping[str, Any], per_arm: Mapping[str, list[float]],
-                 optimize_info: Mapping[str, Any]) -> dict[str, Any]:
+                 optimize_info: Mapping[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
     """Where the val guard kept another program than the optimizer's pick, the pick is scored
     on test too (predictions/<arm>_pick.jsonl): never an arm, never in the synergy, but the
     evidence that decides optimize.guard_margin (copa.stages.val.margin_outcomes): what the
@@ -309,8 +309,9 @@ def _guard_check(run: Any, kit: Any, testset: list[Any], arms: list[str],
             from copa.dspy.retrieved import load_program
 
             program = load_program(kit.program, pick_file, kit.recipe)
-            scores, _, _, _, failed = _score_on_test(run, kit, testset, f"{arm}_pick", arm,
-                                                     program)
+            scores, took, _, _, failed = _score_on_test(run, kit, testset, f"{arm}_pick", arm,
+                                                        program)
+            seconds[f"{arm}_pick"] = took  # in the stage's time, never an arm's
             if failed is not None:
                 continue
             pick = scores
