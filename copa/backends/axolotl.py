@@ -401,11 +401,21 @@ def train(recipe: Recipe, config_path: Path, work_dir: Path,
     with TrainingProgress(work_dir / "progress.jsonl", emit, total_steps):
         run_logged(cmd, log_path, what="axolotl train", env=env, on_process=on_process)
     adapter = output_dir
-    if not (adapter / "adapter_config.json").is_file():
-        raise TrainError("axolotl train finished but wrote no adapter_config.json",
+    if not has_adapter(adapter):
+        raise TrainError("axolotl train finished but wrote no adapter (config and weights)",
                          log=log_path, tail=meaningful_tail(
                              log_path.read_text(errors="replace").splitlines()))
     return best_adapter(work_dir, output_dir, log_path) if val_eval is not None else adapter
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def has_adapter(folder: Path) -> bool:
+    """Whether `folder` holds a finished adapter: its weights, not only adapter_config.json,
+    which Axolotl writes before the first step (a training killed at step 5 leaves one)."""
+    return (folder / "adapter_config.json").is_file() and any(
+        (folder / name).is_file() for name in ADAPTER_WEIGHTS)
 
 
 def best_adapter(work_dir: Path, output_dir: Path, log_path: Path) -> Path:
@@ -418,7 +428,7 @@ def best_adapter(work_dir: Path, output_dir: Path, log_path: Path) -> Path:
     if curve.get("patience") is None or curve.get("best_step") is None:
         return output_dir
     best = output_dir / f"checkpoint-{curve['best_step']}"
-    if not (best / "adapter_config.json").is_file():
+    if not has_adapter(best):
         raise TrainError(f"the best step on val is {curve['best_step']}, but {best} holds no "
                          "adapter (removed by a save_total_limit under finetune.axolotl?)",
                          log=log_path)

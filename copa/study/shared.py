@@ -77,7 +77,7 @@ def ensure_model(run: Run, models_dir: Path, emit: Emit = print,
     it is there already (under the folder's lock: never twice, even from cells running at
     once). Returns the folder."""
     from copa.backends import get_backend
-    from copa.backends.axolotl import relocated_config, write_config
+    from copa.backends.axolotl import has_adapter, relocated_config, write_config
     from copa.data import read_jsonl
     from copa.stages.render import steps_for
 
@@ -97,7 +97,7 @@ def ensure_model(run: Run, models_dir: Path, emit: Emit = print,
                      folder / "axolotl.yml")
         backend = get_backend()
         adapter = folder / "train" / "checkpoints"
-        if (adapter / "adapter_config.json").is_file():  # written at the end of training
+        if has_adapter(adapter):  # the weights are written at the end of training
             emit("  its training finished before (the merge did not): merging only")
         else:  # a killed training resumes from its last checkpoint
             rows = len(read_jsonl(folder / "train.jsonl"))
