@@ -249,22 +249,34 @@ class Tracker:
         stage_id = run.info.run_id
         self.stage_runs[name] = stage_id
         experiment = self._call(self.client.get_experiment, self.experiment_id)
-        saved = os.environ.get(TRAIN_ENV)
-        if name == "train" and experiment is not None:
-            os.environ[TRAIN_ENV] = json.dumps({"uri": self.uri, "run_id": stage_id,
-                                                "experiment": experiment.name})
+        train = (json.dumps({"uri": self.uri, "run_id": stage_id, "experiment": experiment.name})
+                 if name == "train" and experiment is not None else None)
         start, status = time.time(), "FAILED"
         try:
-            yield
+            with environ_set(TRAIN_ENV, train):
+                yield
             status = "FINISHED"
         finally:
-            if saved is None:
-                os.environ.pop(TRAIN_ENV, None)
-            else:
-                os.environ[TRAIN_ENV] = saved
             self.metrics({"seconds": time.time() - start}, stage_id)
             if self.on:
                 self._call(self.client.set_terminated, stage_id, status)
+
+
+@contextmanager
+def environ_set(name: str, value: str | None) -> Iterator[None]:
+    """The environment variable `name` set to value around a block (left as it is when value
+    is None), and as it was before afterwards: what a stage's or a study's child processes
+    read to find their MLflow run."""
+    saved = os.environ.get(name)
+    if value:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def _probe(uri: str) -> None:
@@ -353,18 +365,12 @@ def study_tracking(name: str, track: Any, study_dir: Path, params: Mapping[str, 
         return
     tracker.open(getattr(track, "experiment", None) or name, name, params,
                  {"copa.study_dir": str(study_dir), "mlflow.source.name": "copa study"})
-    saved = os.environ.get(PARENT_ENV)
-    if tracker.run_id:
-        os.environ[PARENT_ENV] = tracker.run_id
     status = "FAILED"
     try:
-        yield tracker
+        with environ_set(PARENT_ENV, tracker.run_id):
+            yield tracker
         status = "FINISHED"
     finally:
-        if saved is None:
-            os.environ.pop(PARENT_ENV, None)
-        else:
-            os.environ[PARENT_ENV] = saved
         tracker.close(status)
 
 

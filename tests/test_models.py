@@ -52,7 +52,7 @@ def test_training_a_config_whose_model_folder_is_gone_says_how_to_render_again(
     from conftest import write_tiny_recipe
 
     from copa import pipeline
-    from copa.backends.axolotl import TrainError
+    from copa.backends import TrainError
 
     recipe = write_tiny_recipe(tmp_path / "recipe", tiny_model_dir)
     run_dir = tmp_path / "run"

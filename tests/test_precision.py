@@ -9,7 +9,8 @@ import pytest
 from conftest import save_varied_llama
 
 from copa import precision
-from copa.backends.axolotl import Hardware, render_config
+from copa.backends import Hardware
+from copa.backends.axolotl_config import render_config
 from copa.inference.cache import cache_tag
 from copa.recipe import RecipeError, load_recipe
 

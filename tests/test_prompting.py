@@ -88,8 +88,11 @@ def test_template_needs_user_and_assistant_blocks() -> None:
 
 
 def test_shipped_templates_load() -> None:
-    for path in Path(find_template("prompts/default.jinja")).parent.glob("*.jinja"):
-        PromptTemplate.from_file(path)
+    paths = sorted(Path(find_template("prompts/default.jinja")).parent.glob("*.jinja"))
+    assert len(paths) >= 5  # default, question, context, passages, reasoning
+    for path in paths:
+        template = PromptTemplate.from_file(path)
+        assert template.path == str(path) and template.text == path.read_text()
 
 
 def test_only_the_task_signature_goes_through_the_template(spec) -> None:

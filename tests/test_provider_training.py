@@ -109,7 +109,7 @@ def test_the_same_rows_reuse_the_finished_fine_tune(finetuned) -> None:
 
 
 def test_a_failing_training_is_a_clear_error_from_compile(finetuned) -> None:
-    from copa.backends.axolotl import TrainError
+    from copa.backends import TrainError
 
     _, lm, trainset, _, _ = finetuned
     start = time.time()

@@ -10,7 +10,9 @@ import yaml
 from click.testing import CliRunner
 from conftest import FIXTURE_SPLITS
 
-from copa.backends.axolotl import Hardware, launch_command, render_config
+from copa.backends import Hardware
+from copa.backends.axolotl import launch_command
+from copa.backends.axolotl_config import render_config
 from copa.cli import cli
 from copa.recipe import load_recipe
 

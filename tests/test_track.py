@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +24,11 @@ import pytest
 from conftest import write_tiny_recipe
 
 from copa import pipeline
-from copa.track import ENV, flatten, report_metrics, store_uri
+from copa.track import ENV, environ_set, flatten, report_metrics, store_uri
 
 
-@contextmanager
-def tracking_on(uri: str) -> Iterator[None]:
-    saved = os.environ.get(ENV)
-    os.environ[ENV] = uri
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = saved
+def tracking_on(uri: str) -> AbstractContextManager[None]:
+    return environ_set(ENV, uri)
 
 
 def runs_in(uri: str) -> tuple[Any, list[Any]]:
@@ -194,6 +184,22 @@ def test_a_study_is_a_parent_run_with_its_cells_nested(tmp_path: Path,
         assert metrics[f"{name}/baseline/ci_low"] == pytest.approx(
             cell["arms"]["baseline"]["ci95"][0])
     assert "study.html" in {f.path for f in client.list_artifacts(top[0].info.run_id)}
+
+
+def test_a_variable_set_for_a_block_is_as_it_was_after_it_even_on_an_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What hands the train stage's and a study's MLflow run to their child processes."""
+    monkeypatch.delenv("COPA_TEST_VAR", raising=False)
+    with environ_set("COPA_TEST_VAR", "inner"):
+        assert os.environ["COPA_TEST_VAR"] == "inner"
+    assert "COPA_TEST_VAR" not in os.environ
+    monkeypatch.setenv("COPA_TEST_VAR", "outer")
+    with pytest.raises(RuntimeError), environ_set("COPA_TEST_VAR", "inner"):
+        raise RuntimeError
+    assert os.environ["COPA_TEST_VAR"] == "outer"
+    with environ_set("COPA_TEST_VAR", None):  # None: left as it is
+        assert os.environ["COPA_TEST_VAR"] == "outer"
+    assert os.environ["COPA_TEST_VAR"] == "outer"
 
 
 def test_a_study_cells_synergy_and_interaction_become_metrics() -> None:

@@ -73,7 +73,8 @@ def test_the_local_engine_loads_a_remote_code_model_only_when_the_recipe_trusts_
 
 
 def test_the_axolotl_config_carries_it(tmp_path: Path) -> None:
-    from copa.backends.axolotl import Hardware, render_config
+    from copa.backends import Hardware
+    from copa.backends.axolotl_config import render_config
 
     for trust in (True, False):
         config = render_config(_recipe(trust), "/m", tmp_path / "t.jsonl", tmp_path,

@@ -114,11 +114,11 @@ def run_finetune(recipe: Recipe, base_model: str, rows: list[dict[str, Any]], ro
                  on_phase: Callable[[str], None] | None = None) -> Finetuned:
     """Train and merge Axolotl chat_template `rows` on `base_model` in root/<key>/ (or reuse
     a finished one): the backend's train and merge, as the pipeline's stages call them."""
-    from copa.backends import axolotl as backend
     from copa.backends import get_backend
     from copa.data import write_jsonl
     from copa.runs import run_dir_locked, versions
 
+    backend = get_backend()
     key = finetune_key(recipe, base_model, rows, versions())
     folder = (Path(root) / key[:16]).resolve()
     done, merged = folder / "finetune.json", folder / "merged"
@@ -138,10 +138,10 @@ def run_finetune(recipe: Recipe, base_model: str, rows: list[dict[str, Any]], ro
         emit(f"  fine-tune {key[:16]}: {len(rows)} rows on {base_model}, {steps} steps "
              f"(Axolotl; its log: {work / 'axolotl-train.log'})")
         phase("training")
-        trained = get_backend().train(recipe, config_path, work, emit=emit, total_steps=steps,
-                                      on_process=on_process)
+        trained = backend.train(recipe, config_path, work, emit=emit, total_steps=steps,
+                                on_process=on_process)
         phase("merging")
-        get_backend().merge(config_path, trained, merged, work, on_process=on_process)
+        backend.merge(config_path, trained, merged, work, on_process=on_process)
         seconds = time.time() - start
         atomic_write_json(done, {"key": key, "base_model": base_model, "rows": len(rows),
                                  "model": str(merged), "seconds": round(seconds, 2)})

@@ -114,10 +114,11 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
            plain_work_dir: Path | None = None) -> Rendered:
     """Write splits/, train.jsonl, val.jsonl, prompt_preview.txt, demos.json and axolotl.yml;
     for a recipe that trains with demos also plain/ (the same rows without them)."""
-    from copa.backends import axolotl as backend  # render owns the config; axolotl import is lazy
+    from copa.backends import get_backend  # render owns the config; the backend loads lazily
     from copa.models import resolve_model
 
     recipe, spec, splits = checked.recipe, checked.spec, checked.splits
+    backend = get_backend()
     out_dir = Path(out_dir).resolve()
     work_dir = Path(work_dir).resolve() if work_dir else out_dir / "train"
     write_splits(checked, out_dir)
@@ -222,10 +223,3 @@ def too_long_rows(rows: Sequence[dict], model_path: str, recipe: Recipe, label: 
              f"finetune.sequence_len ({limit} tokens; longest {max(lengths)}): Axolotl drops "
              "them. Raise sequence_len to train on them.")
     return over
-
-
-def steps_for(recipe: Recipe, train_rows: int) -> int:
-    """How many optimizer steps training will take (the backend's count, for the train stage)."""
-    from copa.backends.axolotl import steps_for as backend_steps
-
-    return backend_steps(recipe, train_rows)

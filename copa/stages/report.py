@@ -8,6 +8,7 @@ from typing import Any
 from copa.backends.valcurve import curve_text
 from copa.dspy.candidates import candidate_table
 from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from copa.pngfigure import png_bytes, pyplot
 from copa.stages import report_html
 from copa.text import one_line
 
@@ -176,12 +177,7 @@ def _arm_time(arm: str, report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any]) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     arms = [a for a, data in report["arms"].items() if not data.get("failed")]
     scores = [100 * report["arms"][a]["score"] for a in arms]
@@ -200,21 +196,12 @@ def plot(report: dict[str, Any]) -> bytes:
     if report.get("synergy", {}).get("value") is not None:
         title += f"\nsynergy {100 * report['synergy']['value']:+.1f} points"
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def plot_curve(report: dict[str, Any]) -> bytes:
     """finetune.eval's val score (and the training loss) by step, the best step marked."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curve = report["training_val"]
     points = curve["evaluations"]
@@ -237,11 +224,7 @@ def plot_curve(report: dict[str, Any]) -> bytes:
         handles = (handles[0] + more[0], handles[1] + more[1])
     ax.legend(*handles, loc="upper left", fontsize=8)
     ax.set_title(f"{report['recipe']}: val during fine-tuning ({curve['rows']} rows)", fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:

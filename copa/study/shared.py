@@ -46,10 +46,10 @@ _NOWHERE = Path("/shared-model")  # stands in for the place in the key
 def shared_train_key(rendered: Path) -> str:
     """The train stage's inputs (copa.runs.stage_key 'train') without the run directory's
     paths: the Axolotl config re-pointed at one fixed place, the rows, the versions."""
-    from copa.backends.axolotl import relocated_config
+    from copa.backends import get_backend
 
     config = yaml.safe_load((rendered / "axolotl.yml").read_text())
-    placed = relocated_config(config, _NOWHERE / "train.jsonl", _NOWHERE / "train")
+    placed = get_backend().relocated_config(config, _NOWHERE / "train.jsonl", _NOWHERE / "train")
     v = versions()
     return sha256_json([placed, sha256_file(rendered / "train.jsonl"), v["axolotl"],
                         v["transformers"], v["torch"], v["peft"]])
@@ -77,9 +77,7 @@ def ensure_model(run: Run, models_dir: Path, emit: Emit = print,
     it is there already (under the folder's lock: never twice, even from cells running at
     once). Returns the folder."""
     from copa.backends import get_backend
-    from copa.backends.axolotl import has_adapter, relocated_config, write_config
     from copa.data import read_jsonl
-    from copa.stages.render import steps_for
 
     rendered = Path(rendered or run.rendered)
     key = shared_train_key(rendered)
@@ -93,16 +91,17 @@ def ensure_model(run: Run, models_dir: Path, emit: Emit = print,
         start = time.time()
         atomic_write_bytes(folder / "train.jsonl", (rendered / "train.jsonl").read_bytes())
         config = yaml.safe_load((rendered / "axolotl.yml").read_text())
-        write_config(relocated_config(config, folder / "train.jsonl", folder / "train"),
-                     folder / "axolotl.yml")
         backend = get_backend()
+        backend.write_config(backend.relocated_config(config, folder / "train.jsonl",
+                                                      folder / "train"),
+                             folder / "axolotl.yml")
         adapter = folder / "train" / "checkpoints"
-        if has_adapter(adapter):  # the weights are written at the end of training
+        if backend.has_adapter(adapter):  # the weights are written at the end of training
             emit("  its training finished before (the merge did not): merging only")
         else:  # a killed training resumes from its last checkpoint
             rows = len(read_jsonl(folder / "train.jsonl"))
             adapter = backend.train(run.recipe, folder / "axolotl.yml", folder / "train",
-                                    emit=emit, total_steps=steps_for(run.recipe, rows))
+                                    emit=emit, total_steps=backend.steps_for(run.recipe, rows))
         emit(f"  merging into {folder.name}/merged")
         merged = backend.merge(folder / "axolotl.yml", adapter, folder / "merged",
                                folder / "train")

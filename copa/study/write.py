@@ -5,11 +5,11 @@ and interval per cell)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from copa.pngfigure import png_bytes, pyplot
 from copa.study import page
 
 ARMS_SHOWN = {"baseline": "baseline", "prompt_only": "prompt-only",
@@ -97,10 +97,7 @@ def numeric_axis(data: dict[str, Any]) -> str | None:
 
 
 def plot(data: dict[str, Any]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cells = [c for c in data["cells"] if c["status"] == "finished"]
     keys = list(data["grid"])
@@ -131,11 +128,7 @@ def plot(data: dict[str, Any]) -> bytes:
         left.set_title(f"arms: mean over seeds, {shown}", fontsize=10)
         right.set_title(f"synergy and interaction, {shown}", fontsize=10)
     fig.suptitle(f"copa study {data['study']}: {len(data['seeds'])} seeds", fontsize=11)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def _present(x: list[Any], entries: list[dict[str, Any] | None], key: str

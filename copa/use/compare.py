@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from copa.files import sha256_json
+from copa.pngfigure import png_bytes, pyplot
 from copa.stats import paired_differences
 
 ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
@@ -244,12 +245,7 @@ def html(data: dict[str, Any]) -> str:
 
 def png(data: dict[str, Any]) -> bytes:
     """The same two charts as a PNG (matplotlib)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = [r["label"] for r in data["runs"]]
     arms = list(data["arms"])
@@ -292,8 +288,4 @@ def png(data: dict[str, Any]) -> bytes:
     right.set_ylabel("points")
     right.set_title(f"difference from {data['reference']} (paired, 95% CI)", fontsize=10)
     right.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)

@@ -70,8 +70,10 @@ def kill_group(pid: int | None) -> None:
 
 def test_free_port_is_bindable() -> None:
     port = serve.free_port()
+    assert 1024 <= port <= 65535
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+        assert sock.getsockname() == ("127.0.0.1", port)
 
 
 def test_server_commands(monkeypatch: pytest.MonkeyPatch) -> None:
