@@ -18,7 +18,7 @@ LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.s
          "copa.data.retrieval", "copa.data.demos", "copa.prompting", "copa.metrics",
          "copa.backends.valcurve",
          "copa.use.bundle", "copa.use.predict", "copa.use.ollama", "copa.use.gotemplate",
-         "copa.study.spec", "copa.cli_study", "copa.registry")
+         "copa.study.spec", "copa.cli_study", "copa.registry", "copa.pipeline")
 # (importer prefix, imported prefix): imports that would send data up the tree.
 FORBIDDEN = [
     ("copa.stages", "copa.pipeline"), ("copa.stages", "copa.optimizer"),

@@ -101,3 +101,17 @@ def test_the_arms_table_drives_validation_help_and_the_report() -> None:
     for name, arm in ARMS.items():  # each arm's row says its model and prompt
         assert f"| {arm.short} | {arm.model} | {arm.prompt} | 50.0 |" in "\n".join(table), name
 
+
+def test_the_stage_record_gives_the_cli_its_commands_and_force_choices() -> None:
+    from copa.pipeline import RECORD, STAGES
+
+    assert STAGES == tuple(stage.name for stage in RECORD)
+    run_help = " ".join(CliRunner().invoke(cli, ["run", "--help"]).output.split())
+    assert "[all|" + "|".join(STAGES) + "]" in run_help.replace(" ", "")
+    for stage in RECORD:
+        result = CliRunner().invoke(cli, [stage.name, "--help"])
+        if stage.help:  # a stage with help has its command, with that help
+            assert result.exit_code == 0
+            assert " ".join(stage.help.split()) in " ".join(result.output.split())
+        elif stage.name != "render":  # render's command is its own (an --output folder)
+            assert result.exit_code != 0 and "No such command" in result.output

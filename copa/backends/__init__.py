@@ -21,6 +21,9 @@ class Backend(Protocol):
     def merge(self, config_path: Path, adapter_dir: Path, merged_dir: Path,
               work_dir: Path, on_process: Callable[[Any], None] | None = None) -> Path: ...
 
+    # how many optimizer steps training on train_rows rows takes (the progress bar's total)
+    def steps_for(self, recipe: Any, train_rows: int) -> int: ...
+
 
 class AxolotlBackend:
     """The real `axolotl train` / `axolotl merge-lora` CLIs, as subprocesses."""
@@ -42,6 +45,11 @@ class AxolotlBackend:
 
         return axolotl.merge(config_path, adapter_dir, merged_dir, work_dir,
                              on_process=on_process)
+
+    def steps_for(self, recipe: Any, train_rows: int) -> int:
+        from copa.backends import axolotl
+
+        return axolotl.steps_for(recipe, train_rows)
 
 
 def get_backend(name: str = "axolotl") -> Backend:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from copa.recipe.values import ADDED_LATER
 from copa.registry import LOADERS
 
 USER_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -52,13 +53,13 @@ class DataSection(Section):
     )
     format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
     loader: str | None = Field(
-        None,
+        None, json_schema_extra=ADDED_LATER,
         description="How rows come out of a nested file: " + ", ".join(
             f"'{name}' ({entry.help})" for name, entry in LOADERS.items()) + ", or a user "
         "function 'package.module:function' called as function(path, **loader_options) -> "
         "list of dicts.")
     loader_options: dict[str, Any] = Field(
-        default_factory=dict,
+        default_factory=dict, json_schema_extra=ADDED_LATER,
         description="".join(
             f"{name}: {entry.options_help}; " for name, entry in LOADERS.items())
         + "a user loader gets them as keyword arguments.")
@@ -71,11 +72,11 @@ class DataSection(Section):
         None, description="Optional separate file for the test split (e.g. a dataset's test.csv)."
     )
     group_by: str | None = Field(
-        None,
+        None, json_schema_extra=ADDED_LATER,
         description="A column whose rows stay together in one split (e.g. 'title' for a "
         "SQuAD article, 'context' for a paragraph), so no group is in both train and test.")
     answers_column: str | None = Field(
-        None,
+        None, json_schema_extra=ADDED_LATER,
         description="A column listing every accepted answer (SQuAD's 'answers'): squad_em "
         "/ squad_f1 score the best match over them and RAG recall@k looks for any of them.")
     stratify: bool = True

@@ -29,6 +29,7 @@ from copa.recipe.serve_schema import (  # noqa: F401 - the serve sections are pa
 )
 from copa.recipe.track_schema import TrackSection, track_value
 from copa.recipe.values import (  # noqa: F401 - the ranges and names are part of the schema
+    ADDED_LATER,
     DSPY_MEMBERS,
     FIELD_NAME,
     MAX_COUNT,
@@ -254,10 +255,10 @@ class FinetuneSection(_Section):
     num_demos: int = 3
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     eval: FinetuneEvalSection | None = Field(
-        None,
+        None, json_schema_extra=ADDED_LATER,
         description="Score val with the task metric during training: {every: N}.")
     early_stopping: EarlyStoppingSection | None = Field(
-        None,
+        None, json_schema_extra=ADDED_LATER,
         description="Stop on a val plateau and merge the best checkpoint (needs eval).")
     axolotl: dict[str, Any] = Field(
         default_factory=dict, description="Passed through into the Axolotl config."
@@ -374,7 +375,7 @@ class OptimizeSection(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
     order: Literal["w->p", "p->w"] = "w->p"
     strategy: str = Field(
-        DEFAULT_STRATEGY,
+        DEFAULT_STRATEGY, json_schema_extra=ADDED_LATER,
         description="'w -> p': copa's own pipeline; any other BetterTogether "
         "strategy ('p -> w', 'p -> w -> p') runs BetterTogether with the recipe's optimizer as "
         "'p' and BootstrapFinetune through Axolotl as 'w'.")
@@ -383,7 +384,7 @@ class OptimizeSection(_Section):
         description="Keep the plain program if prompt optimization does not beat it on val.",
     )
     guard_margin: float = Field(
-        0.0, ge=0.0, lt=1.0,
+        0.0, ge=0.0, lt=1.0, json_schema_extra=ADDED_LATER,
         description="How much more than the plain program a prompt-optimized one must score on "
                     "val to be kept, in the metric's units (0.05 = 5 points; 0: any gain).",
     )

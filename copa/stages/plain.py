@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 def plain_finetune_stage(run: Run) -> dict[str, Any]:
     from copa.backends import get_backend
     from copa.data import read_jsonl
-    from copa.stages.render import PLAIN_DIR, steps_for
+    from copa.runs import PLAIN_DIR
 
     config = run.rendered / PLAIN_DIR / "axolotl.yml"
     rows = len(read_jsonl(run.rendered / PLAIN_DIR / "train.jsonl"))
@@ -22,7 +22,7 @@ def plain_finetune_stage(run: Run) -> dict[str, Any]:
     backend = get_backend()
     run.emit("  the demo-free fine-tune (the fine-tune-only arm's model)")
     adapter = backend.train(run.recipe, config, work, emit=run.emit,
-                            total_steps=steps_for(run.recipe, rows))
+                            total_steps=backend.steps_for(run.recipe, rows))
     backend.merge(config, adapter, run.plain_merged, work)
     return {"adapter": str(adapter), "model": str(run.plain_merged),
             "log": str(work / "axolotl-train.log")}

@@ -28,12 +28,12 @@ def val_eval_spec(run: Run) -> Path | None:
 def train_stage(run: Run) -> dict[str, Any]:
     from copa.backends import get_backend, valcurve
     from copa.data import read_jsonl
-    from copa.stages.render import steps_for
 
     rows = len(read_jsonl(run.rendered / "train.jsonl"))
-    adapter = get_backend().train(run.recipe, run.rendered / "axolotl.yml", run.train_dir,
-                                  emit=run.emit, total_steps=steps_for(run.recipe, rows),
-                                  val_eval=val_eval_spec(run))
+    backend = get_backend()
+    adapter = backend.train(run.recipe, run.rendered / "axolotl.yml", run.train_dir,
+                            emit=run.emit, total_steps=backend.steps_for(run.recipe, rows),
+                            val_eval=val_eval_spec(run))
     artifacts: dict[str, Any] = {"adapter": str(adapter),
                                  "log": str(run.train_dir / "axolotl-train.log")}
     curve = valcurve.read_curve(run.train_dir) if run.recipe.finetune.eval else None
