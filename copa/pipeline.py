@@ -19,16 +19,25 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from copa import precision
-from copa.data.retrieval import corpus_identity as retrieval_identity
-from copa.data.sources import data_identity
 from copa.files import sha256_file, sha256_json
-from copa.recipe import recipe_key_dict, recipe_section_dict
-from copa.recipe.schema import DEFAULT_STRATEGY
-from copa.runs import PLAIN_DIR, Emit, Run, now, open_run, versions
-from copa.track import Tracker, tracking
+
+if TYPE_CHECKING:
+    from copa.runs import Emit, Run
+    from copa.track import Tracker
+
+# Light on import (the CLI builds its stage commands and --force choices from RECORD): the
+# recipe, data and run-directory modules load when a key is computed or a stage runs.
+
+
+def versions() -> dict[str, str]:
+    """The installed versions a key holds (copa.runs.versions)."""
+    from copa.runs import versions as installed
+
+    return installed()
+
 
 # ---- the inputs each stage's key covers -------------------------------------------------------
 # A key is the hash of these lists: the same inputs give the same key, and a stage whose key and
@@ -40,6 +49,10 @@ def _template_text(run: Run) -> str:
 
 
 def _render_inputs(run: Run) -> list[Any]:
+    from copa.data.retrieval import corpus_identity as retrieval_identity
+    from copa.data.sources import data_identity
+    from copa.recipe import recipe_key_dict, recipe_section_dict
+
     r = run.recipe
     sections = ["model", "task", "data", "prompt", "finetune"]
     if r.optimize.order == "p->w":  # the training rows carry the prompt stage's demos
@@ -55,6 +68,8 @@ def _render_inputs(run: Run) -> list[Any]:
 def _val_eval_inputs(run: Run) -> list[str]:
     """What finetune.eval scores val with, when set (it decides the adapter with early
     stopping): its settings, the metric and answer length, and the val rows and their prompts."""
+    from copa.recipe import recipe_section_dict
+
     r = run.recipe
     if r.finetune.eval is None:
         return []
@@ -78,7 +93,7 @@ def _train_inputs(run: Run) -> list[Any]:
 
 
 def _plain_finetune_inputs(run: Run) -> list[Any]:
-    return _training_inputs(run.rendered / PLAIN_DIR, run)
+    return _training_inputs(run.rendered_plain, run)
 
 
 def _merge_inputs(run: Run) -> list[Any]:
@@ -89,6 +104,9 @@ def _merge_inputs(run: Run) -> list[Any]:
 
 
 def _optimize_inputs(run: Run) -> list[Any]:
+    from copa.recipe import recipe_key_dict
+    from copa.recipe.schema import DEFAULT_STRATEGY
+
     r, v = run.recipe, versions()
     sections = ["model", "task", "optimize", "serve"]
     if r.optimize.strategy != DEFAULT_STRATEGY:  # BetterTogether's "w" fine-tunes in here
@@ -104,6 +122,8 @@ def _optimize_inputs(run: Run) -> list[Any]:
 
 
 def _evaluate_inputs(run: Run) -> list[Any]:
+    from copa.recipe import recipe_section_dict
+
     return [run.keys["optimize"], recipe_section_dict(run.recipe, "evaluate"),
             sha256_file(run.rendered / "splits" / "test.jsonl"),
             # the fair fine-tune-only arm's model, where one was trained
@@ -212,6 +232,8 @@ def run_stages(run: Run, stages: Sequence[str] = STAGES, force: Sequence[str] = 
     """Run the named stages and every stage before them, in order; a stage whose key is
     unchanged and whose artifacts are on disk is skipped (keys chain, so a changed stage makes
     everything after it re-run). A tracker (copa.track) gets a nested run per stage that runs."""
+    from copa.runs import now
+
     stage_run = tracker.stage if tracker is not None else _untracked
     last = max((STAGES.index(s) for s in stages), default=-1)
     for stage in RECORD[:last + 1]:
@@ -252,6 +274,9 @@ def run(recipe_path: str | os.PathLike[str], *, stages: Sequence[str] = STAGES,
         wait: bool = False) -> Run:
     """What `copa run` does: every stage in order (or the named ones and what they need), with
     the run directory locked throughout (busy: RunDirBusy, or with `wait`, wait for it)."""
+    from copa.runs import open_run
+    from copa.track import tracking
+
     with open_run(recipe_path, run_dir=run_dir, force=bool(force), emit=emit,
                   overrides=overrides, wait=wait) as opened, tracking(opened) as tracker:
         return run_stages(opened, stages, force, tracker)

@@ -129,6 +129,11 @@ class Run:
         return self.dir / PLAIN_DIR
 
     @property
+    def rendered_plain(self) -> Path:
+        """The demo-free fine-tune's rows and config, when render wrote them."""
+        return self.rendered / PLAIN_DIR
+
+    @property
     def plain_merged(self) -> Path:
         return self.plain_dir / "merged"
 
@@ -136,7 +141,7 @@ class Run:
     def trains_plain(self) -> bool:
         """Whether the render stage asked for a demo-free fine-tune beside the recipe's
         demo-trained one (its rows and config are in rendered/plain/)."""
-        return self.finetunes and (self.rendered / PLAIN_DIR / "axolotl.yml").is_file()
+        return self.finetunes and (self.rendered_plain / "axolotl.yml").is_file()
 
     @property
     def optimize_dir(self) -> Path:

@@ -115,3 +115,17 @@ def test_the_stage_record_gives_the_cli_its_commands_and_force_choices() -> None
             assert " ".join(stage.help.split()) in " ".join(result.output.split())
         elif stage.name != "render":  # render's command is its own (an --output folder)
             assert result.exit_code != 0 and "No such command" in result.output
+
+
+def test_the_cli_reads_the_tables_without_loading_the_recipe_or_run_modules() -> None:
+    """`copa --help` stays fast: the stage record and the tables load nothing of the recipe
+    schema (pydantic), the data or the run directory."""
+    import subprocess
+    import sys
+
+    code = ("import sys, copa.cli\n"
+            "print(sorted(m for m in ('copa.runs', 'copa.recipe', 'copa.data', 'pydantic')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
