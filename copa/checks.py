@@ -12,6 +12,7 @@ from copa.models import check_model
 from copa.prompting import PromptError, PromptSpec, build_messages, spec_from_recipe
 from copa.recipe import Problem, Recipe, RecipeError
 from copa.recipe.schema import DEFAULT_STRATEGY
+from copa.registry import ARMS
 from copa.usercode import user_code_problems
 
 
@@ -51,7 +52,7 @@ def serve_problems(recipe: Recipe, label: str) -> list[Problem]:
     """engine 'openai' with fine-tuned arms: each arm must ask the server for its own model,
     or the merged arms score the base model and the fine-tune gain silently reads 0."""
     serve = recipe.serve
-    merged_arms = {"finetune_only", "combined"} & set(recipe.evaluate.arms)
+    merged_arms = {a for a in recipe.evaluate.arms if ARMS[a].model == "merged"}
     if serve.engine != "openai" or not recipe.finetune.enabled or not merged_arms:
         return []
     merged = serve.models.merged

@@ -19,6 +19,8 @@ from copa.cli_errors import errors as _errors
 from copa.cli_errors import user_error as _user_error
 from copa.cli_see import compare_command, ui_command
 from copa.cli_study import study_command
+from copa.pipeline import RECORD, STAGES
+from copa.registry import ARMS
 
 
 def _quiet_libraries() -> None:
@@ -201,19 +203,16 @@ def _stage_command(name: str, help_text: str):
     return command
 
 
-_stage_command("train", "Fine-tune with Axolotl (renders first if needed). LoRA on CPU, QLoRA on "
-               "CUDA. A killed run resumes from its last checkpoint.")
-_stage_command("merge", "Merge the trained adapter into a standalone model at runs/<name>/merged.")
-_stage_command("optimize", "Run the recipe's DSPy optimizer on the base and the merged model.")
-_stage_command("evaluate", "Evaluate the four arms on the test split and write the report.")
+for _stage in RECORD:  # `copa train`, `copa merge`, ...: the stages with a command of their own
+    if _stage.help:
+        _stage_command(_stage.name, _stage.help)
 
 
 @cli.command()
 @recipe_arg
 @run_dir_opt
 @click.option("--force", "force", multiple=True, is_flag=False, flag_value="all",
-              type=click.Choice(["all", "render", "train", "merge", "plain_finetune",
-                                 "optimize", "evaluate"]),
+              type=click.Choice(["all", *STAGES]),
               help="Re-run a stage (and what follows) even if unchanged; bare --force = all.")
 @wait_opt
 @set_opt
@@ -226,7 +225,7 @@ def run(recipe: str, run_dir: str | None, force: tuple[str, ...], wait: bool,
     _preload_noisy_modules()
     from copa import pipeline
 
-    forced = list(pipeline.STAGES) if "all" in force else _with_downstream(force)
+    forced = list(STAGES) if "all" in force else _with_downstream(force)
     result = pipeline.run(recipe, force=forced, run_dir=run_dir, emit=click.echo,
                           overrides=overrides, wait=wait)
     report_md = result.dir / "report.md"
@@ -236,8 +235,6 @@ def run(recipe: str, run_dir: str | None, force: tuple[str, ...], wait: bool,
 
 
 def _with_downstream(stages: tuple[str, ...]) -> list[str]:
-    from copa.pipeline import STAGES
-
     if not stages:
         return []
     first = min(STAGES.index(s) for s in stages)
@@ -307,8 +304,7 @@ max_input_tokens_opt = click.option(
     help="Longest input field, in tokens (default: the recipe's finetune.sequence_len, within "
          "the model's context); a longer one is refused before the model sees it.")
 arm_opt = click.option("--arm", default="best", show_default=True,
-                       type=click.Choice(["best", "baseline", "prompt_only", "finetune_only",
-                                          "demo_finetune", "combined"]),
+                       type=click.Choice(["best", *ARMS]),
                        help="Which arm: best = the best on the val split (never on test).")
 use_dir_arg = click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from copa.registry import METRICS, builtin
 from copa.usercode import import_object
 
 Metric = Callable[..., float]
@@ -51,7 +52,7 @@ def gsm8k_number(text: Any) -> float | None:
         return None
 
 
-def token_f1(gold: Any, pred: Any) -> float:
+def token_f1(gold: Any, pred: Any, choices: Sequence[str] | None = None) -> float:
     gold_tokens, pred_tokens = normalize(gold).split(), normalize(pred).split()
     common = Counter(gold_tokens) & Counter(pred_tokens)
     overlap = sum(common.values())
@@ -97,11 +98,30 @@ def answer_found(passages: Sequence[str], golds: Sequence[Any]) -> bool:
     return any(squad_normalize(g) and f" {squad_normalize(g)} " in text for g in golds)
 
 
+def exact_match(gold: Any, pred: Any, choices: Sequence[str] | None = None) -> float:
+    return float(normalize(gold) == normalize(pred))
+
+
+def label_accuracy(gold: Any, pred: Any, choices: Sequence[str] | None = None) -> float:
+    """The answer mapped onto one of the task's choices (to_choice), against the label."""
+    return float(normalize(to_choice(pred, choices)) == normalize(gold))
+
+
+def gsm8k_answer(gold: Any, pred: Any, choices: Sequence[str] | None = None) -> float:
+    g, p = gsm8k_number(gold), gsm8k_number(pred)
+    return float(g is not None and p is not None and abs(g - p) < 1e-6)
+
+
 def make_metric(name: str, output_field: str, choices: Sequence[str] | None = None,
                 base_dir: Path | None = None, answers_field: str | None = None) -> Metric:
-    """The recipe's metric as a DSPy metric on the signature's answer field (a user metric is
-    looked up with the recipe's folder, base_dir, on sys.path). With `answers_field`, squad_em
-    and squad_f1 take the best match over the example's list of gold answers there."""
+    """The recipe's metric as a DSPy metric on the signature's answer field: a built-in one by
+    its entry in copa.registry.METRICS, else a user metric (looked up with the recipe's folder,
+    base_dir, on sys.path). With `answers_field`, a metric scored against every accepted answer
+    (squad_em, squad_f1) takes the best match over the example's list of gold answers there."""
+    entry = METRICS.get(name)
+    if entry is None:
+        return load_user_metric(name, base_dir)
+    score = builtin(entry.function)
 
     def value(obj: Any) -> Any:
         return obj.get(output_field) if isinstance(obj, dict) else getattr(obj, output_field, "")
@@ -113,33 +133,11 @@ def make_metric(name: str, output_field: str, choices: Sequence[str] | None = No
                      else getattr(example, answers_field, None))
         return list(found) if found else [value(example)]
 
-    if name in ("squad_em", "squad_f1"):
-        squad = squad_em if name == "squad_em" else squad_f1
-
-        def squad_metric(example: Any, prediction: Any, trace: Any = None) -> float:
-            result = squad(golds(example), value(prediction))
-            return result >= 1.0 if trace is not None else result
-
-        squad_metric.__name__ = name
-        return squad_metric
-
-    if name == "exact_match":
-        def score(gold: Any, pred: Any) -> float:
-            return float(normalize(gold) == normalize(pred))
-    elif name == "label_accuracy":
-        def score(gold: Any, pred: Any) -> float:
-            return float(normalize(to_choice(pred, choices)) == normalize(gold))
-    elif name == "gsm8k_answer":
-        def score(gold: Any, pred: Any) -> float:
-            g, p = gsm8k_number(gold), gsm8k_number(pred)
-            return float(g is not None and p is not None and abs(g - p) < 1e-6)
-    elif name == "token_f1":
-        score = token_f1
-    else:
-        return load_user_metric(name, base_dir)
-
     def metric(example: Any, prediction: Any, trace: Any = None) -> float:
-        result = score(value(example), value(prediction))
+        if entry.golds:
+            result = score(golds(example), value(prediction))
+        else:
+            result = score(value(example), value(prediction), choices)
         # While bootstrapping demos (trace set) DSPy wants pass/fail.
         return result >= 1.0 if trace is not None else result
 

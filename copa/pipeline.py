@@ -4,52 +4,214 @@ run). Each stage (copa.stages) reads the previous stages' files in the run direc
 and writes its own; a stage whose content key is unchanged and whose artifacts are on disk is
 skipped, and a stage is marked done only once its artifacts are complete. plain_finetune runs
 only when the recipe's fine-tune saw demos.
+
+RECORD is the stage record: each stage's name, its function, whether a recipe has it, and the
+inputs its content key covers. The CLI's stage commands and `--force` choices come from it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from copa.runs import Emit, Run, now, open_run, stage_key
-from copa.track import Tracker, tracking
+from copa import precision
+from copa.files import sha256_file, sha256_json
 
-STAGES = ("render", "train", "merge", "plain_finetune", "optimize", "evaluate")
+if TYPE_CHECKING:
+    from copa.runs import Emit, Run
+    from copa.track import Tracker
+
+# Light on import (the CLI builds its stage commands and --force choices from RECORD): the
+# recipe, data and run-directory modules load when a key is computed or a stage runs.
 
 
-def _stage_function(stage: str) -> Callable[[Run], dict[str, Any]]:
+def versions() -> dict[str, str]:
+    """The installed versions a key holds (copa.runs.versions)."""
+    from copa.runs import versions as installed
+
+    return installed()
+
+
+# ---- the inputs each stage's key covers -------------------------------------------------------
+# A key is the hash of these lists: the same inputs give the same key, and a stage whose key and
+# artifacts are unchanged is skipped. Keys of existing runs must not change (tests/test_stage_keys
+# pins them): a recipe key added later is marked ADDED_LATER in the schema (copa.recipe.values).
+
+def _template_text(run: Run) -> str:
+    return run.checked.spec.template.text
+
+
+def _render_inputs(run: Run) -> list[Any]:
+    from copa.data.retrieval import corpus_identity as retrieval_identity
+    from copa.data.sources import data_identity
+    from copa.recipe import recipe_key_dict, recipe_section_dict
+
+    r = run.recipe
+    sections = ["model", "task", "data", "prompt", "finetune"]
+    if r.optimize.order == "p->w":  # the training rows carry the prompt stage's demos
+        sections += ["optimize", "evaluate", "serve"]
+    # a RAG recipe: its settings and the corpus indexed, by content
+    rag = [recipe_section_dict(r, "retrieve"), retrieval_identity(r)] if r.retrieve else []
+    # The data's content, not just its name (a file edited in place re-renders the splits), and
+    # the splits themselves (COPAOptimizer.compile renders the examples it is given).
+    return [recipe_key_dict(r, *sections), _template_text(run), versions()["copa"],
+            data_identity(r), sha256_json(run.checked.splits.as_dict()), *rag]
+
+
+def _val_eval_inputs(run: Run) -> list[str]:
+    """What finetune.eval scores val with, when set (it decides the adapter with early
+    stopping): its settings, the metric and answer length, and the val rows and their prompts."""
+    from copa.recipe import recipe_section_dict
+
+    r = run.recipe
+    if r.finetune.eval is None:
+        return []
+    return [sha256_json([recipe_section_dict(r, "task")["task"],
+                         r.finetune.eval.model_dump(mode="json"),
+                         r.finetune.early_stopping and r.finetune.early_stopping.model_dump(
+                             mode="json"),
+                         r.evaluate.metric, r.evaluate.max_tokens, r.data.answers_column,
+                         sha256_file(run.rendered / "val.jsonl"),
+                         sha256_file(run.rendered / "splits" / "val.jsonl")])]
+
+
+def _training_inputs(rendered: Path, run: Run) -> list[Any]:
+    v = versions()
+    return [sha256_file(rendered / "axolotl.yml"), sha256_file(rendered / "train.jsonl"),
+            v["axolotl"], v["transformers"], v["torch"], v["peft"], *_val_eval_inputs(run)]
+
+
+def _train_inputs(run: Run) -> list[Any]:
+    return _training_inputs(run.rendered, run)
+
+
+def _plain_finetune_inputs(run: Run) -> list[Any]:
+    return _training_inputs(run.rendered_plain, run)
+
+
+def _merge_inputs(run: Run) -> list[Any]:
+    # with early stopping, which checkpoint training kept (the best on val)
+    best = run.manifest.recorded("train").get("artifacts", {}).get("best_step")
+    return [run.keys["train"], versions()["axolotl"],
+            *([f"checkpoint-{best}"] if run.recipe.finetune.early_stopping else [])]
+
+
+def _optimize_inputs(run: Run) -> list[Any]:
+    from copa.recipe import recipe_key_dict
+    from copa.recipe.schema import DEFAULT_STRATEGY
+
+    r, v = run.recipe, versions()
+    sections = ["model", "task", "optimize", "serve"]
+    if r.optimize.strategy != DEFAULT_STRATEGY:  # BetterTogether's "w" fine-tunes in here
+        sections += ["finetune"]
+    return [run.keys.get("merge"), recipe_key_dict(r, *sections),
+            r.evaluate.metric, r.evaluate.max_tokens, _template_text(run),
+            sha256_file(run.rendered / "splits" / "train.jsonl"),
+            sha256_file(run.rendered / "splits" / "val.jsonl"),
+            sha256_file(run.rendered / "demos.json"), v["dspy"], v["copa"],
+            # a RAG program retrieves from the index render built
+            *([run.keys.get("render")] if r.retrieve else []),
+            *precision.key_part(r.serve.precision)]
+
+
+def _evaluate_inputs(run: Run) -> list[Any]:
+    from copa.recipe import recipe_section_dict
+
+    return [run.keys["optimize"], recipe_section_dict(run.recipe, "evaluate"),
+            sha256_file(run.rendered / "splits" / "test.jsonl"),
+            # the fair fine-tune-only arm's model, where one was trained
+            *([run.keys["plain_finetune"]] if run.trains_plain else [])]
+
+
+# ---- the stage record -------------------------------------------------------------------------
+
+def _always(run: Run) -> bool:
+    return True
+
+
+def _finetunes(run: Run) -> bool:
+    return run.finetunes
+
+
+def _trains_plain(run: Run) -> bool:
+    return run.trains_plain  # the recipe's fine-tune is demo-free already: it is the fair arm
+
+
+def _prompts_first(run: Run) -> dict[str, Any]:
+    """optimize.order p->w: the prompt stage's "p" runs on the base model before the training
+    rows are rendered, and every row carries the demos it chose (render_stage's `demos`)."""
+    if run.recipe.optimize.order != "p->w" or not run.finetunes:
+        return {}
+    _function("copa.stages.render:render_inputs")(run)  # the splits (and index) it reads
+    run.emit("  p -> w: optimizing prompts on the base model first")
+    demos = _function("copa.stages.optimize:prompt_first")(run)
+    run.emit(f"  fine-tuning rows will carry the {len(demos)} demos it chose")
+    return {"demos": demos}
+
+
+def _no_arguments(run: Run) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    function: str  # 'module:function'(run, **arguments) -> artifacts, imported when it runs
+    key: Callable[[Run], list[Any]]  # the inputs its content key covers
+    applies: Callable[[Run], bool] = _always  # whether this run has the stage at all
+    arguments: Callable[[Run], dict[str, Any]] = _no_arguments  # run first, passed to function
+    work: Callable[[Run], Path] | None = None  # cleared of checkpoints when its inputs change
+    help: str | None = None  # the help of its own `copa <name>` command (None: no command)
+
+
+RECORD: tuple[Stage, ...] = (
+    Stage("render", "copa.stages.render:render_stage", _render_inputs,
+          arguments=_prompts_first),
+    Stage("train", "copa.stages.train:train_stage", _train_inputs, applies=_finetunes,
+          work=lambda run: run.train_dir,
+          help="Fine-tune with Axolotl (renders first if needed). LoRA on CPU, QLoRA on CUDA. "
+               "A killed run resumes from its last checkpoint."),
+    Stage("merge", "copa.stages.merge:merge_stage", _merge_inputs, applies=_finetunes,
+          help="Merge the trained adapter into a standalone model at runs/<name>/merged."),
+    Stage("plain_finetune", "copa.stages.plain:plain_finetune_stage", _plain_finetune_inputs,
+          applies=_trains_plain, work=lambda run: run.plain_dir / "train"),
+    Stage("optimize", "copa.stages.optimize:optimize_stage", _optimize_inputs,
+          help="Run the recipe's DSPy optimizer on the base and the merged model."),
+    Stage("evaluate", "copa.stages.evaluate:evaluate_stage", _evaluate_inputs,
+          help="Evaluate the four arms on the test split and write the report."),
+)
+STAGES = tuple(stage.name for stage in RECORD)  # in order
+_BY_NAME = {stage.name: stage for stage in RECORD}
+
+
+def stage_key(run: Run, stage: str) -> str:
+    """A stage's content key: the hash of the inputs its record says it covers."""
+    return sha256_json(_BY_NAME[stage].key(run))
+
+
+def _function(path: str) -> Callable[..., Any]:
     """A stage's function, imported when it runs: torch, dspy and Axolotl load only then."""
-    if stage == "render":
-        from copa.stages.render import render_stage as func
-    elif stage == "train":
-        from copa.stages.train import train_stage as func
-    elif stage == "merge":
-        from copa.stages.merge import merge_stage as func
-    elif stage == "plain_finetune":
-        from copa.stages.plain import plain_finetune_stage as func
-    elif stage == "optimize":
-        from copa.stages.optimize import optimize_stage as func
-    elif stage == "evaluate":
-        from copa.stages.evaluate import evaluate_stage as func
-    else:
-        raise ValueError(stage)
-    return func
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _invalidate(run: Run, stage: str, forced: bool = False) -> None:
+def _invalidate(run: Run, stage: Stage, forced: bool = False) -> None:
     """A stage about to re-run with new inputs (or by --force): clear what its old run left
     behind, so Axolotl does not resume from checkpoints of other inputs."""
-    if stage in ("train", "plain_finetune"):
-        entry = run.manifest.stage(stage)
-        work = run.train_dir if stage == "train" else run.plain_dir / "train"
-        if forced or (entry.get("key") and entry.get("key") != run.keys.get(stage)):
-            shutil.rmtree(work / "checkpoints", ignore_errors=True)
-            shutil.rmtree(work / "prepared", ignore_errors=True)
+    if stage.work is None:
+        return
+    entry = run.manifest.stage(stage.name)
+    if forced or (entry.get("key") and entry.get("key") != run.keys.get(stage.name)):
+        work = stage.work(run)
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        shutil.rmtree(work / "prepared", ignore_errors=True)
 
 
 def _paths(artifacts: Any) -> list[Path]:
@@ -70,38 +232,39 @@ def run_stages(run: Run, stages: Sequence[str] = STAGES, force: Sequence[str] = 
     """Run the named stages and every stage before them, in order; a stage whose key is
     unchanged and whose artifacts are on disk is skipped (keys chain, so a changed stage makes
     everything after it re-run). A tracker (copa.track) gets a nested run per stage that runs."""
+    from copa.runs import now
+
     stage_run = tracker.stage if tracker is not None else _untracked
     last = max((STAGES.index(s) for s in stages), default=-1)
-    for stage in STAGES[:last + 1]:
-        if not run.finetunes and stage in ("train", "merge"):
+    for stage in RECORD[:last + 1]:
+        name = stage.name
+        if not stage.applies(run):
             continue
-        if stage == "plain_finetune" and not run.trains_plain:
-            continue  # the recipe's fine-tune is demo-free already: it is the fair arm
-        key = stage_key(run, stage)
-        run.keys[stage] = key
-        if stage not in force and is_current(run, stage, key):
-            run.emit(f"[{stage}] unchanged, skipped")
+        key = stage_key(run, name)
+        run.keys[name] = key
+        if name not in force and is_current(run, name, key):
+            run.emit(f"[{name}] unchanged, skipped")
             continue
-        _invalidate(run, stage, forced=stage in force)
-        run.emit(f"[{stage}] running")
-        entry = run.manifest.stage(stage)
+        _invalidate(run, stage, forced=name in force)
+        run.emit(f"[{name}] running")
+        entry = run.manifest.stage(name)
         entry.update({"key": key, "status": "running", "started": now()})
         entry.pop("ended", None)
         run.manifest.save()
         start = time.time()
         try:
-            with stage_run(stage, key):
-                artifacts = _stage_function(stage)(run)
+            with stage_run(name, key):
+                artifacts = _function(stage.function)(run, **stage.arguments(run))
         except BaseException:
             entry["status"] = "failed"
             entry["ended"] = now()
             run.manifest.save()
             raise
-        run.timings[stage] = time.time() - start
-        entry.update({"status": "done", "ended": now(), "seconds": round(run.timings[stage], 2),
+        run.timings[name] = time.time() - start
+        entry.update({"status": "done", "ended": now(), "seconds": round(run.timings[name], 2),
                       "artifacts": artifacts})
         run.manifest.save()
-        run.emit(f"[{stage}] done in {run.timings[stage]:.1f}s")
+        run.emit(f"[{name}] done in {run.timings[name]:.1f}s")
     return run
 
 
@@ -111,6 +274,9 @@ def run(recipe_path: str | os.PathLike[str], *, stages: Sequence[str] = STAGES,
         wait: bool = False) -> Run:
     """What `copa run` does: every stage in order (or the named ones and what they need), with
     the run directory locked throughout (busy: RunDirBusy, or with `wait`, wait for it)."""
+    from copa.runs import open_run
+    from copa.track import tracking
+
     with open_run(recipe_path, run_dir=run_dir, force=bool(force), emit=emit,
                   overrides=overrides, wait=wait) as opened, tracking(opened) as tracker:
         return run_stages(opened, stages, force, tracker)

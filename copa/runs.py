@@ -1,4 +1,5 @@
-"""The run directory, its manifest and each stage's content key.
+"""The run directory, its manifest, and one command at a time in it (each stage's content key:
+copa.pipeline).
 
 runs/<name>/
   manifest.json            per stage: key, status, times, artifacts
@@ -36,15 +37,12 @@ from typing import Any
 
 import filelock
 
-from copa import precision
 from copa.checks import Checked, check_recipe
-from copa.data.retrieval import corpus_identity as retrieval_identity
-from copa.data.sources import data_identity
-from copa.files import atomic_write_json, sha256_file, sha256_json
-from copa.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_section_dict
-from copa.recipe.schema import DEFAULT_STRATEGY
+from copa.files import atomic_write_json
+from copa.recipe import Problem, Recipe, RecipeError, load_recipe
 
 Emit = Callable[[str], None]
+PLAIN_DIR = "plain"  # rendered/plain/, plain/: the demo-free fine-tune beside a demo-trained one
 
 
 def versions() -> dict[str, str]:
@@ -128,7 +126,12 @@ class Run:
     @property
     def plain_dir(self) -> Path:
         """The demo-free fine-tune trained beside a demo-trained one (train/, merged/)."""
-        return self.dir / "plain"
+        return self.dir / PLAIN_DIR
+
+    @property
+    def rendered_plain(self) -> Path:
+        """The demo-free fine-tune's rows and config, when render wrote them."""
+        return self.rendered / PLAIN_DIR
 
     @property
     def plain_merged(self) -> Path:
@@ -138,7 +141,7 @@ class Run:
     def trains_plain(self) -> bool:
         """Whether the render stage asked for a demo-free fine-tune beside the recipe's
         demo-trained one (its rows and config are in rendered/plain/)."""
-        return self.finetunes and (self.rendered / "plain" / "axolotl.yml").is_file()
+        return self.finetunes and (self.rendered_plain / "axolotl.yml").is_file()
 
     @property
     def optimize_dir(self) -> Path:
@@ -257,89 +260,3 @@ def open_run(recipe_path: str | os.PathLike[str], run_dir: str | os.PathLike[str
     return Run(recipe=recipe, checked=checked, dir=directory, manifest=manifest, emit=emit,
                lock=lock)
 
-
-# ---- content keys: what each stage reads ------------------------------------------------------
-
-def _template_text(run: Run) -> str:
-    return run.checked.spec.template.text
-
-
-# Recipe keys added after run directories existed, with their defaults: left out of the
-# stage keys while at the default, so a run made before a key existed keeps its stages.
-LATER_KEYS = {"optimize": {"strategy": DEFAULT_STRATEGY, "guard_margin": 0.0},
-              "finetune": {"eval": None, "early_stopping": None},
-              "data": {"loader": None, "loader_options": {}, "group_by": None,
-                       "answers_column": None}}
-
-
-def key_sections(recipe: Recipe, *sections: str) -> dict[str, Any]:
-    """recipe_section_dict for a content key (see LATER_KEYS)."""
-    content = recipe_section_dict(recipe, *sections)
-    for section, defaults in LATER_KEYS.items():
-        values = content.get(section)
-        if isinstance(values, dict):
-            for key, default in defaults.items():
-                if key in values and values[key] == default:
-                    del values[key]
-    return content
-
-
-def _val_eval_key(run: Run) -> list[str]:
-    """What finetune.eval scores val with, when set (it decides the adapter with early
-    stopping): its settings, the metric and answer length, and the val rows and their prompts."""
-    r = run.recipe
-    if r.finetune.eval is None:
-        return []
-    return [sha256_json([recipe_section_dict(r, "task")["task"],
-                         r.finetune.eval.model_dump(mode="json"),
-                         r.finetune.early_stopping and r.finetune.early_stopping.model_dump(
-                             mode="json"),
-                         r.evaluate.metric, r.evaluate.max_tokens, r.data.answers_column,
-                         sha256_file(run.rendered / "val.jsonl"),
-                         sha256_file(run.rendered / "splits" / "val.jsonl")])]
-
-
-def stage_key(run: Run, stage: str) -> str:
-    r = run.recipe
-    v = versions()
-    if stage == "render":
-        sections = ["model", "task", "data", "prompt", "finetune"]
-        if r.optimize.order == "p->w":  # the training rows carry the prompt stage's demos
-            sections += ["optimize", "evaluate", "serve"]
-        # a RAG recipe: its settings and the corpus indexed, by content
-        rag = [recipe_section_dict(r, "retrieve"), retrieval_identity(r)] if r.retrieve else []
-        # The data's content, not just its name (a file edited in place re-renders the
-        # splits), and the splits themselves (COPAOptimizer.compile renders the examples it
-        # is given).
-        return sha256_json([key_sections(r, *sections), _template_text(run), v["copa"],
-                            data_identity(r), sha256_json(run.checked.splits.as_dict()),
-                            *rag])
-    if stage in ("train", "plain_finetune"):
-        rendered = run.rendered / ("plain" if stage == "plain_finetune" else "")
-        return sha256_json([sha256_file(rendered / "axolotl.yml"),
-                            sha256_file(rendered / "train.jsonl"),
-                            v["axolotl"], v["transformers"], v["torch"], v["peft"],
-                            *_val_eval_key(run)])
-    if stage == "merge":
-        # with early stopping, which checkpoint training kept (the best on val)
-        best = run.manifest.recorded("train").get("artifacts", {}).get("best_step")
-        return sha256_json([run.keys["train"], v["axolotl"],
-                            *([f"checkpoint-{best}"] if r.finetune.early_stopping else [])])
-    if stage == "optimize":
-        sections = ["model", "task", "optimize", "serve"]
-        if r.optimize.strategy != DEFAULT_STRATEGY:  # BetterTogether's "w" fine-tunes in here
-            sections += ["finetune"]
-        return sha256_json([run.keys.get("merge"), key_sections(r, *sections),
-                            r.evaluate.metric, r.evaluate.max_tokens, _template_text(run),
-                            sha256_file(run.rendered / "splits" / "train.jsonl"),
-                            sha256_file(run.rendered / "splits" / "val.jsonl"),
-                            sha256_file(run.rendered / "demos.json"), v["dspy"], v["copa"],
-                            # a RAG program retrieves from the index render built
-                            *([run.keys.get("render")] if r.retrieve else []),
-                            *precision.key_part(r.serve.precision)])
-    if stage == "evaluate":
-        return sha256_json([run.keys["optimize"], recipe_section_dict(r, "evaluate"),
-                            sha256_file(run.rendered / "splits" / "test.jsonl"),
-                            # the fair fine-tune-only arm's model, where one was trained
-                            *([run.keys["plain_finetune"]] if run.trains_plain else [])])
-    raise ValueError(stage)

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from copa.registry import SINGLE_ARMS
+
 
 def _interval(draws: np.ndarray, level: float) -> list[float]:
     """Percentile interval of bootstrap draws."""
@@ -43,9 +45,9 @@ def bootstrap_ci(scores: Sequence[float], resamples: int = 1000, seed: int = 0,
 
 # The effects of the 2x2 design (the four arms), each a function of the arms' means; a run's
 # report gives REPORT_EFFECTS, a study all of them.
-# The arms that pull one lever (weights or prompt); demo_finetune (a fine-tune trained with
-# demos, prompted plainly) is one where a run has it. Synergy is against the best of them.
-SINGLE_ARMS = ("prompt_only", "finetune_only", "demo_finetune")
+# Synergy is against the best of the arms that pull one lever (weights or prompt):
+# copa.registry.SINGLE_ARMS (demo_finetune, a fine-tune trained with demos and prompted
+# plainly, is one where a run has it).
 EFFECTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "synergy": ("combined - max(every single-lever arm: prompt_only, finetune_only and, where "
                 "reported, demo_finetune)", ("combined", "finetune_only", "prompt_only")),

@@ -22,7 +22,7 @@ LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.s
          "copa.data.retrieval", "copa.data.demos", "copa.prompting", "copa.metrics",
          "copa.backends", "copa.backends.valcurve",
          "copa.use.bundle", "copa.use.predict", "copa.use.ollama", "copa.use.gotemplate",
-         "copa.study.spec", "copa.cli_study")
+         "copa.study.spec", "copa.cli_study", "copa.registry", "copa.pipeline")
 
 
 def module_name(path: Path) -> str:

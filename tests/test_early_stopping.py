@@ -150,7 +150,7 @@ def test_the_best_checkpoint_not_the_last_is_merged_and_the_manifest_says_so(
     import torch
     from safetensors.torch import load_file
 
-    from copa.runs import stage_key
+    from copa.pipeline import stage_key
 
     run, _, _ = stopped_run
     train = run.manifest.stage("train")["artifacts"]
@@ -219,13 +219,13 @@ def test_the_report_shows_the_val_curve_and_the_merged_checkpoint(tmp_path: Path
 def test_a_recipe_without_the_new_keys_keeps_its_stage_keys(tmp_path: Path) -> None:
     """finetune.eval / early_stopping left out: the content keys hash what they hashed before
     the keys existed (runs made then keep their stages); set, they are part of them."""
-    from copa.runs import key_sections
+    from copa.recipe import recipe_key_dict
 
     path = write_tiny_recipe(tmp_path, tmp_path / "model")
-    plain = key_sections(load_recipe(path), "finetune")["finetune"]
+    plain = recipe_key_dict(load_recipe(path), "finetune")["finetune"]
     assert "eval" not in plain and "early_stopping" not in plain
     path.write_text(path.read_text().replace("finetune:\n", "finetune:\n" + EVAL))
-    assert key_sections(load_recipe(path), "finetune")["finetune"]["eval"] == {
+    assert recipe_key_dict(load_recipe(path), "finetune")["finetune"]["eval"] == {
         "every": 2, "metric": None}
 
 

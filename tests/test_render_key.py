@@ -12,7 +12,8 @@ import yaml
 
 from copa import pipeline
 from copa.data import read_jsonl
-from copa.runs import open_run, stage_key
+from copa.pipeline import stage_key
+from copa.runs import open_run
 
 ROWS = [{"text": f"row {i}", "label": "pos" if i % 2 else "neg"} for i in range(40)]
 
@@ -91,15 +92,14 @@ def test_keys_added_later_change_no_stage_key_at_their_defaults(tmp_path: Path,
                                                                 tiny_model_dir: Path) -> None:
     """A run directory made before `optimize.strategy` or `data.group_by` existed keeps its
     stages after an upgrade: at their defaults they are not in the content keys; set, they are."""
-    from copa.recipe import load_recipe
-    from copa.runs import key_sections
+    from copa.recipe import load_recipe, recipe_key_dict
 
     path = _recipe(tmp_path, tiny_model_dir)
-    plain = key_sections(load_recipe(path), "data", "optimize")
+    plain = recipe_key_dict(load_recipe(path), "data", "optimize")
     assert "group_by" not in plain["data"] and "strategy" not in plain["optimize"]
     assert "guard_margin" not in plain["optimize"]
     assert "stratify" in plain["data"]  # keys that always existed stay
-    grouped = key_sections(load_recipe(path, overrides={"data.group_by": "label",
+    grouped = recipe_key_dict(load_recipe(path, overrides={"data.group_by": "label",
                                                         "optimize.strategy": "p -> w",
                                                         "optimize.guard_margin": 0.05}),
                            "data", "optimize")

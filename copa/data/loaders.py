@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from copa.files import missing_file_reason
+from copa.registry import LOADERS, builtin
 from copa.usercode import import_object
 
 _CALCULATION = re.compile(r"<<[^<>]*>>")
@@ -181,15 +182,15 @@ def gsm8k_rows(rows: list[dict[str, Any]], calculations: str = "strip") -> list[
 def load_rows(path: Path, *, fmt: str = "auto", max_mb: int = 512, loader: str | None = None,
               options: Mapping[str, Any] | None = None,
               base_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Rows of a data file, through the recipe's loader (None: a flat table). Raises
-    FileNotFoundError or ValueError with the cause."""
+    """Rows of a data file, through the recipe's loader (None: a flat table; a built-in one by
+    its entry in copa.registry.LOADERS). Raises FileNotFoundError or ValueError with the cause."""
     options = dict(options or {})
     if loader is None:
         return read_table(path, fmt, max_mb)
-    if loader == "squad":
-        return squad_rows(read_table(path, "json" if fmt == "auto" else fmt, max_mb), **options)
-    if loader == "gsm8k":
-        return gsm8k_rows(read_table(path, fmt, max_mb), **options)
+    entry = LOADERS.get(loader)
+    if entry is not None:
+        reads = entry.reads if fmt == "auto" and entry.reads else fmt
+        return builtin(entry.function)(read_table(path, reads, max_mb), **options)
     try:
         function = import_object(loader, base_dir)
     except ImportError as exc:

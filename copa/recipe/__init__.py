@@ -11,6 +11,7 @@ from copa.recipe.load import (
     interpolate,
     load_recipe,
     recipe_from_dict,
+    recipe_key_dict,
     recipe_read_back,
     recipe_section_dict,
     recipe_to_write,
@@ -38,5 +39,5 @@ __all__ = [
     "EvaluateSection", "FinetuneSection", "ModelSection", "OptimizeSection", "Problem",
     "PromptSection", "Recipe", "RecipeError", "ServeSection", "TaskSection", "interpolate",
     "load_recipe", "parse_signature", "recipe_from_dict", "recipe_read_back",
-    "recipe_section_dict", "recipe_to_write", "SERVER_KEY_ENV",
+    "recipe_key_dict", "recipe_section_dict", "recipe_to_write", "SERVER_KEY_ENV",
 ]

@@ -9,12 +9,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from copa.recipe.values import ADDED_LATER
+from copa.registry import LOADERS
+
 USER_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-# Built-in loaders for nested / derived formats, and the options each takes (name -> allowed).
-BUILTIN_LOADERS: dict[str, dict[str, tuple[Any, ...] | type]] = {
-    "squad": {"impossible": ("drop", "keep"), "impossible_answer": str},
-    "gsm8k": {"calculations": ("strip", "keep")},
-}
 
 
 class Section(BaseModel):
@@ -55,14 +53,16 @@ class DataSection(Section):
     )
     format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
     loader: str | None = Field(
-        None, description="How rows come out of a nested file: 'squad' (articles -> paragraphs "
-        "-> questions, each row with its paragraph as 'context'), 'gsm8k' (question, reasoning = "
-        "the worked solution, answer = the number after '####'), or a user function "
-        "'package.module:function' called as function(path, **loader_options) -> list of dicts.")
+        None, json_schema_extra=ADDED_LATER,
+        description="How rows come out of a nested file: " + ", ".join(
+            f"'{name}' ({entry.help})" for name, entry in LOADERS.items()) + ", or a user "
+        "function 'package.module:function' called as function(path, **loader_options) -> "
+        "list of dicts.")
     loader_options: dict[str, Any] = Field(
-        default_factory=dict, description="squad: impossible (drop | keep), impossible_answer "
-        "(the answer a kept unanswerable question gets); gsm8k: calculations (strip | keep the "
-        "<<a*b=c>> annotations); a user loader gets them as keyword arguments.")
+        default_factory=dict, json_schema_extra=ADDED_LATER,
+        description="".join(
+            f"{name}: {entry.options_help}; " for name, entry in LOADERS.items())
+        + "a user loader gets them as keyword arguments.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="signature field -> column name in the data."
     )
@@ -72,10 +72,12 @@ class DataSection(Section):
         None, description="Optional separate file for the test split (e.g. a dataset's test.csv)."
     )
     group_by: str | None = Field(
-        None, description="A column whose rows stay together in one split (e.g. 'title' for a "
+        None, json_schema_extra=ADDED_LATER,
+        description="A column whose rows stay together in one split (e.g. 'title' for a "
         "SQuAD article, 'context' for a paragraph), so no group is in both train and test.")
     answers_column: str | None = Field(
-        None, description="A column listing every accepted answer (SQuAD's 'answers'): squad_em "
+        None, json_schema_extra=ADDED_LATER,
+        description="A column listing every accepted answer (SQuAD's 'answers'): squad_em "
         "/ squad_f1 score the best match over them and RAG recall@k looks for any of them.")
     stratify: bool = True
     dedupe: bool = True
@@ -87,18 +89,19 @@ class DataSection(Section):
     @field_validator("loader")
     @classmethod
     def _loader(cls, value: str | None) -> str | None:
-        if value is not None and value not in BUILTIN_LOADERS and not USER_CODE.match(value):
-            raise ValueError(f"unknown loader {value!r}: use {' or '.join(BUILTIN_LOADERS)}, "
+        if value is not None and value not in LOADERS and not USER_CODE.match(value):
+            raise ValueError(f"unknown loader {value!r}: use {' or '.join(LOADERS)}, "
                              "or a user function 'package.module:function'")
         return value
 
     @model_validator(mode="after")
     def _loader_options(self) -> DataSection:
-        allowed = BUILTIN_LOADERS.get(self.loader or "")
+        entry = LOADERS.get(self.loader or "")
         if self.loader_options and self.loader is None:
             raise ValueError("loader_options need a loader: set data.loader")
-        if allowed is None:
+        if entry is None:
             return self  # a user loader takes what it takes
+        allowed = entry.options
         for key, value in self.loader_options.items():
             if key not in allowed:
                 raise ValueError(f"loader_options.{key}: the {self.loader} loader takes "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from copa.files import missing_file_reason
 from copa.recipe.schema import (
@@ -23,6 +24,7 @@ from copa.recipe.schema import (
     Recipe,
     RecipeError,
 )
+from copa.recipe.values import ADDED_LATER
 from copa.recipe.yamlread import MAX_YAML_BYTES, YAMLProblem, read_yaml
 
 MAX_RECIPE_BYTES = MAX_YAML_BYTES
@@ -201,6 +203,37 @@ def recipe_section_dict(recipe: Recipe, *sections: str) -> dict[str, Any]:
     """The named sections as plain data (for content keys and manifests)."""
     data = recipe.model_dump(mode="json")
     return {name: data.get(name) for name in sections}
+
+
+def added_later(field: FieldInfo) -> bool:
+    """Whether a schema field is marked ADDED_LATER (copa.recipe.values)."""
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get(next(iter(ADDED_LATER))))
+
+
+def recipe_key_dict(recipe: Recipe, *sections: str) -> dict[str, Any]:
+    """recipe_section_dict for a stage's content key: a key marked ADDED_LATER in the schema is
+    left out while at its default, so runs made before it existed keep their keys."""
+    content = recipe_section_dict(recipe, *sections)
+    for name in sections:
+        _drop_later_defaults(getattr(recipe, name, None), content.get(name))
+    return content
+
+
+def _drop_later_defaults(model: Any, data: Any) -> None:
+    if not isinstance(model, BaseModel) or not isinstance(data, dict):
+        return
+    for name, field in type(model).model_fields.items():
+        if name not in data:
+            continue
+        if added_later(field):
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump(mode="json")
+            if data[name] == default:
+                del data[name]
+                continue
+        _drop_later_defaults(getattr(model, name), data[name])
 
 
 # A key to a server of the user's own is never written to disk (recipe.json, an export's

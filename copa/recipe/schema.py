@@ -15,7 +15,6 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from copa.models import EMBEDDED
 from copa.recipe.data_schema import (  # noqa: F401 - the data sections are part of the schema
-    BUILTIN_LOADERS,
     USER_CODE,
     DataSection,
     RetrieveSection,
@@ -30,6 +29,7 @@ from copa.recipe.serve_schema import (  # noqa: F401 - the serve sections are pa
 )
 from copa.recipe.track_schema import TrackSection, track_value
 from copa.recipe.values import (  # noqa: F401 - the ranges and names are part of the schema
+    ADDED_LATER,
     DSPY_MEMBERS,
     FIELD_NAME,
     MAX_COUNT,
@@ -41,12 +41,13 @@ from copa.recipe.values import (  # noqa: F401 - the ranges and names are part o
     field_name_problem,
     number_format_checked,
 )
+from copa.registry import METRICS, RECIPE_ARMS
 
 MODEL_ALIASES = tuple(EMBEDDED)  # the models that ship inside PyPI packages
-ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
-BUILTIN_METRICS = ("exact_match", "label_accuracy", "gsm8k_answer", "token_f1", "squad_em",
-                   "squad_f1")
+ARMS = RECIPE_ARMS  # the arms a recipe may name (copa.registry.ARMS)
+BUILTIN_METRICS = tuple(METRICS)
 DEFAULT_STRATEGY = "w -> p"  # copa's own pipeline: fine-tune, then prompts on the merged model
+
 
 class Problem(BaseModel):
     """One thing wrong with a recipe, located by file and dotted key path."""
@@ -254,9 +255,11 @@ class FinetuneSection(_Section):
     num_demos: int = 3
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     eval: FinetuneEvalSection | None = Field(
-        None, description="Score val with the task metric during training: {every: N}.")
+        None, json_schema_extra=ADDED_LATER,
+        description="Score val with the task metric during training: {every: N}.")
     early_stopping: EarlyStoppingSection | None = Field(
-        None, description="Stop on a val plateau and merge the best checkpoint (needs eval).")
+        None, json_schema_extra=ADDED_LATER,
+        description="Stop on a val plateau and merge the best checkpoint (needs eval).")
     axolotl: dict[str, Any] = Field(
         default_factory=dict, description="Passed through into the Axolotl config."
     )
@@ -372,7 +375,8 @@ class OptimizeSection(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
     order: Literal["w->p", "p->w"] = "w->p"
     strategy: str = Field(
-        DEFAULT_STRATEGY, description="'w -> p': copa's own pipeline; any other BetterTogether "
+        DEFAULT_STRATEGY, json_schema_extra=ADDED_LATER,
+        description="'w -> p': copa's own pipeline; any other BetterTogether "
         "strategy ('p -> w', 'p -> w -> p') runs BetterTogether with the recipe's optimizer as "
         "'p' and BootstrapFinetune through Axolotl as 'w'.")
     guard: bool = Field(
@@ -380,7 +384,7 @@ class OptimizeSection(_Section):
         description="Keep the plain program if prompt optimization does not beat it on val.",
     )
     guard_margin: float = Field(
-        0.0, ge=0.0, lt=1.0,
+        0.0, ge=0.0, lt=1.0, json_schema_extra=ADDED_LATER,
         description="How much more than the plain program a prompt-optimized one must score on "
                     "val to be kept, in the metric's units (0.05 = 5 points; 0: any gain).",
     )
@@ -439,7 +443,7 @@ class OptimizeSection(_Section):
 
 class EvaluateSection(_Section):
     metric: str = "exact_match"
-    arms: list[Literal["baseline", "prompt_only", "finetune_only", "combined"]] = Field(
+    arms: list[Literal[RECIPE_ARMS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(ARMS)
     )
     bootstrap: int = 1000
@@ -525,9 +529,9 @@ class Recipe(_Section):
 
 def check_metric_name(value: str) -> str:
     """A built-in metric's name or a user function 'package.module:function'; raises ValueError."""
-    if value not in BUILTIN_METRICS and not USER_CODE.match(value):
+    if value not in METRICS and not USER_CODE.match(value):
         raise ValueError(
-            f"unknown metric {value!r}: use one of {', '.join(BUILTIN_METRICS)} "
+            f"unknown metric {value!r}: use one of {', '.join(METRICS)} "
             "or a user function 'package.module:function'"
         )
     return value

@@ -24,6 +24,12 @@ MAX_COUNT = 2**31 - 1  # steps, sizes: a 32-bit count
 MAX_THREADS = 256
 MAX_TOKENS = 131_072  # a token budget past any model's context
 
+# Field metadata (json_schema_extra) of a recipe key added after run directories existed: while
+# the key is at its default it is left out of the stage keys (copa.recipe.load.recipe_key_dict),
+# so a run made before the key existed keeps its finished stages after an upgrade. A new key in a
+# section a stage key covers needs it, or every earlier run re-runs that stage.
+ADDED_LATER = {"added_later": True}
+
 
 def field_name_problem(name: str) -> str | None:
     """Why `name` cannot be a signature field, with what to write instead; None if it can."""

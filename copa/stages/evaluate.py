@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from copa import precision
-from copa.stages.val import DEMO_ARM
+from copa.registry import ARMS, DEMO_ARM
 
-ARM_MODELS = {"baseline": "base", "prompt_only": "base", "finetune_only": "merged",
-              "combined": "merged", DEMO_ARM: "merged"}
+ARM_MODELS = {name: arm.model for name, arm in ARMS.items()}  # "base" or "merged"
 
 
 def run_arms(run: Any) -> list[str]:
@@ -67,7 +66,7 @@ def arm_used(run: Any, arm: str, optimize_info: dict[str, Any]) -> dict[str, Any
     else:
         model = f"demo-trained fine-tune (merged; rows with {demo_training(run.recipe)})"
     info = optimize_info.get(arm) or {}
-    if arm not in ("prompt_only", "combined"):
+    if not ARMS[arm].optimized:
         prompt = "plain"
     elif info.get("retrieved"):
         r = info["retrieved"]
@@ -122,7 +121,7 @@ def _cached_scores(folder: Path, arm: str, key: str) -> list[float] | None:
 
 
 def _program_for(run: Any, arm: str, kit: Any) -> Any:
-    if arm not in ("prompt_only", "combined"):
+    if not ARMS[arm].optimized:
         return kit.program.deepcopy()
     from copa.dspy.retrieved import load_program
 

@@ -1,9 +1,9 @@
 """The optimize stage: prompt-optimize the task program on the base model (prompt_only) and on
 the merged model (combined), and save each program with DSPy's own save.
 
-With `optimize.order: p->w` the render stage calls `prompt_first` before fine-tuning. With an
-`optimize.strategy` other than "w -> p", the combined arm is BetterTogether's
-(copa.stages.strategy).
+With `optimize.order: p->w` the pipeline calls `prompt_first` before the render stage writes
+the training rows (they carry the demos it chose). With an `optimize.strategy` other than
+"w -> p", the combined arm is BetterTogether's (copa.stages.strategy).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _kit_for(run: Any) -> TaskKit:
 
 def prompt_first(run: Any) -> list[dict[str, str]]:
     """The "p" of "p -> w": optimize prompts on the base model before fine-tuning; the demo set
-    the optimizer chose goes into every training row (called by the render stage)."""
+    the optimizer chose goes into every training row (copa.pipeline calls it before render)."""
     kit = _kit_for(run)
     result = _optimize_arm(run, kit, "prompt_only", base_model_path(run.recipe), "base", {})
     atomic_write_json(run.optimize_dir / "prompt_first.json", result.summary())

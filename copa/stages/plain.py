@@ -14,10 +14,9 @@ if TYPE_CHECKING:
 def plain_finetune_stage(run: Run) -> dict[str, Any]:
     from copa.backends import get_backend
     from copa.data import read_jsonl
-    from copa.stages.render import PLAIN_DIR
 
-    config = run.rendered / PLAIN_DIR / "axolotl.yml"
-    rows = len(read_jsonl(run.rendered / PLAIN_DIR / "train.jsonl"))
+    config = run.rendered_plain / "axolotl.yml"
+    rows = len(read_jsonl(run.rendered_plain / "train.jsonl"))
     work = run.plain_dir / "train"
     backend = get_backend()
     run.emit("  the demo-free fine-tune (the fine-tune-only arm's model)")

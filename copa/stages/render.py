@@ -20,14 +20,13 @@ from copa.data.retrieval import INDEX_DIR
 from copa.files import atomic_write_text
 from copa.prompting import PromptSpec, preview, training_row
 from copa.recipe import Recipe
+from copa.runs import PLAIN_DIR, Run
 
 if TYPE_CHECKING:
     from copa.data.retrieval import Retriever
-    from copa.runs import Run
 
 SPLITS = ("train", "val", "test")
 TRAIN_DEMOS = "train_demos.json"  # a demo distribution's draw: row -> indices of its demos
-PLAIN_DIR = "plain"  # rendered/plain/: the demo-free fine-tune's rows and config
 
 
 @dataclass(frozen=True)
@@ -66,25 +65,23 @@ def training_rows(spec: PromptSpec, rows: Sequence[Row], demos: Sequence[Row] = 
     return [training_row(spec, row, demos) for row in rows if row not in demos]
 
 
-def render_stage(run: Run) -> dict[str, Any]:
-    """Pipeline stage: the run's rendered/ folder. With `optimize.order: p->w` the prompt stage
-    runs first on the base model and every training row carries the demos it chose."""
-    demos = None
-    if run.recipe.optimize.order == "p->w" and run.finetunes:
-        from copa.stages.optimize import prompt_first
-
-        write_splits(run.checked, run.rendered)  # the prompt stage reads only rendered splits
-        build_index(run.recipe, run.rendered, run.emit)  # and a RAG program, the index
-
-        run.emit("  p -> w: optimizing prompts on the base model first")
-        demos = prompt_first(run)
-        run.emit(f"  fine-tuning rows will carry the {len(demos)} demos it chose")
+def render_stage(run: Run, demos: Sequence[Row] | None = None) -> dict[str, Any]:
+    """Pipeline stage: the run's rendered/ folder. `demos`: the demos every training row
+    carries (with `optimize.order: p->w` the pipeline runs the prompt stage's "p" first, on
+    what render_inputs wrote, and hands over the demos it chose)."""
     result = render(run.checked, run.rendered, work_dir=run.train_dir, demos=demos,
                     emit=run.emit, plain_work_dir=run.plain_dir / "train")
     artifacts = {"config": str(result.config_path), "train_rows": result.train_rows}
     if result.index_dir is not None:
         artifacts["retriever"] = str(result.index_dir)
     return artifacts
+
+
+def render_inputs(run: Run) -> None:
+    """What the prompt stage reads, written ahead of the rest: the splits, and a RAG recipe's
+    retrieval index."""
+    write_splits(run.checked, run.rendered)
+    build_index(run.recipe, run.rendered, run.emit)
 
 
 def build_index(recipe: Recipe, out_dir: Path, emit: Callable[[str], None] = lambda _: None

@@ -9,21 +9,15 @@ from copa.backends.valcurve import curve_text
 from copa.dspy.candidates import candidate_table
 from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from copa.pngfigure import png_bytes, pyplot
+from copa.registry import ARMS, SINGLE_ARMS
 from copa.stages import report_html
 from copa.text import one_line
 
-ARM_LABELS = {"baseline": "baseline (base model, plain prompt)",
-              "prompt_only": "prompt-only (base model + DSPy)",
-              "finetune_only": "fine-tune-only (merged model, plain prompt)",
-              "demo_finetune": "demo-aware fine-tune only (demo-trained model, plain prompt)",
-              "combined": "combined (merged model + DSPy)"}
+ARM_LABELS = {name: arm.label for name, arm in ARMS.items()}
 # The report's table names each arm's model and prompt in columns of their own.
-SHORT_LABELS = {"baseline": "baseline", "prompt_only": "prompt-only",
-                "finetune_only": "fine-tune-only", "demo_finetune": "demo-aware fine-tune only",
-                "combined": "combined"}
+SHORT_LABELS = {name: arm.short for name, arm in ARMS.items()}
 # For a report written before arms recorded their model and prompt.
-_USED = {"baseline": ("base", "plain"), "prompt_only": ("base", "DSPy"),
-         "finetune_only": ("merged", "plain"), "combined": ("merged", "DSPy")}
+_USED = {name: (arm.model, arm.prompt) for name, arm in ARMS.items()}
 
 
 def _pct(value: float) -> str:
@@ -79,7 +73,7 @@ def markdown(report: dict[str, Any]) -> str:
     syn = report.get("synergy")
     if syn is not None and syn.get("value") is not None:
         lo, hi = syn["ci95"]
-        singles = [SHORT_LABELS[a] for a in ("prompt_only", "finetune_only", "demo_finetune")
+        singles = [SHORT_LABELS[a] for a in SINGLE_ARMS
                    if a in report["arms"]]
         verdict = ("combined beats the best single-lever arm" if lo > 0 else
                    "combined is worse than the best single-lever arm" if hi < 0 else
@@ -184,10 +178,8 @@ def plot(report: dict[str, Any]) -> bytes:
     lower = [s - 100 * report["arms"][a]["ci95"][0] for a, s in zip(arms, scores)]
     upper = [100 * report["arms"][a]["ci95"][1] - s for a, s in zip(arms, scores)]
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
-    colors = {"baseline": "#9e9e9e", "prompt_only": "#64b5f6", "finetune_only": "#ffb74d",
-              "combined": "#66bb6a"}
     ax.bar([a.replace("_", "-") for a in arms], scores, yerr=[lower, upper], capsize=6,
-           color=[colors.get(a, "#90a4ae") for a in arms])
+           color=[report_html.ARM_COLORS.get(a, "#90a4ae") for a in arms])
     for i, s in enumerate(scores):
         ax.text(i, s + 1, f"{s:.1f}", ha="center", va="bottom", fontsize=9)
     ax.set_ylim(0, 105)

@@ -26,10 +26,10 @@ from copa.htmlpage import (
     section,
     table,
 )
+from copa.registry import ARMS
 from copa.text import one_line
 
-ARM_COLORS = {"baseline": "#9e9e9e", "prompt_only": "#64b5f6", "finetune_only": "#ffb74d",
-              "combined": "#66bb6a"}
+ARM_COLORS = {name: arm.color for name, arm in ARMS.items()}
 
 
 def sent_prompts(programs: dict[str, Any], adapter: Any, example: dict[str, Any]

@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from copa.data.demos import RETRIEVED_MARK
+from copa.registry import ARMS, DEMO_ARM
 
-DEMO_ARM = "demo_finetune"  # the demo-trained fine-tune, prompted plainly (copa.stages.evaluate)
-ARM_ORDER = ("baseline", "prompt_only", "finetune_only", DEMO_ARM, "combined")
+ARM_ORDER = tuple(ARMS)  # best_arm's tie order: the later arm has had more task-specific work
 # Which optimize.json entry knows an arm's val score: (entry, candidate; None = its winner).
 _FROM_OPTIMIZE = {"baseline": ("prompt_only", "plain"), "prompt_only": ("prompt_only", None),
                   "finetune_only": ("combined", "plain"), "combined": ("combined", None)}

@@ -8,9 +8,10 @@ from html import escape
 from typing import Any
 
 from copa.htmlpage import Bar, interval_chart, page, section, table
+from copa.registry import ARMS
 
-COLORS = {"baseline": "#9e9e9e", "prompt_only": "#64b5f6", "finetune_only": "#ffb74d",
-          "combined": "#66bb6a", "synergy": "#8e24aa", "interaction": "#e53935"}
+COLORS = {**{name: arm.color for name, arm in ARMS.items()}, "synergy": "#8e24aa",
+          "interaction": "#e53935"}
 EFFECTS = ("synergy", "interaction", "finetune_gain", "prompt_gain")
 
 

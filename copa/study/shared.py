@@ -35,7 +35,8 @@ from typing import Any
 import yaml
 
 from copa.files import atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
-from copa.runs import Emit, Run, now, run_dir_locked, stage_key, versions
+from copa.pipeline import is_current, stage_key
+from copa.runs import Emit, Run, now, run_dir_locked, versions
 
 MODELS_DIR = "models"
 FINETUNES_DIR = "finetunes"
@@ -44,7 +45,7 @@ _NOWHERE = Path("/shared-model")  # stands in for the place in the key
 
 
 def shared_train_key(rendered: Path) -> str:
-    """The train stage's inputs (copa.runs.stage_key 'train') without the run directory's
+    """The train stage's inputs (copa.pipeline.stage_key 'train') without the run directory's
     paths: the Axolotl config re-pointed at one fixed place, the rows, the versions."""
     from copa.backends import get_backend
 
@@ -115,8 +116,6 @@ def ensure_model(run: Run, models_dir: Path, emit: Emit = print,
 def has_model(run: Run) -> bool:
     """Whether the run's train and merge stages are current already (its own model, or a
     shared one linked before): nothing to train or link."""
-    from copa.pipeline import is_current
-
     keys = {"train": stage_key(run, "train")}
     run.keys["train"] = keys["train"]
     keys["merge"] = stage_key(run, "merge")
@@ -125,8 +124,6 @@ def has_model(run: Run) -> bool:
 
 def has_plain_model(run: Run) -> bool:
     """Whether the run's demo-free fine-tune (plain_finetune) is current already."""
-    from copa.pipeline import is_current
-
     run.keys["plain_finetune"] = stage_key(run, "plain_finetune")
     return is_current(run, "plain_finetune", run.keys["plain_finetune"])
 

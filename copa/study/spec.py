@@ -65,7 +65,7 @@ class StudyFile(Section):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     set: dict[str, Any] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0])
-    arms: list[Literal["baseline", "prompt_only", "finetune_only", "combined"]] = Field(
+    arms: list[Literal[ARMS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(ARMS))
     resources: Resources = Field(default_factory=Resources)
     bootstrap: int = Field(2000, ge=100, le=1_000_000,

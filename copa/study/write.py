@@ -10,11 +10,10 @@ from typing import Any
 
 from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from copa.pngfigure import png_bytes, pyplot
+from copa.registry import ARMS
 from copa.study import page
 
-ARMS_SHOWN = {"baseline": "baseline", "prompt_only": "prompt-only",
-              "finetune_only": "fine-tune-only", "demo_finetune": "demo-aware fine-tune only",
-              "combined": "combined"}
+ARMS_SHOWN = {name: arm.short for name, arm in ARMS.items()}
 COLORS = {"baseline": "#757575", "prompt_only": "#1e88e5", "finetune_only": "#fb8c00",
           "demo_finetune": "#6d4c41", "combined": "#43a047", "synergy": "#8e24aa",
           "interaction": "#e53935"}

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from copa.prompting import PromptSpec, PromptTemplate, default_instructions
-from copa.recipe import ARMS, Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_read_back
-from copa.stages.evaluate import ARM_MODELS
-from copa.stages.val import DEMO_ARM, best_arm, demo_count, val_scores_from_optimize
+from copa.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_read_back
+from copa.registry import ARMS, DEMO_ARM, OPTIMIZED_ARMS, RECIPE_ARMS
+from copa.stages.val import best_arm, demo_count, val_scores_from_optimize
 
 EXPORT_MANIFEST = "copa-export.json"
 EXPORT_FORMAT = 1
-OPTIMIZED_ARMS = ("prompt_only", "combined")  # the arms with a program of their own
-KNOWN_ARMS = (*ARMS, DEMO_ARM)  # a run that fine-tuned with demos reports demo_finetune too
+KNOWN_ARMS = (*RECIPE_ARMS, DEMO_ARM)  # a run that fine-tuned with demos reports demo_finetune too
 
 
 class NotFinished(Exception):
@@ -156,7 +155,7 @@ def _open_run(root: Path, arm: str) -> Bundle:
     if chosen not in arms:
         raise NotFinished(f"{root}: arm '{chosen}' has no result in this run (arms with one: "
                           f"{', '.join(arms) or 'none'})")
-    role = ARM_MODELS[chosen]
+    role = ARMS[chosen].model
     if role == "merged":
         # fine-tune-only runs on plain/merged where the run also fine-tuned with demos
         model = root / (report.get("arms", {}).get(chosen, {}).get("model_dir") or "merged")

@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from copa.models import EMBEDDED
-from copa.stages.report import ARM_LABELS
+from copa.registry import ARMS, OPTIMIZED_ARMS
 from copa.use.bundle import Bundle
 
 # Licenses copa knows for what it ships or names; anything else the card says to check.
@@ -51,7 +51,7 @@ def _results(report: dict[str, Any] | None, arm: str) -> list[str]:
              "(percent, paired-bootstrap 95% CIs). This folder holds the **bolded** arm.", "",
              "| arm | test score | 95% CI |", "|---|---:|---:|"]
     for name, data in report["arms"].items():
-        label = ARM_LABELS.get(name, name)
+        label = ARMS[name].label if name in ARMS else name
         label = f"**{label}**" if name == arm else label
         if data.get("failed"):
             lines.append(f"| {label} | failed | — |")
@@ -103,7 +103,7 @@ def _training(bundle: Bundle, report: dict[str, Any] | None) -> list[str]:
                      "`model/`.")
     else:
         lines.append("- Not fine-tuned: `model/` is the base model.")
-    if bundle.arm in ("prompt_only", "combined"):
+    if bundle.arm in OPTIMIZED_ARMS:
         lines.append(f"- Prompt: DSPy `{opt.optimizer}` searched instructions and demos; the "
                      "program kept (the best on val, the plain one included) is `program.json`.")
     else:

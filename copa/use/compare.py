@@ -18,9 +18,10 @@ from typing import Any
 
 from copa.files import sha256_json
 from copa.pngfigure import png_bytes, pyplot
+from copa.registry import RECIPE_ARMS
 from copa.stats import paired_differences
 
-ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
+ARMS = RECIPE_ARMS  # the arms compared (copa.registry)
 METHOD = ("each run minus the first run, arm by arm, on the test rows they share (matched by a "
           "hash of inputs and gold answer); 95% percentile interval of a paired bootstrap that "
           "resamples those rows, the same rows for every run (copa.stats.paired_differences)")
