@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from copa import precision
+from copa import precision, registry
 from copa.files import sha256_file, sha256_json
 
 if TYPE_CHECKING:
@@ -118,7 +118,13 @@ def _optimize_inputs(run: Run) -> list[Any]:
             sha256_file(run.rendered / "demos.json"), v["dspy"], v["copa"],
             # a RAG program retrieves from the index render built
             *([run.keys.get("render")] if r.retrieve else []),
-            *precision.key_part(r.serve.precision)]
+            *precision.key_part(r.serve.precision),
+            # which arms get a program: a run that left one out has none to reuse for it
+            # (keyed only when one is left out, so runs with every arm keep their keys)
+            *([optimized] if (optimized := [a for a in registry.OPTIMIZED_ARMS
+                                             if a in r.evaluate.arms])
+              != list(registry.OPTIMIZED_ARMS)
+              else [])]
 
 
 def _evaluate_inputs(run: Run) -> list[Any]:

@@ -145,3 +145,14 @@ def test_a_key_added_later_changes_no_stage_key_at_its_default(tmp_path: Path) -
                                            ("finetune", {"eval": {"every": 1}})]):
         keys = _keys(_run(tmp_path / f"set{n}", _with(**{section: values})))
         assert keys != PLAIN_KEYS, (section, values)
+
+
+def test_a_run_that_leaves_an_optimized_arm_out_has_its_own_optimize_key(tmp_path: Path) -> None:
+    # A run evaluated with arms [finetune_only] wrote no prompt programs; the same recipe with
+    # every arm must run the prompt stage, not reuse that one (it then failed on a missing
+    # program_prompt_only.json). Every arm written out keeps the pinned key.
+    every = _with(evaluate={"arms": ["baseline", "prompt_only", "finetune_only", "combined"]})
+    assert _keys(_run(tmp_path / "every", every))["optimize"] == PLAIN_KEYS["optimize"]
+    fewer = _keys(_run(tmp_path / "fewer", _with(evaluate={"arms": ["finetune_only"]})))
+    assert fewer["optimize"] != PLAIN_KEYS["optimize"]
+    assert fewer["train"] == PLAIN_KEYS["train"]
