@@ -141,6 +141,7 @@ def step_profile(model: Any, ids: list[int], steps: int = 24) -> dict[str, Any]:
                 token = int(logits.argmax(-1).tolist()[0])
                 spent["sampling"] += time.perf_counter() - pick
             wall = time.perf_counter() - start
+            per_step = {k: v / steps for k, v in spent.items()}  # before the profiler's steps
             # torch.profiler's view of a few more steps (its own overhead inflates the total)
             from torch.profiler import ProfilerActivity, profile
 
@@ -155,7 +156,7 @@ def step_profile(model: Any, ids: list[int], steps: int = 24) -> dict[str, Any]:
         for m in linears:
             vars(m).pop("forward", None)
         packed.PackedBatch.attend, packed.PackedBatch.update = originals
-    ms = {k: round(v / steps * 1000, 2) for k, v in spent.items()}
+    ms = {k: round(v * 1000, 2) for k, v in per_step.items()}
     step_ms = wall / steps * 1000
     ms["rest_python_and_small_ops"] = round(step_ms - sum(ms.values()), 2)
     return {"context_tokens": len(ids), "step_ms": round(step_ms, 2), "ms_per_step": ms,

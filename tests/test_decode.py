@@ -126,3 +126,50 @@ def test_short_requests_finish_while_a_long_one_runs(varied: LocalModel) -> None
     assert [[g.text, g.prompt_tokens, g.output_tokens, g.finish_reason] for g in results] == \
         [c["generation"] for c in shorts * 2]
     assert max(engine.batch_sizes) > 1
+
+
+def _old_blocked(x, weight, bias):
+    """The blocked product as it was before issue 30 (bmm over weight.t().expand())."""
+    import torch
+
+    from copa.inference import rowgemm
+
+    rows, n = rowgemm._pad_rows(x)
+    blocks = rows.view(-1, rowgemm.ROW_BLOCK, rows.shape[1])
+    out = torch.bmm(blocks, weight.t().expand(blocks.shape[0], -1, -1))
+    out = out.view(-1, weight.shape[0])[:n]
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def test_blocked_products_keep_their_bits_with_a_kept_transposed_weight(
+        varied: LocalModel) -> None:
+    """The blocked mode (bf16 on this Intel CPU) keeps a transposed copy of each weight instead
+    of re-laying it out on every call: the products are bitwise the old ones, in fp32 and bf16,
+    and a model routed through it computes with that copy."""
+    import torch
+
+    from copa.inference import rowgemm
+
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(96, 40, generator=gen).to(dtype)
+        bias = torch.randn(96, generator=gen).to(dtype)
+        for rows in (1, 5, 17, 40):
+            x = torch.randn(1, rows, 40, generator=gen).to(dtype)
+            old = _old_blocked(x, weight, bias)
+            assert torch.equal(rowgemm.blocked_linear(x, weight, bias), old)
+            assert torch.equal(rowgemm.blocked_linear_t(x, weight.t().contiguous(), bias), old)
+    model = varied.model
+    layer = model.model.layers[0].mlp.up_proj
+    x = torch.randn(1, 3, layer.in_features, generator=gen)
+    try:
+        assert rowgemm.use(model, "blocked") > 0
+        assert layer.copa_weight_t.shape == (layer.in_features, layer.out_features)
+        assert layer.copa_weight_t.is_contiguous()
+        with torch.inference_mode():
+            assert torch.equal(layer(x), _old_blocked(x, layer.weight, layer.bias))
+    finally:
+        rowgemm.use(model, varied.gemm)
+    assert "copa_weight_t" not in vars(layer)
