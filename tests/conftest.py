@@ -37,12 +37,16 @@ FIXTURE_SPLITS = {"banking77": {"train": 40, "val": 20, "test": 30, "seed": 0},
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 64-wide Llama with random weights and the SmolLM2 tokenizer (~3 M params)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def make_tiny_llama(out: Path) -> Path:
+    """The tiny_model_dir fixture's model, saved to out (also for scripts outside pytest)."""
     import torch
     import transformers
 
     from copa.models import fix_chat_tokens, smollm2_gguf_path
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     gguf = smollm2_gguf_path()
     tokenizer = fix_chat_tokens(
         transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))

@@ -233,11 +233,27 @@ class BatchingEngine:
             # Requests their callers withdrew (time limit passed) are dropped, not generated.
             return [b for b in batch if b.future.set_running_or_notify_cancel()]
 
+    def _take_more(self, room: int) -> list[_Pending]:
+        """Requests queued meanwhile, up to `room`, without waiting (decoding is under way);
+        none once the engine is closing (the rows in flight still finish)."""
+        with self._cond:
+            if self._closed or room <= 0:
+                return []
+            batch = self._queue[:room]
+            del self._queue[:room]
+            return [b for b in batch if b.future.set_running_or_notify_cancel()]
+
     def _run(self) -> None:
         try:
             while (batch := self._take_batch()) is not None:
-                if batch:
+                if not batch:
+                    continue
+                stream = getattr(self.model, "stream", None)
+                stream = stream() if stream is not None else None
+                if stream is None:  # a model without continuous decoding: the batch at once
                     self._generate(batch)
+                else:
+                    self._decode_continuously(stream, batch)
         finally:
             # Also reached if the worker dies: nobody may wait forever on a queued request.
             with self._cond:
@@ -245,6 +261,57 @@ class BatchingEngine:
                 pending, self._queue = self._queue, []
             for item in pending:
                 _fail(item.future, EngineClosed("the engine closed before this request ran"))
+
+    def _decode_continuously(self, stream: Any, batch: list[_Pending]) -> None:
+        """Continuous batching: decode step by step; between steps, requests that arrived
+        join (up to max_batch_size in flight) and each finished one gets its answer at once,
+        so short requests keep flowing past a long one. Runs until nothing is in flight."""
+        inflight: dict[int, _Pending] = {}
+        start = time.monotonic()
+        most = 0
+        try:
+            while True:
+                if batch:
+                    self._admit(stream, batch, inflight)
+                    most = max(most, len(inflight))
+                if not inflight:
+                    break
+                ended = stream.step()
+                with self._cond:
+                    self.generated_tokens += sum(g.output_tokens for _, g in ended)
+                for key, gen in ended:
+                    inflight.pop(key).future.set_result(gen)
+                batch = self._take_more(self.max_batch_size - len(inflight))
+        except Exception:
+            # A failed step cannot say whose request broke it: each request still in flight
+            # runs again alone, so each caller gets its own result or its own exception.
+            log.exception("continuous decoding failed; re-running its requests one by one")
+            for item in [*inflight.values(), *batch]:
+                if not item.future.done():
+                    self._generate([item])
+        except BaseException as exc:
+            for item in [*inflight.values(), *batch]:
+                _fail(item.future, exc)
+            raise
+        with self._cond:
+            self._last_generate_s = time.monotonic() - start
+            self.generate_seconds += self._last_generate_s
+            self._expected = max(1, most, len(self._queue))
+
+    def _admit(self, stream: Any, batch: list[_Pending], inflight: dict[int, _Pending]) -> None:
+        """Start decoding `batch`; a request the model cannot take fails alone."""
+        ready = []
+        for item in batch:
+            try:
+                ready.append((item, stream.prepare(item.messages, item.max_tokens, item.stop,
+                                                   item.sampling)))
+            except Exception as exc:
+                _fail(item.future, exc)
+        if ready:
+            keys = stream.add([prepared for _, prepared in ready])
+            inflight.update(zip(keys, [item for item, _ in ready], strict=True))
+            self.batch_sizes.append(len(inflight))
+        batch.clear()
 
     def _generate(self, batch: list[_Pending]) -> None:
         self.batch_sizes.append(len(batch))

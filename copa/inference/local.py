@@ -261,14 +261,20 @@ class LocalModel:
         with self._lock:
             self._prefixes.clear()
 
+    def stream(self) -> Stream | None:
+        """Continuous decoding (requests join and leave between steps), or None where this
+        model decodes through generate() (no packed decoding)."""
+        return Stream(self) if self.packed else None
+
+    def _row(self, chat: Chat, max_new: int, sampling: packed.Sampling | None) -> packed.Row:
+        prefix, rest = self.split_prompt(chat)
+        return packed.Row(tokens=rest, max_new=max_new,
+                          prefix=self._prefix_kv(prefix) if prefix else [], sampling=sampling)
+
     def _generate_packed(self, prompts: list[Chat], max_new: list[int], stops: list[list[str]],
                          sampling: list[packed.Sampling | None]) -> list[Generation]:
-        rows = []
-        for chat, m, sampled in zip(prompts, max_new, sampling, strict=True):
-            prefix, rest = self.split_prompt(chat)
-            rows.append(packed.Row(tokens=rest, max_new=m,
-                                   prefix=self._prefix_kv(prefix) if prefix else [],
-                                   sampling=sampled))
+        rows = [self._row(chat, m, sampled)
+                for chat, m, sampled in zip(prompts, max_new, sampling, strict=True)]
         ends = packed.decode(self.model, rows, lambda i, new: self._stop_reason(new, stops[i]))
         return [self._finish(new, reason, stops[i], row.prefix_len + len(row.tokens))
                 for i, (row, (new, reason)) in enumerate(zip(rows, ends, strict=True))]
@@ -349,3 +355,47 @@ class LocalModel:
         while len(self._prefixes) > 1 and total > self.prefix_cache_bytes:
             _, layers = self._prefixes.popitem(last=False)
             total -= size(layers)
+
+
+class Stream:
+    """Continuous batching on a LocalModel: requests join the decoding between its steps and
+    each leaves with its answer as soon as it ends, so a long generation does not hold back
+    short ones. Answers are those of generate_detailed (a row's logits do not depend on its
+    batch mates or on when it joined). One thread drives a stream."""
+
+    def __init__(self, model: LocalModel) -> None:
+        self.model = model
+        self.decoder = packed.Decoder(model.model, self._stop_reason)
+        self._requests: dict[int, tuple[list[str], int]] = {}  # row -> (stops, prompt tokens)
+
+    def __len__(self) -> int:
+        return len(self.decoder)
+
+    def prepare(self, chat: Chat, max_new: int, stop: Sequence[str] | None = None,
+                sampling: packed.Sampling | None = None) -> tuple[packed.Row, list[str]]:
+        """A request as a row to add (tokenized, its prefix's keys computed or taken from the
+        cache); raises on a request the model cannot take, which then fails alone."""
+        if int(max_new) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        with self.model._lock, torch.inference_mode():
+            return self.model._row(chat, int(max_new), sampling), list(stop or [])
+
+    def add(self, prepared: Sequence[tuple[packed.Row, list[str]]]) -> list[int]:
+        """Prepared requests to decode from the next step on; returns their keys."""
+        keys = self.decoder.add([row for row, _ in prepared])
+        for key, (row, stops) in zip(keys, prepared, strict=True):
+            self._requests[key] = (stops, row.prefix_len + len(row.tokens))
+        return keys
+
+    def step(self) -> list[tuple[int, Generation]]:
+        """One forward of every request in flight; the ones that ended, with their answers."""
+        with self.model._lock, torch.inference_mode():
+            ended = self.decoder.step()
+        out = []
+        for key, new, reason in ended:
+            stops, prompt_tokens = self._requests.pop(key)
+            out.append((key, self.model._finish(new, reason, stops, prompt_tokens)))
+        return out
+
+    def _stop_reason(self, key: int, new: list[int]) -> str | None:
+        return self.model._stop_reason(new, self._requests[key][0])

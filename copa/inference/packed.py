@@ -72,22 +72,46 @@ class PackedBatch:
     prompts often do, attend in one call: SDPA computes each batch entry on its own.
     """
 
-    def __init__(self, rows: Sequence[Row]) -> None:
-        self.rows = list(rows)
-        self.lengths = [r.prefix_len for r in self.rows]  # tokens already in each row's buffer
-        classes: dict[int, int] = {}  # capacity -> index of the tensor its rows share
-        self.members: list[list[int]] = []
+    def __init__(self, rows: Sequence[Row] = ()) -> None:
+        self.rows: list[Row] = []
+        self.lengths: list[int] = []  # tokens already in each row's buffer
+        self.members: list[list[int]] = []  # shared tensor -> its rows
         self.slots: list[tuple[int, int]] = []  # row -> (shared tensor, index in it)
-        for i, row in enumerate(self.rows):
-            c = classes.setdefault(row.capacity, len(classes))
-            if c == len(self.members):
-                self.members.append([])
-            self.slots.append((c, len(self.members[c])))
-            self.members[c].append(i)
-        self.buffers: list[list[KV]] = []  # [layer][shared tensor], made at first update
+        self.live: list[int] = []  # shared tensor -> its rows still decoding
+        # [layer][shared tensor], each made at its rows' first update, None once all left
+        self.buffers: list[list[KV | None]] = []
         # This forward's rows, as runs of consecutive rows that can attend in one call:
         # (start in packed input, tokens per row, keys per row after it, tensor, index, rows).
         self.runs: list[tuple[int, int, int, int, int, int]] = []
+        self.add(rows)
+
+    def add(self, rows: Sequence[Row]) -> list[int]:
+        """Take in more rows (between forwards); returns their indices. Rows added together
+        with equal capacity share a tensor; rows added later get tensors of their own."""
+        classes: dict[int, int] = {}  # capacity -> index of the tensor its rows share
+        added = []
+        for row in rows:
+            i = len(self.rows)
+            self.rows.append(row)
+            self.lengths.append(row.prefix_len)
+            c = classes.setdefault(row.capacity, len(self.members))
+            if c == len(self.members):
+                self.members.append([])
+                self.live.append(0)
+            self.slots.append((c, len(self.members[c])))
+            self.members[c].append(i)
+            self.live[c] += 1
+            added.append(i)
+        return added
+
+    def release(self, row: int) -> None:
+        """A row has finished: once every row of its tensor has, the tensor is freed."""
+        c, _ = self.slots[row]
+        self.live[c] -= 1
+        if not self.live[c]:
+            for layer in self.buffers:
+                if c < len(layer):
+                    layer[c] = None
 
     # --- the cache protocol the model's attention layers call ------------------------------
 
@@ -96,18 +120,18 @@ class PackedBatch:
         while len(self.buffers) <= layer_idx:
             self.buffers.append([])
         layer = self.buffers[layer_idx]
-        if not layer:
-            for members in self.members:
-                shape = (len(members), keys.shape[1], self.rows[members[0]].capacity,
-                         keys.shape[3])
-                k, v = keys.new_empty(shape), values.new_empty(shape)
-                for j, i in enumerate(members):
-                    row = self.rows[i]
-                    if row.prefix_len:
-                        pk, pv = row.prefix[layer_idx]
-                        k[j, :, :row.prefix_len] = pk[0]
-                        v[j, :, :row.prefix_len] = pv[0]
-                layer.append((k, v))
+        while len(layer) < len(self.members):  # tensors of rows added since the last forward
+            members = self.members[len(layer)]
+            shape = (len(members), keys.shape[1], self.rows[members[0]].capacity,
+                     keys.shape[3])
+            k, v = keys.new_empty(shape), values.new_empty(shape)
+            for j, i in enumerate(members):
+                row = self.rows[i]
+                if row.prefix_len:
+                    pk, pv = row.prefix[layer_idx]
+                    k[j, :, :row.prefix_len] = pk[0]
+                    v[j, :, :row.prefix_len] = pv[0]
+            layer.append((k, v))
         for start, n, total, c, j, g in self.runs:
             k, v = layer[c]
             k[j:j + g, :, total - n:total] = _rows_of(keys, start, n, g)
@@ -215,6 +239,61 @@ def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
     return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
 
 
+class Decoder:
+    """Packed decoding one forward at a time, so rows can join between steps (continuous
+    batching) and each leaves, with its answer, as soon as it ends.
+
+    is_done(row, new_ids) gives the reason a row ends at its newest token (e.g. "stop"), or
+    None to go on; a row that reaches its max_new tokens ends with "length". A row's logits
+    do not depend on its batch mates (PackedBatch), so its answer is the same whenever it joins.
+    """
+
+    def __init__(self, model: torch.nn.Module,
+                 is_done: Callable[[int, list[int]], str | None]) -> None:
+        self.model = model
+        self.is_done = is_done
+        self.batch = PackedBatch()
+        self.feed: dict[int, list[int]] = {}  # row -> tokens its next forward takes
+        self.new: dict[int, list[int]] = {}  # row -> tokens generated so far
+        self.generators: dict[int, torch.Generator] = {}  # sampled rows' own random streams
+
+    def __len__(self) -> int:
+        return len(self.feed)
+
+    def add(self, rows: Sequence[Row]) -> list[int]:
+        """Rows to continue from the next step on; returns their indices."""
+        keys = self.batch.add(rows)
+        for key, row in zip(keys, rows, strict=True):
+            self.feed[key] = list(row.tokens)
+            self.new[key] = []
+            if row.sampling is not None:
+                self.generators[key] = torch.Generator().manual_seed(row.sampling.seed)
+        return keys
+
+    def step(self) -> list[tuple[int, list[int], str]]:
+        """One forward of every unfinished row; returns the rows that ended at it as
+        (row, new token ids, finish reason)."""
+        logits = self.batch.forward(self.model, self.feed)
+        picks = logits.argmax(-1).tolist()
+        still: dict[int, list[int]] = {}
+        ended = []
+        for k, key in enumerate(self.feed):
+            row = self.batch.rows[key]
+            token = int(picks[k]) if row.sampling is None else \
+                _sample(logits[k], row.sampling, self.generators[key])
+            new = self.new[key]
+            new.append(token)
+            reason = self.is_done(key, new)
+            if reason is None and len(new) < row.max_new:
+                still[key] = [token]
+                continue
+            ended.append((key, self.new.pop(key), reason or "length"))
+            self.generators.pop(key, None)
+            self.batch.release(key)
+        self.feed = still
+        return ended
+
+
 def decode(model: torch.nn.Module, rows: Sequence[Row],
            is_done: Callable[[int, list[int]], str | None]) -> list[tuple[list[int], str]]:
     """Continue every row, greedily or by its own sampling: (new token ids, finish reason).
@@ -222,26 +301,10 @@ def decode(model: torch.nn.Module, rows: Sequence[Row],
     is_done(row, new_ids) gives the reason a row ends at its newest token (e.g. "stop"), or
     None to go on; a row that reaches its max_new tokens ends with "length".
     """
-    batch = PackedBatch(rows)
-    new: list[list[int]] = [[] for _ in rows]
-    reasons = ["length"] * len(rows)
-    generators = {i: torch.Generator().manual_seed(r.sampling.seed)
-                  for i, r in enumerate(rows) if r.sampling is not None}
-    feed = {i: list(r.tokens) for i, r in enumerate(rows)}
-    while feed:
-        logits = batch.forward(model, feed)
-        picks = logits.argmax(-1).tolist()
-        still: dict[int, list[int]] = {}
-        for k, row in enumerate(feed):
-            sampling = rows[row].sampling
-            token = int(picks[k]) if sampling is None else \
-                _sample(logits[k], sampling, generators[row])
-            new[row].append(token)
-            reason = is_done(row, new[row])
-            if reason is not None:
-                reasons[row] = reason
-            elif len(new[row]) < rows[row].max_new:
-                still[row] = [token]
-        feed = still
-    return list(zip(new, reasons, strict=True))
-
+    decoder = Decoder(model, is_done)
+    keys = decoder.add(rows)
+    ends: dict[int, tuple[list[int], str]] = {}
+    while decoder:
+        for key, new, reason in decoder.step():
+            ends[key] = (new, reason)
+    return [ends[key] for key in keys]

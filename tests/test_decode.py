@@ -1,0 +1,175 @@
+"""The decode loop (copa.inference.packed.Decoder, LocalModel.stream, the engine's continuous
+batching): the same answers as the engine before it was rewritten for long generations
+(tests/fixtures/decode_golden.json, recorded from the old code by make_decode_golden.py), alone,
+batched and joining mid-flight; and short requests finish while a long one is still running."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import save_varied_llama
+
+from copa.inference import packed
+from copa.inference.engine import BatchingEngine
+from copa.inference.local import LocalModel
+
+GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "decode_golden.json").read_text())
+CASES = GOLDEN["cases"]
+
+
+@pytest.fixture(scope="module")
+def varied(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LocalModel:
+    return LocalModel(str(save_varied_llama(tiny_model_dir, tmp_path_factory.mktemp("varied"),
+                                            seed=0)))
+
+
+def sampling_of(case: dict) -> packed.Sampling | None:
+    return packed.Sampling(**case["sampling"]) if case["sampling"] else None
+
+
+def rows_of(model: LocalModel, cases: list[dict]) -> list[packed.Row]:
+    return [model._row(c["chat"], c["max_new"], sampling_of(c)) for c in cases]
+
+
+def never_stop(model: LocalModel):
+    return lambda row, new: model._stop_reason(new, [])
+
+
+def test_golden_cases_are_sound() -> None:
+    """The recorded answers are worth comparing against: long and short, greedy and sampled,
+    and every greedy step far from a tie (so no CPU's rounding can flip it)."""
+    names = [c["name"] for c in CASES]
+    assert any(n.startswith("long") for n in names) and any(n.startswith("sampled") for n in names)
+    assert max(len(c["ids"]) for c in CASES) >= 64
+    assert all(c["min_margin"] > 1e-3 and c["teacher_forced_agrees"]
+               for c in CASES if c["sampling"] is None)
+
+
+def test_greedy_and_sampled_ids_are_the_previous_engines_alone_and_batched(
+        varied: LocalModel) -> None:
+    import torch
+
+    with torch.inference_mode():
+        alone = [packed.decode(varied.model, rows_of(varied, [c]), never_stop(varied))[0][0]
+                 for c in CASES]
+        together = [new for new, _ in
+                    packed.decode(varied.model, rows_of(varied, CASES), never_stop(varied))]
+    expected = [c["ids"] for c in CASES]
+    assert alone == expected
+    assert together == expected
+
+
+def test_generations_are_the_previous_engines(varied: LocalModel) -> None:
+    chats = [c["chat"] for c in CASES]
+    gens = varied.generate_detailed(chats, [c["max_new"] for c in CASES], [None] * len(CASES),
+                                    [sampling_of(c) for c in CASES])
+    assert [[g.text, g.prompt_tokens, g.output_tokens, g.finish_reason] for g in gens] == \
+        [c["generation"] for c in CASES]
+
+
+def test_rows_joining_mid_flight_answer_as_alone(varied: LocalModel) -> None:
+    """A stream admits rows between steps (continuous batching): each still gets exactly its
+    recorded answer, and a finished row's key/value tensors are freed."""
+    stream = varied.stream()
+    assert stream is not None
+    todo = list(enumerate(CASES))
+    answers: dict[int, list] = {}
+    keys: dict[int, int] = {}
+    steps = 0
+    while todo or len(stream):
+        if todo and steps % 3 == 0:  # one or two new requests every third step
+            take, todo = todo[:1 + steps % 2], todo[1 + steps % 2:]
+            added = stream.add([stream.prepare(c["chat"], c["max_new"], None, sampling_of(c))
+                                for _, c in take])
+            keys.update(zip(added, [i for i, _ in take], strict=True))
+        for key, gen in stream.step():
+            answers[keys[key]] = [gen.text, gen.prompt_tokens, gen.output_tokens,
+                                  gen.finish_reason]
+        steps += 1
+    assert [answers[i] for i in range(len(CASES))] == [c["generation"] for c in CASES]
+    batch = stream.decoder.batch
+    assert len(batch.members) > 3  # the rows really joined at different steps
+    assert all(t is None for layer in batch.buffers for t in layer)  # every tensor freed
+
+
+def test_short_requests_finish_while_a_long_one_runs(varied: LocalModel) -> None:
+    """One long generation and short requests arriving while it runs (a MIPROv2 proposal
+    next to an evaluation): every short one gets its answer before the long one ends."""
+    long_case = max(CASES, key=lambda c: len(c["ids"]))
+    shorts = [c for c in CASES if c["name"].startswith("short")]
+    engine = BatchingEngine(varied, max_batch_size=4, batch_wait_ms=0)
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def track(future, name: str):
+        future.add_done_callback(lambda f: (lock.acquire(), finished.append(name),
+                                            lock.release()))
+        return future
+
+    try:
+        long_future = track(engine.submit(long_case["chat"], 400), "long")
+        short_futures = []
+        for c in shorts * 2:  # twelve requests, a few at a time, while the long one decodes
+            while len(finished) < len(short_futures) - 2:
+                time.sleep(0.005)
+            short_futures.append(track(engine.submit(c["chat"], c["max_new"]), c["name"]))
+        results = [f.result(timeout=120) for f in short_futures]
+        long_result = long_future.result(timeout=120)
+    finally:
+        engine.close()
+    assert finished[-1] == "long", finished
+    assert long_result.output_tokens > len(long_case["ids"])  # it ran long (no early stop)
+    assert [[g.text, g.prompt_tokens, g.output_tokens, g.finish_reason] for g in results] == \
+        [c["generation"] for c in shorts * 2]
+    assert max(engine.batch_sizes) > 1
+
+
+def _old_blocked(x, weight, bias):
+    """The blocked product as it was before issue 30 (bmm over weight.t().expand())."""
+    import torch
+
+    from copa.inference import rowgemm
+
+    rows, n = rowgemm._pad_rows(x)
+    blocks = rows.view(-1, rowgemm.ROW_BLOCK, rows.shape[1])
+    out = torch.bmm(blocks, weight.t().expand(blocks.shape[0], -1, -1))
+    out = out.view(-1, weight.shape[0])[:n]
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def test_blocked_products_keep_their_bits_with_a_kept_transposed_weight(
+        varied: LocalModel) -> None:
+    """The blocked mode (bf16 on this Intel CPU) keeps a transposed copy of each weight instead
+    of re-laying it out on every call: the products are bitwise the old ones, in fp32 and bf16,
+    and a model routed through it computes with that copy."""
+    import torch
+
+    from copa.inference import rowgemm
+
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(96, 40, generator=gen).to(dtype)
+        bias = torch.randn(96, generator=gen).to(dtype)
+        for rows in (1, 5, 17, 40):
+            x = torch.randn(1, rows, 40, generator=gen).to(dtype)
+            old = _old_blocked(x, weight, bias)
+            assert torch.equal(rowgemm.blocked_linear(x, weight, bias), old)
+            assert torch.equal(rowgemm.blocked_linear_t(x, weight.t().contiguous(), bias), old)
+    model = varied.model
+    layer = model.model.layers[0].mlp.up_proj
+    x = torch.randn(1, 3, layer.in_features, generator=gen)
+    try:
+        assert rowgemm.use(model, "blocked") > 0
+        assert layer.copa_weight_t.shape == (layer.in_features, layer.out_features)
+        assert layer.copa_weight_t.is_contiguous()
+        with torch.inference_mode():
+            assert torch.equal(layer(x), _old_blocked(x, layer.weight, layer.bias))
+    finally:
+        rowgemm.use(model, varied.gemm)
+    assert "copa_weight_t" not in vars(layer)
