@@ -16,16 +16,8 @@ def _axolotl() -> Backend:
 
     return AxolotlBackend()
 
-    # how many optimizer steps training on train_rows rows takes (the progress bar's total)
-    def steps_for(self, recipe: Any, train_rows: int) -> int: ...
-
 
 BACKENDS: dict[str, Callable[[], Backend]] = {"axolotl": _axolotl}
-
-    def steps_for(self, recipe: Any, train_rows: int) -> int:
-        from copa.backends import axolotl
-
-        return axolotl.steps_for(recipe, train_rows)
 
 
 def get_backend(name: str = "axolotl") -> Backend:
