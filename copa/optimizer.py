@@ -12,7 +12,8 @@ from typing import Any
 
 import dspy
 
-from copa.dspy.kit import model_lm, run_retriever, task_kit
+from copa.dspy.kit import run_retriever, task_kit
+from copa.dspy.lms import model_lm
 from copa.dspy.search import Emit, PromptResult, prompt_optimize, with_demos
 
 

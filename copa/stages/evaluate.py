@@ -143,7 +143,8 @@ def evaluate_stage(run: Any) -> dict[str, Any]:
     import dspy
 
     from copa.data import read_jsonl, write_jsonl
-    from copa.dspy.kit import model_lm, run_retriever, task_kit
+    from copa.dspy.kit import run_retriever, task_kit
+    from copa.dspy.lms import model_lm
     from copa.dspy.program import to_examples
     from copa.dspy.search import ScoreError, dspy_chatter_to, evaluate_program
     from copa.files import atomic_write_text
@@ -278,7 +279,7 @@ def _val_scores(run: Any, kit: Any, arms: list[str],
     import dspy
 
     from copa.data import read_jsonl
-    from copa.dspy.kit import model_lm
+    from copa.dspy.lms import model_lm
     from copa.dspy.program import to_examples
     from copa.dspy.search import demo_count, dspy_chatter_to, evaluate_program
     from copa.stages.val import val_scores_from_optimize, val_section
@@ -323,7 +324,9 @@ def write_recipe_used(run: Any) -> Path:
 
 def _generated_tokens(recipe: Any) -> int | None:
     """The local engines' generated-token count so far (None: a server generates)."""
-    if recipe.serve.engine != "local":
+    from copa.dspy.lms import in_process
+
+    if not in_process(recipe):
         return None
     from copa.inference.engine import generated_tokens
 

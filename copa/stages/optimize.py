@@ -16,8 +16,8 @@ from typing import Any
 import dspy
 
 from copa.dspy.candidates import candidate_table
-from copa.dspy.kit import TaskKit, base_model_path, model_lm, run_retriever, task_kit
-from copa.dspy.roles import role_lm
+from copa.dspy.kit import TaskKit, base_model_path, run_retriever, task_kit
+from copa.dspy.lms import model_lm, role_lm
 from copa.dspy.search import PromptResult, prompt_optimize, with_demos
 from copa.files import atomic_write_json
 from copa.prompting import field_value

@@ -19,7 +19,7 @@ import dspy
 
 from copa.dspy.adapter import finetune_rows_adapter
 from copa.dspy.kit import TaskKit, base_model_path
-from copa.dspy.roles import role_lm
+from copa.dspy.lms import role_lm
 from copa.dspy.search import (
     build_optimizer,
     compile_params,
