@@ -12,6 +12,7 @@ from copa.models import check_model
 from copa.prompting import PromptError, PromptSpec, build_messages, spec_from_recipe
 from copa.recipe import Problem, Recipe, RecipeError
 from copa.recipe.schema import DEFAULT_STRATEGY
+from copa.recipe.serve_schema import ENGINES
 from copa.registry import ARMS
 from copa.usercode import user_code_problems
 
@@ -49,11 +50,12 @@ def _role_problems(recipe: Recipe, label: str) -> list[Problem]:
 
 
 def serve_problems(recipe: Recipe, label: str) -> list[Problem]:
-    """engine 'openai' with fine-tuned arms: each arm must ask the server for its own model,
-    or the merged arms score the base model and the fine-tune gain silently reads 0."""
+    """A server the user runs (engine 'openai') with fine-tuned arms: each arm must ask it for
+    its own model, or the merged arms score the base model and the fine-tune gain silently
+    reads 0."""
     serve = recipe.serve
     merged_arms = {a for a in recipe.evaluate.arms if ARMS[a].model == "merged"}
-    if serve.engine != "openai" or not recipe.finetune.enabled or not merged_arms:
+    if not ENGINES[serve.engine].own_ids or not recipe.finetune.enabled or not merged_arms:
         return []
     merged = serve.models.merged
     fix = "write serve.models: {base: <id of the base model>, merged: <id of the fine-tuned model>}"
@@ -61,7 +63,8 @@ def serve_problems(recipe: Recipe, label: str) -> list[Problem]:
         message = (f"serve.model '{serve.model}' would be asked for by the base AND the "
                    f"fine-tuned arms ({', '.join(sorted(merged_arms))}): {fix} instead")
     elif merged is None:
-        message = f"engine 'openai' with fine-tuning needs the fine-tuned model's id: {fix}"
+        message = (f"engine '{serve.engine}' with fine-tuning needs the fine-tuned model's id: "
+                   f"{fix}")
     elif merged == serve.model_for("base"):
         message = (f"base and merged are both '{merged}': the fine-tuned arms would score the "
                    f"base model; {fix}")
@@ -94,10 +97,10 @@ def strategy_problems(recipe: Recipe, label: str) -> list[Problem]:
         problems.append(Problem(file=label, path="finetune.demos", message=(
             "'fixed' is for the default strategy 'w -> p'; with a strategy write 'none' "
             "(training rows carry no demos) or 'program' (they carry the program's demos)")))
-    if recipe.serve.engine == "openai":
+    if ENGINES[recipe.serve.engine].own_ids:
         problems.append(Problem(file=label, path="serve.engine", message=(
             f"optimize.strategy '{opt.strategy}' makes new fine-tunes your server cannot know: "
-            "use engine local, vllm or transformers")))
+            "use engine " + ", ".join(n for n, e in ENGINES.items() if not e.own_ids))))
     return problems
 
 

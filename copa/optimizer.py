@@ -5,15 +5,13 @@ program worse there than the plain (zero-demo) program. It drives the pipeline, 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 import dspy
 
-from copa.dspy.kit import model_lm, run_retriever, task_kit
-from copa.dspy.search import Emit, PromptResult, prompt_optimize, with_demos
+from copa.dspy.search import Emit, PromptResult
 
 
 class COPAOptimizer(dspy.teleprompt.Teleprompter):
@@ -49,12 +47,18 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
         """Fine-tune on `trainset` (rendered through the recipe's template, as `copa train`
         would render the recipe's own train split), then prompt-optimize, choosing on `valset`.
         Without a valset, a seeded fifth of the trainset is held out as val (and not trained
-        on): choosing on training rows would reward memorising them."""
+        on): choosing on training rows would reward memorising them.
+
+        The prompt step is the optimize stage's combined arm (copa.stages.optimize), with
+        `student` as the program and `metric` (if given) as the metric: every optimize: key
+        means what it means in `copa run`. Its logs and program go to <run>/compile/."""
         import dataclasses
 
         from copa import pipeline
         from copa.data import Splits
+        from copa.dspy.lms import in_process, model_lm
         from copa.runs import open_run
+        from copa.stages.optimize import combined_arm, kit_for
 
         overrides = {"optimize.order": self.order} if self.order else None
         # the run directory stays locked while this writes there (stages, the response cache)
@@ -69,21 +73,19 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
             run.dir.mkdir(parents=True, exist_ok=True)
             # render (with "p" first when order is p->w), train and merge, through the cache
             pipeline.run_stages(run, stages=["merge"])
-            # a RAG recipe: examples carry the passages retrieved from the run's index
-            kit = task_kit(recipe, train_rows, val_rows, run.checked.spec,
-                           retriever=run_retriever(recipe, run.rendered))
-            extra: dict[str, dspy.Module] = {}
-            demos = json.loads((run.rendered / "demos.json").read_text())
-            if demos:
-                extra["finetune_demos"] = with_demos(student, demos, recipe)
-            with model_lm(recipe, str(run.merged), "merged", run.dir) as lm:
-                self.result = prompt_optimize(recipe, student, lm, kit.adapter, kit.trainset,
-                                              kit.valset, self.metric or kit.metric, extra,
-                                              emit=self.emit)
+            kit = kit_for(run)  # the rendered splits: the rows just given
+            kit = dataclasses.replace(kit, program=student, metric=self.metric or kit.metric)
+            arm = combined_arm(run, kit, run.dir / "compile")
+            lm = arm.lm
+            if lm is None and arm.summary.get("strategy") is None and in_process(recipe):
+                # optimize.enabled: false searched nothing, so no LM was made yet
+                with model_lm(recipe, str(run.merged), "merged", run.dir, emit=self.emit) as lm:
+                    pass
+        self.result = arm.result
         self.model_path = str(run.merged)
         self.adapter = kit.adapter  # run the program under dspy.context(adapter=...)
         program = self.result.program
-        if recipe.serve.engine == "local":  # a server's LM dies with its block
+        if lm is not None:  # a copa-started server's LM died with its block
             program.set_lm(lm)
         return program
 

@@ -33,7 +33,8 @@ def hand_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
 
     from copa.data import format_value, write_jsonl
     from copa.data.sources import iris_rows
-    from copa.dspy.kit import local_lm, task_kit
+    from copa.dspy.kit import task_kit
+    from copa.dspy.lms import local_lm
     from copa.dspy.program import make_program, to_examples
     from copa.dspy.search import evaluate_program
     from copa.inference.engine import release_model

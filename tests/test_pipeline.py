@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_recipe
+from conftest import TINY_OPTIMIZE, write_tiny_recipe
 
 from copa import pipeline
 from copa.data import read_jsonl
@@ -323,3 +323,67 @@ def test_copa_optimizer_trains_on_its_trainset_and_holds_out_val(tiny_run,
     trained = [last_user(r) for r in read_jsonl(rendered / "train.jsonl")]
     spec = run.checked.spec
     assert trained == [last_user(training_row(spec, r)) for r in train]
+
+
+# A user optimizer (optimize.optimizer: 'recorder:Recorder') that writes down what copa built it
+# with and keeps the student as it is: what each optimize: key became, seen from the optimizer.
+RECORDER = '''
+import json
+
+import dspy
+
+
+def _model(lm):
+    return None if lm is None else lm.model
+
+
+class Recorder(dspy.teleprompt.Teleprompter):
+    def __init__(self, metric, record, task_model=None, prompt_model=None,
+                 teacher_settings=None, num_threads=None, seed=None):
+        self.record = record
+        self.seen = {"task_model": _model(task_model), "prompt_model": _model(prompt_model),
+                     "prompt_max_tokens": prompt_model.kwargs.get("max_tokens"),
+                     "teacher": _model((teacher_settings or {}).get("lm"))}
+
+    def compile(self, student, *, trainset, valset=None, tag=None):
+        with open(self.record, "a") as out:
+            out.write(json.dumps({**self.seen, "tag": tag, "train": len(trainset)}) + "\\n")
+        return student
+'''
+
+
+def test_copa_run_and_copa_optimizer_read_every_optimize_key_alike(tiny_run,
+                                                                   tmp_path: Path) -> None:
+    """The combined arm's prompt step is one code path: the optimize stage (`copa run`) and
+    COPAOptimizer.compile give the recipe's optimizer the same proposer, teacher, token budget
+    and params, and apply the same guard_margin. (Last in this file: it leaves the shared
+    run's optimize stage on this recipe.)"""
+    from copa import COPAOptimizer
+    from copa.dspy.program import make_program, to_examples
+
+    run, recipe, _ = tiny_run
+    record = tmp_path / "record.jsonl"
+    (recipe.parent / "recorder.py").write_text(RECORDER)
+    original = recipe.read_text()
+    keys = (f"  optimizer: 'recorder:Recorder'\n  params: {{record: '{record}', tag: x}}\n"
+            "  proposer: base\n  teacher: base\n  max_tokens: 17\n  guard_margin: 0.5\n")
+    assert TINY_OPTIMIZE in original
+    recipe.write_text(original.replace(TINY_OPTIMIZE, keys))
+    through: dict[str, list[str]] = {"run": [], "api": []}
+    try:
+        pipeline.run(recipe, stages=["optimize"], run_dir=run.dir, emit=through["run"].append)
+        train = to_examples(run.recipe, read_jsonl(run.rendered / "splits" / "train.jsonl"))
+        val = to_examples(run.recipe, read_jsonl(run.rendered / "splits" / "val.jsonl"))
+        optimizer = COPAOptimizer(recipe, run_dir=run.dir, emit=through["api"].append)
+        optimizer.compile(make_program(run.recipe), trainset=train, valset=val)
+    finally:
+        recipe.write_text(original)
+    seen = [json.loads(line) for line in record.read_text().splitlines()]
+    on_merged = [s for s in seen if s["task_model"].startswith("local/merged")]
+    assert len(on_merged) == 2, seen  # the stage's combined arm, then compile's
+    for path, s in zip(("run", "api"), on_merged):
+        assert s["prompt_model"] == "local/proposer", path  # optimize.proposer
+        assert s["teacher"] == "local/teacher", path  # optimize.teacher
+        assert s["prompt_max_tokens"] == 17, path  # optimize.max_tokens
+        assert (s["tag"], s["train"]) == ("x", 12), path  # optimize.params, to compile()
+        assert any("(guard_margin 0.5)" in m for m in through[path]), path

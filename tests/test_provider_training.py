@@ -137,14 +137,17 @@ def anything(example, prediction, trace=None):
 
 
 def test_a_recipe_with_strategy_p_w_runs_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from copa import pipeline
+    """...and COPAOptimizer.compile on the same recipe runs the same BetterTogether step."""
+    from copa import COPAOptimizer, pipeline
+    from copa.dspy.program import make_program, to_examples
 
     recipe = write_tiny_recipe(tmp_path, tiny_model_dir, max_steps=2)
+    text = recipe.read_text()
+    recipe.write_text(text.replace("optimize:\n", "optimize:\n  strategy: 'p -> w'\n", 1)
+                      .replace("metric: label_accuracy", "metric: 'anymetric:anything'", 1))
     (tmp_path / "anymetric.py").write_text(METRIC)
     messages: list[str] = []
-    run = pipeline.run(recipe, run_dir=tmp_path / "run", emit=messages.append,
-                       overrides={"optimize.strategy": "p -> w",
-                                  "evaluate.metric": "anymetric:anything"})
+    run = pipeline.run(recipe, run_dir=tmp_path / "run", emit=messages.append)
     report = json.loads((run.dir / "report.json").read_text())
     assert list(report["arms"]) == ["baseline", "prompt_only", "finetune_only", "combined"]
     assert report["settings"]["strategy"] == "p -> w"
@@ -163,3 +166,12 @@ def test_a_recipe_with_strategy_p_w_runs_end_to_end(tmp_path: Path, tiny_model_d
     assert "  - candidate `p -> w`: val 100.0" in text
     rows = read_jsonl(Path(weights).parent / "train.jsonl")
     assert rows and all(sum(m["role"] == "assistant" for m in r["messages"]) == 1 for r in rows)
+    # The Python API: the same strategy key, the same step (its fine-tune from the cache).
+    splits = {s: to_examples(run.recipe, read_jsonl(run.rendered / "splits" / f"{s}.jsonl"))
+              for s in ("train", "val")}
+    optimizer = COPAOptimizer(recipe, run_dir=run.dir, emit=messages.append)
+    optimizer.compile(make_program(run.recipe), trainset=splits["train"], valset=splits["val"])
+    assert optimizer.result is not None
+    assert set(optimizer.result.val_scores) == {"original", "p", "p -> w"}
+    assert optimizer.result.winner == combined["winner"]
+    assert (run.dir / "compile" / "program_combined.json").is_file()

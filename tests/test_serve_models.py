@@ -67,7 +67,7 @@ def test_an_unambiguous_server_model_is_accepted(tmp_path: Path, case: dict[str,
 
 
 def test_each_arm_asks_the_server_for_its_own_model() -> None:
-    from copa.dspy.kit import model_lm
+    from copa.dspy.lms import model_lm
 
     recipe = Recipe.model_validate({**BASE, "serve": {
         "engine": "openai", "api_base": API,

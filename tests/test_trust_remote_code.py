@@ -55,7 +55,7 @@ def _recipe(trust: bool):
 
 def test_the_local_engine_loads_a_remote_code_model_only_when_the_recipe_trusts_it(
         remote_code_model: Path) -> None:
-    from copa.dspy.kit import model_lm
+    from copa.dspy.lms import model_lm
     from copa.inference.engine import close_all
 
     try:

@@ -1,9 +1,10 @@
 """Serve a model folder over an OpenAI-compatible HTTP API on loopback and point DSPy at it.
 
-`serving(engine, ...)` is the one entry point: "vllm" (CUDA) and "transformers" (`transformers
-serve`, runs on CPU) start a server process for the block's lifetime; "openai" uses a server the
-user already runs. A started server never outlives the block: it is stopped on normal exit, on an
-exception, on Ctrl-C, on SIGTERM to this process, and (as a last resort) at interpreter exit.
+`serving(kind, ...)` starts a server process for the block's lifetime: "vllm" (CUDA) or
+"transformers" (`transformers serve`, runs on CPU); `server_lm` points DSPy at any server (one the
+user runs, too). Which recipe engine uses which is copa.recipe.serve_schema.ENGINES's business. A
+started server never outlives the block: it is stopped on normal exit, on an exception, on
+Ctrl-C, on SIGTERM to this process, and (as a last resort) at interpreter exit.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     import dspy
 
 HOST = "127.0.0.1"
-SERVER_ENGINES = ("vllm", "transformers")
-ENGINES = (*SERVER_ENGINES, "openai")
 
 # DSPy (lm15) model prefix for every OpenAI-compatible server. Not "openai/": that dialect sends
 # the token limit as `max_completion_tokens`, which `transformers serve` silently ignores (it then
@@ -86,7 +85,7 @@ def server_command(engine: str, model_path: str, port: int, *, name: str | None 
             raise ServeError(f"transformers serve cannot load a path containing '@': {model_path}")
         return [_executable("transformers"), "serve", model_path, "--host", HOST,
                 "--port", str(port), *trust, *extra_args]
-    raise ServeError(f"unknown server engine {engine!r}; expected one of {SERVER_ENGINES}")
+    raise ServeError(f"unknown server engine {engine!r}; copa starts vllm or transformers")
 
 
 # --- process bookkeeping -------------------------------------------------------------------------
@@ -292,23 +291,11 @@ def server_lm(api_base: str, model: str, *, api_key: str = "copa",
 
 
 @contextmanager
-def serving(engine: str, model_path: str, name: str, *, api_base: str | None = None,
-            api_key: str = "copa", max_tokens: int = 64, log_dir: Path | None = None,
-            startup_timeout_s: float = 300.0,
+def serving(engine: str, model_path: str, name: str, *, max_tokens: int = 64,
+            log_dir: Path | None = None, startup_timeout_s: float = 300.0,
             trust_remote_code: bool = False) -> Iterator[dspy.LM]:
-    """A dspy.LM backed by an OpenAI-compatible server for the duration of the block.
-
-    engine "openai": the server at api_base (the user runs it), asked for model `name` (or
-    model_path when name is empty). "vllm" / "transformers": a server for model_path started on a
-    free loopback port, its log in log_dir, stopped when the block ends.
-    """
-    if engine == "openai":
-        if not api_base:
-            raise ServeError("serve engine 'openai' needs api_base, e.g. http://127.0.0.1:8000/v1")
-        yield server_lm(api_base, name or model_path, api_key=api_key, max_tokens=max_tokens)
-        return
-    if engine not in SERVER_ENGINES:
-        raise ServeError(f"unknown serve engine {engine!r}; expected one of {ENGINES}")
+    """A dspy.LM on a server for model_path that copa starts ("vllm" or "transformers") on a
+    free loopback port for the duration of the block, its log in log_dir."""
     port = free_port()
     command = server_command(engine, model_path, port, name=name,
                              trust_remote_code=trust_remote_code)
@@ -317,4 +304,4 @@ def serving(engine: str, model_path: str, name: str, *, api_base: str | None = N
     log_path = folder / f"{engine}-{label}-{port}.log"
     with ServerProcess(command, port, log_path, startup_timeout_s=startup_timeout_s) as server:
         yield server_lm(server.api_base, served_model_id(engine, model_path, name),
-                        api_key=api_key, max_tokens=max_tokens)
+                        max_tokens=max_tokens)

@@ -24,7 +24,8 @@ import dspy
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
-from copa.inference.router import AsyncRoutingEngine, RoutingEngine, is_copa_model, model_id
+from copa.dspy.lms import routing_lm
+from copa.inference.router import RoutingEngine, is_copa_model, model_id
 from copa.inference.router import model_of as router_model_of
 from copa.provider.finetune import (
     Emit,
@@ -218,25 +219,14 @@ def provider_lm(model: str, *, recipe: str | os.PathLike[str] | Recipe | None = 
         loaded = recipe
     else:
         loaded = load_recipe(recipe)
-    serve = loaded.serve
     max_tokens = max_tokens or loaded.evaluate.max_tokens
-    engine = RoutingEngine(max_batch_size=serve.max_batch_size, batch_wait_ms=serve.batch_wait_ms,
-                           default_max_tokens=max_tokens, prefix_cache=serve.prefix_cache,
-                           trust_remote_code=loaded.model.trust_remote_code,
-                           precision=serve.precision)
     directory = Path(run_dir) if run_dir else run_dir_for(loaded)
     folder = router_model_of(model) if is_copa_model(model) else resolve_model(model,
                                                                                loaded.base_dir)
-    fingerprints = None
-    tag = None
-    if cache:
-        from copa.inference.cache import use_response_cache, weights_tag
 
-        use_response_cache(directory / "cache" / "dspy")
-        fingerprints = directory / "cache" / "fingerprints.json"
-        tag = weights_tag(folder, fingerprints, serve.precision)
-    provider = AxolotlProvider(loaded, directory / "finetunes", engine, emit=emit,
+    def provider(engine: RoutingEngine, fingerprints: Path | None) -> AxolotlProvider:
+        return AxolotlProvider(loaded, directory / "finetunes", engine, emit=emit,
                                fingerprints=fingerprints)
-    return dspy.LM(model_id(folder, tag), engine=engine, async_engine=AsyncRoutingEngine(engine),
-                   cache=cache and tag is not None, max_tokens=max_tokens, provider=provider,
-                   **lm_kwargs)
+
+    return routing_lm(loaded, folder, directory, cache=cache, max_tokens=max_tokens,
+                      provider=provider, **lm_kwargs)

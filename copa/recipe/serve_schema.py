@@ -1,10 +1,11 @@
-"""The recipe's serving side: how copa reaches its models (`serve:`), and the served models an
-optimizer role (proposer, teacher) can name. Split from copa.recipe.schema, which holds the rest
-of a recipe."""
+"""The recipe's serving side: how copa reaches its models (`serve:`), the engine table, and the
+served models an optimizer role (proposer, teacher) can name. Split from copa.recipe.schema,
+which holds the rest of a recipe."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -12,6 +13,46 @@ from pydantic import Field, field_validator, model_validator
 from copa.recipe.data_schema import Section
 
 _Section = Section
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One `serve.engine`: how it starts (a "module:function" that copa.dspy.lms imports only
+    when the engine starts, so this table stays light) and the serve: settings it reads (they
+    become its starter's arguments)."""
+
+    starts: str
+    settings: tuple[str, ...]
+    help: str
+    in_process: bool = False  # its LMs outlive the block that made them (no server to stop)
+    own_ids: bool = False  # a server you run: it knows models by its ids, never copa's folders
+
+
+# The one engine table: the schema's choices, their validation and copa.dspy.lms's dispatch.
+ENGINES: dict[str, Engine] = {
+    "local": Engine("copa.dspy.lms:start_local",
+                    ("max_batch_size", "batch_wait_ms", "prefix_cache", "precision",
+                     "response_cache"),
+                    "in-process batched engine", in_process=True),
+    "vllm": Engine("copa.dspy.lms:start_server", (),
+                   "copa starts vLLM (CUDA) on loopback, an OpenAI-compatible server"),
+    "transformers": Engine("copa.dspy.lms:start_server", (),
+                           "copa starts `transformers serve` on loopback (runs on CPU)"),
+    "openai": Engine("copa.dspy.lms:start_users_server", ("api_base", "api_key", "model", "models"),
+                     "a server you run (api_base)", own_ids=True),
+}
+EngineName = Literal[tuple(ENGINES)]  # type: ignore[valid-type]  # the schema's choices
+
+# Settings another engine cannot honour silently, and why: a non-default value under an engine
+# whose settings lack the key is an error. The local engine's tuning keys are left out: they stay
+# in force for what runs on copa's engine under any serve.engine (a strategy's fine-tunes).
+ENGINE_ONLY = {"precision": "serves in the dtype its server is started with",
+               "models": "knows each arm's model itself"}
+
+
+def engines_reading(key: str) -> list[str]:
+    """The engines whose settings include a serve: key."""
+    return [name for name, engine in ENGINES.items() if key in engine.settings]
 
 
 class ServedModel(_Section):
@@ -35,9 +76,8 @@ class ServeModels(_Section):
 
 
 class ServeSection(_Section):
-    engine: Literal["local", "vllm", "transformers", "openai"] = Field(
-        "local", description="local: in-process batched engine; vllm / transformers: copa starts "
-        "an OpenAI-compatible server on loopback; openai: a server you run (api_base).")
+    engine: EngineName = Field(
+        "local", description="; ".join(f"{name}: {e.help}" for name, e in ENGINES.items()) + ".")
     api_base: str | None = None
     api_key: str = "copa"
     model: str | None = Field(None, description="The model id your server serves (engine "
@@ -75,20 +115,20 @@ class ServeSection(_Section):
     @classmethod
     def _models(cls, value: ServeModels, info: Any) -> ServeModels:
         named = value.base is not None or value.merged is not None
-        if named and info.data.get("engine") != "openai":
-            raise ValueError("only for engine 'openai'; copa-started servers know their models")
         if named and info.data.get("model"):
             raise ValueError("write serve.models or serve.model, not both")
         return value
 
-    @field_validator("precision")
+    @field_validator(*ENGINE_ONLY)
     @classmethod
-    def _precision(cls, value: str, info: Any) -> str:
-        engine = info.data.get("engine")
-        if value != "auto" and engine != "local":
-            raise ValueError(f"only for engine 'local'; engine '{engine}' serves in the dtype "
-                             "its server is started with: remove serve.precision")
-        return value
+    def _engine_only(cls, value: Any, info: Any) -> Any:
+        engine, key = info.data.get("engine"), info.field_name
+        if engine is None or key in ENGINES[engine].settings \
+                or value == cls.model_fields[key].get_default(call_default_factory=True):
+            return value
+        only = " or ".join(f"'{name}'" for name in engines_reading(key))
+        raise ValueError(f"only for engine {only}; engine '{engine}' {ENGINE_ONLY[key]}: "
+                         f"remove serve.{key}")
 
     def model_for(self, role: str) -> str | None:
         """engine 'openai': the id the user's server knows the 'base' or 'merged' model by."""

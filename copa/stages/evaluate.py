@@ -236,7 +236,7 @@ def _score_on_test(run: Any, kit: Any, testset: list[Any], name: str, arm: str, 
     import dspy
 
     from copa.data import write_jsonl
-    from copa.dspy.kit import model_lm
+    from copa.dspy.lms import model_lm
     from copa.dspy.search import ScoreError, dspy_chatter_to, evaluate_program
     from copa.files import atomic_write_text
 
@@ -329,7 +329,7 @@ def _val_scores(run: Any, kit: Any, arms: list[str],
     import dspy
 
     from copa.data import read_jsonl
-    from copa.dspy.kit import model_lm
+    from copa.dspy.lms import model_lm
     from copa.dspy.program import to_examples
     from copa.dspy.search import demo_count, dspy_chatter_to, evaluate_program
     from copa.stages.val import val_scores_from_optimize, val_section
@@ -374,7 +374,9 @@ def write_recipe_used(run: Any) -> Path:
 
 def _generated_tokens(recipe: Any) -> int | None:
     """The local engines' generated-token count so far (None: a server generates)."""
-    if recipe.serve.engine != "local":
+    from copa.dspy.lms import in_process
+
+    if not in_process(recipe):
         return None
     from copa.inference.engine import generated_tokens
 

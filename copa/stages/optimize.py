@@ -3,21 +3,24 @@ the merged model (combined), and save each program with DSPy's own save.
 
 With `optimize.order: p->w` the pipeline calls `prompt_first` before the render stage writes
 the training rows (they carry the demos it chose). With an `optimize.strategy` other than
-"w -> p", the combined arm is BetterTogether's (copa.stages.strategy).
+"w -> p", the combined arm is BetterTogether's (copa.stages.strategy). `combined_arm` is the
+combined arm's one code path: this stage and COPAOptimizer.compile both call it, so every
+optimize: key means the same through either.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dspy
 
 from copa.dspy.candidates import candidate_table
-from copa.dspy.kit import TaskKit, base_model_path, model_lm, run_retriever, task_kit
-from copa.dspy.roles import role_lm
+from copa.dspy.kit import TaskKit, base_model_path, run_retriever, task_kit
+from copa.dspy.lms import in_process, model_lm, role_lm
 from copa.dspy.search import PromptResult, prompt_optimize, with_demos
 from copa.files import atomic_write_json
 from copa.prompting import field_value
@@ -32,12 +35,16 @@ def _save_program(program: dspy.Module, path: Path) -> None:
 
 
 def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: str,
-                  extra: dict[str, dspy.Module]) -> PromptResult:
-    """Prompt-optimize one arm's program on one model and save it as program_<arm>.json."""
+                  extra: dict[str, dspy.Module], out: Path | None = None
+                  ) -> tuple[PromptResult, dspy.LM | None]:
+    """Prompt-optimize one arm's program on one model and save it as program_<arm>.json in
+    `out` (the run's optimize folder unless given). With it, the LM the program answers with
+    where that outlives the step (an in-process engine), else None."""
     recipe: Recipe = run.recipe
-    out: Path = run.optimize_dir
+    out = out or run.optimize_dir
     out.mkdir(parents=True, exist_ok=True)
     run.emit(f"  [{arm}] prompt optimization on the {lm_name} model")
+    lasting = None
     if recipe.optimize.enabled:
         base = base_model_path(recipe)
         merged = str(run.merged) if run.finetunes and run.merged.is_dir() else None
@@ -49,6 +56,7 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
                                      kit.valset, kit.metric, extra, emit=run.emit,
                                      log_path=out / f"dspy-{arm}.log", proposer=proposer,
                                      teacher=teacher, log_dir=out / f"optimizer-{arm}")
+            lasting = lm if in_process(recipe) else None
         for view in result.summary()["kept"]:
             run.emit(f"  kept instruction ({view['predictor']}): "
                      f"{' '.join(view['instructions'].split())[:200]!r}, "
@@ -68,10 +76,38 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
         _save_program(result.optimized, pick)
     else:
         pick.unlink(missing_ok=True)
-    return result
+    return result, lasting
 
 
-def _kit_for(run: Any) -> TaskKit:
+@dataclass
+class CombinedArm:
+    result: PromptResult  # the program kept (its LMs set under a strategy) and how it was chosen
+    summary: dict[str, Any]  # the arm's entry in optimize.json
+    lm: dspy.LM | None  # the LM the program answers with, where that outlives the step
+
+
+def combined_arm(run: Any, kit: TaskKit, out: Path) -> CombinedArm:
+    """The combined arm's prompt step on the merged model, saved in `out`: the recipe's
+    optimizer (optimize.optimizer, params, proposer, teacher, max_tokens), the val guard
+    (guard, guard_margin) with the fine-tune's own demo set as a candidate; or, under an
+    optimize.strategy, BetterTogether's pick."""
+    recipe: Recipe = run.recipe
+    if recipe.optimize.strategy != DEFAULT_STRATEGY:
+        from copa.stages.strategy import strategy_arm  # BetterTogether: its own "p" and "w"
+
+        program, summary = strategy_arm(run, kit, _save_program, out)
+        return CombinedArm(PromptResult(program, summary["winner"], summary["val_scores"],
+                                        summary["demos"], summary["seconds"]), summary, None)
+    extra = {}
+    fixed_demos = json.loads((run.rendered / "demos.json").read_text())
+    if fixed_demos:
+        # The demo set the model was fine-tuned with is a candidate of its own.
+        extra["finetune_demos"] = with_demos(kit.program, fixed_demos, recipe)
+    result, lm = _optimize_arm(run, kit, "combined", str(run.merged), "merged", extra, out)
+    return CombinedArm(result, result.summary(), lm)
+
+
+def kit_for(run: Any) -> TaskKit:
     """The optimizer's train and val rows: the rendered splits and nothing else, so it sees the
     very rows the test split was held out from (never a fresh load of an edited data file)."""
     from copa.data import read_jsonl
@@ -85,8 +121,8 @@ def _kit_for(run: Any) -> TaskKit:
 def prompt_first(run: Any) -> list[dict[str, str]]:
     """The "p" of "p -> w": optimize prompts on the base model before fine-tuning; the demo set
     the optimizer chose goes into every training row (copa.pipeline calls it before render)."""
-    kit = _kit_for(run)
-    result = _optimize_arm(run, kit, "prompt_only", base_model_path(run.recipe), "base", {})
+    kit = kit_for(run)
+    result, _ = _optimize_arm(run, kit, "prompt_only", base_model_path(run.recipe), "base", {})
     atomic_write_json(run.optimize_dir / "prompt_first.json", result.summary())
     fields = set(kit.spec.input_fields) | set(kit.spec.output_fields)
     source = result.optimized if result.optimized is not None else result.program
@@ -100,8 +136,7 @@ def optimize_stage(run: Any) -> dict[str, Any]:
     (combined); save both programs with DSPy's own save and a summary."""
     recipe: Recipe = run.recipe
     out: Path = run.optimize_dir
-    kit = _kit_for(run)
-    fixed_demos = json.loads((run.rendered / "demos.json").read_text())
+    kit = kit_for(run)
     arms = recipe.evaluate.arms
     summary: dict[str, Any] = {}
     artifacts: dict[str, Any] = {}
@@ -112,20 +147,10 @@ def optimize_stage(run: Any) -> dict[str, Any]:
             summary["prompt_only"] = json.loads(first.read_text())
         else:
             summary["prompt_only"] = _optimize_arm(run, kit, "prompt_only",
-                                                   base_model_path(recipe), "base", {}).summary()
+                                                   base_model_path(recipe), "base", {})[0].summary()
         artifacts["prompt_only"] = str(out / "program_prompt_only.json")
-    if "combined" in arms and run.finetunes and recipe.optimize.strategy != DEFAULT_STRATEGY:
-        from copa.stages.strategy import strategy_arm  # BetterTogether: its own "p" and "w"
-
-        summary["combined"] = strategy_arm(run, kit, _save_program)
-        artifacts["combined"] = str(out / "program_combined.json")
-    elif "combined" in arms and run.finetunes:
-        extra = {}
-        if fixed_demos:
-            # The demo set the model was fine-tuned with is a candidate of its own.
-            extra["finetune_demos"] = with_demos(kit.program, fixed_demos, recipe)
-        summary["combined"] = _optimize_arm(run, kit, "combined", str(run.merged), "merged",
-                                            extra).summary()
+    if "combined" in arms and run.finetunes:
+        summary["combined"] = combined_arm(run, kit, out).summary
         artifacts["combined"] = str(out / "program_combined.json")
     atomic_write_json(out / "optimize.json", summary)
     return {"programs": artifacts, "summary": str(out / "optimize.json")}

@@ -13,13 +13,14 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import dspy
 
 from copa.dspy.adapter import finetune_rows_adapter
 from copa.dspy.kit import TaskKit, base_model_path
-from copa.dspy.roles import role_lm
+from copa.dspy.lms import role_lm
 from copa.dspy.search import (
     build_optimizer,
     compile_params,
@@ -65,13 +66,14 @@ def _without_lms(program: dspy.Module) -> dspy.Module:
     return clone
 
 
-def strategy_arm(run: Any, kit: TaskKit, save: Any) -> dict[str, Any]:
-    """Run BetterTogether with the recipe's strategy; save its pick as program_combined.json
-    (with `save(program, path)`) and return the arm's summary: every candidate it scored with
-    its strategy prefix, val score and model, and whether the training rows carried demos."""
+def strategy_arm(run: Any, kit: TaskKit, save: Any, out: Path) -> tuple[dspy.Module,
+                                                                        dict[str, Any]]:
+    """Run BetterTogether with the recipe's strategy; save its pick as out/program_combined.json
+    (with `save(program, path)`) and return the pick (its predictors on their LMs) and the
+    arm's summary: every candidate it scored with its strategy prefix, val score and model,
+    and whether the training rows carried demos."""
     recipe = run.recipe
     opt = recipe.optimize
-    out = run.optimize_dir
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "dspy-combined.log"
     start = time.time()
@@ -123,11 +125,12 @@ def strategy_arm(run: Any, kit: TaskKit, save: Any) -> dict[str, Any]:
         score = "n/a" if c["val_score"] is None else f"{c['val_score']:.3f}"
         run.emit(f"  candidate {c['strategy']:<12} val {score}  ({c['demos']} demos)")
     run.emit(f"  [combined] BetterTogether picked '{winner}'")
-    return {"strategy": opt.strategy, "winner": winner, "model": model,
-            "val_scores": {c["strategy"]: c["val_score"] for c in candidates
-                           if c["val_score"] is not None},
-            "candidates": candidates, "demos": demo_count(best),
-            "training_rows_carried_demos": not exclude_demos,
-            "finetunes": list(lm.provider.history), "seconds": round(time.time() - start, 2),
-            "kept": program_view(best), "optimizer_pick": None, "optimized_demos": None,
-            "val_errors": {}, "lm_errors": 0}
+    return best, {
+        "strategy": opt.strategy, "winner": winner, "model": model,
+        "val_scores": {c["strategy"]: c["val_score"] for c in candidates
+                       if c["val_score"] is not None},
+        "candidates": candidates, "demos": demo_count(best),
+        "training_rows_carried_demos": not exclude_demos,
+        "finetunes": list(lm.provider.history), "seconds": round(time.time() - start, 2),
+        "kept": program_view(best), "optimizer_pick": None, "optimized_demos": None,
+        "val_errors": {}, "lm_errors": 0}

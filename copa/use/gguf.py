@@ -150,7 +150,8 @@ def verify(bundle: Any, gguf_file: Path, work: Path,
     import dspy
 
     from copa.data import read_jsonl
-    from copa.dspy.kit import local_lm, run_retriever, task_kit
+    from copa.dspy.kit import run_retriever, task_kit
+    from copa.dspy.lms import local_lm
     from copa.dspy.program import to_examples
     from copa.dspy.search import dspy_chatter_to, evaluate_program
     from copa.inference.engine import release_model

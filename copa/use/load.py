@@ -12,7 +12,8 @@ from typing import Any
 import dspy
 
 from copa.data import format_value
-from copa.dspy.kit import make_adapter, model_lm
+from copa.dspy.kit import make_adapter
+from copa.dspy.lms import model_lm
 from copa.dspy.program import make_program
 from copa.dspy.retrieved import load_program
 from copa.use.bundle import Bundle, open_bundle
