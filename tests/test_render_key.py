@@ -71,7 +71,7 @@ def test_the_render_key_covers_every_data_file(tmp_path: Path, tiny_model_dir: P
 
 def test_the_optimizer_reads_only_the_rendered_splits(tmp_path: Path,
                                                       tiny_model_dir: Path) -> None:
-    from copa.stages.optimize import _kit_for
+    from copa.stages.optimize import kit_for
 
     recipe = _recipe(tmp_path, tiny_model_dir)
     run_dir = tmp_path / "run"
@@ -80,7 +80,7 @@ def test_the_optimizer_reads_only_the_rendered_splits(tmp_path: Path,
     # A run opened after the edit loads fresh splits; the optimizer must not use them.
     run = open_run(recipe, run_dir=run_dir)
     assert all(r["text"].startswith("edited ") for r in run.checked.splits.train)
-    kit = _kit_for(run)
+    kit = kit_for(run)
     splits = run_dir / "rendered" / "splits"
     for examples, name in ((kit.trainset, "train"), (kit.valset, "val")):
         rendered = read_jsonl(splits / f"{name}.jsonl")
