@@ -412,7 +412,8 @@ def test_a_study_tables_what_each_guard_margin_would_have_kept(tmp_path: Path) -
     plan = {"study": "s", "recipe": "r.yaml", "grid": {}, "seeds": [0, 1], "arms": arms,
             "bootstrap": 50, "cells": cells}
     data = aggregate(plan, tmp_path)
-    margins = {o["margin"]: o for o in data["guard_margins"]}
+    assert list(data["guard_margins"]) == ["combined"]
+    margins = {o["margin"]: o for o in data["guard_margins"]["combined"]}
     assert margins[0.0]["kept_pick"] == 1 and margins[0.0]["mean_test_gain"] == pytest.approx(0.1)
     assert margins[0.1]["kept_pick"] == 0 and margins[0.1]["mean_test_gain"] == 0.0
     table = markdown(data)

@@ -69,7 +69,11 @@ def aggregate(plan: Mapping[str, Any], study_dir: Path, seed: int = 0) -> dict[s
                       "averages the seeds' resampled means; seed_ci95: Student-t over the "
                       "seeds' means",
             "cells": cells, "runs": runs, "findings": findings(cells),
-            **({"guard_margins": margin_outcomes(guard_entries)} if guard_entries else {})}
+            # per arm: the base model's picks and the fine-tune's are different questions
+            **({"guard_margins": {arm: margin_outcomes([e for e in guard_entries
+                                                        if e["arm"] == arm])
+                                  for arm in dict.fromkeys(e["arm"] for e in guard_entries)}}
+               if guard_entries else {})}
 
 
 def _cell(point: dict[str, Any], resamples: int, seed: int) -> dict[str, Any]:

@@ -62,15 +62,18 @@ def markdown(data: dict[str, Any]) -> str:
                   "add beyond the sum of their separate gains)."]
     if data.get("guard_margins"):
         lines += ["", "## The val guard's margin", "",
-                  "Each cell's prompt-optimized arms where the optimizer's pick was scored on "
-                  "test (copa scores it when the guard declines it): what each "
+                  "Per prompt-optimized arm, over the cells and seeds where the optimizer's pick "
+                  "was scored on test (copa scores it when the guard declines it): what each "
                   "`optimize.guard_margin` would have kept (off: `guard: false`), and the mean "
-                  "test gain over always keeping the plain prompt.", "",
-                  "| guard_margin | kept the pick | mean test gain (points) |", "|---:|---:|---:|"]
-        lines += [f"| {'off' if o['margin'] is None else format(o['margin'], 'g')} | "
-                  f"{o['kept_pick']} of {o['entries']} | "
-                  f"{100 * o['mean_test_gain']:+.1f} |" for o in data["guard_margins"]
-                  if o["mean_test_gain"] is not None]
+                  "test gain over always keeping the plain prompt on that arm's model."]
+        for arm, outcomes in data["guard_margins"].items():
+            lines += ["", f"{ARMS[arm].short if arm in ARMS else arm}:", "",
+                      "| guard_margin | kept the pick | mean test gain (points) |",
+                      "|---:|---:|---:|"]
+            lines += [f"| {'off' if o['margin'] is None else format(o['margin'], 'g')} | "
+                      f"{o['kept_pick']} of {o['entries']} | "
+                      f"{100 * o['mean_test_gain']:+.1f} |" for o in outcomes
+                      if o["mean_test_gain"] is not None]
     lines += ["", "## Findings", "", *(f"- {line}" for line in data["findings"]),
               "", "## Every run", "",
               "| cell | seed | test rows | " + " | ".join(ARMS_SHOWN[a] for a in arms) + " |",
