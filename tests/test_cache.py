@@ -43,14 +43,14 @@ def test_a_repeated_request_is_answered_from_the_cache(tiny_model_dir: Path, tmp
     messages = [{"role": "user", "content": "say something"}]
 
     first = lm(messages=messages)
-    generated = sum(lm.engine.batch_sizes)
+    generated = lm.engine.requests
     assert lm(messages=messages) == first
-    assert sum(lm.engine.batch_sizes) == generated  # no new generation
+    assert lm.engine.requests == generated  # no new generation
 
     # Other weights (another tag): the same request is generated again.
     other = lm_mod.make_lm(str(tiny_model_dir), "tiny", max_tokens=4, cache_tag="0" * 16)
     other(messages=messages)
-    assert sum(lm.engine.batch_sizes) == generated + 1
+    assert lm.engine.requests == generated + 1
     assert any((tmp_path / "dspy").iterdir())  # on disk, in the run directory
 
 
@@ -59,7 +59,7 @@ def test_without_a_tag_nothing_is_cached(tiny_model_dir: Path, fresh_engines: No
     messages = [{"role": "user", "content": "say something else"}]
     lm(messages=messages)
     lm(messages=messages)
-    assert sum(lm.engine.batch_sizes) == 2
+    assert lm.engine.requests == 2
 
 
 def _hub_snapshot(cache: Path, model_id: str, commit: str, weights: bytes) -> None:

@@ -189,11 +189,12 @@ def test_editing_only_optimize_skips_training_and_merge(tiny_run) -> None:
 def test_run_directory_of_another_recipe_is_protected(tiny_run, tmp_path: Path,
                                                       tiny_model_dir: Path) -> None:
     from copa.recipe import RecipeError
+    from copa.runs import open_run
 
     run, _, _ = tiny_run
     other = write_tiny_recipe(tmp_path / "other", tiny_model_dir)
     with pytest.raises(RecipeError, match="belongs to recipe"):
-        pipeline.open_run(other, run_dir=run.dir)
+        open_run(other, run_dir=run.dir)
 
 
 def test_same_recipe_and_seed_give_the_same_metrics(tiny_run, tmp_path: Path) -> None:

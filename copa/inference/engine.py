@@ -117,7 +117,10 @@ class BatchingEngine:
         self.max_batch_size = int(max_batch_size)
         self.batch_wait_s = max(0.0, float(batch_wait_ms)) / 1000.0
         self.default_max_tokens = int(default_max_tokens)
-        self.batch_sizes: list[int] = []  # one entry per generate call: shows batching happened
+        # rows decoding together, one entry per generate call or per admission to continuous
+        # decoding (then the requests in flight after it): shows batching happened
+        self.batch_sizes: list[int] = []
+        self.requests = 0  # requests taken to decode (not the sum of batch_sizes, which overlap)
         self._expected = self.max_batch_size  # callers to wait for (unknown at first: all)
         self._last_generate_s = 0.0
         self.generate_seconds = 0.0  # time spent generating: the rest of a run is callers' work
@@ -311,10 +314,12 @@ class BatchingEngine:
             keys = stream.add([prepared for _, prepared in ready])
             inflight.update(zip(keys, [item for item, _ in ready], strict=True))
             self.batch_sizes.append(len(inflight))
+            self.requests += len(ready)
         batch.clear()
 
     def _generate(self, batch: list[_Pending]) -> None:
         self.batch_sizes.append(len(batch))
+        self.requests += len(batch)
         start = time.monotonic()
         try:
             gens = self.model.generate_detailed(
