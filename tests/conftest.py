@@ -134,6 +134,22 @@ def write_prompt_only_recipe(folder: Path, model: Path, optimize: str) -> Path:
     return path
 
 
+class LabelModel:
+    """A stand-in model for copa's engine that answers a label task in ChatAdapter's format:
+    a subclass says which label a chat gets (`label`), with no weights to load."""
+
+    path = "label-model"
+
+    def label(self, chat: list[dict[str, str]]) -> str:
+        raise NotImplementedError
+
+    def generate_detailed(self, prompts, max_new_tokens, stop, sampling=None) -> list[Any]:
+        from copa.inference.local import Generation
+
+        return [Generation(f"[[ ## label ## ]]\n{self.label(chat)}\n\n[[ ## completed ## ]]",
+                           1, 1, "stop") for chat in prompts]
+
+
 @contextmanager
 def engine_lm(model: Any, name: str, max_batch_size: int = 4) -> Iterator[Any]:
     """A dspy.LM on copa's real batching engine over a stand-in model (a class with

@@ -8,29 +8,23 @@ from collections.abc import Iterator
 
 import dspy
 import pytest
-from conftest import engine_lm, label_exact, label_examples
+from conftest import LabelModel, engine_lm, label_exact, label_examples
 
 from copa.dspy.search import beyond_margin, prompt_optimize
-from copa.inference.local import Generation
 from copa.recipe import RecipeError, load_recipe
 from copa.recipe.schema import Recipe
 
 
-class DemoHelpedModel:
+class DemoHelpedModel(LabelModel):
     """Right on 'good'/'bad' rows; on 'hard' rows right only when the prompt carries demos (more
     than one user turn, as ChatAdapter formats them). So demos gain exactly the hard rows."""
 
     path = "demo-helped"
 
-    def generate_detailed(self, prompts, max_new_tokens, stop, sampling=None) -> list[Generation]:
-        out = []
-        for chat in prompts:
-            text = chat[-1]["content"]
-            with_demos = sum(m["role"] == "user" for m in chat) > 1
-            label = "pos" if "good" in text and ("hard" not in text or with_demos) else "neg"
-            out.append(Generation(f"[[ ## label ## ]]\n{label}\n\n[[ ## completed ## ]]",
-                                  1, 1, "stop"))
-        return out
+    def label(self, chat: list[dict[str, str]]) -> str:
+        text = chat[-1]["content"]
+        with_demos = sum(m["role"] == "user" for m in chat) > 1
+        return "pos" if "good" in text and ("hard" not in text or with_demos) else "neg"
 
 
 @pytest.fixture

@@ -12,32 +12,26 @@ from pathlib import Path
 
 import dspy
 import pytest
-from conftest import engine_lm
+from conftest import LabelModel, engine_lm
 
 from copa.dspy.retrieved import RetrievedDemos, load_program, retrieved_info
 from copa.dspy.search import demo_count, prompt_optimize
-from copa.inference.local import Generation
 from copa.recipe.schema import Recipe
 from copa.stages.val import demo_count as saved_demo_count
 
 _LABEL = re.compile(r"\[\[ ## label ## \]\]\s*(\w+)")
 
 
-class FirstDemoModel:
+class FirstDemoModel(LabelModel):
     """Answers with the label of the first demo in its prompt ('neg' without demos): right
     exactly when the most similar train row has the input's label."""
 
     path = "first-demo"
 
-    def generate_detailed(self, prompts, max_new_tokens, stop, sampling=None) -> list[Generation]:
-        out = []
-        for chat in prompts:
-            demos = [m["content"] for m in chat[1:-1] if m["role"] == "assistant"]
-            found = _LABEL.search(demos[0]) if demos else None
-            label = found.group(1) if found else "neg"
-            out.append(Generation(f"[[ ## label ## ]]\n{label}\n\n[[ ## completed ## ]]",
-                                  1, 1, "stop"))
-        return out
+    def label(self, chat: list[dict[str, str]]) -> str:
+        demos = [m["content"] for m in chat[1:-1] if m["role"] == "assistant"]
+        found = _LABEL.search(demos[0]) if demos else None
+        return found.group(1) if found else "neg"
 
 
 @pytest.fixture
