@@ -254,6 +254,25 @@ def test_the_in_context_study_crosses_demo_training_with_the_combined_program() 
     assert len({c.name for c in study.cells}) == 6
 
 
+def test_the_in_context_200_study_asks_the_same_question_at_200_rows() -> None:
+    """Random training demos vs none, the retrieved-demos program, on 200 train rows with the
+    40-row study's val and test sizes (so a seed's test rows are the same in both)."""
+    from copa.checks import demo_problems
+
+    study = load_study(REPO / "studies" / "in_context_200.yaml")
+    assert study.spec.seeds == [0, 1, 2] and len(study.cells) == 6
+    recipes = [load_recipe(study.recipe, overrides=c.overrides) for c in study.cells
+               if c.seed == 0]
+    demos = [r.model_dump(mode="json")["finetune"]["demos"] for r in recipes]
+    assert demos == [{"k": [0, 3], "pick": "random"}, "none"]
+    assert all(r.optimize.optimizer == "retrieved" and r.optimize.guard for r in recipes)
+    assert all((r.data.splits.train, r.data.splits.val, r.data.splits.test) == (200, 30, 100)
+               for r in recipes)
+    assert all(r.finetune.num_epochs == 3 and r.finetune.early_stopping is None
+               for r in recipes)
+    assert not any(demo_problems(r, "in_context_200") for r in recipes)
+
+
 def test_a_long_grid_value_gets_a_short_distinct_folder_name() -> None:
     names = [folder_part("You are given four measurements " + tail) for tail in "ab"]
     assert all(len(n) <= 40 for n in names) and names[0] != names[1]
