@@ -234,6 +234,18 @@ def test_the_demos_study_gives_each_cell_its_own_demo_count() -> None:
     assert [r.optimize.params["max_labeled_demos"] for r in recipes] == [0, 1, 2, 4, 8]
 
 
+def test_the_demos_aware_study_prompts_a_demo_trained_fine_tune_with_k_demos() -> None:
+    from copa.checks import demo_problems
+
+    study = load_study(REPO / "studies" / "demos_aware.yaml")
+    recipes = [load_recipe(study.recipe, overrides=c.overrides) for c in study.cells
+               if c.seed == 0]
+    assert [r.optimize.params["max_labeled_demos"] for r in recipes] == [0, 1, 2, 4, 8]
+    assert all(r.model_dump(mode="json")["finetune"]["demos"] == {"k": [0, 3], "pick": "random"}
+               and not r.optimize.guard for r in recipes)
+    assert not any(demo_problems(r, "demos_aware") for r in recipes)
+
+
 def test_the_in_context_study_crosses_demo_training_with_the_combined_program() -> None:
     """Three ways to train (no demos, random and retrieved k in [0, 3]) x two programs (the
     optimizer's pick, retrieved demos), every cell a recipe copa's checks accept."""
