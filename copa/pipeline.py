@@ -83,8 +83,10 @@ def _val_eval_inputs(run: Run) -> list[str]:
 
 
 def _training_inputs(rendered: Path, run: Run) -> list[Any]:
+    from copa.runs import TRAIN_CONFIG, TRAIN_ROWS
+
     v = versions()
-    return [sha256_file(rendered / "axolotl.yml"), sha256_file(rendered / "train.jsonl"),
+    return [sha256_file(rendered / TRAIN_CONFIG), sha256_file(rendered / TRAIN_ROWS),
             v["axolotl"], v["transformers"], v["torch"], v["peft"], *_val_eval_inputs(run)]
 
 

@@ -42,6 +42,8 @@ from copa.files import atomic_write_json
 from copa.recipe import Problem, Recipe, RecipeError, load_recipe
 
 Emit = Callable[[str], None]
+TRAIN_CONFIG = "axolotl.yml"  # a rendered folder's training config (the backend's format)
+TRAIN_ROWS = "train.jsonl"  # ... and its training rows, rendered as the prompts are
 PLAIN_DIR = "plain"  # rendered/plain/, plain/: the demo-free fine-tune beside a demo-trained one
 
 
@@ -141,7 +143,7 @@ class Run:
     def trains_plain(self) -> bool:
         """Whether the render stage asked for a demo-free fine-tune beside the recipe's
         demo-trained one (its rows and config are in rendered/plain/)."""
-        return self.finetunes and (self.rendered_plain / "axolotl.yml").is_file()
+        return self.finetunes and (self.rendered_plain / TRAIN_CONFIG).is_file()
 
     @property
     def optimize_dir(self) -> Path:

@@ -25,6 +25,7 @@ from copa.backends.base import Hardware, TrainError
 from copa.backends.progress import PROGRESS_ENV, TrainingProgress
 from copa.files import atomic_dir
 from copa.recipe import Recipe
+from copa.track import TRAIN_ENV
 
 
 def launch_command(recipe: Recipe, config_path: Path) -> list[str]:
@@ -133,8 +134,6 @@ def check_base_model(config: dict[str, Any], config_path: Path) -> None:
                          "render it again: copa run RECIPE --force render")
 
 
-# Set by copa.track around the train stage: {"uri", "experiment", "run_id"} of its MLflow run.
-TRACK_ENV = "COPA_MLFLOW_TRAIN"
 
 
 def tracked_config(config: dict[str, Any], config_path: Path, work_dir: Path,
@@ -144,7 +143,7 @@ def tracked_config(config: dict[str, Any], config_path: Path, work_dir: Path,
     MLflow run id into the trainer's environment (MLFLOW_RUN_ID: HF's MLflowCallback resumes
     that run instead of starting its own). The rendered config, and the train key, stay as they
     were. Tracking off: the rendered config itself."""
-    raw = env.pop(TRACK_ENV, None)
+    raw = env.pop(TRAIN_ENV, None)  # {uri, experiment, run_id}, set by copa.track
     if not raw:
         return config_path
     info = json.loads(raw)

@@ -116,7 +116,7 @@ def run_finetune(recipe: Recipe, base_model: str, rows: list[dict[str, Any]], ro
     a finished one): the backend's train and merge, as the pipeline's stages call them."""
     from copa.backends import get_backend
     from copa.data import write_jsonl
-    from copa.runs import run_dir_locked, versions
+    from copa.runs import TRAIN_CONFIG, TRAIN_ROWS, run_dir_locked, versions
 
     backend = get_backend()
     key = finetune_key(recipe, base_model, rows, versions())
@@ -129,7 +129,7 @@ def run_finetune(recipe: Recipe, base_model: str, rows: list[dict[str, Any]], ro
             return Finetuned(key, merged, len(rows), True, 0.0)
         start = time.time()
         phase("preparing")
-        train_path, config_path, work = folder / "train.jsonl", folder / "axolotl.yml", \
+        train_path, config_path, work = folder / TRAIN_ROWS, folder / TRAIN_CONFIG, \
             folder / "train"
         write_jsonl(train_path, rows)
         config = backend.checked_config(recipe, base_model, train_path, work)

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 def merge_stage(run: Run) -> dict[str, Any]:
     from copa.backends import get_backend
+    from copa.runs import TRAIN_CONFIG
 
     adapter = Path(run.manifest.stage("train")["artifacts"]["adapter"])
-    get_backend().merge(run.rendered / "axolotl.yml", adapter, run.merged, run.train_dir)
+    get_backend().merge(run.rendered / TRAIN_CONFIG, adapter, run.merged, run.train_dir)
     return {"model": str(run.merged)}

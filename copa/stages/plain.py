@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 def plain_finetune_stage(run: Run) -> dict[str, Any]:
     from copa.backends import get_backend
     from copa.data import read_jsonl
+    from copa.runs import TRAIN_CONFIG, TRAIN_ROWS
 
-    config = run.rendered_plain / "axolotl.yml"
-    rows = len(read_jsonl(run.rendered_plain / "train.jsonl"))
+    config = run.rendered_plain / TRAIN_CONFIG
+    rows = len(read_jsonl(run.rendered_plain / TRAIN_ROWS))
     work = run.plain_dir / "train"
     backend = get_backend()
     run.emit("  the demo-free fine-tune (the fine-tune-only arm's model)")

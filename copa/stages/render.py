@@ -20,7 +20,7 @@ from copa.data.retrieval import INDEX_DIR
 from copa.files import atomic_write_text
 from copa.prompting import PromptSpec, preview, training_row
 from copa.recipe import Recipe
-from copa.runs import PLAIN_DIR, Run
+from copa.runs import PLAIN_DIR, TRAIN_CONFIG, TRAIN_ROWS, Run
 
 if TYPE_CHECKING:
     from copa.data.retrieval import Retriever
@@ -135,7 +135,7 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     else:
         rows, val_rows = training_rows(spec, train, demos), training_rows(spec, val, demos)
         (out_dir / TRAIN_DEMOS).unlink(missing_ok=True)
-    write_jsonl(out_dir / "train.jsonl", rows)
+    write_jsonl(out_dir / TRAIN_ROWS, rows)
     write_jsonl(out_dir / "val.jsonl", val_rows)
     atomic_write_text(out_dir / "demos.json", json.dumps(demos, indent=2) + "\n")
     atomic_write_text(out_dir / "prompt_preview.txt", preview(spec, train[:2]))
@@ -146,21 +146,21 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     label = str(recipe.source_path) if recipe.source_path else "<recipe>"
     if validate_axolotl:  # what Axolotl will do with the rows: drop the too long ones
         too_long_rows(rows, base_model, recipe, label, emit)
-    config = backend.checked_config(recipe, base_model, out_dir / "train.jsonl", work_dir,
+    config = backend.checked_config(recipe, base_model, out_dir / TRAIN_ROWS, work_dir,
                                     hardware, validate=validate_axolotl)
-    config_path = out_dir / "axolotl.yml"
+    config_path = out_dir / TRAIN_CONFIG
     backend.write_config(config, config_path)
     # The fair fine-tune-only arm: the same rows without demos, trained beside (copa.runs).
     plain_rows = training_rows(spec, train)
     plain = out_dir / PLAIN_DIR
     if trains_with_demos(recipe) and plain_rows != rows:
-        write_jsonl(plain / "train.jsonl", plain_rows)
+        write_jsonl(plain / TRAIN_ROWS, plain_rows)
         write_jsonl(plain / "val.jsonl", training_rows(spec, val))
         plain_work = Path(plain_work_dir).resolve() if plain_work_dir else plain / "train"
-        backend.write_config(backend.checked_config(recipe, base_model, plain / "train.jsonl",
+        backend.write_config(backend.checked_config(recipe, base_model, plain / TRAIN_ROWS,
                                                     plain_work, hardware,
                                                     validate=validate_axolotl),
-                             plain / "axolotl.yml")
+                             plain / TRAIN_CONFIG)
     elif plain.exists():  # rendered before with demos: no second fine-tune now
         shutil.rmtree(plain)
     return Rendered(dir=out_dir, config_path=config_path, train_rows=len(rows), demos=demos,

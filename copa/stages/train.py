@@ -28,10 +28,11 @@ def val_eval_spec(run: Run) -> Path | None:
 def train_stage(run: Run) -> dict[str, Any]:
     from copa.backends import get_backend, valcurve
     from copa.data import read_jsonl
+    from copa.runs import TRAIN_CONFIG, TRAIN_ROWS
 
     backend = get_backend()
-    rows = len(read_jsonl(run.rendered / "train.jsonl"))
-    adapter = backend.train(run.recipe, run.rendered / "axolotl.yml", run.train_dir,
+    rows = len(read_jsonl(run.rendered / TRAIN_ROWS))
+    adapter = backend.train(run.recipe, run.rendered / TRAIN_CONFIG, run.train_dir,
                             emit=run.emit, total_steps=backend.steps_for(run.recipe, rows),
                             val_eval=val_eval_spec(run))
     artifacts: dict[str, Any] = {"adapter": str(adapter),

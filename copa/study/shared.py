@@ -36,7 +36,7 @@ import yaml
 
 from copa.files import atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
 from copa.pipeline import is_current, stage_key
-from copa.runs import Emit, Run, now, run_dir_locked, versions
+from copa.runs import TRAIN_CONFIG, TRAIN_ROWS, Emit, Run, now, run_dir_locked, versions
 
 MODELS_DIR = "models"
 FINETUNES_DIR = "finetunes"
@@ -49,10 +49,10 @@ def shared_train_key(rendered: Path) -> str:
     paths: the Axolotl config re-pointed at one fixed place, the rows, the versions."""
     from copa.backends import get_backend
 
-    config = yaml.safe_load((rendered / "axolotl.yml").read_text())
-    placed = get_backend().relocated_config(config, _NOWHERE / "train.jsonl", _NOWHERE / "train")
+    config = yaml.safe_load((rendered / TRAIN_CONFIG).read_text())
+    placed = get_backend().relocated_config(config, _NOWHERE / TRAIN_ROWS, _NOWHERE / "train")
     v = versions()
-    return sha256_json([placed, sha256_file(rendered / "train.jsonl"), v["axolotl"],
+    return sha256_json([placed, sha256_file(rendered / TRAIN_ROWS), v["axolotl"],
                         v["transformers"], v["torch"], v["peft"]])
 
 
@@ -90,21 +90,21 @@ def ensure_model(run: Run, models_dir: Path, emit: Emit = print,
             return folder
         emit(f"  training the shared model {folder.name}")
         start = time.time()
-        atomic_write_bytes(folder / "train.jsonl", (rendered / "train.jsonl").read_bytes())
-        config = yaml.safe_load((rendered / "axolotl.yml").read_text())
+        atomic_write_bytes(folder / TRAIN_ROWS, (rendered / TRAIN_ROWS).read_bytes())
+        config = yaml.safe_load((rendered / TRAIN_CONFIG).read_text())
         backend = get_backend()
-        backend.write_config(backend.relocated_config(config, folder / "train.jsonl",
+        backend.write_config(backend.relocated_config(config, folder / TRAIN_ROWS,
                                                       folder / "train"),
-                             folder / "axolotl.yml")
+                             folder / TRAIN_CONFIG)
         adapter = folder / "train" / "checkpoints"
         if backend.has_adapter(adapter):  # the weights are written at the end of training
             emit("  its training finished before (the merge did not): merging only")
         else:  # a killed training resumes from its last checkpoint
-            rows = len(read_jsonl(folder / "train.jsonl"))
-            adapter = backend.train(run.recipe, folder / "axolotl.yml", folder / "train",
+            rows = len(read_jsonl(folder / TRAIN_ROWS))
+            adapter = backend.train(run.recipe, folder / TRAIN_CONFIG, folder / "train",
                                     emit=emit, total_steps=backend.steps_for(run.recipe, rows))
         emit(f"  merging into {folder.name}/merged")
-        merged = backend.merge(folder / "axolotl.yml", adapter, folder / "merged",
+        merged = backend.merge(folder / TRAIN_CONFIG, adapter, folder / "merged",
                                folder / "train")
         atomic_write_json(folder / MODEL_INFO, {
             "key": key, "adapter": str(adapter), "merged": str(merged),

@@ -80,8 +80,10 @@ def _why(bundle: Bundle) -> str:
 
 def _adapter(bundle: Bundle) -> str:
     """The adapter training used: the rendered Axolotl config says what 'auto' became."""
+    from copa.runs import TRAIN_CONFIG
+
     adapter = bundle.recipe.finetune.adapter
-    config = bundle.root / "rendered" / "axolotl.yml"
+    config = bundle.root / "rendered" / TRAIN_CONFIG
     if adapter == "auto" and bundle.kind == "run" and config.is_file():
         import yaml
 
