@@ -301,6 +301,10 @@ def test_print_commands_then_report_on_nothing_run_yet(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     commands = [line for line in result.output.splitlines() if line.startswith("copa run ")]
     assert len(commands) == 4 and (out / "plan.json").is_file()
+    # seed-major, as a study runs: the whole grid on seed 0 before any cell's seed 1
+    dirs = [line.split("--run-dir ")[1].split()[0].split("/")[-2:] for line in commands]
+    assert dirs == [["lora_r=8", "seed-0"], ["lora_r=16", "seed-0"],
+                    ["lora_r=8", "seed-1"], ["lora_r=16", "seed-1"]]
     assert not list(out.glob("*/seed-*"))  # printed, not run
     result = CliRunner().invoke(cli, ["study", "--report", str(out)])
     assert result.exit_code == 0, result.output

@@ -11,11 +11,19 @@ from typing import Any
 from copa.runs import Emit
 from copa.study.aggregate import aggregate
 from copa.study.execute import PLAN_FILE, cell_command, run_ray, run_sequential, write_plan
-from copa.study.spec import Study, load_study
+from copa.study.spec import Cell, Study, load_study
 from copa.study.write import write_study
 from copa.track import study_results, study_tracking
 
 EXECUTORS = ("sequential", "ray")
+
+
+def run_order(study: Study) -> list[Cell]:
+    """Cells in the order they run: every cell's first seed, then every cell's second, ... A
+    study stopped halfway has the whole grid on its first seeds, not a few cells on all of
+    them (the reports still list cells grid-first)."""
+    seeds = study.spec.seeds
+    return sorted(study.cells, key=lambda cell: seeds.index(cell.seed))
 
 
 def study_commands(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
@@ -24,7 +32,7 @@ def study_commands(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     that `copa study --report DIR` finds the cells afterwards."""
     study = load_study(path, out_dir, seeds)
     write_plan(study)
-    return study, [cell_command(study, cell) for cell in study.cells]
+    return study, [cell_command(study, cell) for cell in run_order(study)]
 
 
 def run_study(path: str | os.PathLike[str], executor: str = "sequential",
@@ -48,9 +56,9 @@ def run_study(path: str | os.PathLike[str], executor: str = "sequential",
     # an MLflow parent run: each cell's run nests under it (copa.track)
     with study_tracking(study.name, track, study.dir, params, emit) as tracker:
         if executor == "ray":
-            results = run_ray(study, study.cells, emit, ray_address)
+            results = run_ray(study, run_order(study), emit, ray_address)
         else:
-            results = run_sequential(study, study.cells, emit)
+            results = run_sequential(study, run_order(study), emit)
         data = report_study(study.dir)
         study_results(tracker, study.dir, data)
     return data, results
