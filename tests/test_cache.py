@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import copa.inference.cache as cache_mod
 import copa.inference.engine as lm_mod
-from copa.inference.cache import model_fingerprint, use_response_cache
+from copa.inference.cache import cache_tag, model_fingerprint, use_response_cache
 
 
 @pytest.fixture
@@ -32,6 +33,17 @@ def test_fingerprint_follows_the_weights_and_is_remembered(tiny_model_dir: Path,
     data[-1] ^= 1  # one bit of one weight
     weights.write_bytes(bytes(data))
     assert model_fingerprint(model, index) != first
+
+
+def test_a_change_of_the_engines_numerics_changes_the_tag(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers computed with other arithmetic (e.g. SDPA decode attention, tagged with the bare
+    digest) are never read back as the current engine's."""
+    digest = "ab" * 32
+    now = cache_tag(digest)
+    assert now not in (None, digest[:16])
+    monkeypatch.setattr(cache_mod, "ENGINE_NUMERICS", "another kernel")
+    assert cache_tag(digest) != now
 
 
 def test_a_repeated_request_is_answered_from_the_cache(tiny_model_dir: Path, tmp_path: Path,

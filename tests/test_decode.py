@@ -173,3 +173,37 @@ def test_blocked_products_keep_their_bits_with_a_kept_transposed_weight(
     finally:
         rowgemm.use(model, varied.gemm)
     assert "copa_weight_t" not in vars(layer)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_decode_steps_attend_with_plain_products_as_sdpa_does(
+        window: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step (one new query per row) attends through one_query_attention, not SDPA:
+    per row, query heads grouped per key/value head (GQA), a sliding window as the last
+    `window` keys; its output is SDPA's up to float rounding."""
+    import torch
+
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, dim, prompt = 6, 2, 8, 20
+    batch = packed.PackedBatch([packed.Row(tokens=[0] * prompt, max_new=2)] * 2)
+    batch._plan([(0, 0, prompt), (1, prompt, prompt)])  # both prompts, as one prefill
+    batch.update(torch.randn(1, kv_heads, 2 * prompt, dim, generator=gen),
+                 torch.randn(1, kv_heads, 2 * prompt, dim, generator=gen), 0)
+    batch.lengths = [prompt, prompt]
+    batch._plan([(0, 0, 1), (1, 1, 1)])  # one decode step of both rows
+    batch.update(torch.randn(1, kv_heads, 2, dim, generator=gen),
+                 torch.randn(1, kv_heads, 2, dim, generator=gen), 0)
+    query = torch.randn(1, heads, 2, dim, generator=gen)
+
+    def no_sdpa(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a decode step went through SDPA")
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    out = batch.attend(0, query, 0.3, gqa=True, window=window)
+    keys, values = batch.buffers[0][0]
+    first = prompt + 1 - window if window else 0
+    for r in range(2):
+        expected = sdpa(query[:, :, r:r + 1], keys[r:r + 1, :, first:prompt + 1],
+                        values[r:r + 1, :, first:prompt + 1], scale=0.3, enable_gqa=True)
+        torch.testing.assert_close(out[0, r], expected[0, :, 0], atol=1e-6, rtol=1e-5)

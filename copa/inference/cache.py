@@ -72,12 +72,19 @@ def model_fingerprint(model: str | os.PathLike[str], index: Path,
         return digest
 
 
+# What the local engine's arithmetic is: bump it whenever a change may move a logit's bits
+# (a greedy answer on a near-tie could then differ), so no cached answer of the old arithmetic
+# is mistaken for the new one's. "decode-bmm-attention": decode steps attend with two plain
+# products and a softmax instead of SDPA (copa.inference.packed.one_query_attention).
+ENGINE_NUMERICS = "decode-bmm-attention"
+
+
 def cache_tag(digest: str | None, precision: str = "fp32") -> str | None:
-    """The tag that joins an LM's name: the weights' hash, and the precision they compute in
-    when it is not fp32 (bf16 answers are other answers from the same weights)."""
+    """The tag that joins an LM's name: the weights' hash, the precision they compute in (bf16
+    answers are other answers from the same weights) and the engine's ENGINE_NUMERICS."""
     if digest is None:
         return None
-    return digest[:16] if precision == "fp32" else sha256_json([digest, precision])[:16]
+    return sha256_json([digest, precision, ENGINE_NUMERICS])[:16]
 
 
 def weights_tag(model: str | os.PathLike[str], index: Path, serve_precision: str) -> str | None:

@@ -152,6 +152,13 @@ class PackedBatch:
         layer = self.buffers[layer_idx]
         for start, n, total, c, j, g in self.runs:
             k, v = layer[c]
+            if n == 1 and query.dtype == torch.float32:  # decode steps: one query per row
+                first = total - window if window is not None and total > window else 0
+                for r in range(g):  # each row on its own: the same call alone or batched
+                    out[0, start + r] = one_query_attention(
+                        query[0, :, start + r], k[j + r, :, first:total],
+                        v[j + r, :, first:total], scaling)
+                continue
             q = _rows_of(query, start, n, g).contiguous()
             mask = None
             if window is not None and total > window:
@@ -215,6 +222,24 @@ class PackedBatch:
         c, j = self.slots[row]
         return [(layer[c][0][j:j + 1, :, :n].clone(), layer[c][1][j:j + 1, :, :n].clone())
                 for layer in self.buffers]
+
+
+def one_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        scaling: float | None) -> torch.Tensor:
+    """Attention of one position's queries [heads, dim] over a row's keys and values
+    [kv_heads, keys, dim] (all of them visible): [heads, dim].
+
+    A decode step has one query row per head, where SDPA's CPU kernel ran at a third of memory
+    speed over a long cache (bench/decode.py). Here it is two plain products and a softmax;
+    query heads that share a key/value head (GQA) are grouped as the rows of one product
+    instead of repeating the keys. fp32 only: a bf16 product would round the scores to bf16.
+    """
+    kv_heads, dim = keys.shape[0], keys.shape[2]
+    scale = dim ** -0.5 if scaling is None else scaling
+    # query head h reads key/value head h // (heads / kv_heads), as transformers' repeat_kv
+    q = (query * scale).view(kv_heads, -1, dim)
+    weights = torch.bmm(q, keys.transpose(1, 2)).softmax(-1)
+    return torch.bmm(weights, values).view(-1, dim)
 
 
 def _rows_of(packed_states: torch.Tensor, start: int, n: int, g: int) -> torch.Tensor:
