@@ -1,5 +1,6 @@
 """The suite's own rule, read from its source with `ast`: every test asserts something (an
-`assert`, a `pytest.raises` / `pytest.warns`, or a helper of its own file that does), so no
+`assert`, a `pytest.raises` / `pytest.warns`, a library's `*.testing.assert_*` such as
+`torch.testing.assert_close`, or a helper of its own file that does), so no
 test passes by merely running."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def _checks(fn: ast.AST, helpers: dict[str, ast.AST], seen: frozenset[str]) -> b
             return True
         if isinstance(node, ast.Call):
             name = ast.unparse(node.func)
-            if name.startswith(CHECKS):
+            if name.startswith(CHECKS) or (".testing.assert_" in name):
                 return True
             if name in helpers and name not in seen and _checks(helpers[name], helpers,
                                                                  seen | {name}):
@@ -42,6 +43,7 @@ def test_the_finder_tells_a_test_that_checks_from_one_that_runs() -> None:
               "def test_b():\n    with pytest.raises(ValueError):\n        int('x')\n"
               "def test_c():\n    helper(1)\n"
               "def test_d():\n    print('ran')\n"
+              "def test_f():\n    torch.testing.assert_close(1, 1)\n"
               "class TestE:\n    def test_e(self):\n        pass\n")
     assert unchecked_tests(source) == ["test_d", "test_e"]
 
