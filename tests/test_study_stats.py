@@ -14,10 +14,10 @@ import pytest
 import yaml
 from conftest import REPO, write_tiny_recipe
 
-from copa.recipe import RecipeError, load_recipe
+from copa.recipe import Recipe, RecipeError, load_recipe
 from copa.stats import effect, pooled_resampled_means, seed_interval, study_cell
 from copa.study.execute import cell_command
-from copa.study.spec import folder_part, load_study
+from copa.study.spec import Study, folder_part, load_study
 from copa.study.write import markdown, plot
 
 ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
@@ -225,12 +225,17 @@ def test_an_override_into_an_overridden_section_leaves_the_callers_value_alone(
     assert params == {"max_bootstrapped_demos": 0}
 
 
+def _first_seed_recipes(study: Study) -> list[Recipe]:
+    """The recipe of every grid point on the study's first seed, as copa loads it."""
+    return [load_recipe(study.recipe, overrides=c.overrides) for c in study.cells
+            if c.seed == study.spec.seeds[0]]
+
+
 def test_the_demos_study_gives_each_cell_its_own_demo_count() -> None:
     study = load_study(REPO / "studies" / "demos.yaml")
     counts = [c.overrides["optimize.params"] for c in study.cells if c.seed == 0]
     assert counts == [{"max_bootstrapped_demos": 0}] * 5
-    recipes = [load_recipe(study.recipe, overrides=c.overrides) for c in study.cells
-               if c.seed == 0]
+    recipes = _first_seed_recipes(study)
     assert [r.optimize.params["max_labeled_demos"] for r in recipes] == [0, 1, 2, 4, 8]
 
 
@@ -238,8 +243,7 @@ def test_the_demos_aware_study_prompts_a_demo_trained_fine_tune_with_k_demos() -
     from copa.checks import demo_problems
 
     study = load_study(REPO / "studies" / "demos_aware.yaml")
-    recipes = [load_recipe(study.recipe, overrides=c.overrides) for c in study.cells
-               if c.seed == 0]
+    recipes = _first_seed_recipes(study)
     assert [r.optimize.params["max_labeled_demos"] for r in recipes] == [0, 1, 2, 4, 8]
     assert all(r.model_dump(mode="json")["finetune"]["demos"] == {"k": [0, 3], "pick": "random"}
                and not r.optimize.guard for r in recipes)
@@ -253,8 +257,7 @@ def test_the_in_context_study_crosses_demo_training_with_the_combined_program() 
 
     study = load_study(REPO / "studies" / "in_context.yaml")
     assert study.spec.seeds == [0, 1, 2] and len(study.cells) == 18
-    recipes = [load_recipe(study.recipe, overrides=c.overrides) for c in study.cells
-               if c.seed == 0]
+    recipes = _first_seed_recipes(study)
     demos = [r.model_dump(mode="json")["finetune"]["demos"] for r in recipes]
     # grid order is run order: the demo-aware cells, retrieved first, before the demo-free ones
     assert demos == [{"k": [0, 3], "pick": "retrieved"}] * 2 + [
@@ -273,8 +276,7 @@ def test_the_in_context_200_study_asks_the_same_question_at_200_rows() -> None:
 
     study = load_study(REPO / "studies" / "in_context_200.yaml")
     assert study.spec.seeds == [0, 1, 2] and len(study.cells) == 6
-    recipes = [load_recipe(study.recipe, overrides=c.overrides) for c in study.cells
-               if c.seed == 0]
+    recipes = _first_seed_recipes(study)
     demos = [r.model_dump(mode="json")["finetune"]["demos"] for r in recipes]
     assert demos == [{"k": [0, 3], "pick": "random"}, "none"]
     assert all(r.optimize.optimizer == "retrieved" and r.optimize.guard for r in recipes)

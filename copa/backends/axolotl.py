@@ -134,8 +134,6 @@ def check_base_model(config: dict[str, Any], config_path: Path) -> None:
                          "render it again: copa run RECIPE --force render")
 
 
-
-
 def tracked_config(config: dict[str, Any], config_path: Path, work_dir: Path,
                    env: dict[str, str]) -> Path:
     """With tracking on, Axolotl's own MLflow integration logs the training curves: its keys

@@ -215,8 +215,7 @@ def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAUL
                                  "inputs": inputs, "outputs": outputs}
         sizes = getattr(engine, "batch_sizes", None)  # copa's local engine: is it batching?
         if sizes is not None:
-            state["engine"] = {"requests": getattr(engine, "requests", sum(sizes)),
-                               "batches": len(sizes),
+            state["engine"] = {"requests": engine.requests, "batches": len(sizes),
                                "largest_batch": max(sizes, default=0)}
         return state
 
