@@ -38,8 +38,8 @@ def study_command(errors: Callable[[Any], Any], quiet: Callable[[], None],
     @click.option("--out", "out_dir", type=click.Path(file_okay=False),
                   help="Study folder (default: the study's run_dir, else runs/<name>).")
     @click.option("--seeds", callback=_seed_list, metavar="0,1,...",
-                  help="Run these seeds instead of the file's, e.g. --seeds 0 for a first look; "
-                  "a later run with all seeds skips the cells already finished.")
+                  help="Run only these seeds now, e.g. --seeds 0 for a first look; a later run "
+                  "skips the cells already finished, and the report covers every finished seed.")
     def study(study_file: str | None, report_dir: str | None, executor: str,
               ray_address: str | None, print_commands: bool, out_dir: str | None,
               seeds: list[int] | None) -> None:

@@ -342,9 +342,11 @@ def test_a_problem_every_cell_shares_stops_the_study_before_any_cell(tmp_path: P
     assert not list(out.glob("*/seed-*"))  # no cell started
 
 
-def test_seeds_on_the_command_line_replace_the_files_seeds(tmp_path: Path) -> None:
+def test_seeds_on_the_command_line_choose_which_seeds_run_now(tmp_path: Path) -> None:
     """`copa study --seeds 1` runs (here: prints) only seed 1's cells, with seed 1 set where the
-    file's seeds would be; a bad list is a usage error and a repeated seed the file's error."""
+    file's seeds would be, while plan.json keeps every seed of the file (plus any other one
+    given), so that seeds run one command at a time end in one report over all of them; a bad
+    list is a usage error and a repeated seed the file's error."""
     from click.testing import CliRunner
 
     from copa.cli import cli
@@ -353,11 +355,18 @@ def test_seeds_on_the_command_line_replace_the_files_seeds(tmp_path: Path) -> No
     study = load_study(path, seeds=[1])
     assert [c.rel_dir for c in study.cells] == ["lora_r=8/seed-1", "lora_r=16/seed-1"]
     assert {c.overrides["data.splits.seed"] for c in study.cells} == {1}
-    result = CliRunner().invoke(cli, ["study", str(path), "--print-commands", "--seeds", "1",
-                                      "--out", str(tmp_path / "out")])
-    assert result.exit_code == 0, result.output
-    commands = [line for line in result.output.splitlines() if line.startswith("copa run ")]
-    assert len(commands) == 2 and all("seed-1" in c for c in commands)
+    out = tmp_path / "out"
+    for seeds, printed in (("1", {1}), ("2,7", {2, 7})):
+        result = CliRunner().invoke(cli, ["study", str(path), "--print-commands", "--seeds", seeds,
+                                          "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        commands = [line for line in result.output.splitlines() if line.startswith("copa run ")]
+        assert len(commands) == 2 * len(printed)
+        assert {int(c.split("seed-")[1].split()[0]) for c in commands} == printed
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["seeds"] == [0, 1, 2, 7]
+    assert sorted({c["dir"] for c in plan["cells"]}) == sorted(
+        f"lora_r={r}/seed-{s}" for r in (8, 16) for s in (0, 1, 2, 7))
     result = CliRunner().invoke(cli, ["study", str(path), "--seeds", "one"])
     assert result.exit_code == 2 and "e.g. --seeds 0,1" in result.output
     result = CliRunner().invoke(cli, ["study", str(path), "--seeds", "1,1"])

@@ -11,7 +11,7 @@ from typing import Any
 from copa.runs import Emit
 from copa.study.aggregate import aggregate
 from copa.study.execute import PLAN_FILE, cell_command, run_ray, run_sequential, write_plan
-from copa.study.spec import Cell, Study, load_study
+from copa.study.spec import Cell, Study, load_study, read_study_file
 from copa.study.write import write_study
 from copa.track import study_results, study_tracking
 
@@ -26,13 +26,27 @@ def run_order(study: Study) -> list[Cell]:
     return sorted(study.cells, key=lambda cell: seeds.index(cell.seed))
 
 
+def planned(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
+            seeds: list[int] | None = None) -> tuple[Study, list[Cell]]:
+    """The study as planned and reported (the file's seeds, then any other seed given) and the
+    cells to run now (the given seeds' only, if any). `copa study --seeds 0`, then `--seeds 1`,
+    then `--seeds 2` ends with a report over all three, not over the last one."""
+    if seeds is None:
+        study = load_study(path, out_dir)
+        return study, run_order(study)
+    file_seeds = read_study_file(path).seeds
+    read_study_file(path, seeds)  # the given list checked as the file's would be (no repeats)
+    study = load_study(path, out_dir, file_seeds + [s for s in seeds if s not in file_seeds])
+    return study, [cell for cell in run_order(study) if cell.seed in seeds]
+
+
 def study_commands(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
                    seeds: list[int] | None = None) -> tuple[Study, list[str]]:
-    """One `copa run ... --set ...` line per cell, for another scheduler; writes plan.json so
-    that `copa study --report DIR` finds the cells afterwards."""
-    study = load_study(path, out_dir, seeds)
+    """One `copa run ... --set ...` line per cell to run, for another scheduler; writes
+    plan.json so that `copa study --report DIR` finds the cells afterwards."""
+    study, cells = planned(path, out_dir, seeds)
     write_plan(study)
-    return study, [cell_command(study, cell) for cell in run_order(study)]
+    return study, [cell_command(study, cell) for cell in cells]
 
 
 def run_study(path: str | os.PathLike[str], executor: str = "sequential",
@@ -40,25 +54,25 @@ def run_study(path: str | os.PathLike[str], executor: str = "sequential",
               ray_address: str | None = None, seeds: list[int] | None = None
               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every cell (finished ones skipped), then the study files. Returns study.json's data and
-    what happened to each cell (a failed cell is reported, the others still run). `seeds`
-    replaces the file's seeds (the study files then cover those seeds)."""
+    what happened to each cell run now (a failed cell is reported, the others still run).
+    `seeds` chooses which seeds run now; the study files cover every seed that finished."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r}: use one of {', '.join(EXECUTORS)}")
-    study = load_study(path, out_dir, seeds)
+    study, cells = planned(path, out_dir, seeds)
     track = preflight(study)
     write_plan(study)
-    emit(f"study {study.name}: {len(study.cells)} runs "
-         f"({len(study.cells) // len(study.spec.seeds)} cells x {len(study.spec.seeds)} seeds) "
-         f"in {study.dir}")
+    now = len({cell.seed for cell in cells})
+    emit(f"study {study.name}: {len(cells)} runs ({len(cells) // max(now, 1)} cells x {now} "
+         f"seeds) in {study.dir}")
     params = {"study.file": str(study.file), "study.recipe": str(study.recipe),
               "study.grid": json.dumps(study.spec.grid, default=str),
               "study.seeds": json.dumps(study.spec.seeds), "study.executor": executor}
     # an MLflow parent run: each cell's run nests under it (copa.track)
     with study_tracking(study.name, track, study.dir, params, emit) as tracker:
         if executor == "ray":
-            results = run_ray(study, run_order(study), emit, ray_address)
+            results = run_ray(study, cells, emit, ray_address)
         else:
-            results = run_sequential(study, run_order(study), emit)
+            results = run_sequential(study, cells, emit)
         data = report_study(study.dir)
         study_results(tracker, study.dir, data)
     return data, results
