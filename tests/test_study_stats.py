@@ -287,6 +287,27 @@ def test_the_in_context_200_study_asks_the_same_question_at_200_rows() -> None:
     assert not any(demo_problems(r, "in_context_200") for r in recipes)
 
 
+def test_the_in_context_77_study_asks_it_on_every_intent() -> None:
+    """All 77 intents as choices (none filtered out), ~4 train rows per intent, 8 rows a step as
+    in the 10-intent studies (2 x 4 accumulation), rows of ~0.6-0.75k tokens within the limit."""
+    import csv
+
+    from copa.checks import demo_problems
+
+    study = load_study(REPO / "studies" / "in_context_77.yaml")
+    recipes = _first_seed_recipes(study)
+    assert [r.model_dump(mode="json")["finetune"]["demos"] for r in recipes] == [
+        {"k": [0, 3], "pick": "random"}, "none"]
+    for r in recipes:
+        assert len(set(r.task.choices)) == 77 and r.data.filter_labels is None
+        assert r.data.splits.train == 308 and r.finetune.sequence_len >= 768
+        assert r.finetune.micro_batch_size * r.finetune.gradient_accumulation_steps == 8
+        assert r.optimize.optimizer == "retrieved" and r.optimize.guard
+    with open(REPO / "tests" / "fixtures" / "data" / "banking77" / "train.csv") as f:
+        assert {row["category"] for row in csv.DictReader(f)} <= set(recipes[0].task.choices)
+    assert not any(demo_problems(r, "in_context_77") for r in recipes)
+
+
 def test_a_long_grid_value_gets_a_short_distinct_folder_name() -> None:
     names = [folder_part("You are given four measurements " + tail) for tail in "ab"]
     assert all(len(n) <= 40 for n in names) and names[0] != names[1]
