@@ -135,6 +135,29 @@ def demo_problems(recipe: Recipe, label: str) -> list[Problem]:
     return problems
 
 
+def optimizer_problems(recipe: Recipe, label: str) -> list[Problem]:
+    """optimize.optimizer names an optimizer DSPy has, and optimize.params are keys it takes:
+    a typo found here, not after the fine-tune has trained ('retrieved' is demo_problems';
+    a user's class that does not import, user_code_problems')."""
+    opt = recipe.optimize
+    if not opt.enabled or opt.optimizer == "retrieved":
+        return []
+    from copa.dspy.search import OptimizeError, param_problem, resolve_optimizer
+
+    try:
+        cls = resolve_optimizer(opt.optimizer, recipe.base_dir)
+    except OptimizeError as exc:
+        return [Problem(file=label, path="optimize.optimizer",
+                        message=str(exc).removeprefix("optimize.optimizer: "))]
+    except ImportError:
+        return []
+    if not isinstance(cls, type):
+        return [Problem(file=label, path="optimize.optimizer", message=(
+            f"{opt.optimizer!r} is not a class (an optimizer class with compile())"))]
+    problem = param_problem(cls, dict(opt.params))
+    return [Problem(file=label, path="optimize.params", message=problem)] if problem else []
+
+
 def retrieve_problems(recipe: Recipe, label: str) -> list[Problem]:
     """retrieve: fills a new input field from a query field of the signature, out of a corpus
     that has passages; data.answers_column's rows key must not shadow a field."""
@@ -181,6 +204,7 @@ def check_recipe(recipe: Recipe) -> Checked:
     problems.extend(_role_problems(recipe, label))
     problems.extend(retrieve_problems(recipe, label))
     problems.extend(demo_problems(recipe, label))
+    problems.extend(optimizer_problems(recipe, label))
     user_code = user_code_problems({"task.module": recipe.task.module,
                                     "evaluate.metric": recipe.evaluate.metric,
                                     "finetune.eval.metric": getattr(recipe.finetune.eval,

@@ -114,18 +114,27 @@ def _takes(function: Callable[..., Any]) -> set[str]:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
 
 
-def init_params(cls: type, params: dict[str, Any]) -> dict[str, Any]:
-    """The optimize.params an optimizer's constructor takes. The others must be compile()'s
-    (MIPROv2's num_trials, minibatch, data_aware_proposer, ...); a key neither takes is an
-    error naming both lists, unless the constructor takes **kwargs."""
+def param_problem(cls: type, params: dict[str, Any]) -> str | None:
+    """Why optimize.params do not fit the optimizer (a key neither its constructor nor its
+    compile() takes, unless the constructor takes **kwargs), or None."""
     init, compile_ = _takes(cls.__init__), _takes(cls.compile) - {"student", "trainset"}
     open_init = any(p.kind == p.VAR_KEYWORD
                     for p in inspect.signature(cls.__init__).parameters.values())
     unknown = sorted(k for k in params if k not in init and k not in compile_)
-    if unknown and not open_init:
-        raise OptimizeError(
-            f"optimize.params: {cls.__name__} takes none of {unknown} (constructor: "
+    if not unknown or open_init:
+        return None
+    return (f"{cls.__name__} takes none of {unknown} (constructor: "
             f"{', '.join(sorted(init - {'metric'}))}; compile: {', '.join(sorted(compile_))})")
+
+
+def init_params(cls: type, params: dict[str, Any]) -> dict[str, Any]:
+    """The optimize.params an optimizer's constructor takes. The others must be compile()'s
+    (MIPROv2's num_trials, minibatch, data_aware_proposer, ...); a key neither takes is an
+    error naming both lists (param_problem)."""
+    problem = param_problem(cls, params)
+    if problem:
+        raise OptimizeError(f"optimize.params: {problem}")
+    init, compile_ = _takes(cls.__init__), _takes(cls.compile) - {"student", "trainset"}
     return {k: v for k, v in params.items() if k in init or k not in compile_}
 
 
