@@ -154,11 +154,13 @@ def validate(recipe: str, full: bool, overrides: dict[str, Any]) -> None:
 @cli.command()
 @recipe_arg
 @click.option("-o", "--output", type=click.Path(file_okay=False),
-              help="Folder to write into (default: runs/<name>/rendered).")
+              help="Folder to write into (default: RUN_DIR/rendered).")
+@run_dir_opt
 @wait_opt
 @set_opt
 @_errors
-def render(recipe: str, output: str | None, wait: bool, overrides: dict[str, Any]) -> None:
+def render(recipe: str, output: str | None, run_dir: str | None, wait: bool,
+           overrides: dict[str, Any]) -> None:
     """Render RECIPE: data splits, training rows, prompt preview and a validated axolotl.yml."""
     _quiet_libraries()
     from copa.checks import check_recipe
@@ -167,14 +169,18 @@ def render(recipe: str, output: str | None, wait: bool, overrides: dict[str, Any
     from copa.runs import run_dir_for, run_dir_locked
     from copa.stages.render import render as render_files
 
+    if output and run_dir:
+        raise click.UsageError("give -o/--output (a folder of its own) or --run-dir (its "
+                               "rendered/ folder), not both")
     _check_output(output, "-o/--output", folder=True)
+    _check_output(run_dir, "--run-dir", folder=True)
     checked = check_recipe(load_recipe(recipe, overrides=overrides))
     if output:
         out = Path(output)
         with removed_on_failure(out):  # a failed render leaves none of its files
             result = render_files(checked, out, emit=click.echo)
     else:  # into the run directory: not while another command works there
-        directory = run_dir_for(checked.recipe).resolve()
+        directory = run_dir_for(checked.recipe, run_dir).resolve()
         out = directory / "rendered"
         with run_dir_locked(directory, wait=wait, emit=click.echo):
             result = render_files(checked, out, emit=click.echo)

@@ -502,6 +502,9 @@ def _one_line_exit_2(result: Any) -> str:
     (["predict", "{tmp}/no-run", "-i", "{tmp}/no-rows.csv", "-o", "{file}/out.jsonl"],
      "{file}/out.jsonl: {file} is not a folder (-o/--output)"),
     (["render", "{recipe}", "-o", "{file}"], "copa render: Invalid value for '-o' / '--output'"),
+    (["render", "{recipe}", "--run-dir", "{file}/run"], "{file} is not a folder (--run-dir)"),
+    (["render", "{recipe}", "--run-dir", "{tmp}/r", "-o", "{tmp}/o"],
+     "give -o/--output (a folder of its own) or --run-dir (its rendered/ folder), not both"),
     (["run", "{recipe}", "--run-dir", "{file}/run"], "{file} is not a folder (--run-dir)"),
     (["train", "{recipe}", "--run-dir", "{file}/run"], "{file} is not a folder (--run-dir)"),
     (["export", "{tmp}/no-run", "{file}/out"], "{file} is not a folder (OUT_DIR)"),
@@ -515,7 +518,7 @@ def _one_line_exit_2(result: Any) -> str:
     (["study", "--report", "{tmp}"], "not a study folder"),
     (["nosuch"], "copa: No such command 'nosuch'."),
 ], ids=["set-yaml", "set-duplicate", "set-huge-int", "set-bad-seed", "predict-output",
-        "render-output", "run-dir", "train-run-dir", "export-output", "init-output", "init-name",
+        "render-output", "render-run-dir", "render-both", "run-dir", "train-run-dir", "export-output", "init-output", "init-name",
         "study-out",
         "missing-option", "bad-option-value", "missing-dir", "report-missing", "not-a-study",
         "unknown-command"])
@@ -552,6 +555,20 @@ def test_a_failed_render_leaves_none_of_its_files(tmp_path: Path, tiny_model_dir
     result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(kept)])
     assert result.exit_code == 0, result.output
     assert {"mine.txt", "splits", "train.jsonl", "axolotl.yml"} <= {p.name for p in kept.iterdir()}
+
+
+def test_render_takes_the_run_dir_every_stage_takes(tmp_path: Path, tiny_model_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`copa render R --run-dir D` renders into D/rendered, where `copa train R --run-dir D`
+    looks (a study prints each cell's command with --run-dir)."""
+    from conftest import write_tiny_recipe
+
+    recipe = write_tiny_recipe(tmp_path / "recipe", tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["render", str(recipe), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "rendered" / "axolotl.yml").is_file()
+    assert not (tmp_path / "runs").exists()  # not the default runs/tiny
 
 
 @pytest.mark.slow
