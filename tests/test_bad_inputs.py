@@ -518,7 +518,8 @@ def _one_line_exit_2(result: Any) -> str:
     (["study", "--report", "{tmp}"], "not a study folder"),
     (["nosuch"], "copa: No such command 'nosuch'."),
 ], ids=["set-yaml", "set-duplicate", "set-huge-int", "set-bad-seed", "predict-output",
-        "render-output", "render-run-dir", "render-both", "run-dir", "train-run-dir", "export-output", "init-output", "init-name",
+        "render-output", "render-run-dir", "render-both", "run-dir", "train-run-dir",
+        "export-output", "init-output", "init-name",
         "study-out",
         "missing-option", "bad-option-value", "missing-dir", "report-missing", "not-a-study",
         "unknown-command"])
