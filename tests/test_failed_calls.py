@@ -80,6 +80,37 @@ def test_an_unparseable_answer_is_a_wrong_answer_not_a_failed_call(lm: dspy.LM) 
     assert [s for _, _, s in scored.results] == [0.0, 1.0]
 
 
+class SilentModel:
+    """Answers a chat's label as copa's template expects it (the bare label), and nothing at
+    all (an immediate end of turn) where the message says 'silent'."""
+
+    path = "silent"
+
+    def generate_detailed(self, prompts, max_new_tokens, stop, sampling=None) -> list[Generation]:
+        texts = [chat[-1]["content"] for chat in prompts]
+        return [Generation("" if "silent" in t else "pos" if "good" in t else "neg", 1, 1, "stop")
+                for t in texts]
+
+
+def test_an_empty_answer_is_a_wrong_answer_in_dspys_own_evaluation_too() -> None:
+    """An optimizer scores candidates with DSPy's Evaluate, where an exception counts toward
+    max_errors and cancels the search (seen: a Gemma fine-tune shown demos ended its turn at
+    once and BootstrapFewShotWithRandomSearch stopped the prompt stage). copa's template
+    adapter makes an empty completion an empty answer, scored 0 like any wrong one."""
+    from copa.dspy.adapter import TemplateAdapter
+    from copa.prompting import find_template, load_spec
+
+    spec = load_spec(find_template("prompts/question.jinja"), "Say the label.", ("text",),
+                     ("label",), ("pos", "neg"))
+    devset = label_examples(["silent good 1", "good 2", "silent bad 3", "bad 4", "good 5"])
+    with engine_lm(SilentModel(), "silent") as silent, \
+            dspy.context(lm=silent, adapter=TemplateAdapter(spec)):
+        result = dspy.Evaluate(devset=devset, metric=label_exact, num_threads=2, max_errors=1,
+                               display_progress=False)(dspy.Predict("text -> label"))
+    assert [s for _, _, s in result.results] == [0.0, 1.0, 0.0, 1.0, 1.0]
+    assert [p.label for _, p, _ in result.results] == ["", "pos", "", "neg", "pos"]
+
+
 def _recipe(**evaluate) -> Recipe:
     return Recipe.model_validate({
         "name": "errors", "task": {"signature": "text -> label", "choices": ["pos", "neg"]},

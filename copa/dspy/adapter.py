@@ -84,6 +84,23 @@ class TemplateAdapter(dspy.Adapter):
             return await self.other.acall(lm, lm_kwargs, signature, demos, inputs)
         return await super().acall(lm, lm_kwargs, signature, demos, inputs)
 
+    def _call_postprocess(self, processed_signature: type[dspy.Signature],
+                          original_signature: type[dspy.Signature], outputs: list[Any],
+                          lm: Any, lm_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        # A model that ends its turn at once (a fine-tune shown demos it never saw in training)
+        # answered, with nothing: an empty, wrong answer, as parse() treats an unparsable one.
+        # DSPy raises on it instead, which an optimizer's own evaluation counts as a failed
+        # call, and past its max_errors the whole prompt search is cancelled.
+        values = []
+        for output in outputs:
+            text = output.get("text") if isinstance(output, dict) else output
+            if text or (isinstance(output, dict) and output.get("tool_calls")):
+                values += super()._call_postprocess(processed_signature, original_signature,
+                                                    [output], lm, lm_kwargs)
+            else:
+                values.append({name: "" for name in original_signature.output_fields})
+        return values
+
     def _spec_for(self, signature: type[dspy.Signature]) -> PromptSpec:
         # Instructions may be rewritten by an optimizer (MIPROv2); the template stays the same.
         return self.spec.with_instructions(signature.instructions).with_fields(
