@@ -317,6 +317,36 @@ def test_the_in_context_77_study_asks_it_on_every_intent() -> None:
     assert not any(demo_problems(r, "in_context_77") for r in recipes)
 
 
+def test_the_gemma_study_repeats_the_demo_free_200_row_cell_on_the_other_model() -> None:
+    """Per seed, the Gemma cell is in_context_200's demos=none cell but for the model and what
+    Gemma needs (micro-batch x accumulation, still 8 rows a step; the learning rate): the same
+    splits, schedule and program, so the two models' synergies answer the same question."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                out |= flat(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    gemma, smollm = (load_study(REPO / "studies" / f"{n}.yaml")
+                     for n in ("gemma_in_context_200", "in_context_200"))
+    assert gemma.spec.seeds == smollm.spec.seeds
+    for seed in gemma.spec.seeds:
+        (g,) = [flat(load_recipe(gemma.recipe, overrides=c.overrides).model_dump(mode="json"))
+                for c in gemma.cells if c.seed == seed]
+        (s,) = [flat(load_recipe(smollm.recipe, overrides=c.overrides).model_dump(mode="json"))
+                for c in smollm.cells
+                if c.seed == seed and c.values["finetune.demos"] == "none"]
+        differ = {k for k in g.keys() | s.keys() if g.get(k) != s.get(k)}
+        assert differ == {"model.base", "finetune.micro_batch_size",
+                          "finetune.gradient_accumulation_steps", "finetune.learning_rate"}
+        assert g["model.base"] == "gemma3-270m"
+        assert (g["finetune.micro_batch_size"] * g["finetune.gradient_accumulation_steps"]
+                == s["finetune.micro_batch_size"] * s["finetune.gradient_accumulation_steps"])
+
+
 def test_a_long_grid_value_gets_a_short_distinct_folder_name() -> None:
     names = [folder_part("You are given four measurements " + tail) for tail in "ab"]
     assert all(len(n) <= 40 for n in names) and names[0] != names[1]
