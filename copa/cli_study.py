@@ -14,11 +14,20 @@ import click
 def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
     if value is None:
         return None
+    from copa.recipe.schema import MAX_SEED
+
     try:
-        return [int(part) for part in value.split(",") if part.strip()]
+        seeds = [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r}: write whole numbers separated by commas, "
                                  "e.g. --seeds 0,1") from None
+    if not seeds:
+        raise click.BadParameter("give at least one seed, e.g. --seeds 0")
+    if any(not 0 <= seed <= MAX_SEED for seed in seeds):
+        raise click.BadParameter(f"{value!r}: seeds are whole numbers from 0 to {MAX_SEED}")
+    if len(set(seeds)) < len(seeds):
+        raise click.BadParameter(f"{value!r}: a seed is repeated")
+    return seeds
 
 
 def study_command(errors: Callable[[Any], Any], quiet: Callable[[], None],

@@ -406,7 +406,7 @@ def test_seeds_on_the_command_line_choose_which_seeds_run_now(tmp_path: Path) ->
     """`copa study --seeds 1` runs (here: prints) only seed 1's cells, with seed 1 set where the
     file's seeds would be, while plan.json keeps every seed of the file (plus any other one
     given), so that seeds run one command at a time end in one report over all of them; a bad
-    list is a usage error and a repeated seed the file's error."""
+    list (not numbers, empty, out of range, a repeat) is a usage error naming --seeds."""
     from click.testing import CliRunner
 
     from copa.cli import cli
@@ -427,10 +427,10 @@ def test_seeds_on_the_command_line_choose_which_seeds_run_now(tmp_path: Path) ->
     assert plan["seeds"] == [0, 1, 2, 7]
     assert sorted({c["dir"] for c in plan["cells"]}) == sorted(
         f"lora_r={r}/seed-{s}" for r in (8, 16) for s in (0, 1, 2, 7))
-    result = CliRunner().invoke(cli, ["study", str(path), "--seeds", "one"])
-    assert result.exit_code == 2 and "e.g. --seeds 0,1" in result.output
-    result = CliRunner().invoke(cli, ["study", str(path), "--seeds", "1,1"])
-    assert result.exit_code == 2 and "seeds: " in result.output and "repeat" in result.output
+    for bad, said in (("one", "e.g. --seeds 0,1"), ("1,1", "a seed is repeated"),
+                      ("", "give at least one seed"), ("-1", "from 0 to 4294967295")):
+        result = CliRunner().invoke(cli, ["study", str(path), "--seeds", bad])
+        assert result.exit_code == 2 and "'--seeds'" in result.output and said in result.output
 
 
 def test_bettertogether_cells_fine_tune_in_one_study_folder(tmp_path: Path) -> None:
