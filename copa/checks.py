@@ -14,7 +14,7 @@ from copa.recipe import Problem, Recipe, RecipeError
 from copa.recipe.schema import DEFAULT_STRATEGY
 from copa.recipe.serve_schema import ENGINES
 from copa.registry import ARMS
-from copa.usercode import user_code_problems
+from copa.usercode import optimizer_class, param_problem, user_code_problems
 
 
 @dataclass(frozen=True)
@@ -142,15 +142,12 @@ def optimizer_problems(recipe: Recipe, label: str) -> list[Problem]:
     opt = recipe.optimize
     if not opt.enabled or opt.optimizer == "retrieved":
         return []
-    from copa.dspy.search import OptimizeError, param_problem, resolve_optimizer
-
     try:
-        cls = resolve_optimizer(opt.optimizer, recipe.base_dir)
-    except OptimizeError as exc:
-        return [Problem(file=label, path="optimize.optimizer",
-                        message=str(exc).removeprefix("optimize.optimizer: "))]
-    except ImportError:
-        return []
+        cls = optimizer_class(opt.optimizer, recipe.base_dir)
+    except ImportError as exc:
+        if ":" in opt.optimizer:  # the user's module: user_code_problems says why
+            return []
+        return [Problem(file=label, path="optimize.optimizer", message=str(exc))]
     if not isinstance(cls, type):
         return [Problem(file=label, path="optimize.optimizer", message=(
             f"{opt.optimizer!r} is not a class (an optimizer class with compile())"))]

@@ -10,7 +10,9 @@ user's module is imported here; copa's own recipe package stays free of dspy and
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,36 @@ def user_code_problems(values: dict[str, str], base_dir: Path | None) -> dict[st
         except ImportError as exc:
             problems[key] = f"cannot import {spec!r}: {exc}; name {kind} as 'package.module:name'"
     return problems
+
+
+def optimizer_class(name: str, base_dir: Path | None = None) -> Any:
+    """optimize.optimizer's class: DSPy's by name (dspy.<Name>, dspy is imported only here and
+    only then) or a user's 'package.module:Class'. Raises ImportError with a one-line reason."""
+    if ":" in name:
+        return import_object(name, base_dir)
+    import dspy
+
+    cls = getattr(dspy, name, None) or getattr(dspy.teleprompt, name, None)
+    if cls is None or not inspect.isclass(cls):
+        raise ImportError(f"DSPy has no optimizer named '{name}' (e.g. BootstrapFewShot, "
+                          "BootstrapFewShotWithRandomSearch, MIPROv2)")
+    return cls
+
+
+def takes(function: Callable[..., Any]) -> set[str]:
+    """The names a function takes by keyword (self left out)."""
+    return {name for name, p in inspect.signature(function).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+
+
+def param_problem(cls: type, params: dict[str, Any]) -> str | None:
+    """Why optimize.params do not fit the optimizer (a key neither its constructor nor its
+    compile() takes, unless the constructor takes **kwargs), or None."""
+    init, compile_ = takes(cls.__init__), takes(cls.compile) - {"student", "trainset"}
+    open_init = any(p.kind == p.VAR_KEYWORD
+                    for p in inspect.signature(cls.__init__).parameters.values())
+    unknown = sorted(k for k in params if k not in init and k not in compile_)
+    if not unknown or open_init:
+        return None
+    return (f"{cls.__name__} takes none of {unknown} (constructor: "
+            f"{', '.join(sorted(init - {'metric'}))}; compile: {', '.join(sorted(compile_))})")

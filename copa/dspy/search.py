@@ -20,7 +20,7 @@ from copa.dspy.candidates import optimizer_candidates, optimizer_log_params
 from copa.dspy.program import to_examples
 from copa.dspy.retrieved import ranking_model, retrieved_info, retrieved_program
 from copa.recipe import Recipe
-from copa.usercode import import_object
+from copa.usercode import optimizer_class, param_problem, takes
 
 Emit = Callable[[str], None]
 
@@ -35,13 +35,12 @@ class OptimizeError(Exception):
 def resolve_optimizer(name: str, base_dir: Path | None = None) -> type:
     """A DSPy optimizer class by name (dspy.<Name>) or a user's 'package.module:Class' (looked up
     with the recipe's folder, base_dir, on sys.path)."""
-    if ":" in name:
-        return import_object(name, base_dir)
-    cls = getattr(dspy, name, None) or getattr(dspy.teleprompt, name, None)
-    if cls is None or not inspect.isclass(cls):
-        raise OptimizeError(f"optimize.optimizer: DSPy has no optimizer named '{name}' "
-                            "(e.g. BootstrapFewShot, BootstrapFewShotWithRandomSearch, MIPROv2)")
-    return cls
+    try:
+        return optimizer_class(name, base_dir)
+    except ImportError as exc:
+        if ":" in name:  # the user's module: its own reason
+            raise
+        raise OptimizeError(f"optimize.optimizer: {exc}") from None
 
 
 # The optimizer arguments that name the LM writing instructions or reflections (not answers).
@@ -109,32 +108,14 @@ def build_optimizer(recipe: Recipe, metric: Callable[..., Any], lm: dspy.LM | No
             from None
 
 
-def _takes(function: Callable[..., Any]) -> set[str]:
-    return {name for name, p in inspect.signature(function).parameters.items()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
-
-
-def param_problem(cls: type, params: dict[str, Any]) -> str | None:
-    """Why optimize.params do not fit the optimizer (a key neither its constructor nor its
-    compile() takes, unless the constructor takes **kwargs), or None."""
-    init, compile_ = _takes(cls.__init__), _takes(cls.compile) - {"student", "trainset"}
-    open_init = any(p.kind == p.VAR_KEYWORD
-                    for p in inspect.signature(cls.__init__).parameters.values())
-    unknown = sorted(k for k in params if k not in init and k not in compile_)
-    if not unknown or open_init:
-        return None
-    return (f"{cls.__name__} takes none of {unknown} (constructor: "
-            f"{', '.join(sorted(init - {'metric'}))}; compile: {', '.join(sorted(compile_))})")
-
-
 def init_params(cls: type, params: dict[str, Any]) -> dict[str, Any]:
     """The optimize.params an optimizer's constructor takes. The others must be compile()'s
     (MIPROv2's num_trials, minibatch, data_aware_proposer, ...); a key neither takes is an
-    error naming both lists (param_problem)."""
+    error naming both lists (usercode.param_problem)."""
     problem = param_problem(cls, params)
     if problem:
         raise OptimizeError(f"optimize.params: {problem}")
-    init, compile_ = _takes(cls.__init__), _takes(cls.compile) - {"student", "trainset"}
+    init, compile_ = takes(cls.__init__), takes(cls.compile) - {"student", "trainset"}
     return {k: v for k, v in params.items() if k in init or k not in compile_}
 
 
