@@ -79,10 +79,16 @@ def takes(function: Callable[..., Any]) -> set[str]:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
 
 
+def optimizer_params(cls: type) -> tuple[set[str], set[str]]:
+    """The keys an optimizer's constructor takes and those its compile() takes (besides the
+    student and trainset copa hands it)."""
+    return takes(cls.__init__), takes(cls.compile) - {"student", "trainset"}
+
+
 def param_problem(cls: type, params: dict[str, Any]) -> str | None:
     """Why optimize.params do not fit the optimizer (a key neither its constructor nor its
     compile() takes, unless the constructor takes **kwargs), or None."""
-    init, compile_ = takes(cls.__init__), takes(cls.compile) - {"student", "trainset"}
+    init, compile_ = optimizer_params(cls)
     open_init = any(p.kind == p.VAR_KEYWORD
                     for p in inspect.signature(cls.__init__).parameters.values())
     unknown = sorted(k for k in params if k not in init and k not in compile_)

@@ -20,7 +20,7 @@ from copa.dspy.candidates import optimizer_candidates, optimizer_log_params
 from copa.dspy.program import to_examples
 from copa.dspy.retrieved import ranking_model, retrieved_info, retrieved_program
 from copa.recipe import Recipe
-from copa.usercode import optimizer_class, param_problem, takes
+from copa.usercode import optimizer_class, optimizer_params, param_problem
 
 Emit = Callable[[str], None]
 
@@ -115,7 +115,7 @@ def init_params(cls: type, params: dict[str, Any]) -> dict[str, Any]:
     problem = param_problem(cls, params)
     if problem:
         raise OptimizeError(f"optimize.params: {problem}")
-    init, compile_ = takes(cls.__init__), takes(cls.compile) - {"student", "trainset"}
+    init, compile_ = optimizer_params(cls)
     return {k: v for k, v in params.items() if k in init or k not in compile_}
 
 
