@@ -3,8 +3,11 @@ optimize.optimizer): imported by `copa validate` so a typo fails before anything
 the run itself, both the same way.
 
 The recipe's folder is appended to sys.path (after installed packages, so a file there never
-shadows one), so a `mymetrics.py` next to the recipe is found from any working directory. Only the
-user's module is imported here; copa's own recipe package stays free of dspy and torch.
+shadows one), so a `mymetrics.py` next to the recipe is found from any working directory. Two
+recipes in one process (a notebook loading two runs, a test session) may each have a
+`mymetrics.py`: the recipe being read gets its own, never the one another recipe's folder put in
+sys.modules first (that would score silently with the wrong metric). Only the user's module is
+imported here; copa's own recipe package stays free of dspy and torch.
 """
 
 from __future__ import annotations
@@ -24,11 +27,42 @@ USER_CODE_KEYS = (("task.module", "a dspy.Module class"),
                   ("optimize.optimizer", "a DSPy optimizer class"))
 
 
+# recipe folders this process put on sys.path (a folder the user put there is left where it is)
+_RECIPE_DIRS: list[str] = []
+
+
+def _is_under(file: str | None, folder: str) -> bool:
+    return file is not None and Path(file).resolve().is_relative_to(Path(folder).resolve())
+
+
+def _use_recipe_dir(base_dir: Path, module_name: str) -> None:
+    """Put base_dir on sys.path after installed packages but before other recipes' folders, and
+    forget module_name's top-level package if another recipe's folder supplied it while this
+    folder has its own."""
+    folder = str(base_dir)
+    if folder in sys.path and folder not in _RECIPE_DIRS:
+        return
+    if folder in sys.path:
+        sys.path.remove(folder)
+    others = [i for i, p in enumerate(sys.path) if p in _RECIPE_DIRS]
+    sys.path.insert(others[0] if others else len(sys.path), folder)
+    if folder not in _RECIPE_DIRS:
+        _RECIPE_DIRS.append(folder)
+    top = module_name.split(".")[0]
+    loaded = sys.modules.get(top)
+    if loaded is None or not ((base_dir / f"{top}.py").is_file() or (base_dir / top).is_dir()):
+        return
+    file = getattr(loaded, "__file__", None)
+    if any(_is_under(file, other) for other in _RECIPE_DIRS if other != folder):
+        for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+            del sys.modules[name]
+
+
 def import_object(spec: str, base_dir: Path | None = None) -> Any:
     """'package.module:name' -> that object. Raises ImportError with a one-line reason."""
     module_name, _, attr = spec.partition(":")
-    if base_dir is not None and str(base_dir) not in sys.path:
-        sys.path.append(str(base_dir))
+    if base_dir is not None:
+        _use_recipe_dir(Path(base_dir), module_name)
     importlib.invalidate_caches()  # a module written since the last import is found too
     try:
         module = importlib.import_module(module_name)
