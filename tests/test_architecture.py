@@ -18,6 +18,7 @@ COPA = ROOT / "copa"
 DOC = ROOT / "docs" / "architecture.md"
 HEAVY = ("torch", "transformers", "dspy", "axolotl", "peft", "accelerate")
 LIGHT = ("copa.recipe", "copa.recipe.load", "copa.recipe.schema", "copa.recipe.serve_schema",
+         "copa.recipe.finetune_schema",
          "copa.checks", "copa.data", "copa.data.sources", "copa.data.loaders",
          "copa.data.retrieval", "copa.data.demos", "copa.prompting", "copa.metrics",
          "copa.backends", "copa.backends.valcurve",
