@@ -249,7 +249,12 @@ def open_run(recipe_path: str | os.PathLike[str], run_dir: str | os.PathLike[str
         manifest = Manifest.load(directory / "manifest.json")
         owner = manifest.data.get("recipe")
         here = str(recipe.source_path)
-        if owner and owner != here and not force:
+        if owner and owner != here and not force and not Path(owner).exists():
+            # a run directory copied from another machine or checkout: its recipe is not here
+            # to run in it, so this one takes it over (the stage keys still decide what re-runs)
+            emit(f"run directory {directory} was made by recipe {owner}, which is not on this "
+                 f"machine: it now belongs to {here}")
+        elif owner and owner != here and not force:
             raise RecipeError([Problem(
                 file=str(recipe_path), path="name",
                 message=f"run directory {directory} belongs to recipe {owner}; "

@@ -197,6 +197,24 @@ def test_run_directory_of_another_recipe_is_protected(tiny_run, tmp_path: Path,
         open_run(other, run_dir=run.dir)
 
 
+def test_a_run_directory_whose_recipe_is_gone_is_taken_over(tiny_run, tmp_path: Path,
+                                                            tiny_model_dir: Path) -> None:
+    """A run directory copied from another machine names a recipe path that is not here."""
+    from copa.runs import open_run
+
+    run, _, _ = tiny_run
+    moved = tmp_path / "copied-run"
+    moved.mkdir()
+    manifest = json.loads((run.dir / "manifest.json").read_text())
+    manifest["recipe"] = str(tmp_path / "elsewhere" / "recipe.yaml")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    other = write_tiny_recipe(tmp_path / "other", tiny_model_dir)
+    said: list[str] = []
+    with open_run(other, run_dir=moved, emit=said.append) as taken:
+        assert taken.manifest.data["recipe"] == str(Path(other).resolve())
+    assert any("not on this machine" in line for line in said)
+
+
 def test_same_recipe_and_seed_give_the_same_metrics(tiny_run, tmp_path: Path) -> None:
     run, recipe, _ = tiny_run
     again = pipeline.run(recipe, run_dir=tmp_path / "again", emit=lambda _: None)
