@@ -154,10 +154,48 @@ def check_model(base: str, base_dir: Path | None = None) -> str | None:
             EMBEDDED[ref.value].locate()
         elif ref.kind == "gguf" and not Path(ref.value).is_file():
             return f"no such GGUF file: {ref.value}"
-        elif ref.kind == "dir" and not (Path(ref.value) / "config.json").is_file():
-            return f"{ref.value} has no config.json: not a Hugging Face model folder"
+        elif ref.kind == "dir":
+            return _folder_problem(Path(ref.value))
+        elif ref.kind == "hub":
+            return _hub_problem(ref.value)
     except ModelError as exc:
         return str(exc)
+    return None
+
+
+def _folder_problem(folder: Path) -> str | None:
+    config = folder / "config.json"
+    if not config.is_file():
+        return f"{folder} has no config.json: not a Hugging Face model folder"
+    try:
+        data = json.loads(config.read_bytes())
+    except (ValueError, OSError) as exc:
+        return f"the model folder's config.json is not valid JSON ({exc}): {config}"
+    if not isinstance(data, dict):
+        return f"the model folder's config.json is not a JSON object: {config}"
+    return None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_problem(repo_id: str) -> str | None:
+    """Offline, a hub id must already be in the local cache: transformers would fail only when
+    it first loads the model, with a traceback."""
+    if not _offline():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError as exc:  # an id the hub library refuses
+        return f"'{repo_id}' is not a hub id it can use ({exc})"
+    if not isinstance(found, str):
+        return (f"'{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                "download it first (huggingface-cli download), or name a model folder, a "
+                ".gguf file or an embedded model")
     return None
 
 

@@ -165,6 +165,12 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("missing-model-dir", {"set": {"model.base": "./no-such-model.gguf"}},
      "model.base: no such GGUF file"),
     ("model-nonsense", {"set": {"model.base": "not a model"}}, "model.base: 'not a model' is"),
+    # offline (conftest sets HF_HUB_OFFLINE), a hub id must be in the local cache already
+    ("model-hub-id-not-cached", {"set": {"model.base": "nosuch-org/nosuch-model"}},
+     "model.base: 'nosuch-org/nosuch-model' is not in the local Hugging Face cache"),
+    ("model-folder-config-not-json", {"set": {"model.base": "./broken-model"},
+                                      "files": {"broken-model/config.json": "{not json"}},
+     "model.base: the model folder's config.json is not valid JSON"),
     # --- the user's own code, imported by validate (module names unique per case: one process)
     ("user-metric-no-such-function",
      {"set": {"evaluate.metric": "case_metrics_a:f1"},
@@ -365,6 +371,7 @@ def _write_case(tmp_path: Path, case: dict[str, Any]) -> Path:
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     for name, content in case.get("files", {}).items():
         target = tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, bytes):
             target.write_bytes(content)
         else:
@@ -556,6 +563,25 @@ def test_a_failed_render_leaves_none_of_its_files(tmp_path: Path, tiny_model_dir
     result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(kept)])
     assert result.exit_code == 0, result.output
     assert {"mine.txt", "splits", "train.jsonl", "axolotl.yml"} <= {p.name for p in kept.iterdir()}
+
+
+def test_a_model_folder_without_a_tokenizer_is_one_line_at_render(tmp_path: Path,
+                                                                  tiny_model_dir: Path) -> None:
+    """validate only reads config.json; render loads the tokenizer, which is not there (or, for
+    a hub id, not reachable): one line naming model.base, exit 2, nothing left behind."""
+    from conftest import write_tiny_recipe
+
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    recipe = write_tiny_recipe(tmp_path / "recipe", tiny_model_dir)
+    out = tmp_path / "rendered"
+    result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(out),
+                                      "--set", f"model.base={folder}"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    line = result.output.strip().splitlines()[-1]  # after "resolving model ..."
+    assert line.startswith(f"{recipe}: model.base: cannot load the tokenizer of {folder}"), line
+    assert not out.exists()
 
 
 def test_render_takes_the_run_dir_every_stage_takes(tmp_path: Path, tiny_model_dir: Path,

@@ -201,8 +201,13 @@ def too_long_rows(rows: Sequence[dict], model_path: str, recipe: Recipe, label: 
     from copa.recipe import RecipeError
     from copa.recipe.schema import Problem
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        model_path, trust_remote_code=recipe.model.trust_remote_code)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model_path, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:  # no tokenizer there, or not reachable
+        said = " ".join(str(exc).split()).split(". ")[0][:200] or type(exc).__name__
+        raise RecipeError([Problem(file=label, path="model.base", message=(
+            f"cannot load the tokenizer of {recipe.model.base}: {said}"))]) from None
     limit = recipe.finetune.sequence_len
     lengths = [len(tokenizer.apply_chat_template(row["messages"], tokenize=True,
                                                  return_dict=True)["input_ids"])
