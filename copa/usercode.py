@@ -119,14 +119,56 @@ def optimizer_params(cls: type) -> tuple[set[str], set[str]]:
     return takes(cls.__init__), takes(cls.compile) - {"student", "trainset"}
 
 
+# optimize.params copa fills itself: the metric and the splits, and the models the recipe names
+# (a string there would reach DSPy as a model only to fail after training)
+COPA_SETS = {"metric": "evaluate.metric", "student": "the task's program",
+             "trainset": "the train split", "valset": "the val split",
+             "task_model": "model.base", "prompt_model": "optimize.proposer",
+             "reflection_lm": "optimize.proposer", "teacher": "optimize.teacher",
+             "teacher_settings": "optimize.teacher"}
+
+
+def _kind_problem(name: str, value: Any, default: Any) -> str | None:
+    """A value of another kind than the parameter's default (a word where a count goes), or None;
+    a parameter without a default, or with None, is not checked, and null is always taken (it
+    switches a feature off: MIPROv2's auto: null)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if value is None:
+        return None
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif number(default):
+        ok = number(value) and (not isinstance(default, int) or float(value).is_integer())
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        return None
+    if ok:
+        return None
+    kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[
+        type(default)]
+    return f"{name}: {value!r} is not {kind} (its default is {default!r})"
+
+
 def param_problem(cls: type, params: dict[str, Any]) -> str | None:
-    """Why optimize.params do not fit the optimizer (a key neither its constructor nor its
-    compile() takes, unless the constructor takes **kwargs), or None."""
+    """Why optimize.params do not fit the optimizer, or None: a key copa sets itself, a key
+    neither its constructor nor its compile() takes (unless the constructor takes **kwargs), or
+    a value of another kind than the parameter's default."""
     init, compile_ = optimizer_params(cls)
+    ours = sorted(k for k in params if k in COPA_SETS)
+    if ours:
+        return "; ".join(f"{k} is set by copa (from {COPA_SETS[k]}): remove it here"
+                         for k in ours)
     open_init = any(p.kind == p.VAR_KEYWORD
                     for p in inspect.signature(cls.__init__).parameters.values())
     unknown = sorted(k for k in params if k not in init and k not in compile_)
-    if not unknown or open_init:
-        return None
-    return (f"{cls.__name__} takes none of {unknown} (constructor: "
-            f"{', '.join(sorted(init - {'metric'}))}; compile: {', '.join(sorted(compile_))})")
+    if unknown and not open_init:
+        return (f"{cls.__name__} takes none of {unknown} (constructor: "
+                f"{', '.join(sorted(init - {'metric'}))}; compile: {', '.join(sorted(compile_))})")
+    defaults = {name: p.default for fn in (cls.__init__, cls.compile)
+                for name, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    kinds = [_kind_problem(k, v, defaults[k]) for k, v in params.items() if k in defaults]
+    return "; ".join(k for k in kinds if k) or None
