@@ -12,6 +12,7 @@ Demos become earlier user/assistant turns rendered by the same blocks. The Axolo
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,15 +42,62 @@ def templates_dir() -> Path:
     return TEMPLATES_DIR
 
 
+MAX_TEMPLATE_RANGE = 10_000  # range() in a template: far above a prompt's needs
+MAX_TEMPLATE_VALUE = 1_000_000  # characters or items a template's `*` may build
+MAX_POWER_DIGITS = 1_000  # digits a template's `**` may build
+
+
+class _PromptSandbox(ImmutableSandboxedEnvironment):
+    """Templates are shared between people and must not reach Python internals (the sandbox),
+    nor stall or exhaust the machine with their own arithmetic: `*` and `**` are checked before
+    they run, and nothing is computed while compiling (a template is checked at `copa
+    validate`: `{{ 2**20000 }}` would be computed there)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and _too_big_power(left, right):
+            raise SecurityError(f"{left!r} ** {right!r} is too large for a prompt")
+        if operator == "*" and _too_big_repeat(left, right):
+            raise SecurityError("a repetition over "
+                                f"{MAX_TEMPLATE_VALUE} characters or items is too large")
+        return super().call_binop(context, operator, left, right)
+
+
+def _too_big_power(base: Any, exponent: Any) -> bool:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (base, exponent)):
+        return False
+    if abs(base) <= 1 or exponent <= 0:
+        return False
+    return exponent * math.log10(abs(base)) > MAX_POWER_DIGITS
+
+
+def _too_big_repeat(left: Any, right: Any) -> bool:
+    for seq, times in ((left, right), (right, left)):
+        if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
+            return len(seq) * times > MAX_TEMPLATE_VALUE
+    return False
+
+
+def _bounded_range(*args: int) -> range:
+    numbers = range(*args)
+    if len(numbers) > MAX_TEMPLATE_RANGE:
+        raise SecurityError(f"range() of {len(numbers)} items: a template may loop at most "
+                            f"{MAX_TEMPLATE_RANGE} times")
+    return numbers
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    # Sandboxed: templates are shared between people and must not reach Python internals.
-    return ImmutableSandboxedEnvironment(
+    environment = _PromptSandbox(
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=False,
         trim_blocks=False,
         lstrip_blocks=False,
+        optimized=False,  # no constant folding: a template's arithmetic runs when it renders
     )
+    environment.globals["range"] = _bounded_range
+    return environment
 
 
 def find_template(name: str, base_dir: Path | None = None) -> Path:
@@ -99,7 +147,10 @@ class PromptTemplate:
             tag = {"Include": "include", "Extends": "extends"}.get(type(node).__name__, "import")
             raise PromptError(label, f"line {node.lineno}: {{% {tag} %}} is not allowed: a "
                                      "prompt template is one file; paste the other file's text in")
-        template = environment.from_string(tree)
+        try:
+            template = environment.from_string(tree)
+        except Exception as exc:  # the compiler refused something parse() let through
+            raise PromptError(label, f"cannot compile: {type(exc).__name__}: {exc}") from None
         missing = [b for b in ("user", "assistant") if b not in template.blocks]
         if missing:
             raise PromptError(

@@ -216,6 +216,20 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
                            "files": {"t.jinja": GOOD_TEMPLATE.replace(
                                "{{ text }}", "{{ inputs.update({'x': 1}) }}")}},
      "prompt.template: block user: refused by the sandbox"),
+    # a template's own arithmetic: computed while compiling it (a traceback), or huge
+    ("template-huge-power", {"set": {"prompt.template": "t.jinja"},
+                             "files": {"t.jinja": GOOD_TEMPLATE.replace(
+                                 "{{ text }}", "{{ 2**20000 }}{{ text }}")}},
+     "prompt.template: block user: refused by the sandbox: 2 ** 20000 is too large"),
+    ("template-huge-repeat", {"set": {"prompt.template": "t.jinja"},
+                              "files": {"t.jinja": GOOD_TEMPLATE.replace(
+                                  "{{ text }}", "{{ 'x' * 2000000000 }}{{ text }}")}},
+     "prompt.template: block user: refused by the sandbox: a repetition over 1000000"),
+    ("template-nested-loops", {"set": {"prompt.template": "t.jinja"},
+                               "files": {"t.jinja": GOOD_TEMPLATE.replace(
+                                   "{{ text }}", "{% for i in range(100000) %}{% for j in "
+                                   "range(100000) %}{% endfor %}{% endfor %}{{ text }}")}},
+     "prompt.template: block user: refused by the sandbox: range() of 100000 items"),
     ("template-include", {"set": {"prompt.template": "t.jinja"},
                           "files": {"other.jinja": "{{ text }}",
                                     "t.jinja": GOOD_TEMPLATE.replace(
