@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from copa.recipe.values import ADDED_LATER
 from copa.registry import LOADERS
@@ -15,10 +23,30 @@ from copa.registry import LOADERS
 USER_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+def _is_number_type(annotation: Any) -> bool:
+    """int, float, their Optional, or a Literal of numbers (not a field that also takes bool)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return bool(args) and all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                  for a in args)
+    if args:
+        return bool not in args and any(_is_number_type(a) for a in args if a is not type(None))
+    return annotation in (int, float)
+
+
 class Section(BaseModel):
     """A recipe section: unknown keys are errors, defaults are checked too."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_flag_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for a number: `lora_r: true` would train with rank 1
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _is_number_type(field.annotation):
+            raise ValueError(f"{str(value).lower()} is a yes/no value; this key takes a number")
+        return value
 
 
 class SplitSizes(Section):

@@ -75,6 +75,11 @@ class EarlyStoppingSection(_Section):
             raise ValueError(f"must be at least 1 evaluation (got {value})")
         return value
 
+    @field_validator("min_delta")
+    @classmethod
+    def _delta(cls, value: float) -> float:
+        return bounded(value, 0.0, 1e6, hint="0.02 = 2 points of the metric")
+
 
 DEMO_WORDS = ("none", "fixed", "program")
 MAX_DEMOS = 16
@@ -196,7 +201,10 @@ class FinetuneSection(_Section):
     @field_validator("max_steps")
     @classmethod
     def _steps(cls, value: int | None) -> int | None:
-        return None if value is None or value < 1 else bounded(value, 1, MAX_COUNT)
+        if value is not None and value < 1:  # not "no limit" (-1 in transformers): say so
+            raise ValueError(f"must be at least 1 (got {value}); for no step limit leave it out "
+                             "and set num_epochs")
+        return None if value is None else bounded(value, 1, MAX_COUNT)
 
     @field_validator("lora_dropout", "val_set_size")
     @classmethod

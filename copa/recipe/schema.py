@@ -5,6 +5,7 @@ Loading, `${VAR}` interpolation and error messages live in `copa.recipe`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -160,7 +161,7 @@ class OptimizeSection(_Section):
         description="Keep the plain program if prompt optimization does not beat it on val.",
     )
     guard_margin: float = Field(
-        0.0, ge=0.0, lt=1.0, json_schema_extra=ADDED_LATER,
+        0.0, json_schema_extra=ADDED_LATER,
         description="How much more than the plain program a prompt-optimized one must score on "
                     "val to be kept, in the metric's units (0.05 = 5 points; 0: any gain).",
     )
@@ -186,6 +187,14 @@ class OptimizeSection(_Section):
     @classmethod
     def _budget(cls, value: int) -> int:
         return bounded(value, 16, MAX_TOKENS)
+
+    @field_validator("guard_margin")
+    @classmethod
+    def _margin(cls, value: float) -> float:
+        if math.isfinite(value) and value >= 1.0:
+            raise ValueError(f"must be below 1 (got {value}): scores are fractions, 0.05 = 5 "
+                             "points")
+        return bounded(value, 0.0, 1.0, hint="0.05 = 5 points of the metric; 0: any gain")
 
     @field_validator("params")
     @classmethod

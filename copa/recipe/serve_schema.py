@@ -5,6 +5,7 @@ which holds the rest of a recipe."""
 from __future__ import annotations
 
 import math
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -55,6 +56,21 @@ def engines_reading(key: str) -> list[str]:
     return [name for name, engine in ENGINES.items() if key in engine.settings]
 
 
+def api_base_checked(value: str | None) -> str | None:
+    """An OpenAI-compatible server's base URL: http(s)://host[:port][/path]; raises ValueError."""
+    if value is None:
+        return None
+    parts = urllib.parse.urlsplit(value.strip())
+    try:
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(f"{value!r} is not a server URL: write http://HOST:PORT/v1 (the address "
+                         "of an OpenAI-compatible server)")
+    return value.strip()
+
+
 class ServedModel(_Section):
     """A model on an OpenAI-compatible server you run."""
 
@@ -62,6 +78,11 @@ class ServedModel(_Section):
     api_base: str
     model: str
     api_key: str = "copa"
+
+    @field_validator("api_base")
+    @classmethod
+    def _url(cls, value: str) -> str | None:
+        return api_base_checked(value)
 
 
 # Who writes for the optimizer: "base" / "merged" (the run's models), a model alias, local
@@ -96,6 +117,11 @@ class ServeSection(_Section):
     response_cache: bool = Field(True, description="local engine: keep DSPy's response cache "
                                  "in the run directory, keyed by the model weights' hash, so a "
                                  "re-run repeats no generation (greedy decoding is deterministic).")
+
+    @field_validator("api_base")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return api_base_checked(value)
 
     @field_validator("max_batch_size")
     @classmethod
