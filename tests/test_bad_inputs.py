@@ -283,6 +283,8 @@ CASES += [
      "name: line 3: duplicate key 'name' (first on line 1)"),
     ("yaml-huge-integer", {"raw": "name: x\nfinetune:\n  seed: " + "9" * 5000 + "\n"},
      "finetune.seed: line 3: integer of 5000 digits, over the 64-bit range"),
+    ("yaml-lone-surrogate", {"raw": 'name: x\ntask:\n  instructions: "Classify \\ud800."\n'},
+     "task.instructions: line 3: a lone surrogate (U+D800) is not text"),
     ("yaml-integer-past-64-bit", {"raw": f"name: x\nfinetune: {{max_steps: {2**64}}}\n"},
      "finetune.max_steps: line 2: integer of 20 digits, over the 64-bit range"),
     # --- numbers: finite, in range, with what to write instead
@@ -471,6 +473,10 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
                  "write --set name=VALUE"),
     ("finetune.num_epochs.x=1", "finetune.num_epochs.x: 'finetune.num_epochs' is a value (int)"),
     ("finetune..lora_r=1", "finetune..lora_r: not a key path"),
+    # validate took it (axolotl: passes any map through) and render died of RecursionError
+    ("finetune.axolotl." + "a." * 3000 + "b=1",
+     ("finetune.axolotl." + "a." * 3000)[:80] + "...: a key path of 3003 levels; a recipe nests "
+     "at most 40"),
 ])
 def test_a_set_through_a_value_is_a_recipe_problem(tmp_path: Path, override: str,
                                                    expected: str) -> None:

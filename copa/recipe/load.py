@@ -25,7 +25,7 @@ from copa.recipe.schema import (
     RecipeError,
 )
 from copa.recipe.values import ADDED_LATER
-from copa.recipe.yamlread import MAX_YAML_BYTES, YAMLProblem, read_yaml
+from copa.recipe.yamlread import MAX_DEPTH, MAX_YAML_BYTES, YAMLProblem, read_yaml
 
 MAX_RECIPE_BYTES = MAX_YAML_BYTES
 
@@ -187,6 +187,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, label: str) -> No
     if not all(k.strip() for k in keys):
         raise RecipeError([Problem(file=label, path=dotted or "--set",
                                    message="not a key path: write --set section.key=VALUE")])
+    if len(keys) > MAX_DEPTH:  # the recipe file itself may nest no deeper
+        raise RecipeError([Problem(file=label, path=dotted[:80] + "...", message=(
+            f"a key path of {len(keys)} levels; a recipe nests at most {MAX_DEPTH}"))])
     node: Any = tree
     for depth, key in enumerate(keys[:-1]):
         node = node.setdefault(key, {})

@@ -9,6 +9,7 @@ graph is small, so its expanded size is counted on the graph (each node once) an
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -71,6 +72,9 @@ def _check_int(node: ScalarNode, path: str) -> None:
                           f"64-bit range", path)
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 def check_graph(root: Node) -> None:
     """Expanded size, expanded depth, recursive aliases and duplicate keys of a composed
     document, visiting each node once (aliases share nodes); raises YAMLProblem."""
@@ -88,6 +92,10 @@ def check_graph(root: Node) -> None:
         size, height = 1, 0
         if isinstance(node, ScalarNode) and node.tag == _INT:
             _check_int(node, path)
+        lone = isinstance(node, ScalarNode) and _SURROGATE.search(node.value)
+        if lone:  # "\ud800" in double quotes: no file, tokenizer or UTF-8 text can hold it
+            raise YAMLProblem(f"line {_line(node)}: a lone surrogate (U+{ord(lone.group()):04X}) "
+                              "is not text", path)
         if isinstance(node, SequenceNode):
             for i, child in enumerate(node.value):
                 s, h = visit(child, f"{path}[{i}]")
