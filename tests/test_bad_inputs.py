@@ -386,6 +386,8 @@ CASES += [
      "task.signature: field name 'model_input' is in pydantic's reserved 'model_' namespace"),
     ("field-dspy-member", {"set": {"task.signature": "text -> keys"}},
      "task.signature: field name 'keys' is a member of DSPy's Example and Prediction"),
+    ("field-typed", {"set": {"task.signature": "text -> label: int"}},
+     "task.signature: 'label: int': copa's fields are text"),
     ("field-template-instructions", {"set": {"task.signature": "instructions -> label"}},
      "task.signature: field name 'instructions' is a variable the prompt template already has"),
     ("field-template-choices", {"set": {"task.signature": "text -> choices"}},

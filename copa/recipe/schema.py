@@ -333,6 +333,13 @@ def parse_signature(signature: str) -> tuple[list[str], list[str]]:
     if signature.count("->") != 1:
         raise ValueError("write it as 'input1, input2 -> output', with exactly one '->'")
     left, right = (side.strip() for side in signature.split("->"))
+    fields = [f.strip() for f in left.split(",") + right.split(",") if f.strip()]
+    for field in fields:  # DSPy's `name: type`; copa's fields are text, read as text
+        name, _, kind = field.partition(":")
+        if kind.strip() not in ("", "str"):
+            raise ValueError(f"'{field}': copa's fields are text (the prompt shows them, the "
+                             f"metric reads the answer as text), so a type other than str is "
+                             f"not used: write '{name.strip()}'")
     inputs = [f.strip().split(":")[0].strip() for f in left.split(",") if f.strip()]
     outputs = [f.strip().split(":")[0].strip() for f in right.split(",") if f.strip()]
     if not inputs or not outputs:
