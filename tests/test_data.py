@@ -86,3 +86,33 @@ def test_env_interpolation_and_relative_paths(tmp_path: Path) -> None:
         "data: {source: '${MY_DIR:-nowhere}/x.jsonl', splits: {train: 5, val: 2, test: 3}}\n")
     recipe = load_recipe(tmp_path / "r.yaml", env={"MY_DIR": "d"})
     assert len(load_splits(recipe).train) == 5
+
+
+def test_jsonl_with_raw_line_separators_inside_strings_reads_back(tmp_path: Path) -> None:
+    """U+2028, U+0085 and the like are line breaks to str.splitlines() but may stand raw in a
+    JSON string, as in copa's own files (write_jsonl: ensure_ascii=False): one row per "\\n"
+    line, CRLF endings too."""
+    from copa.data import write_jsonl
+
+    rows = [{"text": f"a\u2028b\x85c\x1cd\u2029e {i}", "label": "pos"} for i in range(3)]
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, rows)
+    assert "\u2028" in path.read_text(encoding="utf-8")  # raw, not escaped
+    assert read_table(path) == rows
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert read_table(crlf) == rows
+
+
+def test_run_files_with_raw_line_separators_read_back(tmp_path: Path) -> None:
+    """The readers of a run's predictions/*.jsonl (compare, the study, the HTML report) split
+    them on "\\n" only."""
+    from copa.data import write_jsonl
+    from copa.stages.report_html import prediction_rows
+    from copa.use.compare import _read_rows
+
+    rows = [{"inputs": {"text": f"x\u2028y {i}"}, "gold": "pos", "prediction": "pos",
+             "score": 1.0} for i in range(2)]
+    write_jsonl(tmp_path / "predictions" / "baseline.jsonl", rows)
+    assert _read_rows(tmp_path / "predictions" / "baseline.jsonl") == rows
+    assert len(prediction_rows(tmp_path, ["baseline"])) == 2

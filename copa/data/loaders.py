@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from copa.files import missing_file_reason
+from copa.files import jsonl_lines, missing_file_reason
 from copa.registry import LOADERS, builtin
 from copa.usercode import import_object
 
@@ -61,7 +61,7 @@ def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[st
             raise ValueError(f"line {reader.line_num + 1}: {exc}") from None
     if fmt == "jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(jsonl_lines(text), 1):
             if line.strip():
                 row = _json(line, f"line {n}: ")
                 if not isinstance(row, dict):
