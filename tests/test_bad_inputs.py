@@ -360,6 +360,31 @@ CASES += [
      "data.source: big.jsonl: line 1: Exceeds the limit (4300 digits) for integer string"),
 ]
 
+# Round 3: data whose rows a reader kept silently wrong. A table naming a column twice (the
+# last one won), a CSV row with fewer cells (the rest empty) or more (the extra ones dropped).
+CSV_HEAD = "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in ROWS[:3])
+CASES += [
+    ("csv-repeated-header", {"set": {"data.source": "d.csv"},
+                             "files": {"d.csv": "text,label,label\n" + "a,pos,neg\n" * 12}},
+     "data.source: d.csv: line 1: column 'label' is named twice (columns 2 and 3): rename one"),
+    ("tsv-repeated-header", {"set": {"data.source": "d.tsv"},
+                             "files": {"d.tsv": "text\ttext\tlabel\n" + "a\tb\tpos\n" * 12}},
+     "data.source: d.tsv: line 1: column 'text' is named twice (columns 1 and 2)"),
+    ("csv-row-too-few-cells", {"set": {"data.source": "d.csv"},
+                               "files": {"d.csv": CSV_HEAD + "only text\n" + CSV_HEAD[11:]}},
+     "data.source: d.csv: row 4 (line 5) has 1 cell where the header has 2"),
+    ("csv-row-too-many-cells", {"set": {"data.source": "d.csv"},
+                                "files": {"d.csv": CSV_HEAD + "a, b,pos\n"}},
+     "data.source: d.csv: row 4 (line 5) has 3 cells where the header has 2: quote a cell"),
+    ("jsonl-repeated-key", {"set": {"data.source": "d.jsonl"},
+                            "files": {"d.jsonl": '{"text": "a", "label": "pos"}\n{"text": '
+                                                 '"b", "label": "pos", "label": "neg"}\n'}},
+     "data.source: d.jsonl: line 2: an object names key 'label' twice: keep one"),
+    ("json-repeated-key", {"set": {"data.source": "d.json"},
+                           "files": {"d.json": '[{"text": "a", "text": "b", "label": "pos"}]'}},
+     "data.source: d.json: an object names key 'text' twice"),
+]
+
 
 def _write_case(tmp_path: Path, case: dict[str, Any]) -> Path:
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))

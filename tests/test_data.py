@@ -116,3 +116,14 @@ def test_run_files_with_raw_line_separators_read_back(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "predictions" / "baseline.jsonl", rows)
     assert _read_rows(tmp_path / "predictions" / "baseline.jsonl") == rows
     assert len(prediction_rows(tmp_path, ["baseline"])) == 2
+
+
+def test_a_parquet_file_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["pos"]), pa.array(["neg"])],
+                                        names=["text", "label", "label"]), path)
+    with pytest.raises(ValueError, match=r"^column 'label' is named twice \(columns 2 and 3\)"):
+        read_table(path)

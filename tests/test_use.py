@@ -364,6 +364,23 @@ def test_columns_are_checked_against_the_signature() -> None:
         check_columns([{"text": "a", "prediction": "x"}], ["text"], {}, "f.csv")
 
 
+def test_predict_input_is_read_as_data_is(tmp_path: Path) -> None:
+    """copa predict reads its input with the data reader: a repeated header name or a ragged
+    row is refused (exit 2), and its own output (raw U+2028 in a string) reads back."""
+    from copa.data import write_jsonl
+    from copa.use.predict import InputError, read_rows
+
+    (tmp_path / "dup.csv").write_text("text,text\na,b\n")
+    with pytest.raises(InputError, match="dup.csv: line 1: column 'text' is named twice"):
+        read_rows(tmp_path / "dup.csv")
+    (tmp_path / "ragged.csv").write_text("text,id\na,1\nb\n")
+    with pytest.raises(InputError, match=r"ragged.csv: row 2 \(line 3\) has 1 cell where"):
+        read_rows(tmp_path / "ragged.csv")
+    rows = [{"text": "a\u2028b", "prediction": {"label": "x\x85y"}, "error": None}]
+    write_jsonl(tmp_path / "out.jsonl", rows)
+    assert read_rows(tmp_path / "out.jsonl") == rows
+
+
 def test_a_server_key_is_never_written_down(tmp_path: Path) -> None:
     from copa.recipe import load_recipe, recipe_read_back, recipe_to_write
     from copa.use.export import shareable_recipe
