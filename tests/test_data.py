@@ -127,3 +127,21 @@ def test_a_parquet_file_naming_a_column_twice_is_refused(tmp_path: Path) -> None
                                         names=["text", "label", "label"]), path)
     with pytest.raises(ValueError, match=r"^column 'label' is named twice \(columns 2 and 3\)"):
         read_table(path)
+
+
+def test_empty_input_texts_and_columns_the_recipe_does_not_use_are_data(tmp_path: Path) -> None:
+    """What the row checks leave alone: an empty input text that is in the file (only a gold
+    output must have text), nulls and lists in columns no field reads, answers as one text, a
+    list, or none (the metric then scores against the output field)."""
+    rows = [{"text": "" if i == 0 else f"t{i}", "label": "ab"[i % 2], "note": None,
+             "tags": ["x"], "answers": [["ab"[i % 2], "c"], "ab"[i % 2], []][i % 3]}
+            for i in range(10)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(
+        "name: t\ntask: {signature: 'text -> label'}\n"
+        "data: {source: d.jsonl, answers_column: answers, splits: {train: 6, val: 2, test: 2}}\n")
+    splits = load_splits(load_recipe(tmp_path / "r.yaml"))
+    everything = splits.train + splits.val + splits.test
+    assert {r["text"] for r in everything} == {"", *(f"t{i}" for i in range(1, 10))}
+    answers = {r["text"]: r["answers"] for r in everything}
+    assert answers[""] == ["a", "c"] and answers["t1"] == ["b"] and answers["t2"] == []
