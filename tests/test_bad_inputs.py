@@ -471,6 +471,23 @@ CASES += [
     ("number-past-float-csv", {"set": {"data.source": "d.csv", "prompt.number_format": ".1f"},
                                "files": {"d.csv": CSV_HEAD + "1" + "0" * 400 + ",pos\n"}},
      "data.source: d.csv: row 4 has a number too large for number_format '.1f'"),
+    # A "\ud800" escape parses to half a UTF-16 pair: validate passed, render's UTF-8 write
+    # failed (UnicodeEncodeError, exit 1). Refused where data is read, the message escaped.
+    ("jsonl-lone-surrogate", {"set": {"data.source": "d.jsonl"},
+                              "files": {"d.jsonl": _jsonl({3: {"text": "bad \ud800 text"}})}},
+     "data.source: d.jsonl: line 3: text: a lone surrogate \\ud800 (half of a UTF-16 pair) is "
+     "not text: fix the \\u escape"),
+    ("json-lone-surrogate-key", {"set": {"data.source": "d.json"},
+                                 "files": {"d.json": json.dumps(ROWS[:2] + [{"\udc01": 1}])}},
+     "data.source: d.json: [2] key '\\udc01': a lone surrogate \\udc01"),
+    ("user-loader-lone-surrogate",
+     {"set": {"data.loader": "case_loader_surrogate:load"},
+      "files": {"case_loader_surrogate.py":
+                "def load(path):\n"
+                "    return [{'text': f'row {i}' + '\\ud800' * (i == 1), 'label': 'pos'}\n"
+                "            for i in range(12)]\n"}},
+     "data.source: data.jsonl: row 2 has a lone surrogate \\ud800 for 'text': half of a UTF-16 "
+     "pair, which is not text"),
 ]
 
 

@@ -365,8 +365,9 @@ def test_columns_are_checked_against_the_signature() -> None:
 
 
 def test_predict_input_is_read_as_data_is(tmp_path: Path) -> None:
-    """copa predict reads its input with the data reader: a repeated header name or a ragged
-    row is refused (exit 2), and its own output (raw U+2028 in a string) reads back."""
+    """copa predict reads its input with the data reader: a repeated header name, a ragged row
+    or a lone surrogate is refused (exit 2), and its own output (raw U+2028 in a string) reads
+    back."""
     from copa.data import write_jsonl
     from copa.use.predict import InputError, read_rows
 
@@ -376,6 +377,9 @@ def test_predict_input_is_read_as_data_is(tmp_path: Path) -> None:
     (tmp_path / "ragged.csv").write_text("text,id\na,1\nb\n")
     with pytest.raises(InputError, match=r"ragged.csv: row 2 \(line 3\) has 1 cell where"):
         read_rows(tmp_path / "ragged.csv")
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "a"}\n{"text": "\\ud800"}\n')
+    with pytest.raises(InputError, match="surrogate.jsonl: line 2: text: a lone surrogate"):
+        read_rows(tmp_path / "surrogate.jsonl")
     rows = [{"text": "a\u2028b", "prediction": {"label": "x\x85y"}, "error": None}]
     write_jsonl(tmp_path / "out.jsonl", rows)
     assert read_rows(tmp_path / "out.jsonl") == rows

@@ -19,6 +19,8 @@ from copa.registry import LOADERS, builtin
 from copa.usercode import import_object
 
 _CALCULATION = re.compile(r"<<[^<>]*>>")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # where json.loads may make one
 
 
 class LoaderError(ValueError):
@@ -130,7 +132,7 @@ def _json(text: str, where: str) -> Any:
     """json.loads with every failure a ValueError that says where and why in one line (deep
     nesting, over-long integers and an object naming a key twice included)."""
     try:
-        return json.loads(text, object_pairs_hook=_object)
+        data = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError as exc:
         at = where or f"line {exc.lineno}: "
         raise ValueError(f"{at}invalid JSON ({exc.msg})") from None
@@ -140,6 +142,34 @@ def _json(text: str, where: str) -> Any:
         raise ValueError(f"{where}JSON nested too deeply") from None
     except ValueError as exc:  # an integer of more than 4300 digits
         raise ValueError(f"{where}{str(exc).split(';')[0]}") from None
+    found = _SURROGATE_ESCAPE.search(text) and _lone_surrogate(data)
+    if found:
+        path, char = found
+        raise ValueError(f"{where}{path}: a lone surrogate \\u{ord(char):04x} (half of a UTF-16 "
+                         "pair) is not text: fix the \\u escape") from None
+    return data
+
+
+def _lone_surrogate(data: Any) -> tuple[str, str] | None:
+    """(where, the character) of the first lone surrogate in parsed JSON's texts and keys, or
+    None. A \\ud800 escape parses to one, which cannot be written out as UTF-8."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                return path or "the text", found.group()
+        elif isinstance(value, dict):
+            for key in value:
+                found = _SURROGATE.search(key)
+                if found:
+                    return f"{path} key {ascii(key)}".lstrip(), found.group()
+            stack.extend((f"{path}.{key}" if path else key, item)
+                         for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
 
 
 def is_squad(data: Any) -> bool:
