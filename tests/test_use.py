@@ -398,3 +398,29 @@ def test_a_server_key_is_never_written_down(tmp_path: Path) -> None:
     assert "sk-secret" not in json.dumps(shareable_recipe(recipe, "template.jinja"))
     back = recipe_read_back(written, {"COPA_SERVER_API_KEY": "sk-secret"})
     assert back["serve"]["api_key"] == "sk-secret"
+
+
+def test_predict_gives_a_null_or_list_input_its_own_row_error(tmp_path: Path) -> None:
+    """A JSON input row whose field is null or a list: that row fails with why (it went to the
+    model as "" or as the list's Python repr); the other rows are answered."""
+    from contextlib import ExitStack
+    from types import SimpleNamespace
+
+    from copa.use.load import LoadedProgram
+    from copa.use.predict import predict_rows
+
+    bundle = SimpleNamespace(input_fields=["text"], output_fields=["label"],
+                             recipe=SimpleNamespace(prompt=SimpleNamespace(number_format=None)))
+    seen = []
+
+    def program(**inputs: Any) -> Any:
+        seen.append(inputs["text"])
+        return SimpleNamespace(label="pos")
+
+    loaded = LoadedProgram(bundle, program, None, None, ExitStack())  # type: ignore[arg-type]
+    rows = [{"text": "fine"}, {"text": None}, {"text": ["a", "b"]}, {"text": 7}]
+    out = predict_rows(loaded, rows, {"text": "text"}, threads=1)
+    assert [r["error"] for r in out] == [
+        None, "TypeError: text is null: give it one text or number",
+        "TypeError: text is a list: give it one text or number", None]
+    assert seen == ["fine", "7"] and out[0]["prediction"] == {"label": "pos"}
