@@ -57,6 +57,13 @@ def output_problem(path: Path, folder: bool = False) -> str | None:
     return None
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text, split on "\\n" only (a trailing "\\r" dropped): never on the
+    other breaks str.splitlines() knows (U+2028, U+0085, \\x1c ...), which a JSON string may
+    hold raw, as copa's own files (json.dumps with ensure_ascii=False) do."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

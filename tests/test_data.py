@@ -86,3 +86,62 @@ def test_env_interpolation_and_relative_paths(tmp_path: Path) -> None:
         "data: {source: '${MY_DIR:-nowhere}/x.jsonl', splits: {train: 5, val: 2, test: 3}}\n")
     recipe = load_recipe(tmp_path / "r.yaml", env={"MY_DIR": "d"})
     assert len(load_splits(recipe).train) == 5
+
+
+def test_jsonl_with_raw_line_separators_inside_strings_reads_back(tmp_path: Path) -> None:
+    """U+2028, U+0085 and the like are line breaks to str.splitlines() but may stand raw in a
+    JSON string, as in copa's own files (write_jsonl: ensure_ascii=False): one row per "\\n"
+    line, CRLF endings too."""
+    from copa.data import write_jsonl
+
+    rows = [{"text": f"a\u2028b\x85c\x1cd\u2029e {i}", "label": "pos"} for i in range(3)]
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, rows)
+    assert "\u2028" in path.read_text(encoding="utf-8")  # raw, not escaped
+    assert read_table(path) == rows
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert read_table(crlf) == rows
+
+
+def test_run_files_with_raw_line_separators_read_back(tmp_path: Path) -> None:
+    """The readers of a run's predictions/*.jsonl (compare, the study, the HTML report) split
+    them on "\\n" only."""
+    from copa.data import write_jsonl
+    from copa.stages.report_html import prediction_rows
+    from copa.use.compare import _read_rows
+
+    rows = [{"inputs": {"text": f"x\u2028y {i}"}, "gold": "pos", "prediction": "pos",
+             "score": 1.0} for i in range(2)]
+    write_jsonl(tmp_path / "predictions" / "baseline.jsonl", rows)
+    assert _read_rows(tmp_path / "predictions" / "baseline.jsonl") == rows
+    assert len(prediction_rows(tmp_path, ["baseline"])) == 2
+
+
+def test_a_parquet_file_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["pos"]), pa.array(["neg"])],
+                                        names=["text", "label", "label"]), path)
+    with pytest.raises(ValueError, match=r"^column 'label' is named twice \(columns 2 and 3\)"):
+        read_table(path)
+
+
+def test_empty_input_texts_and_columns_the_recipe_does_not_use_are_data(tmp_path: Path) -> None:
+    """What the row checks leave alone: an empty input text that is in the file (only a gold
+    output must have text), nulls and lists in columns no field reads, answers as one text, a
+    list, or none (the metric then scores against the output field)."""
+    rows = [{"text": "" if i == 0 else f"t{i}", "label": "ab"[i % 2], "note": None,
+             "tags": ["x"], "answers": [["ab"[i % 2], "c"], "ab"[i % 2], []][i % 3]}
+            for i in range(10)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(
+        "name: t\ntask: {signature: 'text -> label'}\n"
+        "data: {source: d.jsonl, answers_column: answers, splits: {train: 6, val: 2, test: 2}}\n")
+    splits = load_splits(load_recipe(tmp_path / "r.yaml"))
+    everything = splits.train + splits.val + splits.test
+    assert {r["text"] for r in everything} == {"", *(f"t{i}" for i in range(1, 10))}
+    answers = {r["text"]: r["answers"] for r in everything}
+    assert answers[""] == ["a", "c"] and answers["t1"] == ["b"] and answers["t2"] == []

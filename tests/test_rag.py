@@ -25,6 +25,18 @@ CORPUS = ["Bees make honey from the nectar of flowers.",
           "Honey never spoils if it is kept sealed."]
 
 
+def test_a_corpus_row_holding_a_list_is_refused_not_indexed_as_its_repr(tmp_path: Path) -> None:
+    from copa.data.retrieval import corpus_passages
+
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [{"id": 1}, {"text": CORPUS[0]}, {"text": None}, {"text": ["a", "b"]}]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="^row 4 has a list for 'text', where a passage's text"):
+        corpus_passages(corpus)
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    assert corpus_passages(corpus) == [CORPUS[0]]  # row 1 lacks it, row 3 is null: no passage
+
+
 def test_bm25_ranks_the_obvious_passage_first(tmp_path: Path) -> None:
     retriever = build_retriever(CORPUS, k=2)
     assert retriever.search("Which river flows through Vienna?")[0] == CORPUS[1]

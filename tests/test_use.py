@@ -364,6 +364,27 @@ def test_columns_are_checked_against_the_signature() -> None:
         check_columns([{"text": "a", "prediction": "x"}], ["text"], {}, "f.csv")
 
 
+def test_predict_input_is_read_as_data_is(tmp_path: Path) -> None:
+    """copa predict reads its input with the data reader: a repeated header name, a ragged row
+    or a lone surrogate is refused (exit 2), and its own output (raw U+2028 in a string) reads
+    back."""
+    from copa.data import write_jsonl
+    from copa.use.predict import InputError, read_rows
+
+    (tmp_path / "dup.csv").write_text("text,text\na,b\n")
+    with pytest.raises(InputError, match="dup.csv: line 1: column 'text' is named twice"):
+        read_rows(tmp_path / "dup.csv")
+    (tmp_path / "ragged.csv").write_text("text,id\na,1\nb\n")
+    with pytest.raises(InputError, match=r"ragged.csv: row 2 \(line 3\) has 1 cell where"):
+        read_rows(tmp_path / "ragged.csv")
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "a"}\n{"text": "\\ud800"}\n')
+    with pytest.raises(InputError, match="surrogate.jsonl: line 2: text: a lone surrogate"):
+        read_rows(tmp_path / "surrogate.jsonl")
+    rows = [{"text": "a\u2028b", "prediction": {"label": "x\x85y"}, "error": None}]
+    write_jsonl(tmp_path / "out.jsonl", rows)
+    assert read_rows(tmp_path / "out.jsonl") == rows
+
+
 def test_a_server_key_is_never_written_down(tmp_path: Path) -> None:
     from copa.recipe import load_recipe, recipe_read_back, recipe_to_write
     from copa.use.export import shareable_recipe
@@ -377,3 +398,29 @@ def test_a_server_key_is_never_written_down(tmp_path: Path) -> None:
     assert "sk-secret" not in json.dumps(shareable_recipe(recipe, "template.jinja"))
     back = recipe_read_back(written, {"COPA_SERVER_API_KEY": "sk-secret"})
     assert back["serve"]["api_key"] == "sk-secret"
+
+
+def test_predict_gives_a_null_or_list_input_its_own_row_error(tmp_path: Path) -> None:
+    """A JSON input row whose field is null or a list: that row fails with why (it went to the
+    model as "" or as the list's Python repr); the other rows are answered."""
+    from contextlib import ExitStack
+    from types import SimpleNamespace
+
+    from copa.use.load import LoadedProgram
+    from copa.use.predict import predict_rows
+
+    bundle = SimpleNamespace(input_fields=["text"], output_fields=["label"],
+                             recipe=SimpleNamespace(prompt=SimpleNamespace(number_format=None)))
+    seen = []
+
+    def program(**inputs: Any) -> Any:
+        seen.append(inputs["text"])
+        return SimpleNamespace(label="pos")
+
+    loaded = LoadedProgram(bundle, program, None, None, ExitStack())  # type: ignore[arg-type]
+    rows = [{"text": "fine"}, {"text": None}, {"text": ["a", "b"]}, {"text": 7}]
+    out = predict_rows(loaded, rows, {"text": "text"}, threads=1)
+    assert [r["error"] for r in out] == [
+        None, "TypeError: text is null: give it one text or number",
+        "TypeError: text is a list: give it one text or number", None]
+    assert seen == ["fine", "7"] and out[0]["prediction"] == {"label": "pos"}

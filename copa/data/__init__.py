@@ -9,11 +9,10 @@ from copa.data.splits import (
     Row,
     Splits,
     format_value,
-    gold_answers,
     load_splits,
     read_jsonl,
     write_jsonl,
 )
 
-__all__ = ["Row", "Splits", "format_value", "gold_answers", "load_splits", "read_jsonl",
+__all__ = ["Row", "Splits", "format_value", "load_splits", "read_jsonl",
            "write_jsonl"]

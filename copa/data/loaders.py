@@ -14,11 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from copa.files import missing_file_reason
+from copa.files import jsonl_lines, missing_file_reason
 from copa.registry import LOADERS, builtin
 from copa.usercode import import_object
 
 _CALCULATION = re.compile(r"<<[^<>]*>>")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # where json.loads may make one
 
 
 class LoaderError(ValueError):
@@ -44,6 +46,7 @@ def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[st
     if fmt == "parquet":
         import pyarrow.parquet as pq  # lazy: only parquet users pay for it
 
+        _no_repeated_names(pq.read_schema(path).names, "")  # read_table: a many-line error
         return pq.read_table(path).to_pylist()
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
@@ -54,14 +57,10 @@ def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[st
         raise ValueError(f"not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
     if fmt == "csv":
         dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-        reader = csv.DictReader(io.StringIO(text), dialect=dialect)
-        try:
-            return list(reader)
-        except csv.Error as exc:  # e.g. a field over csv's limit (131072 characters)
-            raise ValueError(f"line {reader.line_num + 1}: {exc}") from None
+        return _csv_rows(text, dialect)
     if fmt == "jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(jsonl_lines(text), 1):
             if line.strip():
                 row = _json(line, f"line {n}: ")
                 if not isinstance(row, dict):
@@ -76,18 +75,101 @@ def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[st
     return data
 
 
+def _no_repeated_names(names: list[str], where: str) -> None:
+    """A table whose header names a column twice: a reader would keep one of them silently."""
+    first: dict[str, int] = {}
+    for n, name in enumerate(names, 1):
+        if name in first:
+            raise ValueError(f"{where}column {name!r} is named twice (columns "
+                             f"{first[name]} and {n}): rename one")
+        first[name] = n
+
+
+def _csv_rows(text: str, dialect: str) -> list[dict[str, Any]]:
+    """A CSV's rows as {header name: cell}; a repeated header name, or a row with more or fewer
+    cells than the header, is a ValueError naming the row and its line. Blank lines are
+    skipped (as csv.DictReader skips them)."""
+    reader = csv.reader(io.StringIO(text), dialect=dialect)
+    rows: list[dict[str, Any]] = []
+    done = 0  # the line the last row read ended on
+    try:
+        header = next(reader, None)
+        if header is None:
+            return rows
+        done = reader.line_num
+        _no_repeated_names(header, "line 1: ")
+        for cells in reader:
+            start, done = done + 1, reader.line_num
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                raise ValueError(
+                    f"row {len(rows) + 1} (line {start}) has {len(cells)} "
+                    f"cell{'s' * (len(cells) != 1)} where the header has {len(header)}: quote a "
+                    "cell that holds the delimiter, and give every row every column")
+            rows.append(dict(zip(header, cells, strict=True)))
+    except csv.Error as exc:  # e.g. a field over csv's limit (131072 characters)
+        raise ValueError(f"line {done + 1}: {exc}") from None
+    return rows
+
+
+class _RepeatedKey(ValueError):
+    """An object that names a key twice (json.loads would keep the last value silently)."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return row
+
+
 def _json(text: str, where: str) -> Any:
     """json.loads with every failure a ValueError that says where and why in one line (deep
-    nesting and over-long integers included, which json raises otherwise)."""
+    nesting, over-long integers and an object naming a key twice included)."""
     try:
-        return json.loads(text)
+        data = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError as exc:
         at = where or f"line {exc.lineno}: "
         raise ValueError(f"{at}invalid JSON ({exc.msg})") from None
+    except _RepeatedKey as exc:
+        raise ValueError(f"{where}an object names key {exc.args[0]!r} twice: keep one") from None
     except RecursionError:
         raise ValueError(f"{where}JSON nested too deeply") from None
     except ValueError as exc:  # an integer of more than 4300 digits
         raise ValueError(f"{where}{str(exc).split(';')[0]}") from None
+    found = _SURROGATE_ESCAPE.search(text) and _lone_surrogate(data)
+    if found:
+        path, char = found
+        raise ValueError(f"{where}{path}: a lone surrogate \\u{ord(char):04x} (half of a UTF-16 "
+                         "pair) is not text: fix the \\u escape") from None
+    return data
+
+
+def _lone_surrogate(data: Any) -> tuple[str, str] | None:
+    """(where, the character) of the first lone surrogate in parsed JSON's texts and keys, or
+    None. A \\ud800 escape parses to one, which cannot be written out as UTF-8."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                return path or "the text", found.group()
+        elif isinstance(value, dict):
+            for key in value:
+                found = _SURROGATE.search(key)
+                if found:
+                    return f"{path} key {ascii(key)}".lstrip(), found.group()
+            stack.extend((f"{path}.{key}" if path else key, item)
+                         for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
 
 
 def is_squad(data: Any) -> bool:

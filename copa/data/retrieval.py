@@ -74,9 +74,14 @@ def corpus_passages(path: Path, fmt: str = "auto", text_column: str = "text",
     rows = read_table(path, fmt, max_mb)
     if not rows:
         raise ValueError("the corpus has no rows")
-    if text_column not in rows[0]:
+    present = list(dict.fromkeys(k for row in rows for k in row))
+    if text_column not in present:
         raise ValueError(f"no column '{text_column}' (retrieve.text_column); columns present: "
-                         f"{', '.join(map(str, rows[0]))}")
+                         f"{', '.join(map(str, present))}")
+    for n, row in enumerate(rows, 1):  # str() would make a list its Python repr
+        if isinstance(row.get(text_column), (list, tuple, dict, set, bytes, bytearray)):
+            raise ValueError(f"row {n} has a {type(row[text_column]).__name__} for "
+                             f"'{text_column}', where a passage's text belongs")
     texts = [str(r.get(text_column) or "").strip() for r in rows]
     return [t for t in texts if t]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from copa import precision
+from copa.files import jsonl_lines
 from copa.registry import ARMS, DEMO_ARM
 
 ARM_MODELS = {name: arm.model for name, arm in ARMS.items()}  # "base" or "merged"
@@ -116,8 +117,8 @@ def _cached_scores(folder: Path, arm: str, key: str) -> list[float] | None:
         return None
     if key_file.read_text().strip() != key:
         return None
-    return [float(json.loads(line)["score"]) for line in rows_file.read_text().splitlines()
-            if line.strip()]
+    return [float(json.loads(line)["score"])
+            for line in jsonl_lines(rows_file.read_text(encoding="utf-8")) if line.strip()]
 
 
 def _program_for(run: Any, arm: str, kit: Any) -> Any:

@@ -16,6 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from copa.files import jsonl_lines
 from copa.htmlpage import (
     Bar,
     data_table,
@@ -104,7 +105,7 @@ def loss_points(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
     series: dict[str, list[tuple[float, float]]] = {}
     if not path.is_file():
         return series
-    for line in path.read_text().splitlines():
+    for line in jsonl_lines(path.read_text(encoding="utf-8")):
         try:
             record = json.loads(line)
         except ValueError:
@@ -175,7 +176,8 @@ def prediction_rows(run_dir: Path, arms: list[str]) -> list[dict[str, Any]]:
         path = Path(run_dir) / "predictions" / f"{arm}.jsonl"
         if not path.is_file():
             continue
-        for i, line in enumerate(t for t in path.read_text().splitlines() if t.strip()):
+        for i, line in enumerate(t for t in jsonl_lines(path.read_text(encoding="utf-8"))
+                                  if t.strip()):
             row = json.loads(line)
             inputs = row.get("inputs") or {}
             score = float(row.get("score", 0.0))

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from copa.files import jsonl_lines
 from copa.stages.val import DEMO_ARM, margin_outcomes
 from copa.stats import study_cell
 
@@ -26,7 +27,7 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     for arm, data in report["arms"].items():
         if data.get("failed"):
             continue
-        lines = (run_dir / "predictions" / f"{arm}.jsonl").read_text().splitlines()
+        lines = jsonl_lines((run_dir / "predictions" / f"{arm}.jsonl").read_text(encoding="utf-8"))
         scores[arm] = [float(json.loads(line)["score"]) for line in lines if line.strip()]
     synergy = report.get("synergy") or {}
     return {"metric": report.get("metric"), "scores": scores,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from copa.files import sha256_json
+from copa.files import jsonl_lines, sha256_json
 from copa.pngfigure import png_bytes, pyplot
 from copa.registry import RECIPE_ARMS
 from copa.stats import paired_differences
@@ -37,7 +37,8 @@ def row_key(row: dict[str, Any]) -> str:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8"))
+            if line.strip()]
 
 
 def read_run(path: str | Path, label: str | None = None) -> dict[str, Any]:

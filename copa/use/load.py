@@ -50,14 +50,19 @@ class LoadedProgram:
 
     def inputs_for(self, values: Mapping[str, Any]) -> dict[str, str]:
         """The input fields as the model saw them in training (the recipe's number_format
-        applied, as data loading applied it); a missing or unknown field is a TypeError, a field
-        over the token limit an InputTooLong (copa.use.limits), before the model sees anything."""
+        applied, as data loading applied it); a missing or unknown field, or one whose value is
+        null or a list / object (not one text or number), is a TypeError, a field over the token
+        limit an InputTooLong (copa.use.limits), before the model sees anything."""
         missing = [f for f in self.input_fields if f not in values]
         unknown = [k for k in values if k not in self.input_fields]
         if missing or unknown:
             said = ([f"missing {', '.join(missing)}"] if missing else []) + \
                    ([f"unknown {', '.join(unknown)}"] if unknown else [])
             raise TypeError(f"{'; '.join(said)}: this task takes {', '.join(self.input_fields)}")
+        for f in self.input_fields:  # format_value makes null "" and a list its Python repr
+            if values[f] is None or isinstance(values[f], (list, tuple, dict, set, bytes)):
+                kind = "null" if values[f] is None else f"a {type(values[f]).__name__}"
+                raise TypeError(f"{f} is {kind}: give it one text or number")
         number_format = self.bundle.recipe.prompt.number_format
         formatted = {f: format_value(values[f], number_format) for f in self.input_fields}
         if self.limit is not None:
