@@ -210,6 +210,58 @@ def test_malformed_bodies_are_refused_without_echoing_them(recipe: Any, raw: byt
     assert program.seen == []
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_number_that_is_not_finite_gets_422_naming_the_field(recipe: Any, value: str) -> None:
+    """Python's JSON parser takes NaN and Infinity (not JSON) and reads 1e400 as inf."""
+    program = Program(recipe, guessed_limit(16))
+    raw = json.dumps({**ROW, "petal_width": 0.0}).encode().replace(b"0.0", value.encode())
+    response = client(program).post("/predict", content=raw,
+                                    headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text[:300]
+    assert response.json()["message"] == ("petal_width: not a finite number (NaN, Infinity or "
+                                          "past the float range)")
+    assert program.seen == []
+
+
+def test_an_integer_the_number_format_cannot_take_is_refused_naming_the_field(
+        recipe: Any) -> None:
+    """The tiny recipe formats numbers with '.1f', which turns an int into a float: one of 401
+    digits cannot be (OverflowError, a 500 from copa serve before). copa serve answers 422, copa
+    predict fails that row, both saying which field; the program never sees it."""
+    from contextlib import ExitStack
+
+    from copa.use.load import LoadedProgram
+    from copa.use.predict import predict_rows
+
+    seen: list[dict[str, Any]] = []
+
+    def program(**values: Any) -> Any:
+        seen.append(values)
+        return SimpleNamespace(species="setosa")
+
+    bundle = SimpleNamespace(recipe=recipe, arm="baseline", model_role="base",
+                             input_fields=FIELDS, output_fields=["species"])
+    loaded = LoadedProgram(bundle, program, None, None, ExitStack(),  # type: ignore[arg-type]
+                           guessed_limit(16))
+    huge = b'{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1' + b"0" * 400 + \
+        b', "petal_width": 0.2}'
+    app = client(loaded)  # type: ignore[arg-type]
+    response = app.post("/predict", content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text[:300]
+    assert response.json()["message"] == (
+        "petal_length: cannot be formatted as the training data's numbers were "
+        "(prompt.number_format '.1f'): int too large to convert to float")
+    assert seen == []
+    assert app.post("/predict", json=ROW).json() == {"species": "setosa"}
+    assert seen == [{"sepal_length": "5.1", "sepal_width": "3.5", "petal_length": "1.4",
+                     "petal_width": "0.2"}]
+    rows = [ROW, {**ROW, "petal_length": 10 ** 400}]
+    out = predict_rows(loaded, rows, {f: f for f in FIELDS}, threads=1)
+    assert out[0]["error"] is None and out[1]["prediction"] is None
+    assert out[1]["error"].startswith("petal_length: cannot be formatted"), out[1]["error"]
+    assert len(seen) == 2
+
+
 def test_a_request_past_its_time_limit_gets_504_and_others_still_answer(recipe: Any) -> None:
     program = Program(recipe, guessed_limit(16), delay=30.0)
     app = client(program, timeout_s=0.5)

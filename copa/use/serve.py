@@ -7,19 +7,21 @@ concurrent ones meet in the one engine, which batches them.
 
 No request can stall the others: a body over the size limit is refused (413) before it is read
 whole, each field over the token limit (copa.use.limits) is refused (422) before the engine sees
-it, a request past its time limit is answered 504 (its queued generation withdrawn), requests
-beyond the in-flight limit are answered 503 at once, and /health runs on the event loop, never
-behind them. Nor can a connection hold a place: one that has not sent a whole request head within
-the read time limit is closed, and a body not received within it is answered 408 (else idle
-connections fill uvicorn's connection limit and every request gets 503). No refusal echoes the
-input. SIGTERM / Ctrl-C: in-flight requests get a few
-seconds to finish, then the rest are cancelled.
+it, as is a number that is not finite (NaN, Infinity) or that the recipe's number_format cannot
+format (an integer past the float range for '.1f'), a request past its time limit is answered 504
+(its queued generation withdrawn), requests beyond the in-flight limit are answered 503 at once,
+and /health runs on the event loop, never behind them. Nor can a connection hold a place: one that
+has not sent a whole request head within the read time limit is closed, and a body not received
+within it is answered 408 (else idle connections fill uvicorn's connection limit and every request
+gets 503). No refusal echoes the input. SIGTERM / Ctrl-C: in-flight requests get a few seconds to
+finish, then the rest are cancelled.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint's annotations at
 # run time, and the request model is made per signature, inside make_app.
 import asyncio
 import json
+import math
 import secrets
 import threading
 import time
@@ -36,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from copa.text import one_line
-from copa.use.limits import DEFAULT_TIMEOUT_S, InputTooLong
+from copa.use.limits import DEFAULT_TIMEOUT_S, InputRefused
 
 API_KEY_ENV = "COPA_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -247,6 +249,11 @@ def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAUL
             return program.answer(values)
 
     async def predict(body: Body) -> dict[str, str]:  # type: ignore[valid-type]
+        values = body.model_dump()  # type: ignore[attr-defined]
+        odd = [f for f, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+        if odd:  # Python's JSON parser takes NaN and Infinity (not JSON) and makes 1e400 inf
+            raise HTTPException(422, f"{', '.join(odd)}: not a finite number (NaN, Infinity "
+                                     "or past the float range)")
         if not slots.acquire(blocking=False):
             raise HTTPException(503, f"busy: {max_in_flight} requests in flight; retry shortly",
                                 headers={"Retry-After": "1"})
@@ -254,9 +261,9 @@ def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAUL
         try:
             # The time limit twice: inside (the engine withdraws a queued request) and here
             # (an engine that cannot withdraw, e.g. a server's, still frees the caller).
-            return await asyncio.wait_for(run_in_threadpool(
-                answer, body.model_dump(), deadline), timeout_s + 1.0)  # type: ignore[attr-defined]
-        except InputTooLong as exc:
+            return await asyncio.wait_for(run_in_threadpool(answer, values, deadline),
+                                          timeout_s + 1.0)
+        except InputRefused as exc:  # too long, or a number the recipe's format cannot take
             raise HTTPException(422, str(exc)) from None
         except Exception as exc:
             if isinstance(exc, TimeoutError) or _caused_by(exc, RequestTimeout):  # DSPy wraps it
