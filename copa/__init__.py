@@ -25,8 +25,9 @@ def load(path: str, arm: str = "best", max_input_tokens: int | None = None) -> A
     program bound to its model and template adapter: `load("runs/iris")(**inputs).species`.
     `arm="best"` is the arm with the best val score; or baseline, prompt_only, finetune_only,
     combined. An input field over `max_input_tokens` (default: the recipe's
-    finetune.sequence_len, within the model's context) raises copa.use.limits.InputTooLong
-    before the model runs."""
+    finetune.sequence_len, within the model's context) raises copa.use.limits.InputTooLong, and
+    a number the recipe's number_format cannot format InputRefused (its base), before the model
+    runs."""
     from copa.use.load import load as load_arm
 
     return load_arm(path, arm, max_input_tokens=max_input_tokens)

@@ -380,9 +380,14 @@ def predict(run_dir: str, input_path: str, output: str | None, arm: str,
 @click.option("--max-body-bytes", type=click.IntRange(min=256), metavar="N",
               help="Largest request body read (413 over it; default: every field at its token "
                    "limit).")
+@click.option("--read-timeout", "read_timeout_s", type=click.FloatRange(min=0.1, max=3600),
+              default=10.0, show_default=True,
+              help="Seconds a client has to send a request head (then its connection is closed) "
+                   "and again to send the body (408 past it): idle connections hold no place.")
 @_errors
 def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None,
-          max_input_tokens: int | None, timeout_s: float, max_body_bytes: int | None) -> None:
+          max_input_tokens: int | None, timeout_s: float, max_body_bytes: int | None,
+          read_timeout_s: float) -> None:
     """Serve a finished run (or a `copa export` folder) over HTTP: POST /predict with the input
     fields as JSON answers the output fields; GET /health; API docs at /docs. Fields over the
     token limit, bodies over the size limit and requests past the time limit are refused
@@ -405,13 +410,14 @@ def serve(run_dir: str, host: str, port: int, arm: str, api_key: str | None,
     with load_bundle(bundle, emit=lambda m: click.echo(m, err=True),
                      max_input_tokens=max_input_tokens,
                      how="copa serve --max-input-tokens N changes it") as program:
-        app = make_app(program, api_key, timeout_s=timeout_s, max_body_bytes=max_body_bytes)
+        app = make_app(program, api_key, timeout_s=timeout_s, max_body_bytes=max_body_bytes,
+                       read_timeout_s=read_timeout_s)
         click.echo(f"serving the {bundle.arm} arm of {bundle.root} on http://{host}:{port} "
                    f"(POST /predict, GET /health, docs at /docs; input fields up to "
                    f"{program.limit.max_tokens} tokens); Ctrl-C stops", err=True)
         engine = getattr(program.lm, "engine", None)
         # On stop, what is still queued fails at once: no request thread outlives the server.
-        run_server(app, host, port, on_stop=lambda: getattr(
+        run_server(app, host, port, read_timeout_s=read_timeout_s, on_stop=lambda: getattr(
             engine, "close", lambda wait=True: None)(wait=False))
 
 

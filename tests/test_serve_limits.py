@@ -210,6 +210,58 @@ def test_malformed_bodies_are_refused_without_echoing_them(recipe: Any, raw: byt
     assert program.seen == []
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_number_that_is_not_finite_gets_422_naming_the_field(recipe: Any, value: str) -> None:
+    """Python's JSON parser takes NaN and Infinity (not JSON) and reads 1e400 as inf."""
+    program = Program(recipe, guessed_limit(16))
+    raw = json.dumps({**ROW, "petal_width": 0.0}).encode().replace(b"0.0", value.encode())
+    response = client(program).post("/predict", content=raw,
+                                    headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text[:300]
+    assert response.json()["message"] == ("petal_width: not a finite number (NaN, Infinity or "
+                                          "past the float range)")
+    assert program.seen == []
+
+
+def test_an_integer_the_number_format_cannot_take_is_refused_naming_the_field(
+        recipe: Any) -> None:
+    """The tiny recipe formats numbers with '.1f', which turns an int into a float: one of 401
+    digits cannot be (OverflowError, a 500 from copa serve before). copa serve answers 422, copa
+    predict fails that row, both saying which field; the program never sees it."""
+    from contextlib import ExitStack
+
+    from copa.use.load import LoadedProgram
+    from copa.use.predict import predict_rows
+
+    seen: list[dict[str, Any]] = []
+
+    def program(**values: Any) -> Any:
+        seen.append(values)
+        return SimpleNamespace(species="setosa")
+
+    bundle = SimpleNamespace(recipe=recipe, arm="baseline", model_role="base",
+                             input_fields=FIELDS, output_fields=["species"])
+    loaded = LoadedProgram(bundle, program, None, None, ExitStack(),  # type: ignore[arg-type]
+                           guessed_limit(16))
+    huge = b'{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1' + b"0" * 400 + \
+        b', "petal_width": 0.2}'
+    app = client(loaded)  # type: ignore[arg-type]
+    response = app.post("/predict", content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text[:300]
+    assert response.json()["message"] == (
+        "petal_length: cannot be formatted as the training data's numbers were "
+        "(prompt.number_format '.1f'): int too large to convert to float")
+    assert seen == []
+    assert app.post("/predict", json=ROW).json() == {"species": "setosa"}
+    assert seen == [{"sepal_length": "5.1", "sepal_width": "3.5", "petal_length": "1.4",
+                     "petal_width": "0.2"}]
+    rows = [ROW, {**ROW, "petal_length": 10 ** 400}]
+    out = predict_rows(loaded, rows, {f: f for f in FIELDS}, threads=1)
+    assert out[0]["error"] is None and out[1]["prediction"] is None
+    assert out[1]["error"].startswith("petal_length: cannot be formatted"), out[1]["error"]
+    assert len(seen) == 2
+
+
 def test_a_request_past_its_time_limit_gets_504_and_others_still_answer(recipe: Any) -> None:
     program = Program(recipe, guessed_limit(16), delay=30.0)
     app = client(program, timeout_s=0.5)
@@ -223,15 +275,17 @@ def test_a_request_past_its_time_limit_gets_504_and_others_still_answer(recipe: 
 
 
 @contextmanager
-def live(app: Any) -> Iterator[str]:
+def live(app: Any, **options: Any) -> Iterator[str]:
     """The app on a real uvicorn server on loopback, in this process (one event loop, one
-    thread pool: what `copa serve` runs)."""
+    thread pool, the server configured as `copa serve` configures it; `options` for
+    copa.use.serve.server_config)."""
     import uvicorn
 
     from copa.inference.servers import free_port
+    from copa.use.serve import server_config
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -264,6 +318,63 @@ def test_health_answers_while_every_request_slot_is_busy(recipe: Any) -> None:
         assert [f.result()[0] for f in slow] == [200] * 45
         program.delay = 0.0
         assert _post(url, raw)[0] == 200  # the slots came back
+
+
+def test_idle_and_trickling_connections_are_closed_and_hold_no_place(recipe: Any) -> None:
+    """More connections than uvicorn's limit that never send a whole request head (none at
+    all, half a head, one byte after a kept-alive answer), and one that stops mid-body: at
+    first every request gets 503 (their places are taken); past the read time limit the server
+    has closed them (the body with 408) and answers again, while the client still holds them."""
+    import http.client
+    import socket
+    from contextlib import ExitStack
+    from urllib.parse import urlsplit
+
+    from copa.use.serve import MAX_CONNECTIONS, make_app
+
+    read_s = 2.0
+    program = Program(recipe, guessed_limit(16))
+    raw = json.dumps(ROW).encode()
+    with live(make_app(program, read_timeout_s=read_s), read_timeout_s=read_s) as url, \
+            ExitStack() as held:
+        address = ("127.0.0.1", urlsplit(url).port)
+
+        def connect() -> socket.socket:
+            sock = held.enter_context(socket.create_connection(address, timeout=10))
+            return sock
+
+        kept = http.client.HTTPConnection(*address, timeout=10)
+        held.callback(kept.close)
+        kept.request("GET", "/health")
+        assert kept.getresponse().read()  # answered: the connection is kept alive
+        kept.sock.sendall(b"G")  # and a byte of the next request head, then nothing
+        opened = time.monotonic()
+        half_head = connect()
+        half_head.sendall(b"POST /predict HTTP/1.1\r\nHost: copa\r\n")
+        mid_body = connect()
+        mid_body.sendall(b"POST /predict HTTP/1.1\r\nHost: copa\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 1000\r\n\r\n{")
+        idle = [connect() for _ in range(MAX_CONNECTIONS + 8)]
+        time.sleep(0.3)
+        assert _health(url) == 503  # every place is held
+        while _health(url) != 200 and time.monotonic() < opened + read_s + 10:
+            time.sleep(0.1)
+        assert _health(url) == 200, f"still refused {time.monotonic() - opened:.1f} s on"
+        assert _post(url, raw)[0] == 200
+        assert all(sock.recv(1) == b"" for sock in [*idle, half_head, kept.sock])  # closed
+        answer = mid_body.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert f"not received within {read_s:g} s".encode() in answer
+        while answer:  # and closed after it
+            answer = mid_body.recv(4096)
+
+
+def _health(url: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_predict_rows_fails_a_long_row_in_its_row_and_goes_on(recipe: Any) -> None:

@@ -24,7 +24,12 @@ DEFAULT_TIMEOUT_S = 60.0  # copa serve: one request's time limit
 BYTES_PER_TOKEN_GUESS = 4  # no tokenizer at hand (a model only a server knows): a rough count
 
 
-class InputTooLong(ValueError):
+class InputRefused(ValueError):
+    """A row's input field refused before the model sees it (copa serve: 422; copa predict: the
+    row's error); the message names the field, never the value."""
+
+
+class InputTooLong(InputRefused):
     """A row's input field (or all of them together) is over the token limit; the message
     names the field and the limit, never the value."""
 

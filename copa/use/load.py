@@ -19,6 +19,7 @@ from copa.dspy.retrieved import load_program
 from copa.use.bundle import Bundle, open_bundle
 from copa.use.limits import (
     InputLimit,
+    InputRefused,
     guessed_limit,
     limit_tokens,
     tokenizer_limit,
@@ -52,7 +53,8 @@ class LoadedProgram:
         """The input fields as the model saw them in training (the recipe's number_format
         applied, as data loading applied it); a missing or unknown field, or one whose value is
         null or a list / object (not one text or number), is a TypeError, a field over the token
-        limit an InputTooLong (copa.use.limits), before the model sees anything."""
+        limit an InputTooLong and a number the format cannot take (an integer past float range
+        for '.1f') an InputRefused (copa.use.limits), before the model sees anything."""
         missing = [f for f in self.input_fields if f not in values]
         unknown = [k for k in values if k not in self.input_fields]
         if missing or unknown:
@@ -64,7 +66,7 @@ class LoadedProgram:
                 kind = "null" if values[f] is None else f"a {type(values[f]).__name__}"
                 raise TypeError(f"{f} is {kind}: give it one text or number")
         number_format = self.bundle.recipe.prompt.number_format
-        formatted = {f: format_value(values[f], number_format) for f in self.input_fields}
+        formatted = {f: formatted_input(f, values[f], number_format) for f in self.input_fields}
         if self.limit is not None:
             self.limit.check(formatted)
         return formatted
@@ -92,6 +94,16 @@ class LoadedProgram:
     def __repr__(self) -> str:
         return (f"LoadedProgram(arm={self.arm!r}, model={self.bundle.model_path!r}, "
                 f"{', '.join(self.input_fields)} -> {', '.join(self.output_fields)})")
+
+
+def formatted_input(field: str, value: Any, number_format: str | None) -> str:
+    """One input field as data loading formats it (copa.data.format_value); a value that format
+    cannot take is an InputRefused naming the field, not an OverflowError from deep inside."""
+    try:
+        return format_value(value, number_format)
+    except (OverflowError, ValueError) as exc:  # the messages name types, never the value
+        raise InputRefused(f"{field}: cannot be formatted as the training data's numbers were "
+                           f"(prompt.number_format {number_format!r}): {exc}") from None
 
 
 def load(path: str | Path, arm: str = "best", emit: Callable[[str], None] = lambda _: None,

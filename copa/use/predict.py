@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from copa.data.loaders import read_table
 from copa.text import one_line
-from copa.use.limits import InputTooLong
+from copa.use.limits import InputRefused
 
 # Keys each output row adds after the input row's own columns.
 PREDICTION_KEY, ERROR_KEY = "prediction", "error"
@@ -82,7 +82,7 @@ def predict_rows(program: Answerer, rows: Sequence[Mapping[str, Any]],
                 raise ValueError(f"row lacks {', '.join(absent)}")
             answer = program.answer({f: row[column] for f, column in mapping.items()})
             return {**row, PREDICTION_KEY: answer, ERROR_KEY: None}
-        except InputTooLong as exc:  # refused before the model saw it
+        except InputRefused as exc:  # refused before the model saw it
             return {**row, PREDICTION_KEY: None, ERROR_KEY: str(exc)}
         except Exception as exc:  # this row's failure, reported in its row
             return {**row, PREDICTION_KEY: None,

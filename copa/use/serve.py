@@ -7,16 +7,21 @@ concurrent ones meet in the one engine, which batches them.
 
 No request can stall the others: a body over the size limit is refused (413) before it is read
 whole, each field over the token limit (copa.use.limits) is refused (422) before the engine sees
-it, a request past its time limit is answered 504 (its queued generation withdrawn), requests
-beyond the in-flight limit are answered 503 at once, and /health runs on the event loop, never
-behind them. No refusal echoes the input. SIGTERM / Ctrl-C: in-flight requests get a few
-seconds to finish, then the rest are cancelled.
+it, as is a number that is not finite (NaN, Infinity) or that the recipe's number_format cannot
+format (an integer past the float range for '.1f'), a request past its time limit is answered 504
+(its queued generation withdrawn), requests beyond the in-flight limit are answered 503 at once,
+and /health runs on the event loop, never behind them. Nor can a connection hold a place: one that
+has not sent a whole request head within the read time limit is closed, and a body not received
+within it is answered 408 (else idle connections fill uvicorn's connection limit and every request
+gets 503). No refusal echoes the input. SIGTERM / Ctrl-C: in-flight requests get a few seconds to
+finish, then the rest are cancelled.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint's annotations at
 # run time, and the request model is made per signature, inside make_app.
 import asyncio
 import json
+import math
 import secrets
 import threading
 import time
@@ -33,12 +38,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from copa.text import one_line
-from copa.use.limits import DEFAULT_TIMEOUT_S, InputTooLong
+from copa.use.limits import DEFAULT_TIMEOUT_S, InputRefused
 
 API_KEY_ENV = "COPA_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SHUTDOWN_GRACE_S = 5.0  # SIGTERM / Ctrl-C: how long in-flight requests may still finish
 MAX_CONNECTIONS = 256  # open connections beyond this are answered 503 by uvicorn
+READ_TIMEOUT_S = 10.0  # a client's time to send a request head, and again to send its body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -54,10 +60,12 @@ def body_limit(fields: int, max_input_tokens: int, chars_per_token: int = 64) ->
 
 class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` is answered 413 without reading it
-    whole (a Content-Length over the limit: without reading any of it)."""
+    whole (a Content-Length over the limit: without reading any of it), and one not received
+    whole within `read_timeout_s` is answered 408 (a client that stops sending holds nothing)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, int(max_bytes)
+    def __init__(self, app: ASGIApp, max_bytes: int,
+                 read_timeout_s: float = READ_TIMEOUT_S) -> None:
+        self.app, self.max_bytes, self.read_timeout_s = app, int(max_bytes), float(read_timeout_s)
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
@@ -67,17 +75,24 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(send)
+            await self._too_big(send)
             return
         chunks, size, more = [], 0, True
-        while more:  # bounded: at most max_bytes are ever held
-            message = await receive()
+        deadline = time.monotonic() + self.read_timeout_s  # for the whole body, not per chunk
+        while more:  # bounded: at most max_bytes are ever held, for at most read_timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                await self._refuse(send, 408, f"request body not received within "
+                                              f"{self.read_timeout_s:g} s "
+                                              "(copa serve --read-timeout)")
+                return
             if message["type"] != "http.request":
                 break  # the client went away
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(send)
+                await self._too_big(send)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -92,11 +107,16 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Callable[[Message], Awaitable[None]]) -> None:
-        message = (f"request body over {self.max_bytes} bytes: send the input fields only "
-                   "(copa serve --max-body-bytes)")
+    async def _too_big(self, send: Callable[[Message], Awaitable[None]]) -> None:
+        await self._refuse(send, 413, f"request body over {self.max_bytes} bytes: send the input "
+                                      "fields only (copa serve --max-body-bytes)")
+
+    @staticmethod
+    async def _refuse(send: Callable[[Message], Awaitable[None]], status: int,
+                      message: str) -> None:
+        """Answer `status` and close the connection (the rest of the body is never read)."""
         payload = json.dumps({"message": message}).encode()
-        await send({"type": "http.response.start", "status": 413,
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(payload)).encode()),
                                 (b"connection", b"close")]})
@@ -160,13 +180,15 @@ def _without_input(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-             max_body_bytes: int | None = None, max_in_flight: int | None = None) -> FastAPI:
+             max_body_bytes: int | None = None, max_in_flight: int | None = None,
+             read_timeout_s: float = READ_TIMEOUT_S) -> FastAPI:
     """The service for a loaded arm (copa.use.load.LoadedProgram, or anything with its
     input_fields, output_fields, arm, bundle and answer(); its `limit` sets the token limit).
 
     timeout_s: one request's time limit (504 past it); max_body_bytes: the largest body read
     (413 over it; default from the token limit); max_in_flight: requests answered at once
-    (503 beyond; default 4 x the engine's batch size)."""
+    (503 beyond; default 4 x the engine's batch size); read_timeout_s: the time to send a body
+    (408 past it; the request head's limit is run_server's)."""
     from importlib.metadata import version
 
     from copa.inference.engine import RequestTimeout, time_limit
@@ -191,7 +213,7 @@ def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAUL
     if max_body_bytes is None:
         max_body_bytes = body_limit(len(inputs), limit.max_tokens, limit.chars_per_token) \
             if limit is not None else 1 << 20
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, read_timeout_s=read_timeout_s)
 
     @app.exception_handler(StarletteHTTPException)
     async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -227,6 +249,11 @@ def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAUL
             return program.answer(values)
 
     async def predict(body: Body) -> dict[str, str]:  # type: ignore[valid-type]
+        values = body.model_dump()  # type: ignore[attr-defined]
+        odd = [f for f, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+        if odd:  # Python's JSON parser takes NaN and Infinity (not JSON) and makes 1e400 inf
+            raise HTTPException(422, f"{', '.join(odd)}: not a finite number (NaN, Infinity "
+                                     "or past the float range)")
         if not slots.acquire(blocking=False):
             raise HTTPException(503, f"busy: {max_in_flight} requests in flight; retry shortly",
                                 headers={"Retry-After": "1"})
@@ -234,9 +261,9 @@ def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAUL
         try:
             # The time limit twice: inside (the engine withdraws a queued request) and here
             # (an engine that cannot withdraw, e.g. a server's, still frees the caller).
-            return await asyncio.wait_for(run_in_threadpool(
-                answer, body.model_dump(), deadline), timeout_s + 1.0)  # type: ignore[attr-defined]
-        except InputTooLong as exc:
+            return await asyncio.wait_for(run_in_threadpool(answer, values, deadline),
+                                          timeout_s + 1.0)
+        except InputRefused as exc:  # too long, or a number the recipe's format cannot take
             raise HTTPException(422, str(exc)) from None
         except Exception as exc:
             if isinstance(exc, TimeoutError) or _caused_by(exc, RequestTimeout):  # DSPy wraps it
@@ -253,17 +280,81 @@ def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAUL
     return app
 
 
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
-               grace_s: float = SHUTDOWN_GRACE_S, on_stop: Callable[[], None] = lambda: None
-               ) -> None:
-    """Serve until Ctrl-C / SIGTERM: requests in flight get `grace_s` to finish, then are
-    cancelled; `on_stop` (e.g. closing the engine, which fails what is still queued) runs then,
-    so no worker thread keeps the process alive."""
+def head_deadline_protocol(read_timeout_s: float = READ_TIMEOUT_S) -> type[asyncio.Protocol]:
+    """uvicorn's h11 HTTP protocol, closing a connection that has not sent a whole request head
+    within `read_timeout_s`: from when it opens, and again from each response on a kept-alive
+    connection. uvicorn has no such limit (its keep-alive timer stops at the first byte), so
+    idle or trickling connections would hold its connection limit and every request get 503.
+    The body's own limit is BodyLimit's."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        head_timeout_s = float(read_timeout_s)
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request head arrived: its body is BodyLimit's
+                self._stop_head_timer()
+
+        def on_response_complete(self) -> None:
+            if not self.transport.is_closing():
+                self._arm_head_timer()  # before super(): a pipelined request stops it at once
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            self._stop_head_timer()
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_too_late)
+
+        def _stop_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_late(self) -> None:
+            self._head_timer = None
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a request is being answered (its head came)
+            if not self.transport.is_closing():
+                if self.conn.our_state is not h11.ERROR:
+                    self.conn.send(h11.ConnectionClosed())
+                self.transport.close()
+
+    return HeadDeadline
+
+
+def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
+                  grace_s: float = SHUTDOWN_GRACE_S, read_timeout_s: float = READ_TIMEOUT_S,
+                  max_connections: int = MAX_CONNECTIONS) -> Any:
+    """The uvicorn.Config `copa serve` runs (also for tests that start its server)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(
+    return uvicorn.Config(
         app, host=host, port=port, log_level="warning", access_log=False,
-        timeout_graceful_shutdown=grace_s, limit_concurrency=MAX_CONNECTIONS))
+        http=head_deadline_protocol(read_timeout_s), timeout_graceful_shutdown=grace_s,
+        limit_concurrency=max_connections)
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
+               grace_s: float = SHUTDOWN_GRACE_S, on_stop: Callable[[], None] = lambda: None,
+               read_timeout_s: float = READ_TIMEOUT_S) -> None:
+    """Serve until Ctrl-C / SIGTERM: requests in flight get `grace_s` to finish, then are
+    cancelled; `on_stop` (e.g. closing the engine, which fails what is still queued) runs then,
+    so no worker thread keeps the process alive. `read_timeout_s`: a connection's time to send
+    a request head (then it is closed)."""
+    import uvicorn
+
+    server = uvicorn.Server(server_config(app, host, port, grace_s, read_timeout_s))
     try:
         server.run()
     finally:
