@@ -250,7 +250,8 @@ def test_an_integer_the_number_format_cannot_take_is_refused_naming_the_field(
     assert response.status_code == 422, response.text[:300]
     assert response.json()["message"] == (
         "petal_length: cannot be formatted as the training data's numbers were "
-        "(prompt.number_format '.1f'): int too large to convert to float")
+        "(prompt.number_format '.1f'): a number too large for number_format '.1f' (a float "
+        "stops at 1.8e308)")
     assert seen == []
     assert app.post("/predict", json=ROW).json() == {"species": "setosa"}
     assert seen == [{"sepal_length": "5.1", "sepal_width": "3.5", "petal_length": "1.4",
