@@ -21,22 +21,90 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
+# What an answer may carry around a label without naming another one: surrounding whitespace,
+# quotes, brackets and markdown emphasis, trailing sentence punctuation, letter case. Signs and
+# symbols stay ('-1' is not '1', 'C++' is not 'C#' or 'C').
+_OPENERS = "\"'`\u201c\u2018\u00ab([{<*"
+_CLOSERS = "\"'`\u201d\u2019\u00bb)]}>*"
+_SENTENCE_END = ".,;:!?"
+
+
 def normalize(text: Any) -> str:
-    text = str(text or "").strip().lower()
-    text = text.strip(string.punctuation + " \n\t\"'`")
-    return " ".join(text.split())
+    """The form two answers are compared in: case-folded, whitespace collapsed, and stripped of
+    surrounding quotes, brackets, '*' and trailing .,;:!? (nothing else: a sign or a '#' may be
+    what tells two labels apart). Texts that differ only in what this removes are one answer."""
+    text = " ".join(("" if text is None else str(text)).casefold().split())
+    while True:
+        stripped = text.lstrip(_OPENERS).rstrip(_CLOSERS + _SENTENCE_END).strip()
+        if stripped == text:
+            return text
+        text = stripped
 
 
-def to_choice(prediction: str, choices: Sequence[str] | None) -> str:
-    """Map a free-text answer onto a label: its first line, or the one choice it names."""
-    first = normalize(str(prediction).strip().split("\n")[0]) if prediction else ""
-    if not choices:
-        return first
-    normalized = {normalize(c): c for c in choices}
-    if first in normalized:
-        return normalized[first]
-    named = [c for n, c in normalized.items() if re.search(rf"\b{re.escape(n)}\b", first)]
-    return named[0] if len(named) == 1 else first
+def same_answer(a: Any, b: Any) -> bool:
+    """Whether two answers are the same text (surrounding whitespace aside), or the same
+    non-empty normalized text: two answers made only of punctuation (':)' and '') normalize to
+    nothing, and are one answer only when they are the same text."""
+    a, b = ("" if v is None else str(v) for v in (a, b))
+    if a.strip() == b.strip():
+        return True
+    key = normalize(a)
+    return bool(key) and key == normalize(b)
+
+
+def indistinguishable(choices: Sequence[str]) -> tuple[str, str] | None:
+    """Two choices the scorer would take for one another (the same normalized form, e.g. 'Pos'
+    and 'pos'), or None."""
+    seen: dict[str, str] = {}
+    for choice in choices:
+        key = normalize(choice)
+        if key in seen and seen[key] != choice:
+            return seen[key], choice
+        seen.setdefault(key, choice)
+    return None
+
+
+def match_choice(text: Any, choices: Sequence[str]) -> str | None:
+    """The choice `text` is: the same text (surrounding whitespace aside), else the one choice
+    with its normalized form; None when there is none, or more than one."""
+    text = "" if text is None else str(text).strip()
+    if text in choices:
+        return text
+    key = normalize(text)
+    same = list(dict.fromkeys(c for c in choices if key and normalize(c) == key))
+    return same[0] if len(same) == 1 else None
+
+
+def _first_line(prediction: Any) -> str:
+    return str(prediction).strip().split("\n")[0].strip() if prediction else ""
+
+
+def named_choice(prediction: Any, choices: Sequence[str]) -> str | None:
+    """The choice a free-text answer gives: its first line as a choice (match_choice), else the
+    one choice its first line names as a whole word ('It is setosa'). A choice named only inside
+    another named choice ('1' in '-1', 'C' in 'C++') is not named. None when it names no choice,
+    or several."""
+    first = _first_line(prediction)
+    exact = match_choice(first, choices)
+    if exact is not None:
+        return exact
+    text = " ".join(first.casefold().split())
+    spans: list[tuple[int, int, str]] = []
+    for choice in dict.fromkeys(choices):
+        key = normalize(choice)
+        if key:
+            pattern = rf"(?<!\w){re.escape(key)}(?!\w)"
+            spans += [(m.start(), m.end(), choice) for m in re.finditer(pattern, text)]
+    named = {c for s, e, c in spans
+             if not any(s2 <= s and e <= e2 and e2 - s2 > e - s for s2, e2, _ in spans)}
+    return named.pop() if len(named) == 1 else None
+
+
+def to_choice(prediction: Any, choices: Sequence[str] | None) -> str:
+    """Map a free-text answer onto a label: the choice it gives (named_choice), else its first
+    line, normalized."""
+    found = named_choice(prediction, choices) if choices else None
+    return found if found is not None else normalize(_first_line(prediction))
 
 
 def gsm8k_number(text: Any) -> float | None:
@@ -57,7 +125,7 @@ def token_f1(gold: Any, pred: Any, choices: Sequence[str] | None = None) -> floa
     common = Counter(gold_tokens) & Counter(pred_tokens)
     overlap = sum(common.values())
     if not gold_tokens or not pred_tokens:
-        return float(gold_tokens == pred_tokens)
+        return float(same_answer(gold, pred))
     if overlap == 0:
         return 0.0
     precision, recall = overlap / len(pred_tokens), overlap / len(gold_tokens)
@@ -99,12 +167,17 @@ def answer_found(passages: Sequence[str], golds: Sequence[Any]) -> bool:
 
 
 def exact_match(gold: Any, pred: Any, choices: Sequence[str] | None = None) -> float:
-    return float(normalize(gold) == normalize(pred))
+    return float(same_answer(gold, pred))
 
 
 def label_accuracy(gold: Any, pred: Any, choices: Sequence[str] | None = None) -> float:
-    """The answer mapped onto one of the task's choices (to_choice), against the label."""
-    return float(normalize(to_choice(pred, choices)) == normalize(gold))
+    """The choice the answer gives (named_choice) against the label's choice: only the label
+    itself counts, never another choice that looks like it. A label outside the choices (or no
+    choices) is compared with the answer's first line (same_answer)."""
+    label = match_choice(gold, choices) if choices else None
+    if label is not None:
+        return float(named_choice(pred, choices) == label)
+    return float(same_answer(_first_line(pred), gold))
 
 
 def gsm8k_answer(gold: Any, pred: Any, choices: Sequence[str] | None = None) -> float:
