@@ -5,6 +5,8 @@ training process scores val with the same metric as every arm (copa.backends.val
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 import string
 from collections import Counter
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from copa.registry import METRICS, builtin
+from copa.text import one_line
 from copa.usercode import import_object
 
 Metric = Callable[..., float]
@@ -185,19 +188,73 @@ def gsm8k_answer(gold: Any, pred: Any, choices: Sequence[str] | None = None) -> 
     return float(g is not None and p is not None and abs(g - p) < 1e-6)
 
 
+class MetricValueError(ValueError):
+    """A metric gave something other than a finite number for a row: a fault of the metric (NaN
+    from 0/0, None, a string), neither a wrong answer nor a failed LM call, and no score can be
+    made of it. A user error: one line naming the recipe key, exit 2."""
+
+
+def bad_score(result: Any) -> str | None:
+    """What is wrong with a metric's result for one row, or None when it is a finite number: a
+    number (a bool too), or an object float() takes through __float__ (GEPA's
+    dspy.Prediction(score=..., feedback=...)). NaN, +-inf, None, a string are wrong."""
+    try:
+        value = float(result) if hasattr(type(result), "__float__") else None
+    except (TypeError, ValueError):
+        value = None
+    if value is not None and math.isfinite(value):
+        return None
+    shown = one_line(repr(result) if value is None else str(value), 80)
+    return (f"returned {shown} ({type(result).__name__}): a metric must return a finite number "
+            "for every row, e.g. 0.0 for an answer it cannot score")
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, "")
+
+
+def checked_metric(function: Callable[..., Any], name: str, output_field: str,
+                   where: str = "evaluate.metric") -> Metric:
+    """A user metric that raises MetricValueError for a result that is not a finite number
+    (bad_score), naming `where` (the recipe key), the metric, the row and the value; results
+    are returned as they are. The first such error is also kept as `.problem`, for callers
+    whose DSPy optimizer counts a metric's exception as a failed row and goes on."""
+
+    @functools.wraps(function)
+    def metric(*args: Any, **kwargs: Any) -> Any:
+        result = function(*args, **kwargs)
+        problem = bad_score(result)
+        if problem:
+            example, prediction = (list(args) + [None, None])[:2]
+            error = MetricValueError(
+                f"{where}: '{name}' on a row (gold "
+                f"{one_line(repr(_field(example, output_field)), 60)}, answer "
+                f"{one_line(repr(_field(prediction, output_field)), 60)}) {problem}")
+            if metric.problem is None:
+                metric.problem = error
+            raise error
+        return result
+
+    metric.problem = None
+    return metric
+
+
 def make_metric(name: str, output_field: str, choices: Sequence[str] | None = None,
-                base_dir: Path | None = None, answers_field: str | None = None) -> Metric:
+                base_dir: Path | None = None, answers_field: str | None = None,
+                where: str = "evaluate.metric") -> Metric:
     """The recipe's metric as a DSPy metric on the signature's answer field: a built-in one by
     its entry in copa.registry.METRICS, else a user metric (looked up with the recipe's folder,
-    base_dir, on sys.path). With `answers_field`, a metric scored against every accepted answer
-    (squad_em, squad_f1) takes the best match over the example's list of gold answers there."""
+    base_dir, on sys.path), whose results are checked to be finite numbers (checked_metric,
+    naming `where`: the recipe key that names it). With `answers_field`, a metric scored
+    against every accepted answer (squad_em, squad_f1) takes the best match over the example's
+    list of gold answers there."""
     entry = METRICS.get(name)
     if entry is None:
-        return load_user_metric(name, base_dir)
+        return checked_metric(load_user_metric(name, base_dir), name, output_field, where)
     score = builtin(entry.function)
 
     def value(obj: Any) -> Any:
-        return obj.get(output_field) if isinstance(obj, dict) else getattr(obj, output_field, "")
+        return _field(obj, output_field)
 
     def golds(example: Any) -> list[Any]:
         found = None
