@@ -38,6 +38,15 @@ def old_metrics(revision: str) -> Any:
     spec = importlib.util.spec_from_file_location("old_copa_metrics", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # Its make_metric looks built-ins up by 'copa.metrics:name' (copa.registry): that would be
+    # the new module's functions. Resolve them in the old module itself.
+    found = module.builtin
+
+    def builtin(path: str) -> Any:
+        where, _, name = path.partition(":")
+        return getattr(module, name) if where == "copa.metrics" else found(path)
+
+    module.builtin = builtin
     return module
 
 
