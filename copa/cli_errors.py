@@ -21,6 +21,7 @@ def errors(func):
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from copa.metrics import MetricValueError
         from copa.prompting import PromptError
         from copa.recipe import RecipeError
         from copa.runs import RunDirBusy
@@ -38,7 +39,8 @@ def errors(func):
             for problem in exc.problems:
                 click.echo(str(problem), err=True)
             sys.exit(EXIT_RECIPE)
-        except (PromptError, RunDirBusy, NotFinished, InputError, ExportRefused) as exc:
+        except (PromptError, RunDirBusy, NotFinished, InputError, ExportRefused,
+                MetricValueError) as exc:
             if debug:
                 raise
             click.echo(str(exc), err=True)

@@ -93,6 +93,38 @@ def test_answers_are_parsed_and_scored_with_the_recipes_metric() -> None:
     assert score_answers(spec, answers) == [1.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("own_metric", [True, False])
+def test_a_val_metric_returning_nan_is_an_error_naming_its_recipe_key(
+        tmp_path: Path, own_metric: bool) -> None:
+    """finetune.eval scores val inside training: a NaN there would be a NaN val curve and a
+    plateau decided on it. It names finetune.eval.metric, or evaluate.metric where that is the
+    metric finetune.eval uses."""
+    from copa.backends.valcurve import eval_spec
+    from copa.metrics import MetricValueError
+
+    path = write_tiny_recipe(tmp_path, tmp_path / "model")  # only loaded, never trained
+    module = f"case_val_nan_{int(own_metric)}"  # one module name per case: imports are cached
+    (tmp_path / f"{module}.py").write_text(
+        "def score(example, prediction, trace=None):\n    return float('nan')\n")
+    text = path.read_text()
+    if own_metric:
+        text = text.replace("finetune:\n", f"finetune:\n  eval: {{every: 2, metric: "
+                                           f"'{module}:score'}}\n", 1)
+    else:
+        text = text.replace("metric: label_accuracy", f"metric: {module}:score")
+        text = text.replace("finetune:\n", "finetune:\n  eval: {every: 2}\n", 1)
+    path.write_text(text)
+    recipe = load_recipe(path)
+    rendered = [{"messages": [{"role": "user", "content": "x"},
+                              {"role": "assistant", "content": "setosa"}]}]
+    spec = eval_spec(recipe, ["species"], rendered, [{"species": "setosa"}])
+    key = "finetune.eval.metric" if own_metric else "evaluate.metric"
+    with pytest.raises(MetricValueError) as caught:
+        score_answers(spec, ["setosa"])
+    assert str(caught.value).startswith(f"{path}: {key}: '{module}:score' on a row (gold "
+                                        "'setosa', answer 'setosa') returned nan")
+
+
 # ---- slow: one real training on the tiny model ------------------------------------------------
 
 @pytest.fixture(scope="module")

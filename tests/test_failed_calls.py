@@ -8,6 +8,7 @@ import json
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import dspy
 import pytest
@@ -16,6 +17,7 @@ from conftest import engine_lm, label_exact, label_examples
 
 from copa.dspy.search import OptimizeError, ScoreError, evaluate_program, prompt_optimize
 from copa.inference.local import Generation
+from copa.metrics import MetricValueError
 from copa.recipe.schema import Recipe
 
 
@@ -214,3 +216,96 @@ def test_the_report_shows_failed_calls_within_the_budget() -> None:
     assert "| prompt-only | base | DSPy | 30.0 | [10.0, 60.0] | 9 | 2 |" in text
     assert "- prompt_only: 2 of 9 calls failed and score 0" in text
     assert "failed calls: 3 while optimizing; on val plain 1" in text
+
+
+# --- a metric that returns no number: its own error, never failed calls ------------------------
+
+def _nan_for_bad(example: Any, prediction: Any, trace: Any = None) -> float:
+    return float("nan") if example.label == "neg" else label_exact(example, prediction)
+
+
+@pytest.mark.parametrize("max_errors", [None, 5])
+def test_a_metric_returning_nan_is_said_as_such_not_as_failed_calls(
+        lm: dspy.LM, max_errors: int | None) -> None:
+    """No LM call failed: the metric's NaN is neither 'N calls failed (first: unknown)' nor,
+    within max_errors, a silent 0 for those rows."""
+    with pytest.raises(MetricValueError, match=r"metric '_nan_for_bad' returned nan"):
+        with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+            evaluate_program(dspy.Predict("text -> label"),
+                             label_examples(["good 1", "bad 2", "bad 3"]), _nan_for_bad, 2,
+                             max_errors)
+
+
+@pytest.mark.parametrize("n, value, shown", [(0, "float('nan')", "nan (float)"),
+                                             (1, "float('-inf')", "-inf (float)"),
+                                             (2, "None", "None (NoneType)"),
+                                             (3, "'1.0'", "'1.0' (str)")])
+def test_a_user_metric_returning_no_number_names_the_recipe_key_the_row_and_the_value(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int, value: str, shown: str) -> None:
+    from copa.metrics import make_metric
+
+    module = f"case_nan_metrics_{n}"  # one module name per case: imports are cached
+    (tmp_path / f"{module}.py").write_text(
+        f"def score(example, prediction, trace=None):\n    return {value}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    metric = make_metric(f"{module}:score", "label", base_dir=tmp_path,
+                         where="r.yaml: evaluate.metric")
+    with pytest.raises(MetricValueError) as caught:
+        metric(dspy.Example(label="neg"), dspy.Prediction(label="pos"))
+    assert str(caught.value).startswith(
+        f"r.yaml: evaluate.metric: '{module}:score' on a row (gold 'neg', answer "
+        f"'pos') returned {shown}: a metric must return a finite number")
+    assert metric.problem is caught.value
+
+
+def test_a_metric_returning_a_number_or_a_feedback_prediction_passes_unchanged() -> None:
+    from copa.metrics import checked_metric
+
+    for result in (0.5, True, 1, dspy.Prediction(score=1.0, feedback="correct")):
+        assert checked_metric(lambda e, p, t=None, r=result: r, "m", "label")({}, {}) is result
+
+
+def test_the_prompt_stage_says_a_metric_returned_nan_while_the_optimizer_ran(
+        lm: dspy.LM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BootstrapFewShot calls the metric with a trace and counts its exception as a failed
+    row; with guard off nothing else scores: the stage still says what the metric did."""
+    from copa.metrics import make_metric
+
+    (tmp_path / "case_trace_metrics.py").write_text(
+        "def score(example, prediction, trace=None):\n"
+        "    return float('nan') if trace is not None else 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = _recipe()
+    recipe.optimize.guard = False
+    metric = make_metric("case_trace_metrics:score", "label", base_dir=tmp_path)
+    with pytest.raises(MetricValueError, match="evaluate.metric: 'case_trace_metrics:score' "
+                                               "on a row .* returned nan"):
+        prompt_optimize(recipe, dspy.Predict("text -> label"), lm, dspy.ChatAdapter(),
+                        label_examples(["good 1", "good 2", "bad 3"]),
+                        label_examples(["good 4", "bad 5"]), metric, emit=lambda _: None)
+
+
+def test_copa_run_with_a_metric_returning_nan_is_one_line_naming_evaluate_metric_exit_2(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    (tmp_path / "data.jsonl").write_text("".join(
+        json.dumps({"text": f"row {i}", "label": "pos" if i % 2 else "neg"}) + "\n"
+        for i in range(12)))
+    (tmp_path / "case_run_nan.py").write_text(
+        "def score(example, prediction, trace=None):\n    return float('nan')\n")
+    recipe = tmp_path / "nan.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "nan", "model": {"base": str(tiny_model_dir)},
+        "task": {"signature": "text -> label", "choices": ["pos", "neg"]},
+        "data": {"source": "data.jsonl", "splits": {"train": 6, "val": 2, "test": 3}},
+        "finetune": {"enabled": False}, "optimize": {"enabled": False},
+        "evaluate": {"metric": "case_run_nan:score", "arms": ["baseline"], "max_errors": 10,
+                     "max_tokens": 4, "bootstrap": 50}}, sort_keys=False))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--run-dir", str(tmp_path / "run")])
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2, result.output
+    assert last.startswith(f"{recipe}: evaluate.metric: 'case_run_nan:score' on a row"), last
+    assert "returned nan (float)" in last and "calls failed" not in result.output

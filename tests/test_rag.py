@@ -175,7 +175,8 @@ def test_a_rag_run_reports_recall_at_k_and_generated_tokens(tiny_model_dir: Path
                  "model.base": str(tiny_model_dir), "finetune.enabled": False,
                  "optimize.params": {"max_bootstrapped_demos": 0, "max_labeled_demos": 1},
                  "optimize.num_threads": 4,
-                 "evaluate": {"metric": "squad_f1", "max_tokens": 3, "bootstrap": 50,
+                 # the fixture's longest shortest accepted answer, 'Aurel Venn', is 5 tokens
+                 "evaluate": {"metric": "squad_f1", "max_tokens": 5, "bootstrap": 50,
                               "num_threads": 4}}
     try:
         run = copa.run(REPO / "recipes" / "squad_rag.yaml", run_dir=tmp_path / "run",
@@ -191,7 +192,7 @@ def test_a_rag_run_reports_recall_at_k_and_generated_tokens(tiny_model_dir: Path
     assert report["retrieval"] == {"retriever": "bm25", "k": 1, "passages": 12, "n": 6,
                                    "recall_at_k": sum(hits) / len(hits)}
     assert f"recall@1 {100 * sum(hits) / len(hits):.1f}" in (run.dir / "report.md").read_text()
-    assert 6 <= report["eval_tokens"]["baseline"] <= 6 * 3  # 1 to 3 tokens per test question
+    assert 6 <= report["eval_tokens"]["baseline"] <= 6 * 5  # 1 to 5 tokens per test question
     if report["prompt_optimization"]["prompt_only"]["winner"] == "plain":
         # the baseline's very prompts: answered from the response cache, nothing generated
         assert report["eval_tokens"]["prompt_only"] == 0

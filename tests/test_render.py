@@ -94,6 +94,61 @@ def test_rows_longer_than_sequence_len_are_reported_before_axolotl_drops_them(
         assert "write sequence_len: 128" in result.output
 
 
+@pytest.mark.parametrize("max_tokens, says", [
+    (1, "evaluate.max_tokens: 1 is too few tokens for the answer the model must write in 149 "
+        "of 149 rows: the longest, 'virginica', is 3 tokens in the model's tokenizer"),
+    (2, "evaluate.max_tokens: 2 is too few tokens for the answer the model must write in 99 "
+        "of 149 rows"),
+    (3, None),
+])
+def test_answers_longer_than_evaluate_max_tokens_are_refused_before_training(
+        tmp_path: Path, max_tokens: int, says: str | None) -> None:
+    """SmolLM2 writes setosa in 2 tokens, versicolor and virginica in 3: with fewer, every
+    generation (arms, optimizer, finetune.eval) is cut before the label ends and scores 0."""
+    result = CliRunner().invoke(cli, ["render", str(REPO / "recipes" / "iris.yaml"), "-o",
+                                      str(tmp_path / "out"), "--set",
+                                      f"evaluate.max_tokens={max_tokens}"])
+    if says is None:
+        assert result.exit_code == 0, result.output
+        return
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2, result.output
+    assert last.startswith(str(REPO / "recipes" / "iris.yaml")) and says in last, last
+    assert last.endswith("write max_tokens: 3 or more"), last
+
+
+@pytest.mark.parametrize("max_tokens, code, says", [
+    (8, 2, "evaluate.max_tokens: 8 is too few tokens for the answer the model must write in 24 "
+           "of 24 rows: the longest, 'reasoning: \\nanswer: 116' without its reasoning, is 11 "
+           "tokens"),
+    (12, 0, "warning: 24 of 24 gold answers with their reasoning are longer than "
+            "evaluate.max_tokens (12 tokens; longest 39)"),
+])
+def test_chain_of_thought_needs_room_for_the_answer_line_not_the_gold_reasoning(
+        tmp_path: Path, max_tokens: int, code: int, says: str) -> None:
+    """GSM8K's model writes 'reasoning: ...\\nanswer: N': the parser needs the answer line
+    (refused without room for it), and reasoning of the model's own length (a gold rationale
+    longer than max_tokens is only a warning)."""
+    sizes = json.dumps(FIXTURE_SPLITS["gsm8k"])
+    result = CliRunner().invoke(cli, ["render", str(REPO / "recipes" / "gsm8k.yaml"), "-o",
+                                      str(tmp_path / "out"), "--set", f"data.splits={sizes}",
+                                      "--set", f"evaluate.max_tokens={max_tokens}"])
+    assert result.exit_code == code, result.output
+    assert says in result.output, result.output
+
+
+def test_no_tokenizer_skips_the_answer_check_only_where_nothing_trains(tmp_path: Path) -> None:
+    from copa.stages.render import load_tokenizer
+
+    recipe = load_recipe(REPO / "recipes" / "iris.yaml")
+    said: list[str] = []
+    with pytest.raises(OSError):
+        load_tokenizer(str(tmp_path / "none"), recipe, said.append)
+    recipe.finetune.enabled = False  # a model only a server runs
+    assert load_tokenizer(str(tmp_path / "none"), recipe, said.append) is None
+    assert said and "answers are not checked against evaluate.max_tokens" in said[0]
+
+
 def _recipe_with(tmp_path: Path, distributed: str) -> object:
     text = (REPO / "recipes" / "iris.yaml").read_text().replace(
         "  seed: 0\n\noptimize", f"  seed: 0\n  distributed: {distributed}\n\noptimize")

@@ -42,6 +42,9 @@ def eval_spec(recipe: Any, output_fields: Sequence[str], rendered_val: Sequence[
     stopping = ft.early_stopping
     return {
         "metric": ft.eval.metric or recipe.evaluate.metric,
+        # the recipe key a metric's bad value is reported under (copa.metrics.checked_metric)
+        "metric_where": f"{recipe.source_path or '<recipe>'}: "
+                        + ("finetune.eval.metric" if ft.eval.metric else "evaluate.metric"),
         "every": ft.eval.every,
         "patience": stopping.patience if stopping else None,
         "min_delta": stopping.min_delta if stopping else 0.0,
@@ -80,7 +83,8 @@ def score_answers(spec: Mapping[str, Any], answers: Sequence[str]) -> list[float
     """Each val row's metric value for the model's answers, parsed as the template adapter
     parses them (a field the answer lacks is empty, and scores as the metric says)."""
     metric = make_metric(spec["metric"], spec["answer_field"], spec.get("choices"),
-                         Path(spec["base_dir"]), answers_field=spec.get("answers_field"))
+                         Path(spec["base_dir"]), answers_field=spec.get("answers_field"),
+                         where=spec.get("metric_where", "evaluate.metric"))
     fields = spec["output_fields"]
     scores = []
     for example, answer in zip(spec["examples"], answers, strict=True):

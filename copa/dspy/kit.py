@@ -50,7 +50,8 @@ def task_kit(recipe: Recipe, train_rows: list[dict], val_rows: list[dict],
         adapter=make_adapter(recipe, spec),
         metric=make_metric(recipe.evaluate.metric, recipe.task.output_fields[-1],
                            recipe.task.choices, recipe.base_dir,
-                           answers_field="answers" if recipe.data.answers_column else None),
+                           answers_field="answers" if recipe.data.answers_column else None,
+                           where=f"{recipe.source_path or '<recipe>'}: evaluate.metric"),
         trainset=to_examples(recipe, train_rows), valset=to_examples(recipe, val_rows))
 
 

@@ -19,6 +19,7 @@ from dspy.utils.callback import BaseCallback
 from copa.dspy.candidates import optimizer_candidates, optimizer_log_params
 from copa.dspy.program import to_examples
 from copa.dspy.retrieved import ranking_model, retrieved_info, retrieved_program
+from copa.metrics import MetricValueError, bad_score
 from copa.recipe import Recipe
 from copa.usercode import optimizer_class, optimizer_params, param_problem
 
@@ -137,6 +138,15 @@ def compile_program(optimizer: Any, program: dspy.Module, trainset: list[dspy.Ex
     return optimizer.compile(program, **kwargs)
 
 
+def raise_metric_fault(metric: Callable[..., Any]) -> None:
+    """A user metric's first result that was no finite number (copa.metrics.checked_metric), if
+    any, raised: DSPy's optimizers count a metric's exception as a failed row and go on (or
+    stop with their own message), and the metric's fault must be said as such."""
+    problem = getattr(metric, "problem", None)
+    if problem is not None:
+        raise problem from None
+
+
 class ScoreError(Exception):
     """More failed calls than the budget allows: the scores would not be results."""
 
@@ -150,7 +160,8 @@ class ScoreError(Exception):
 class Scored:
     """A program scored on a devset. Rows whose call (or metric) raised score 0 and are counted
     in `errors`; `failed[i]` says which. A model answer that does not parse is a wrong answer
-    (score 0), not an error."""
+    (score 0), not an error. A metric that returns no finite number (NaN, None, a string) is
+    neither: evaluate_program raises MetricValueError."""
 
     mean: float
     results: list[Any]  # (example, prediction, score)
@@ -189,9 +200,20 @@ def evaluate_program(program: dspy.Module, devset: list[dspy.Example],
                 messages.append(f"{type(exc).__name__}: {exc}")
             raise
 
+    bad_values: list[MetricValueError] = []  # a metric's fault: no score, and no failed call
+
     def judged(example: Any, prediction: Any) -> Any:
         try:
-            return metric(example, prediction)  # as dspy.Evaluate calls it
+            result = metric(example, prediction)  # as dspy.Evaluate calls it
+            problem = bad_score(result)
+            if problem:
+                raise MetricValueError(f"metric '{getattr(metric, '__name__', metric)}' "
+                                       f"{problem}")
+            return result
+        except MetricValueError as exc:
+            with lock:
+                bad_values.append(exc)
+            raise
         except Exception as exc:
             with lock:
                 messages.append(f"metric: {type(exc).__name__}: {exc}")
@@ -204,10 +226,14 @@ def evaluate_program(program: dspy.Module, devset: list[dspy.Example],
     try:
         result = evaluator(call)
     except Exception:
+        if bad_values:
+            raise bad_values[0] from None
         if max_errors is not None and len(messages) > max_errors:
             raise ScoreError(len(messages), len(devset), max_errors,
                              messages[0] if messages else None) from None
         raise
+    if bad_values:
+        raise bad_values[0]
     failed = [isinstance(s, float) and math.isnan(s) for _, _, s in result.results]
     results = [(ex, pred, 0.0 if bad else s)
                for (ex, pred, s), bad in zip(result.results, failed, strict=True)]
@@ -356,9 +382,14 @@ def prompt_optimize(recipe: Recipe, program: dspy.Module, lm: dspy.LM, adapter: 
                     program, trainset, dict(recipe.optimize.params), ranking_model(recipe))
             else:
                 optimizer = build_optimizer(recipe, metric, lm, proposer, teacher, log_dir)
-                candidates["optimized"] = compile_program(
-                    optimizer, program.deepcopy(), trainset, valset,
-                    compile_params(type(optimizer), dict(recipe.optimize.params)))
+                try:
+                    candidates["optimized"] = compile_program(
+                        optimizer, program.deepcopy(), trainset, valset,
+                        compile_params(type(optimizer), dict(recipe.optimize.params)))
+                except Exception:
+                    raise_metric_fault(metric)
+                    raise
+                raise_metric_fault(metric)
         if counter.errors:
             emit(f"  warning: {counter.errors} LM calls failed while the optimizer ran "
                  f"(first: {counter.first}); it scored them as wrong answers")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from copa.metrics import indistinguishable
 from copa.models import EMBEDDED
 from copa.recipe.data_schema import (  # noqa: F401 - the data sections are part of the schema
     USER_CODE,
@@ -120,6 +121,12 @@ class TaskSection(_Section):
                 raise ValueError("needs at least two choices (or leave it out)")
             if len(set(value)) != len(value):
                 raise ValueError("choices must be unique")
+            same = indistinguishable(value)
+            if same:
+                raise ValueError(
+                    f"{same[0]!r} and {same[1]!r} are one label to the scorer (it ignores case, "
+                    "surrounding quotes, brackets and '*', and trailing .,;:!?), so no answer "
+                    "could tell them apart: rename one")
         return value
 
     @property

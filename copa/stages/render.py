@@ -21,6 +21,7 @@ from copa.files import atomic_write_text
 from copa.prompting import PromptSpec, preview, training_row
 from copa.recipe import Recipe
 from copa.runs import PLAIN_DIR, TRAIN_CONFIG, TRAIN_ROWS, Run
+from copa.text import one_line
 
 if TYPE_CHECKING:
     from copa.data.retrieval import Retriever
@@ -145,7 +146,11 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
         base_model = resolve_model(recipe.model.base, recipe.base_dir)
     label = str(recipe.source_path) if recipe.source_path else "<recipe>"
     if validate_axolotl:  # what Axolotl will do with the rows: drop the too long ones
-        too_long_rows(rows, base_model, recipe, label, emit)
+        tokenizer = load_tokenizer(base_model, recipe, emit, label)
+        if tokenizer is not None:
+            too_long_rows(rows, base_model, recipe, label, emit, tokenizer=tokenizer)
+            too_long_answers(spec, [*splits.train, *splits.val, *splits.test], train[:1],
+                             tokenizer, recipe, label, emit)
     config = backend.checked_config(recipe, base_model, out_dir / TRAIN_ROWS, work_dir,
                                     hardware, validate=validate_axolotl)
     config_path = out_dir / TRAIN_CONFIG
@@ -189,25 +194,42 @@ def distributed_rows(recipe: Recipe, spec: PromptSpec, train: Sequence[Row], val
     return rows, val_rows
 
 
-def too_long_rows(rows: Sequence[dict], model_path: str, recipe: Recipe, label: str,
-                  emit: Callable[[str], None]) -> int:
-    """How many training rows are longer than finetune.sequence_len in the model's own tokens.
-    Axolotl drops such rows without a word (and fails deep inside when it drops them all), so
-    copa says it here: a warning for some, a recipe error for all."""
-    if not rows or not recipe.finetune.enabled:
-        return 0
+def load_tokenizer(model_path: str, recipe: Recipe, emit: Callable[[str], None],
+                   label: str = "<recipe>") -> Any:
+    """The model's tokenizer, for the length checks; None (said) where it cannot be loaded
+    and nothing needs it: a model only a server runs (serve.engine openai), not fine-tuned.
+    Where training needs it, a tokenizer that is not there (or not reachable) is one line
+    naming model.base."""
     import transformers
 
     from copa.recipe import RecipeError
     from copa.recipe.schema import Problem
 
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
+        return transformers.AutoTokenizer.from_pretrained(
             model_path, trust_remote_code=recipe.model.trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:  # no tokenizer there, or not reachable
-        said = " ".join(str(exc).split()).split(". ")[0][:200] or type(exc).__name__
-        raise RecipeError([Problem(file=label, path="model.base", message=(
-            f"cannot load the tokenizer of {recipe.model.base}: {said}"))]) from None
+    except (OSError, ValueError, KeyError) as exc:
+        if recipe.finetune.enabled:
+            said = " ".join(str(exc).split()).split(". ")[0][:200] or type(exc).__name__
+            raise RecipeError([Problem(file=label, path="model.base", message=(
+                f"cannot load the tokenizer of {recipe.model.base}: {said}"))]) from None
+        emit(f"  note: no tokenizer for {model_path} ({type(exc).__name__}): answers are not "
+             "checked against evaluate.max_tokens")
+        return None
+
+
+def too_long_rows(rows: Sequence[dict], model_path: str, recipe: Recipe, label: str,
+                  emit: Callable[[str], None], tokenizer: Any = None) -> int:
+    """How many training rows are longer than finetune.sequence_len in the model's own tokens.
+    Axolotl drops such rows without a word (and fails deep inside when it drops them all), so
+    copa says it here: a warning for some, a recipe error for all."""
+    if not rows or not recipe.finetune.enabled:
+        return 0
+    from copa.recipe import RecipeError
+    from copa.recipe.schema import Problem
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_path, recipe, lambda _: None, label)
     limit = recipe.finetune.sequence_len
     lengths = [len(tokenizer.apply_chat_template(row["messages"], tokenize=True,
                                                  return_dict=True)["input_ids"])
@@ -225,3 +247,71 @@ def too_long_rows(rows: Sequence[dict], model_path: str, recipe: Recipe, label: 
              f"finetune.sequence_len ({limit} tokens; longest {max(lengths)}): Axolotl drops "
              "them. Raise sequence_len to train on them.")
     return over
+
+
+def too_long_answers(spec: PromptSpec, rows: Sequence[Row], context: Sequence[Row],
+                     tokenizer: Any, recipe: Recipe, label: str,
+                     emit: Callable[[str], None]) -> int:
+    """The longest gold answer, in the model's tokens, as the model must write it for the
+    template adapter to parse it: the assistant turn the template renders, field prefixes
+    included; for chain_of_thought without its reasoning (the model writes that at a length of
+    its choosing); with data.answers_column the shortest accepted answer. The end of turn is
+    not needed: a reply cut right after the answer parses whole. Every generation (the arms,
+    the optimizer's, finetune.eval's val scoring) stops at evaluate.max_tokens, so a gold
+    answer longer than that can never be scored right: a recipe error, before anything trains.
+    Gold reasoning longer than that is a warning. `context`: a row to render the prompt with
+    (the answer's first token may merge with the prompt's last)."""
+    from copa.prompting import build_messages
+    from copa.recipe import RecipeError
+    from copa.recipe.schema import Problem
+
+    if not rows:
+        return 0
+    limit = recipe.evaluate.max_tokens
+    blank = {f: "" for f in (*spec.input_fields, *spec.output_fields)}
+    prompt = tokenizer.apply_chat_template(
+        build_messages(spec, {**blank, **(context[0] if context else {})}), tokenize=False,
+        add_generation_prompt=True)
+
+    def ids(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    base = ids(prompt)
+    lengths: dict[str, int] = {}
+
+    def tokens(text: str) -> int:
+        if text not in lengths:
+            lengths[text] = ids(prompt + text) - base
+        return lengths[text]
+
+    reasoning = recipe.task.module == "chain_of_thought" and "reasoning" in spec.output_fields
+    answer = recipe.task.output_fields[-1]
+
+    def shortest(row: Row) -> str:
+        """The row's answer turn as the model must write it: with data.answers_column, any
+        accepted answer scores, so the shortest."""
+        accepted = (row.get("answers") if recipe.data.answers_column else None) or [row[answer]]
+        return min((spec.assistant_message({**blank, **row, answer: text,
+                                            **({"reasoning": ""} if reasoning else {})})
+                    for text in accepted), key=tokens)
+
+    needed = [shortest(row) for row in rows]
+    longest = max(needed, key=tokens)
+    over = sum(tokens(text) > limit for text in needed)
+    if over:
+        without = " without its reasoning" if reasoning else ""
+        raise RecipeError([Problem(file=label, path="evaluate.max_tokens", message=(
+            f"{limit} is too few tokens for the answer the model must write in {over} of "
+            f"{len(rows)} rows: the longest, {one_line(repr(longest), 80)}{without}, is "
+            f"{tokens(longest)} tokens in the model's tokenizer (a reply cut short scores "
+            f"0); write max_tokens: {tokens(longest)}"
+            + (" plus room for the reasoning" if reasoning else " or more")))])
+    if reasoning:
+        full = [spec.assistant_message({**blank, **row}) for row in rows]
+        cut = sum(tokens(text) > limit for text in full)
+        if cut:
+            emit(f"  warning: {cut} of {len(rows)} gold answers with their reasoning are longer "
+                 f"than evaluate.max_tokens ({limit} tokens; longest "
+                 f"{max(tokens(t) for t in full)}): a model that reasons as long is cut off "
+                 "before its answer")
+    return tokens(longest)
