@@ -138,11 +138,12 @@ def test_chain_of_thought_needs_room_for_the_answer_line_not_the_gold_reasoning(
 
 
 def test_no_tokenizer_skips_the_answer_check_only_where_nothing_trains(tmp_path: Path) -> None:
+    from copa.recipe import RecipeError
     from copa.stages.render import load_tokenizer
 
     recipe = load_recipe(REPO / "recipes" / "iris.yaml")
     said: list[str] = []
-    with pytest.raises(OSError):
+    with pytest.raises(RecipeError, match="model.base: cannot load the tokenizer"):
         load_tokenizer(str(tmp_path / "none"), recipe, said.append)
     recipe.finetune.enabled = False  # a model only a server runs
     assert load_tokenizer(str(tmp_path / "none"), recipe, said.append) is None
