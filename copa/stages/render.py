@@ -210,7 +210,7 @@ def load_tokenizer(model_path: str, recipe: Recipe, emit: Callable[[str], None],
             model_path, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         if recipe.finetune.enabled:
-            said = " ".join(str(exc).split()).split(". ")[0][:200] or type(exc).__name__
+            said = one_line(str(exc).split(". ")[0], 200) or type(exc).__name__
             raise RecipeError([Problem(file=label, path="model.base", message=(
                 f"cannot load the tokenizer of {recipe.model.base}: {said}"))]) from None
         emit(f"  note: no tokenizer for {model_path} ({type(exc).__name__}): answers are not "
