@@ -331,15 +331,24 @@ def predict(run_dir: str, input_path: str, output: str | None, arm: str,
             threads: int | None, max_input_tokens: int | None) -> None:
     """Predict on every row of a file with a finished run (or a `copa export` folder): one JSON
     line per input row, in order: the row, "prediction" and "error" (null, or why it failed;
-    a field over the token limit fails its row only)."""
-    import json
-
+    a field over the token limit fails its row only). The output is strict JSON: a number that
+    is not finite (NaN, Infinity) in an input row is written as null."""
     _quiet_libraries()
-    from copa.files import atomic_write_text
+    from copa.files import atomic_write_text, same_file
     from copa.use.bundle import open_bundle
-    from copa.use.predict import check_columns, predict_rows, progress_bar, read_rows
+    from copa.use.predict import (
+        InputError,
+        check_columns,
+        output_line,
+        predict_rows,
+        progress_bar,
+        read_rows,
+    )
 
     _check_output(output, "-o/--output")
+    if output and same_file(input_path, output):  # the input would be gone once it is written
+        raise InputError(f"{output}: is the input file (-i {input_path}); predictions would "
+                         "overwrite it: give -o another file")
     bundle = open_bundle(run_dir, arm)
     _limit_tokens(bundle, max_input_tokens)
     rows = read_rows(input_path)
@@ -354,7 +363,7 @@ def predict(run_dir: str, input_path: str, output: str | None, arm: str,
             progress_bar(len(rows), bundle.arm) as tick:
         results = predict_rows(program, rows, mapping,
                                threads or bundle.recipe.evaluate.num_threads, tick)
-    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in results)
+    text = "".join(output_line(r) for r in results)
     failed = sum(r["error"] is not None for r in results)
     if output:
         atomic_write_text(Path(output), text)

@@ -21,7 +21,9 @@ def errors(func):
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from copa.files import DamagedFile
         from copa.metrics import MetricValueError
+        from copa.models import ModelFolderError
         from copa.prompting import PromptError
         from copa.recipe import RecipeError
         from copa.runs import RunDirBusy
@@ -40,7 +42,7 @@ def errors(func):
                 click.echo(str(problem), err=True)
             sys.exit(EXIT_RECIPE)
         except (PromptError, RunDirBusy, NotFinished, InputError, ExportRefused,
-                MetricValueError) as exc:
+                MetricValueError, DamagedFile, ModelFolderError) as exc:
             if debug:
                 raise
             click.echo(str(exc), err=True)
@@ -51,8 +53,10 @@ def errors(func):
         except click.ClickException:
             raise  # OneLineErrors says it in one line
         except OSError as exc:
-            if debug or not exc.filename:
+            if debug:
                 raise
+            if not exc.filename:  # no path of the user's to name: copa's own failure, below
+                _failed(exc)
             # a path the user gave that cannot be read or written: theirs to fix
             where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
             click.echo(f"{where}: {exc.strerror or exc}", err=True)
@@ -60,15 +64,21 @@ def errors(func):
         except Exception as exc:
             if debug:
                 raise
-            name = type(exc).__name__
-            if name in ("TrainError", "ModelError", "OptimizeError", "EvaluateError", "ServeError",
-                        "ExportError", "GGUFError"):
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(EXIT_FAILED)
-            click.echo(f"error: {name}: {exc} (run with --debug for the traceback)", err=True)
-            sys.exit(EXIT_FAILED)
+            _failed(exc)
 
     return wrapper
+
+
+def _failed(exc: BaseException) -> None:
+    """A failure of the work itself: one line, exit 1; an unexpected exception says its type
+    and how to see the traceback (it is not the user's to fix, so never hidden as theirs)."""
+    name = type(exc).__name__
+    if name in ("TrainError", "ModelError", "OptimizeError", "EvaluateError", "ServeError",
+                "ExportError", "GGUFError"):
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"error: {name}: {exc} (run with --debug for the traceback)", err=True)
+    sys.exit(EXIT_FAILED)
 
 
 def user_error(message: str) -> None:

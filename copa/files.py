@@ -57,6 +57,61 @@ def output_problem(path: Path, folder: bool = False) -> str | None:
     return None
 
 
+class DamagedFile(ValueError):
+    """An artifact copa wrote that is missing, not JSON or not the shape copa wrote it in (a
+    truncated copy, a hand edit): the message names the file and what is wrong with it."""
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON artifact that must hold one object; anything else is a DamagedFile naming the
+    file and how it is damaged (never a JSONDecodeError, KeyError or AttributeError later)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DamagedFile(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise DamagedFile(f"{path}: unreadable ({reason})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DamagedFile(f"{path}: damaged, not valid JSON ({exc.msg}: line {exc.lineno} "
+                          f"column {exc.colno}; truncated?)") from None
+    except (ValueError, RecursionError) as exc:
+        raise DamagedFile(f"{path}: damaged, not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DamagedFile(f"{path}: damaged, holds {_json_kind(data)} where copa wrote an "
+                          "object")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    return ("null" if value is None else "a boolean" if isinstance(value, bool) else
+            "a number" if isinstance(value, (int, float)) else "a string" if isinstance(value, str)
+            else "an array" if isinstance(value, list) else "an object")
+
+
+def json_keys(data: dict[str, Any], path: Path, **kinds: type | tuple[type, ...]) -> None:
+    """Each named key present in `data` (read from `path`) with a value of its kind, else a
+    DamagedFile naming the file and the key."""
+    for key, kind in kinds.items():
+        if key not in data:
+            raise DamagedFile(f"{path}: damaged, no '{key}'")
+        if not isinstance(data[key], kind):
+            raise DamagedFile(f"{path}: damaged, '{key}' is {_json_kind(data[key])}, not what "
+                              "copa wrote")
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file: the same path once resolved (symbolic links, "..",
+    "~"), or, both existing, one file under two names (a hard link)."""
+    a, b = Path(os.path.expanduser(str(a))), Path(os.path.expanduser(str(b)))
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
 def jsonl_lines(text: str) -> list[str]:
     """The lines of a JSONL text, split on "\\n" only (a trailing "\\r" dropped): never on the
     other breaks str.splitlines() knows (U+2028, U+0085, \\x1c ...), which a JSON string may

@@ -42,6 +42,11 @@ class ModelError(Exception):
     pass
 
 
+class ModelFolderError(ModelError):
+    """A model folder (or hub id) whose files do not load: missing or damaged weights or
+    tokenizer. The user's folder to fix, so the CLI says it in one line and exits 2."""
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """What `model.base` names: kind is 'alias', 'gguf', 'dir' or 'hub'."""
@@ -173,6 +178,63 @@ def _folder_problem(folder: Path) -> str | None:
         return f"the model folder's config.json is not valid JSON ({exc}): {config}"
     if not isinstance(data, dict):
         return f"the model folder's config.json is not a JSON object: {config}"
+    return weights_problem(folder)
+
+
+# The weights files transformers loads a causal LM from (one file, or an index of shards).
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def weights_problem(folder: Path) -> str | None:
+    """Why a model folder's weights cannot load (none there, a shard its index names is gone,
+    a .safetensors file cut short), or None. Cheap: reads file headers only, so the folder is
+    refused before any model loads, not by transformers' traceback when it does."""
+    folder = Path(folder)
+    found = [folder / name for name in WEIGHTS_FILES if (folder / name).is_file()]
+    if not found:
+        return (f"{folder} has no model weights ({' or '.join(WEIGHTS_FILES[::2])}): not a "
+                "complete Hugging Face model folder")
+    index = next((f for f in found if f.name.endswith(".index.json")), None)
+    shards = [folder / "model.safetensors"] if index is None else []
+    if index is not None:
+        try:
+            names = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError) as exc:
+            return f"{index}: damaged, not a weights index ({exc})"
+        missing = sorted(n for n in names if not (folder / n).is_file())
+        if missing:
+            return f"{folder}: shard(s) {', '.join(missing)} named in {index.name} are missing"
+        shards = [folder / n for n in sorted(names)]
+    for shard in shards:
+        problem = _safetensors_problem(shard) if shard.suffix == ".safetensors" and \
+            shard.is_file() else None
+        if problem:
+            return f"{shard}: damaged, {problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A .safetensors file is an 8-byte header length, a JSON header naming each tensor's byte
+    range, then the bytes: one shorter than its header says was cut short (a copy that stopped)."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, too short for a safetensors file"
+        length = struct.unpack("<Q", head)[0]
+        if length > size - 8:
+            return f"truncated ({size} bytes, its header alone needs {length + 8})"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items()
+                       if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "not a safetensors file (its header is not one)"
+    if size < 8 + length + end:
+        return f"truncated ({size} bytes where its header needs {8 + length + end})"
     return None
 
 

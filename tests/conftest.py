@@ -63,6 +63,20 @@ def make_tiny_llama(out: Path) -> Path:
 
 
 
+def write_stub_model(folder: Path) -> Path:
+    """A model folder as the checks before any model loads see it: config.json and a whole
+    model.safetensors (one tensor of four zeros). It never loads as a model."""
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header +
+                                               bytes(16))
+    return folder
+
+
 def save_varied_llama(tiny_model_dir: Path, out: Path, seed: int) -> Path:
     """The tiny Llama re-drawn with larger random weights (init std 0.3, not 0.02), saved to out.
 

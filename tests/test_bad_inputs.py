@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,14 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("model-folder-config-not-json", {"set": {"model.base": "./broken-model"},
                                       "files": {"broken-model/config.json": "{not json"}},
      "model.base: the model folder's config.json is not valid JSON"),
+    # weights: none there, or one cut short (header says 16 bytes of data, none follow)
+    ("model-folder-without-weights", {"set": {"model.base": "./no-weights"},
+                                      "files": {"no-weights/config.json": "{}"}},
+     "no-weights has no model weights (model.safetensors or pytorch_model.bin)"),
+    ("model-folder-weights-cut-short", {"set": {"model.base": "./cut"}, "files": {
+        "cut/config.json": "{}", "cut/model.safetensors": "\x3e" + "\x00" * 7 +
+        '{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'}},
+     "cut/model.safetensors: damaged, truncated (70 bytes where its header needs 86)"),
     # --- the user's own code, imported by validate (module names unique per case: one process)
     ("user-metric-no-such-function",
      {"set": {"evaluate.metric": "case_metrics_a:f1"},
@@ -757,6 +766,7 @@ def test_a_model_folder_without_a_tokenizer_is_one_line_at_render(tmp_path: Path
     folder = tmp_path / "no-tokenizer"
     folder.mkdir()
     (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    shutil.copy(tiny_model_dir / "model.safetensors", folder)  # weights: validate wants them
     recipe = write_tiny_recipe(tmp_path / "recipe", tiny_model_dir)
     out = tmp_path / "rendered"
     result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(out),

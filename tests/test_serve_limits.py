@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import write_tiny_recipe
+from conftest import write_stub_model, write_tiny_recipe
 
 from copa.recipe import load_recipe
 from copa.use.limits import InputLimit, InputTooLong, choose_max_tokens, guessed_limit
@@ -259,7 +259,8 @@ def test_an_integer_the_number_format_cannot_take_is_refused_naming_the_field(
     rows = [ROW, {**ROW, "petal_length": 10 ** 400}]
     out = predict_rows(loaded, rows, {f: f for f in FIELDS}, threads=1)
     assert out[0]["error"] is None and out[1]["prediction"] is None
-    assert out[1]["error"].startswith("petal_length: cannot be formatted"), out[1]["error"]
+    assert out[1]["error"].startswith("row 2: petal_length: cannot be formatted"), \
+        out[1]["error"]
     assert len(seen) == 2
 
 
@@ -387,7 +388,7 @@ def test_predict_rows_fails_a_long_row_in_its_row_and_goes_on(recipe: Any) -> No
     assert [r["id"] for r in out] == [0, 1, 2]
     assert out[0]["error"] is None and out[2]["error"] is None
     assert out[1]["prediction"] is None
-    assert out[1]["error"].startswith("petal_width: far more tokens, over the limit of 16")
+    assert out[1]["error"].startswith("row 2: petal_width: far more tokens, over the limit of 16")
     assert len(program.seen) == 2
 
 
@@ -557,9 +558,9 @@ def test_load_and_predict_apply_the_token_limit(baseline_run: Path, tmp_path: Pa
     assert result.exit_code == 0, result.output
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [w["error"] is None for w in written] == [True, False, True]
-    assert written[1]["error"] == ("sepal_width: far more tokens, over the limit of 64 tokens "
-                                   "per input field (copa predict --max-input-tokens N changes "
-                                   "it)")
+    assert written[1]["error"] == ("row 2: sepal_width: far more tokens, over the limit of 64 "
+                                   "tokens per input field (copa predict --max-input-tokens N "
+                                   "changes it)")
     result = CliRunner().invoke(cli, ["predict", str(baseline_run), "-i", str(rows),
                                       "--max-input-tokens", "5000"])
     assert result.exit_code == 2 and "--max-input-tokens: max_input_tokens 5000 leaves no room" \
@@ -571,11 +572,11 @@ def _finished_run_without_a_model(tmp_path: Path) -> Path:
     whatever is refused before the model loads is refused on it."""
     recipe = write_tiny_recipe(tmp_path / "recipe", tmp_path / "no-model-is-loaded")
     run = tmp_path / "run"
-    (run / "merged").mkdir(parents=True)
-    (run / "merged" / "config.json").write_text("{}")
+    write_stub_model(run / "merged")
     (run / "manifest.json").write_text(json.dumps(
         {"recipe": str(recipe), "stages": {"evaluate": {"status": "done"}}}))
     (run / "report.json").write_text(json.dumps({
+        "metric": "exact_match", "test_rows": 9,
         "arms": {"finetune_only": {"score": 1.0, "ci95": [1, 1], "n": 9}},
         "val": {"scores": {"finetune_only": 1.0}, "best_arm": "finetune_only"}}))
     return run

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_tiny_recipe
+from conftest import write_stub_model, write_tiny_recipe
 
 from copa.data import read_jsonl
 
@@ -336,12 +336,12 @@ def test_open_bundle_picks_the_val_winner_not_the_test_winner(tmp_path: Path) ->
 
     recipe = write_tiny_recipe(tmp_path / "recipe", tmp_path / "no-model-is-loaded")
     run = tmp_path / "run"
-    (run / "merged").mkdir(parents=True)
-    (run / "merged" / "config.json").write_text("{}")
+    write_stub_model(run / "merged")
     (run / "manifest.json").write_text(json.dumps(
         {"recipe": str(recipe), "stages": {"evaluate": {"status": "done"}}}))
     arms = {"baseline": 0.9, "finetune_only": 0.2}
     (run / "report.json").write_text(json.dumps({
+        "metric": "exact_match", "test_rows": 9,
         "arms": {a: {"score": s, "ci95": [s, s], "n": 9} for a, s in arms.items()},
         "val": {"scores": {"baseline": 0.1, "finetune_only": 0.8},
                 "best_arm": "finetune_only"}}))
@@ -421,6 +421,186 @@ def test_predict_gives_a_null_or_list_input_its_own_row_error(tmp_path: Path) ->
     rows = [{"text": "fine"}, {"text": None}, {"text": ["a", "b"]}, {"text": 7}]
     out = predict_rows(loaded, rows, {"text": "text"}, threads=1)
     assert [r["error"] for r in out] == [
-        None, "TypeError: text is null: give it one text or number",
-        "TypeError: text is a list: give it one text or number", None]
+        None, "row 2: TypeError: text is null: give it one text or number",
+        "row 3: TypeError: text is a list: give it one text or number", None]
     assert seen == ["fine", "7"] and out[0]["prediction"] == {"label": "pos"}
+
+
+def test_predict_and_load_refuse_a_number_that_is_not_finite(tmp_path: Path) -> None:
+    """NaN, Infinity and 1e400 (inf) in a JSON input row: its row fails naming the row and the
+    field, as copa serve refuses it (one check); copa.load refuses it; the output is strict
+    JSON (null, never the bare NaN / Infinity Python's json writes)."""
+    from contextlib import ExitStack
+    from types import SimpleNamespace
+
+    from copa.use.limits import InputRefused
+    from copa.use.load import LoadedProgram
+    from copa.use.predict import output_line, predict_rows, read_rows
+
+    bundle = SimpleNamespace(input_fields=["x"], output_fields=["label"],
+                             recipe=SimpleNamespace(prompt=SimpleNamespace(number_format=".1f")))
+    seen = []
+
+    def program(**inputs: Any) -> Any:
+        seen.append(inputs["x"])
+        return SimpleNamespace(label="pos")
+
+    loaded = LoadedProgram(bundle, program, None, None, ExitStack())  # type: ignore[arg-type]
+    (tmp_path / "rows.jsonl").write_text('{"x": 1.25}\n{"x": NaN}\n{"x": Infinity}\n'
+                                         '{"x": 1e400}\n{"x": 2, "extra": -Infinity}\n')
+    out = predict_rows(loaded, read_rows(tmp_path / "rows.jsonl"), {"x": "x"}, threads=1)
+    refused = "x: not a finite number (NaN, Infinity or past the float range)"
+    assert [r["error"] for r in out] == [None, f"row 2: {refused}", f"row 3: {refused}",
+                                         f"row 4: {refused}", None]
+    assert seen == ["1.2", "2.0"]
+
+    def no_constants(token: str) -> None:
+        raise AssertionError(f"{token} is not JSON")
+
+    lines = [json.loads(output_line(r), parse_constant=no_constants) for r in out]
+    assert [line["x"] for line in lines] == [1.25, None, None, None, 2]
+    assert lines[4]["extra"] is None and lines[4]["prediction"] == {"label": "pos"}
+    with pytest.raises(InputRefused, match=refused.replace("(", r"\(").replace(")", r"\)")):
+        loaded(x=float("nan"))
+
+
+def _finished_run_with_a_program(tmp_path: Path) -> Path:
+    """A run directory as the stages leave it, its combined arm best (a saved program, the
+    merged model), with a stub model: whatever is refused before a model loads is refused on
+    it."""
+    recipe = write_tiny_recipe(tmp_path / "recipe", tmp_path / "no-model-is-loaded")
+    run = tmp_path / "run"
+    write_stub_model(run / "merged")
+    (run / "merged" / "chat_template.jinja").write_text("{{ messages }}")  # export wants one
+    (run / "optimize").mkdir()
+    (run / "optimize" / "program_combined.json").write_text(json.dumps(
+        {"predict": {"demos": [], "signature": {"instructions": "Classify."}}}, indent=1))
+    (run / "manifest.json").write_text(json.dumps(
+        {"recipe": str(recipe), "stages": {"evaluate": {"status": "done"}}}))
+    (run / "report.json").write_text(json.dumps({
+        "metric": "exact_match", "test_rows": 9,
+        "arms": {a: {"score": s, "ci95": [s, s], "n": 9} for a, s in (("baseline", 0.5),
+                                                                       ("combined", 0.9))},
+        "val": {"scores": {"baseline": 0.4, "combined": 0.8}, "best_arm": "combined"}}))
+    return run
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-5])
+
+
+RUN_DAMAGES = [
+    ("manifest.json", lambda p: p.write_text("[]"), "damaged, holds an array where copa wrote"),
+    ("recipe.json", lambda p: p.write_text('{"template": "x"}'), "damaged, no 'recipe'"),
+    ("report.json", Path.unlink, "missing: re-run `copa evaluate RECIPE --force`"),
+    ("report.json", lambda p: p.write_text('{"arms": {"combined": null}, "metric": "m", '
+                                           '"test_rows": 9}'),
+     "damaged, arm 'combined' is not an object"),
+    ("report.json", lambda p: p.write_text('{"arms": {}, "metric": "m"}'),
+     "damaged, no 'test_rows'"),
+    ("optimize/program_combined.json", _truncate, "damaged, not valid JSON"),
+    ("merged/model.safetensors", Path.unlink, "has no model weights"),
+    ("merged/model.safetensors", _truncate, "damaged, truncated (81 bytes where its header "
+                                            "needs 86)"),
+]
+
+
+@pytest.mark.parametrize("name, damage, expected", RUN_DAMAGES,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(RUN_DAMAGES)])
+def test_a_damaged_run_is_one_line_naming_the_file_before_a_model_loads(
+        tmp_path: Path, name: str, damage: Any, expected: str) -> None:
+    from copa.use.bundle import open_bundle
+
+    run = _finished_run_with_a_program(tmp_path)
+    assert open_bundle(run).arm == "combined"  # whole, it opens
+    damage(run / name)
+    rows = tmp_path / "rows.csv"
+    rows.write_text(",".join(FIELDS) + "\n5.1,3.5,1.4,0.2\n")
+    result = run_cli("predict", str(run), "-i", str(rows))
+    output = result.output.strip()
+    assert result.exit_code == 2 and len(output.splitlines()) == 1, output
+    named = run / ("merged" if expected == "has no model weights" else name)
+    assert output.startswith(f"{named.resolve()}") and expected in output, output
+
+
+@pytest.mark.parametrize("name, damage, expected", [
+    ("copa-export.json", lambda p: p.write_text('{"format": 1}'), "damaged, no 'arm'"),
+    ("program.json", _truncate, "damaged, not valid JSON"),
+    ("report.json", lambda p: p.write_text("[1]"), "damaged, holds an array"),
+], ids=["manifest", "program", "report"])
+def test_a_damaged_export_is_one_line_naming_the_file(tmp_path: Path, name: str, damage: Any,
+                                                      expected: str) -> None:
+    from copa.use.bundle import open_bundle
+    from copa.use.export import export
+
+    out = export(_finished_run_with_a_program(tmp_path), tmp_path / "exported",
+                 emit=lambda _: None)
+    assert open_bundle(out).arm == "combined"
+    damage(out / name)
+    result = run_cli("predict", str(out), "-i", str(tmp_path / "rows.csv"))
+    output = result.output.strip()
+    assert result.exit_code == 2 and len(output.splitlines()) == 1, output
+    assert output.startswith(str((out / name).resolve())) and expected in output, output
+
+
+def test_predict_never_writes_over_its_input(tmp_path: Path) -> None:
+    """-o naming the -i file (as written, through "..", or a hard link to it): refused before
+    any work, exit 2, the input untouched."""
+    import os
+
+    run = _finished_run_with_a_program(tmp_path)
+    rows = tmp_path / "rows.csv"
+    rows.write_text(",".join(FIELDS) + "\n5.1,3.5,1.4,0.2\n")
+    os.link(rows, tmp_path / "linked.csv")
+    for output in (rows, tmp_path / "recipe" / ".." / "rows.csv", tmp_path / "linked.csv"):
+        result = run_cli("predict", str(run), "-i", str(rows), "-o", str(output))
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == (f"{output}: is the input file (-i {rows}); predictions "
+                                         "would overwrite it: give -o another file")
+        assert rows.read_text() == ",".join(FIELDS) + "\n5.1,3.5,1.4,0.2\n"
+
+
+def test_predict_says_which_file_names_it_reads(tmp_path: Path) -> None:
+    """predict has no data.format: an unknown extension is told with the ones it reads."""
+    from copa.use.predict import InputError, read_rows
+
+    (tmp_path / "rows.txt").write_text("x\n1\n")
+    with pytest.raises(InputError) as refused:
+        read_rows(tmp_path / "rows.txt")
+    assert str(refused.value) == (
+        f"{tmp_path / 'rows.txt'}: cannot tell the format of 'rows.txt': rename it to end in "
+        ".csv, .tsv, .jsonl, .ndjson, .json or .parquet, whichever it holds")
+
+
+def test_a_model_folder_without_weights_is_one_line_where_it_loads(tmp_path: Path,
+                                                                   tiny_model_dir: Path) -> None:
+    """Past the checks (the weights went after `copa validate`), transformers' OSError with no
+    file name is one line naming the folder, exit 2; an OSError of copa's own with no file
+    name is still one line, exit 1, with how to see the traceback."""
+    import click
+
+    from copa.cli_errors import errors
+    from copa.inference.local import LocalModel
+    from copa.models import ModelFolderError
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ModelFolderError, match=f"^{folder}: the model does not load from this "
+                                               "folder .*no file named model.safetensors"):
+        LocalModel(str(folder))
+
+    @click.command()
+    @click.argument("kind")
+    @errors
+    def fails(kind: str) -> None:
+        if kind == "model":
+            LocalModel(str(folder))
+        raise OSError("copa's own")
+
+    result = CliRunner().invoke(fails, ["model"])
+    assert result.exit_code == 2 and result.output.strip().startswith(f"{folder}: the model"), \
+        result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    result = CliRunner().invoke(fails, ["own"])
+    assert (result.exit_code, result.output.strip()) == (1, "error: OSError: copa's own (run "
+                                                            "with --debug for the traceback)")

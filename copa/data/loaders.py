@@ -27,22 +27,33 @@ class LoaderError(ValueError):
     """A user loader that cannot be imported, raised, or returned something other than rows."""
 
 
-def read_table(path: Path, fmt: str = "auto", max_mb: int = 512) -> list[dict[str, Any]]:
-    """Rows of a csv / jsonl / json / parquet file as dicts. Raises ValueError with the cause."""
+# A file's format by its extension, when none is set.
+FORMATS = {"csv": "csv", "tsv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json",
+           "parquet": "parquet"}
+
+
+def read_table(path: Path, fmt: str = "auto", max_mb: int = 512,
+               section: str | None = "data") -> list[dict[str, Any]]:
+    """Rows of a csv / jsonl / json / parquet file as dicts. Raises ValueError with the cause.
+    `section`: the recipe section whose keys (source, format, max_file_mb) the messages tell
+    the user to set; None for a file named on the command line, which has no such keys."""
     reason = missing_file_reason(path)
     if reason == "no such file":
         raise FileNotFoundError(f"no such file: {path}")
     if reason:
-        raise ValueError(f"{reason}; point data.source at a CSV, JSONL, JSON or Parquet file")
+        raise ValueError(f"{reason}; " + (f"point {section}.source at a CSV, JSONL, JSON or "
+                                          "Parquet file" if section else "give a data file"))
     size_mb = path.stat().st_size / 1e6
     if size_mb > max_mb:
-        raise ValueError(f"file is {size_mb:.0f} MB, over data.max_file_mb={max_mb}")
+        raise ValueError(f"file is {size_mb:.0f} MB, over " + (
+            f"{section}.max_file_mb={max_mb}" if section else f"the limit of {max_mb} MB"))
     if fmt == "auto":
-        suffix = path.suffix.lower().lstrip(".")
-        fmt = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json",
-               "parquet": "parquet", "tsv": "csv"}.get(suffix, "")
+        fmt = FORMATS.get(path.suffix.lower().lstrip("."), "")
         if not fmt:
-            raise ValueError(f"cannot tell the format of '{path.name}': set data.format")
+            exts = [f".{ext}" for ext in FORMATS]
+            raise ValueError(f"cannot tell the format of '{path.name}': " + (
+                f"set {section}.format" if section else "rename it to end in "
+                f"{', '.join(exts[:-1])} or {exts[-1]}, whichever it holds"))
     if fmt == "parquet":
         import pyarrow.parquet as pq  # lazy: only parquet users pay for it
 

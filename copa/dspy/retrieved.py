@@ -11,7 +11,6 @@ in the file and wraps the recipe's program before loading it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import dspy
 
 from copa.data.demos import RETRIEVED_MARK as MARK
 from copa.data.demos import DemoIndex
+from copa.files import read_json_object
 from copa.prompting import field_value
 
 METHODS = ("bm25", "hidden")
@@ -131,7 +131,7 @@ def retrieved_info(program: Any) -> dict[str, Any] | None:
 def load_program(program: dspy.Module, path: str | Path, recipe: Any = None) -> dspy.Module:
     """A saved program loaded into a copy of the recipe's program; a retrieved-demos program
     is rebuilt around it first (its rows come from the file)."""
-    state = json.loads(Path(path).read_text())
+    state = read_json_object(Path(path))  # a damaged file: a DamagedFile naming it
     loaded = program.deepcopy()
     if MARK in state:
         info = state[MARK]

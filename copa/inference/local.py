@@ -11,7 +11,8 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,8 @@ from copa.inference import (
     packed,
     rowgemm,  # noqa: E402
 )
-from copa.models import end_token_ids  # noqa: E402
+from copa.models import ModelFolderError, end_token_ids  # noqa: E402
+from copa.text import one_line  # noqa: E402
 
 Chat = list[dict[str, str]]
 log = logging.getLogger(__name__)
@@ -119,6 +121,22 @@ def _find_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
+@contextmanager
+def _folder_errors(path: str) -> Iterator[None]:
+    """transformers' load failures that are the folder's (no weights file, a tokenizer or
+    weights file cut short: an OSError without a file name, safetensors' own error) as a
+    ModelFolderError naming the folder; anything else stays what it is."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        if isinstance(exc, OSError) and exc.filename:
+            raise  # a file the CLI names itself
+        raise ModelFolderError(f"{path}: the model does not load from this folder "
+                               f"({one_line(exc, 300)})") from exc
+
+
 class LocalModel:
     """A HF causal LM folder loaded once, generating greedily for a batch of chats.
 
@@ -142,22 +160,24 @@ class LocalModel:
         trust = {"trust_remote_code": self.trust_remote_code}
         # Left padding, for the generate() fallback: every row's last prompt token sits at the
         # same position, where generation continues (packed decoding needs no padding).
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, padding_side="left",
-                                                                    **trust)
+        with _folder_errors(self.path):
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                self.path, padding_side="left", **trust)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # Per-row attention: a greedy answer must not depend on its batch mates.
         _register_rowwise_attention()
-        try:
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.path, dtype=self.dtype, attn_implementation=ROWWISE_ATTENTION, **trust)
-            self.rowwise_attention = True
-        except (ValueError, TypeError) as exc:  # an architecture without the attention interface
-            log.warning("%s: row-wise attention unavailable (%s); batched greedy outputs may "
-                        "differ from one-at-a-time ones on near-ties", self.path, exc)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.path, dtype=self.dtype, **trust)
-            self.rowwise_attention = False
+        with _folder_errors(self.path):
+            try:
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    self.path, dtype=self.dtype, attn_implementation=ROWWISE_ATTENTION, **trust)
+                self.rowwise_attention = True
+            except (ValueError, TypeError) as exc:  # an architecture without the interface
+                log.warning("%s: row-wise attention unavailable (%s); batched greedy outputs "
+                            "may differ from one-at-a-time ones on near-ties", self.path, exc)
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    self.path, dtype=self.dtype, **trust)
+                self.rowwise_attention = False
         self.model.to(self.device).eval()
         # Packed decoding (.packed) needs copa's attention and a plain or sliding-window cache;
         # other models go through generate() with left padding.

@@ -7,11 +7,11 @@ before anything slow starts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from copa.files import DamagedFile, json_keys, read_json_object
 from copa.prompting import PromptSpec, PromptTemplate, default_instructions
 from copa.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_read_back
 from copa.registry import ARMS, DEMO_ARM, OPTIMIZED_ARMS, RECIPE_ARMS
@@ -79,11 +79,41 @@ def open_bundle(path: str | Path, arm: str = "best") -> Bundle:
                       f"folder written by `copa export` (no {EXPORT_MANIFEST})")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+RERUN_EVALUATE = "re-run `copa evaluate RECIPE --force` to write it again"
+EXPORT_AGAIN = "export the run again (`copa export RUN_DIR OUT`)"
+
+
+def _read_json(path: Path, fix: str, **kinds: type | tuple[type, ...]) -> dict[str, Any]:
+    """A run's or export's JSON artifact (one object, with `kinds`' keys of their kinds): a
+    missing or damaged one is a NotFinished naming the file, how it is damaged and `fix`, read
+    before any model loads."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise NotFinished(f"{path}: unreadable ({exc})") from None
+        data = read_json_object(path)
+    except DamagedFile as exc:
+        raise NotFinished(f"{exc}: {fix}") from None
+    _keys(data, path, fix, **kinds)
+    return data
+
+
+def _keys(data: dict[str, Any], path: Path, fix: str, **kinds: type | tuple[type, ...]) -> None:
+    try:
+        json_keys(data, path, **kinds)
+    except DamagedFile as exc:
+        raise NotFinished(f"{exc}: {fix}") from None
+
+
+def _damaged(path: Path, what: str, fix: str) -> NotFinished:
+    return NotFinished(f"{path}: damaged, {what}: {fix}")
+
+
+def _model_weights(model: Path, fix: str) -> None:
+    """A model folder without its weights (or with a truncated weights file) is refused here,
+    not by transformers' traceback once the model loads."""
+    from copa.models import weights_problem
+
+    problem = weights_problem(model)
+    if problem:
+        raise NotFinished(f"{problem}: {fix}")
 
 
 def _run_recipe(root: Path, manifest: dict[str, Any]) -> tuple[Recipe, str]:
@@ -91,8 +121,9 @@ def _run_recipe(root: Path, manifest: dict[str, Any]) -> tuple[Recipe, str]:
     else, for a run from before it existed, the recipe file the manifest names."""
     used = root / "recipe.json"
     if used.is_file():
-        data = _read_json(used)
-        source = Path(data["source_path"]) if data.get("source_path") else None
+        data = _read_json(used, RERUN_EVALUATE, recipe=dict, template=str)
+        source = data.get("source_path")
+        source = Path(source) if isinstance(source, str) and source else None
         recipe = recipe_from_dict(recipe_read_back(data["recipe"]), str(used), source_path=source)
         return recipe, data["template"]
     recipe_file = manifest.get("recipe")
@@ -106,8 +137,9 @@ def _run_recipe(root: Path, manifest: dict[str, Any]) -> tuple[Recipe, str]:
     return recipe, spec_from_recipe(recipe).template.text
 
 
-def _stage_done(manifest: dict[str, Any], stage: str) -> bool:
-    return manifest.get("stages", {}).get(stage, {}).get("status") == "done"
+def _stage_status(manifest: dict[str, Any], stage: str) -> str:
+    info = manifest.get("stages", {}).get(stage, {})
+    return str(info.get("status", "not run")) if isinstance(info, dict) else "not run"
 
 
 def _run_val(root: Path, report: dict[str, Any], arms: list[str]) -> dict[str, Any]:
@@ -116,7 +148,8 @@ def _run_val(root: Path, report: dict[str, Any], arms: list[str]) -> dict[str, A
     if report.get("val", {}).get("best_arm"):
         return report["val"]
     optimize = root / "optimize" / "optimize.json"
-    known = val_scores_from_optimize(_read_json(optimize) if optimize.is_file() else {})
+    known = val_scores_from_optimize(_read_json(optimize, "re-run `copa optimize RECIPE --force`")
+                                     if optimize.is_file() else {})
     missing = [a for a in arms if a not in known]
     if missing:
         raise NotFinished(f"{root}: no val score for {', '.join(missing)} (the report predates "
@@ -124,27 +157,50 @@ def _run_val(root: Path, report: dict[str, Any], arms: list[str]) -> dict[str, A
                           "name an arm (--arm)")
     scores = {a: known[a] for a in arms}
     demos = {a: _program_demos(root, a) for a in arms}
+    if all(score is None for score in scores.values()):  # best_arm's ValueError, said here
+        raise NotFinished(f"{root}: no arm has a val score to choose `best` by: name an arm "
+                          "(--arm)")
     return {"scores": scores, "best_arm": best_arm(scores, demos), "from": "optimize.json"}
 
 
 def _program_demos(root: Path, arm: str) -> int:
     path = root / "optimize" / f"program_{arm}.json"
-    return demo_count(_read_json(path)) if arm in OPTIMIZED_ARMS and path.is_file() else 0
+    return demo_count(_read_json(path, "re-run `copa optimize RECIPE --force`")) \
+        if arm in OPTIMIZED_ARMS and path.is_file() else 0
+
+
+def _report(path: Path, fix: str) -> dict[str, Any]:
+    """report.json with what copa.use reads from it as evaluate wrote it: the metric, the test
+    rows, each arm's score and interval (or failed), the val section an object."""
+    report = _read_json(path, fix, arms=dict, metric=str, test_rows=int)
+    for arm, data in report["arms"].items():
+        if not isinstance(data, dict):
+            raise _damaged(path, f"arm '{arm}' is not an object", fix)
+        ci95 = data.get("ci95")
+        if not data.get("failed") and not (
+                isinstance(data.get("score"), (int, float)) and isinstance(ci95, list)
+                and len(ci95) == 2 and all(isinstance(x, (int, float)) for x in ci95)):
+            raise _damaged(path, f"arm '{arm}' has no score and 95% interval", fix)
+    if not isinstance(report.get("val", {}), dict):
+        raise _damaged(path, "'val' is not an object", fix)
+    return report
 
 
 def _open_run(root: Path, arm: str) -> Bundle:
-    manifest = _read_json(root / "manifest.json")
+    manifest = _read_json(root / "manifest.json", "the run directory is damaged: run its recipe "
+                          "again into a new run directory (`copa run RECIPE --run-dir NEW`)",
+                          stages=dict)
     name = manifest.get("name", root.name)
-    if not _stage_done(manifest, "evaluate"):
-        status = manifest.get("stages", {}).get("evaluate", {}).get("status", "not run")
+    status = _stage_status(manifest, "evaluate")
+    if status != "done":
         raise NotFinished(f"{root}: the run is not finished (evaluate: {status}); finish it "
                           f"with `copa run {manifest.get('recipe', 'RECIPE')}` (recipe {name})")
     try:
         recipe, template = _run_recipe(root, manifest)
     except RecipeError as exc:
         raise NotFinished(f"{root}: its recipe no longer loads: {exc}") from None
-    report = _read_json(root / "report.json") if (root / "report.json").is_file() else {}
-    arms = [a for a, data in report.get("arms", {}).items() if not data.get("failed")]
+    report = _report(root / "report.json", RERUN_EVALUATE)
+    arms = [a for a, data in report["arms"].items() if not data.get("failed")]
     try:
         val = _run_val(root, report, arms)
     except NotFinished:
@@ -158,28 +214,37 @@ def _open_run(root: Path, arm: str) -> Bundle:
     role = ARMS[chosen].model
     if role == "merged":
         # fine-tune-only runs on plain/merged where the run also fine-tuned with demos
-        model = root / (report.get("arms", {}).get(chosen, {}).get("model_dir") or "merged")
+        model = root / (report["arms"][chosen].get("model_dir") or "merged")
         if not (model / "config.json").is_file():
             raise NotFinished(f"{root}: the merged model ({model}) is missing: re-run "
                               "`copa merge RECIPE`")
+        _model_weights(model, "re-run `copa merge RECIPE --force`")
         model_path = str(model)
     else:
         from copa.models import resolve_model
 
         model_path = resolve_model(recipe.model.base, recipe.base_dir)
+        if Path(model_path).is_dir():
+            _model_weights(Path(model_path), "restore the run's base model (model.base)")
     program = root / "optimize" / f"program_{chosen}.json" if chosen in OPTIMIZED_ARMS else None
     if program is not None and not program.is_file():
         raise NotFinished(f"{root}: {program.name} is missing: re-run `copa optimize RECIPE`")
+    if program is not None:  # a damaged program is said now, not once the model has loaded
+        _read_json(program, "re-run `copa optimize RECIPE --force`")
     return Bundle(root=root, kind="run", arm=chosen, recipe=recipe, template_text=template,
                   model_path=model_path, model_role=role, program_path=program, val=val,
                   report=report)
 
 
 def _open_export(root: Path, arm: str) -> Bundle:
-    info = _read_json(root / EXPORT_MANIFEST)
+    info = _read_json(root / EXPORT_MANIFEST, EXPORT_AGAIN)
     if info.get("format") != EXPORT_FORMAT:
         raise NotFinished(f"{root}: export format {info.get('format')} is not {EXPORT_FORMAT}, "
                           "the one this copa reads; export the run again with this copa")
+    _keys(info, root / EXPORT_MANIFEST, EXPORT_AGAIN, arm=str, recipe=str, template=str,
+          program=str, model=str, model_role=str)
+    if not isinstance(info.get("val", {}), dict):
+        raise _damaged(root / EXPORT_MANIFEST, "'val' is not an object", EXPORT_AGAIN)
     if arm not in ("best", info["arm"]):
         raise NotFinished(f"{root}: this export holds arm '{info['arm']}' only; export arm "
                           f"'{arm}' from the run directory (`copa export RUN_DIR OUT --arm {arm}`)")
@@ -187,11 +252,14 @@ def _open_export(root: Path, arm: str) -> Bundle:
                if not (root / info[k]).exists()]
     if missing:
         raise NotFinished(f"{root}: incomplete export, missing {', '.join(missing)}")
+    _read_json(root / info["program"], EXPORT_AGAIN)  # damaged: said before the model loads
+    _model_weights(root / info["model"], EXPORT_AGAIN)
     try:
         recipe = load_recipe(root / info["recipe"])
     except RecipeError as exc:
         raise NotFinished(f"{root}: its recipe does not load: {exc}") from None
-    report = _read_json(root / "report.json") if (root / "report.json").is_file() else None
+    report = _report(root / "report.json", EXPORT_AGAIN) if (root / "report.json").is_file() \
+        else None
     return Bundle(root=root, kind="export", arm=info["arm"], recipe=recipe,
                   template_text=(root / info["template"]).read_text(encoding="utf-8"),
                   model_path=str(root / info["model"]), model_role=info["model_role"],

@@ -12,6 +12,7 @@ Light: the tokenizer is handed in; nothing here loads one.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,16 @@ BYTES_PER_TOKEN_GUESS = 4  # no tokenizer at hand (a model only a server knows):
 class InputRefused(ValueError):
     """A row's input field refused before the model sees it (copa serve: 422; copa predict: the
     row's error); the message names the field, never the value."""
+
+
+def check_finite(values: Mapping[str, Any]) -> None:
+    """An InputRefused naming each field whose value is a float NaN or infinity: Python's JSON
+    parser takes NaN and Infinity (not JSON) and makes 1e400 inf, and such a value has no
+    number for the model to read. The one check copa serve, copa predict and copa.load share."""
+    odd = [f for f, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    if odd:
+        raise InputRefused(f"{', '.join(odd)}: not a finite number (NaN, Infinity or past the "
+                           "float range)")
 
 
 class InputTooLong(InputRefused):

@@ -20,6 +20,7 @@ from copa.use.bundle import Bundle, open_bundle
 from copa.use.limits import (
     InputLimit,
     InputRefused,
+    check_finite,
     guessed_limit,
     limit_tokens,
     tokenizer_limit,
@@ -53,8 +54,9 @@ class LoadedProgram:
         """The input fields as the model saw them in training (the recipe's number_format
         applied, as data loading applied it); a missing or unknown field, or one whose value is
         null or a list / object (not one text or number), is a TypeError, a field over the token
-        limit an InputTooLong and a number the format cannot take (an integer past float range
-        for '.1f') an InputRefused (copa.use.limits), before the model sees anything."""
+        limit an InputTooLong and a number that is not finite (NaN, inf) or that the format
+        cannot take (an integer past float range for '.1f') an InputRefused (copa.use.limits),
+        before the model sees anything."""
         missing = [f for f in self.input_fields if f not in values]
         unknown = [k for k in values if k not in self.input_fields]
         if missing or unknown:
@@ -65,6 +67,7 @@ class LoadedProgram:
             if values[f] is None or isinstance(values[f], (list, tuple, dict, set, bytes)):
                 kind = "null" if values[f] is None else f"a {type(values[f]).__name__}"
                 raise TypeError(f"{f} is {kind}: give it one text or number")
+        check_finite(values)
         number_format = self.bundle.recipe.prompt.number_format
         formatted = {f: formatted_input(f, values[f], number_format) for f in self.input_fields}
         if self.limit is not None:

@@ -7,6 +7,8 @@ DSPy's evaluation threads).
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,7 +38,7 @@ class Answerer(Protocol):
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """The rows of an input file; a missing or unreadable file is an InputError."""
     try:
-        return read_table(Path(path))
+        return read_table(Path(path), section=None)  # no recipe keys to set: -i is the file
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: {exc}") from None
 
@@ -73,9 +75,10 @@ def predict_rows(program: Answerer, rows: Sequence[Mapping[str, Any]],
                  mapping: Mapping[str, str], threads: int = 8,
                  progress: Callable[[int], None] = lambda _: None) -> list[dict[str, Any]]:
     """Each input row, with "prediction" (the output fields) and "error" (None, or why this row
-    failed) added, in input order. `progress(n)` is called as rows finish."""
+    failed, starting "row N: ", N counted from 1) added, in input order. `progress(n)` is
+    called as rows finish."""
 
-    def one(row: Mapping[str, Any]) -> dict[str, Any]:
+    def one(n: int, row: Mapping[str, Any]) -> dict[str, Any]:
         try:
             absent = [f for f, column in mapping.items() if column not in row]
             if absent:  # a JSON row without a key the others have
@@ -83,15 +86,32 @@ def predict_rows(program: Answerer, rows: Sequence[Mapping[str, Any]],
             answer = program.answer({f: row[column] for f, column in mapping.items()})
             return {**row, PREDICTION_KEY: answer, ERROR_KEY: None}
         except InputRefused as exc:  # refused before the model saw it
-            return {**row, PREDICTION_KEY: None, ERROR_KEY: str(exc)}
+            return {**row, PREDICTION_KEY: None, ERROR_KEY: f"row {n}: {exc}"}
         except Exception as exc:  # this row's failure, reported in its row
             return {**row, PREDICTION_KEY: None,
-                    ERROR_KEY: one_line(f"{type(exc).__name__}: {exc}", 500)}
+                    ERROR_KEY: one_line(f"row {n}: {type(exc).__name__}: {exc}", 500)}
         finally:
             progress(1)
 
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="copa-predict") as pool:
-        return list(pool.map(one, rows))
+        return list(pool.map(one, range(1, len(rows) + 1), rows))
+
+
+def output_line(row: Mapping[str, Any]) -> str:
+    """One output row as a line of strict JSON: a number in the echoed input that is not finite
+    (NaN, Infinity: its row's error names the field when it is an input) is written as null,
+    never as the bare NaN / Infinity tokens Python writes, which JSON readers refuse."""
+    return json.dumps(_finite(row), ensure_ascii=False, default=str, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 @contextmanager

@@ -21,7 +21,6 @@ finish, then the rest are cancelled.
 # run time, and the request model is made per signature, inside make_app.
 import asyncio
 import json
-import math
 import secrets
 import threading
 import time
@@ -38,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from copa.text import one_line
-from copa.use.limits import DEFAULT_TIMEOUT_S, InputRefused
+from copa.use.limits import DEFAULT_TIMEOUT_S, InputRefused, check_finite
 
 API_KEY_ENV = "COPA_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -250,10 +249,10 @@ def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAUL
 
     async def predict(body: Body) -> dict[str, str]:  # type: ignore[valid-type]
         values = body.model_dump()  # type: ignore[attr-defined]
-        odd = [f for f, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
-        if odd:  # Python's JSON parser takes NaN and Infinity (not JSON) and makes 1e400 inf
-            raise HTTPException(422, f"{', '.join(odd)}: not a finite number (NaN, Infinity "
-                                     "or past the float range)")
+        try:
+            check_finite(values)  # refused before it waits for a slot
+        except InputRefused as exc:
+            raise HTTPException(422, str(exc)) from None
         if not slots.acquire(blocking=False):
             raise HTTPException(503, f"busy: {max_in_flight} requests in flight; retry shortly",
                                 headers={"Retry-After": "1"})
