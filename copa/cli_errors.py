@@ -25,6 +25,7 @@ def errors(func):
         from copa.prompting import PromptError
         from copa.recipe import RecipeError
         from copa.runs import RunDirBusy
+        from copa.stages.predictions import PredictionsError
         from copa.use.bundle import NotFinished
         from copa.use.export import ExportRefused
         from copa.use.predict import InputError
@@ -40,7 +41,7 @@ def errors(func):
                 click.echo(str(problem), err=True)
             sys.exit(EXIT_RECIPE)
         except (PromptError, RunDirBusy, NotFinished, InputError, ExportRefused,
-                MetricValueError) as exc:
+                MetricValueError, PredictionsError) as exc:
             if debug:
                 raise
             click.echo(str(exc), err=True)
