@@ -125,6 +125,17 @@ def _problems(path: Path) -> list[str]:
     ("sweep: {}\n", "s.yaml: sweep: unknown key (a study has: name, recipe, grid"),
     ("grid: {optimize.strategy: ['w -> p', 'w->p']}\n", "s.yaml: grid.optimize.strategy: values "
      "['w -> p', 'w->p'] give the same folder name twice"),
+    # pydantic would read true as seed 1 and '3' as seed 3
+    ("seeds: [true]\n", "s.yaml: seeds: seeds are whole numbers from 0 to 4294967295 (got true)"),
+    ("seeds: ['3', 2]\n", "s.yaml: seeds: seeds are whole numbers from 0 to 4294967295 (got '3')"),
+    # one recipe twice: equal numbers, and values the recipe resolves alike
+    ("grid: {finetune.lora_r: [8, 8.0]}\n", "s.yaml: grid: finetune.lora_r: values 8 and 8.0 are "
+     "the same value"),
+    ("grid: {finetune.learning_rate: [1.0e-3, '1e-3']}\n", "s.yaml: grid.finetune.learning_rate: "
+     "0.001 and '1e-3' give the same recipe"),
+    # `--set finetune.axolotl.a=b=1` reads as key finetune.axolotl.a
+    ("grid: {finetune.axolotl.a=b: [1, 2]}\n", "s.yaml: grid.finetune.axolotl.a=b: a key with '='"),
+    ("set: {finetune.axolotl.a=b: 1}\n", "s.yaml: set.finetune.axolotl.a=b: a key with '='"),
 ])
 def test_a_bad_study_file_names_the_key_and_what_to_write(
         tmp_path: Path, text: str, expected: str) -> None:
@@ -526,6 +537,41 @@ def test_a_study_tables_what_each_guard_margin_would_have_kept(tmp_path: Path) -
     table = markdown(data)
     assert "| 0 | 1 of 2 | +10.0 |" in table and "| 0.1 | 0 of 2 | +0.0 |" in table
     assert "| off | 2 of 2 | -10.0 |" in table
+
+
+@pytest.mark.parametrize("text, said", [
+    ('grid: {"": [1, 2]}\n', "grid: key '' is not a key path"),
+    ('set: {"": 3}\n', "set: key '' is not a key path"),
+    ('grid: {" ": [1]}\n', "grid: key ' ' is not a key path"),
+    ("set: {finetune..lora_r: 4}\n", "set.finetune..lora_r: not a key path")])
+def test_a_key_that_is_not_a_key_path_is_named_in_the_study_file(tmp_path: Path, text: str,
+                                                                  said: str) -> None:
+    """Not blamed on the base recipe and a --set option the user never gave."""
+    problems = _problems(_study(tmp_path, text))
+    assert problems == [f"{tmp_path / 's.yaml'}: {said}: write section.key, e.g. "
+                        "finetune.lora_r"]
+
+
+def test_run_dir_is_checked_like_out_and_named_in_the_study_file(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    for run_dir, said in ((tmp_path / "afile", "exists and is not a folder"),
+                          ("/proc/x", "cannot create it")):  # /proc: even root cannot
+        problems = _problems(_study(tmp_path, f"run_dir: {run_dir}\n"))
+        assert len(problems) == 1
+        assert problems[0].startswith(f"{tmp_path / 's.yaml'}: run_dir: {run_dir}: {said}")
+
+
+def test_the_printed_report_hint_quotes_its_path(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    path = _study(tmp_path, "seeds: [0]\n")
+    out = tmp_path / "my study"
+    result = CliRunner().invoke(cli, ["study", str(path), "--print-commands", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    hint = next(line for line in result.stderr.splitlines() if line.startswith("# then: "))
+    assert shlex.split(hint.removeprefix("# then: ")) == ["copa", "study", "--report", str(out)]
 
 
 ROWS = [{"inputs": {"x": str(i)}, "gold": "a", "prediction": "a", "score": float(i % 2)}
