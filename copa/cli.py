@@ -7,6 +7,7 @@ Heavy modules (torch, dspy, axolotl) are imported only inside the commands that 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -278,7 +279,7 @@ def init(name: str, output: str | None) -> None:
     _check_output(str(target), "-o/--output")
     text = (templates_dir() / "recipe" / "starter.yaml").read_text().replace("{{ name }}", name)
     target.write_text(text)
-    click.echo(f"wrote {target}: edit it, then `copa validate {target}`")
+    click.echo(f"wrote {target}: edit it, then `copa validate {shlex.quote(str(target))}`")
 
 
 def _limit_tokens(bundle: Any, max_input_tokens: int | None) -> int:
@@ -465,7 +466,7 @@ def export_command(run_dir: str, out_dir: str, arm: str, fmt: str, outtype: str,
 
     out = export(run_dir, out_dir, arm, emit=click.echo)
     click.echo(f"wrote {out}/ (model/, program.json, template.jinja, recipe.yaml, README.md); "
-               f"try `copa serve {out}`")
+               f"try `copa serve {shlex.quote(str(out))}`")
 
 
 cli.add_command(study_command(_errors, _quiet_libraries, _preload_noisy_modules))

@@ -3,6 +3,7 @@ library quieting: this module imports nothing of copa's CLI, so there is no impo
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -81,7 +82,7 @@ def study_command(errors: Callable[[Any], Any], quiet: Callable[[], None],
 
             found, commands = study_commands(study_file, out_dir, seeds)
             click.echo("\n".join(commands))
-            click.echo(f"# then: copa study --report {found.dir}", err=True)
+            click.echo(f"# then: copa study --report {shlex.quote(str(found.dir))}", err=True)
             return
         preload()
         from copa.study.runner import run_study

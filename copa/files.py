@@ -54,6 +54,10 @@ def output_problem(path: Path, folder: bool = False) -> str | None:
         return f"{parent} is not a folder"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot create it: {parent} is not writable"
+    try:  # access() says yes to root everywhere; /proc still takes no new folder
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".copa-check-"))
+    except OSError as exc:
+        return f"cannot create it in {parent} ({exc.strerror or exc})"
     return None
 
 

@@ -116,3 +116,60 @@ def test_the_html_and_png_views_are_built_from_the_data(two_runs: tuple[Path, Pa
     data = compare(list(two_runs), resamples=200)
     assert png(data)[:4] == b"\x89PNG"
     assert "+25.0" in html(data)
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("cut mid-line", "combined.jsonl: line 3: not a JSON line"),
+    ("cut at a line boundary", "combined.jsonl: 5 rows, but"),
+    ("cut, no count in the report", "combined.jsonl: its test rows differ from baseline.jsonl's"),
+    ("score not a number", "combined.jsonl: line 2: score \"x\" is not a finite number"),
+    ("score null", "combined.jsonl: line 2: score null is not a finite number"),
+    ("no gold", "combined.jsonl: line 1: no gold"),
+    ("report score not a number", "report.json: arms.combined: score or ci95 is not a number"),
+])
+def test_damaged_predictions_are_one_line_naming_the_file(
+        damage: str, said: str, two_runs: tuple[Path, Path]) -> None:
+    """A damaged predictions file in the second run's second arm (the first arm alone was
+    checked before: a cut arm failed with a KeyError) is refused in one line, exit 2."""
+    a, b = two_runs
+    path = b / "predictions" / "combined.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    if damage == "cut mid-line":
+        path.write_text("".join(lines[:2]) + lines[2][:20])
+    elif damage.startswith("cut"):
+        path.write_text("".join(lines[:5]))
+        if "no count" in damage:  # then the rows themselves must match the other arms'
+            report = json.loads((b / "report.json").read_text())
+            for data in report["arms"].values():
+                del data["n"]
+            (b / "report.json").write_text(json.dumps(report))
+    elif damage.startswith("report"):  # the side-by-side prints the report's own scores
+        report = json.loads((b / "report.json").read_text())
+        report["arms"]["combined"]["score"] = "x"
+        (b / "report.json").write_text(json.dumps(report))
+        path = b / "report.json"
+    elif damage == "no gold":
+        row = json.loads(lines[0])
+        del row["gold"]
+        path.write_text(json.dumps(row) + "\n" + "".join(lines[1:]))
+    else:
+        row = json.loads(lines[1])
+        row["score"] = "x" if "number" in damage else None
+        path.write_text(lines[0] + json.dumps(row) + "\n" + "".join(lines[2:]))
+    out = CliRunner().invoke(cli, ["compare", str(a), str(b)])
+    assert out.exit_code == 2, out.output
+    assert out.output.startswith(f"copa compare: {path.parent}/") and said in out.output
+    assert len(out.output.strip().splitlines()) == 1 and "Traceback" not in out.output
+
+
+def test_a_damaged_cached_arm_is_scored_again(tmp_path: Path) -> None:
+    """The evaluate stage's cache reads predictions with the same checked reader: a file cut
+    since it was written is no cache hit (scored again), not a crash or a short arm."""
+    from copa.stages.evaluate import _cached_scores
+
+    (tmp_path / "baseline.key").write_text("k\n")
+    rows = "".join(json.dumps({**r, "prediction": "x", "score": 1.0}) + "\n" for r in _rows(3))
+    (tmp_path / "baseline.jsonl").write_text(rows)
+    assert _cached_scores(tmp_path, "baseline", "k") == [1.0, 1.0, 1.0]
+    (tmp_path / "baseline.jsonl").write_text(rows[:-10])
+    assert _cached_scores(tmp_path, "baseline", "k") is None

@@ -107,14 +107,13 @@ def test_jsonl_with_raw_line_separators_inside_strings_reads_back(tmp_path: Path
 def test_run_files_with_raw_line_separators_read_back(tmp_path: Path) -> None:
     """The readers of a run's predictions/*.jsonl (compare, the study, the HTML report) split
     them on "\\n" only."""
-    from copa.data import write_jsonl
+    from copa.stages.predictions import read_predictions, write_predictions
     from copa.stages.report_html import prediction_rows
-    from copa.use.compare import _read_rows
 
     rows = [{"inputs": {"text": f"x\u2028y {i}"}, "gold": "pos", "prediction": "pos",
              "score": 1.0} for i in range(2)]
-    write_jsonl(tmp_path / "predictions" / "baseline.jsonl", rows)
-    assert _read_rows(tmp_path / "predictions" / "baseline.jsonl") == rows
+    write_predictions(tmp_path / "predictions" / "baseline.jsonl", rows)
+    assert read_predictions(tmp_path / "predictions" / "baseline.jsonl") == rows
     assert len(prediction_rows(tmp_path, ["baseline"])) == 2
 
 

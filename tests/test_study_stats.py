@@ -125,6 +125,17 @@ def _problems(path: Path) -> list[str]:
     ("sweep: {}\n", "s.yaml: sweep: unknown key (a study has: name, recipe, grid"),
     ("grid: {optimize.strategy: ['w -> p', 'w->p']}\n", "s.yaml: grid.optimize.strategy: values "
      "['w -> p', 'w->p'] give the same folder name twice"),
+    # pydantic would read true as seed 1 and '3' as seed 3
+    ("seeds: [true]\n", "s.yaml: seeds: seeds are whole numbers from 0 to 4294967295 (got true)"),
+    ("seeds: ['3', 2]\n", "s.yaml: seeds: seeds are whole numbers from 0 to 4294967295 (got '3')"),
+    # one recipe twice: equal numbers, and values the recipe resolves alike
+    ("grid: {finetune.lora_r: [8, 8.0]}\n", "s.yaml: grid: finetune.lora_r: values 8 and 8.0 are "
+     "the same value"),
+    ("grid: {finetune.learning_rate: [1.0e-3, '1e-3']}\n", "s.yaml: grid.finetune.learning_rate: "
+     "0.001 and '1e-3' give the same recipe"),
+    # `--set finetune.axolotl.a=b=1` reads as key finetune.axolotl.a
+    ("grid: {finetune.axolotl.a=b: [1, 2]}\n", "s.yaml: grid.finetune.axolotl.a=b: a key with '='"),
+    ("set: {finetune.axolotl.a=b: 1}\n", "s.yaml: set.finetune.axolotl.a=b: a key with '='"),
 ])
 def test_a_bad_study_file_names_the_key_and_what_to_write(
         tmp_path: Path, text: str, expected: str) -> None:
@@ -508,7 +519,8 @@ def test_a_study_tables_what_each_guard_margin_would_have_kept(tmp_path: Path) -
         run = tmp_path / f"cell/seed-{seed}"
         (run / "predictions").mkdir(parents=True)
         for arm in arms:
-            (run / "predictions" / f"{arm}.jsonl").write_text('{"score": 1.0}\n')
+            (run / "predictions" / f"{arm}.jsonl").write_text(
+                '{"inputs": {"x": "1"}, "gold": "a", "score": 1.0}\n')
         guard = {"combined": {"kept": "optimized" if val_gain else "plain",
                               "val_gain": val_gain,
                               "test": {"kept": None, "pick": pick, "plain": plain}}}
@@ -525,3 +537,113 @@ def test_a_study_tables_what_each_guard_margin_would_have_kept(tmp_path: Path) -
     table = markdown(data)
     assert "| 0 | 1 of 2 | +10.0 |" in table and "| 0.1 | 0 of 2 | +0.0 |" in table
     assert "| off | 2 of 2 | -10.0 |" in table
+
+
+@pytest.mark.parametrize("text, said", [
+    ('grid: {"": [1, 2]}\n', "grid: key '' is not a key path"),
+    ('set: {"": 3}\n', "set: key '' is not a key path"),
+    ('grid: {" ": [1]}\n', "grid: key ' ' is not a key path"),
+    ("set: {finetune..lora_r: 4}\n", "set.finetune..lora_r: not a key path")])
+def test_a_key_that_is_not_a_key_path_is_named_in_the_study_file(tmp_path: Path, text: str,
+                                                                  said: str) -> None:
+    """Not blamed on the base recipe and a --set option the user never gave."""
+    problems = _problems(_study(tmp_path, text))
+    assert problems == [f"{tmp_path / 's.yaml'}: {said}: write section.key, e.g. "
+                        "finetune.lora_r"]
+
+
+def test_run_dir_is_checked_like_out_and_named_in_the_study_file(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    for run_dir, said in ((tmp_path / "afile", "exists and is not a folder"),
+                          ("/proc/x", "cannot create it")):  # /proc: even root cannot
+        problems = _problems(_study(tmp_path, f"run_dir: {run_dir}\n"))
+        assert len(problems) == 1
+        assert problems[0].startswith(f"{tmp_path / 's.yaml'}: run_dir: {run_dir}: {said}")
+
+
+def test_the_printed_report_hint_quotes_its_path(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    path = _study(tmp_path, "seeds: [0]\n")
+    out = tmp_path / "my study"
+    result = CliRunner().invoke(cli, ["study", str(path), "--print-commands", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    hint = next(line for line in result.stderr.splitlines() if line.startswith("# then: "))
+    assert shlex.split(hint.removeprefix("# then: ")) == ["copa", "study", "--report", str(out)]
+
+
+ROWS = [{"inputs": {"x": str(i)}, "gold": "a", "prediction": "a", "score": float(i % 2)}
+        for i in range(6)]
+
+
+def _finished_study(folder: Path) -> Path:
+    """plan.json and one finished cell (report.json, four arms' predictions), as copa writes
+    them."""
+    cell = {"name": "base", "values": {}, "seed": 0, "dir": "base/seed-0", "overrides": {}}
+    plan = {"study": "s", "file": "s.yaml", "recipe": "r.yaml", "grid": {}, "seeds": [0],
+            "arms": list(ARMS), "bootstrap": 100, "cells": [cell]}
+    (folder / "plan.json").write_text(json.dumps(plan))
+    run = folder / "base" / "seed-0"
+    (run / "predictions").mkdir(parents=True)
+    for arm in ARMS:
+        (run / "predictions" / f"{arm}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in ROWS))
+    (run / "report.json").write_text(json.dumps(
+        {"metric": "label_accuracy", "arms": {a: {"score": 0.5, "n": len(ROWS)} for a in ARMS}}))
+    return run
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("plan cut short", "plan.json: not readable JSON"),
+    ("plan a list", "plan.json: not a study plan"),
+    ("cell without dir", "plan.json: cells[0].dir: "),
+    ("cell dir outside", "plan.json: cells[0].dir: '../x' is not a folder inside"),
+    ("predictions cut mid-line", "combined.jsonl: line 6: not a JSON line"),
+    ("predictions cut at a line", "combined.jsonl: 4 rows, but"),
+    ("predictions cut, no count", "combined.jsonl: its test rows differ from baseline.jsonl's"),
+    ("score null", "combined.jsonl: line 2: score null is not a finite number"),
+    ("report guard not a mapping", "seed-0/report.json: synergy or guard is not a mapping"),
+])
+def test_a_damaged_study_is_one_line_naming_the_file(tmp_path: Path, damage: str,
+                                                     said: str) -> None:
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    run = _finished_study(tmp_path)
+    ok = CliRunner().invoke(cli, ["study", "--report", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output
+    for name in ("study.json", "study.md", "study.png", "study.html"):
+        (tmp_path / name).unlink(missing_ok=True)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    rows = run / "predictions" / "combined.jsonl"
+    text = rows.read_text()
+    if damage == "plan cut short":
+        (tmp_path / "plan.json").write_text(json.dumps(plan)[:60])
+    elif damage == "plan a list":
+        (tmp_path / "plan.json").write_text("[]")
+    elif damage.startswith("cell"):
+        plan["cells"][0]["dir"] = "../x"
+        if damage == "cell without dir":
+            del plan["cells"][0]["dir"]
+        (tmp_path / "plan.json").write_text(json.dumps(plan))
+    elif damage == "predictions cut mid-line":
+        rows.write_text(text[:-10])
+    elif damage.startswith("predictions cut"):
+        rows.write_text("".join(text.splitlines(keepends=True)[:4]))
+        if "no count" in damage:
+            report = json.loads((run / "report.json").read_text())
+            report["arms"] = {a: {"score": 0.5} for a in ARMS}
+            (run / "report.json").write_text(json.dumps(report))
+    elif damage.startswith("report"):
+        report = json.loads((run / "report.json").read_text())
+        (run / "report.json").write_text(json.dumps({**report, "guard": {"combined": 1}}))
+    else:
+        rows.write_text(text.replace('"score": 1.0', '"score": null', 1))
+    result = CliRunner().invoke(cli, ["study", "--report", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert said in result.output and str(tmp_path) in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "study.json").exists()  # nothing half-written

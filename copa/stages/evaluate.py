@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from copa import precision
-from copa.files import jsonl_lines
 from copa.registry import ARMS, DEMO_ARM
+from copa.stages.predictions import PredictionsError, read_predictions, write_predictions
 
 ARM_MODELS = {name: arm.model for name, arm in ARMS.items()}  # "base" or "merged"
 
@@ -117,8 +117,10 @@ def _cached_scores(folder: Path, arm: str, key: str) -> list[float] | None:
         return None
     if key_file.read_text().strip() != key:
         return None
-    return [float(json.loads(line)["score"])
-            for line in jsonl_lines(rows_file.read_text(encoding="utf-8")) if line.strip()]
+    try:
+        return [float(row["score"]) for row in read_predictions(rows_file)]
+    except PredictionsError:
+        return None  # damaged since: scored again
 
 
 def _program_for(run: Any, arm: str, kit: Any) -> Any:
@@ -236,7 +238,6 @@ def _score_on_test(run: Any, kit: Any, testset: list[Any], name: str, arm: str, 
 
     import dspy
 
-    from copa.data import write_jsonl
     from copa.dspy.lms import model_lm
     from copa.dspy.search import ScoreError, dspy_chatter_to, evaluate_program
     from copa.files import atomic_write_text
@@ -277,7 +278,7 @@ def _score_on_test(run: Any, kit: Any, testset: list[Any], name: str, arm: str, 
         failures = f", {scored.errors} failed calls scored 0" if scored.errors else ""
         run.emit(f"  {name:<14} {scored.mean:.3f}  ({len(results)} test rows{failures}, "
                  f"{seconds:.0f}s)")
-    write_jsonl(predictions_dir / f"{name}.jsonl", [
+    write_predictions(predictions_dir / f"{name}.jsonl", [
         {"inputs": {f: ex[f] for f in recipe.task.input_fields}, "gold": ex[field],
          "prediction": getattr(pred, field, None) if pred is not None else None,
          "score": float(s), **({"error": True} if bad else {})}

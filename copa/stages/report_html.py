@@ -28,6 +28,7 @@ from copa.htmlpage import (
     table,
 )
 from copa.registry import ARMS
+from copa.stages.predictions import read_predictions
 from copa.text import one_line
 
 ARM_COLORS = {name: arm.color for name, arm in ARMS.items()}
@@ -176,11 +177,9 @@ def prediction_rows(run_dir: Path, arms: list[str]) -> list[dict[str, Any]]:
         path = Path(run_dir) / "predictions" / f"{arm}.jsonl"
         if not path.is_file():
             continue
-        for i, line in enumerate(t for t in jsonl_lines(path.read_text(encoding="utf-8"))
-                                  if t.strip()):
-            row = json.loads(line)
-            inputs = row.get("inputs") or {}
-            score = float(row.get("score", 0.0))
+        for i, row in enumerate(read_predictions(path)):
+            inputs = row["inputs"]
+            score = float(row["score"])
             rows.append({"arm": arm, "row": i,
                          "input": one_line("; ".join(f"{k}: {v}" for k, v in inputs.items()),
                                            500),

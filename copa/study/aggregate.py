@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from copa.files import jsonl_lines
+from copa.stages.predictions import PredictionsError, read_scored_arms
 from copa.stages.val import DEMO_ARM, margin_outcomes
 from copa.stats import study_cell
 
@@ -23,18 +23,19 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
         report = json.loads((run_dir / "report.json").read_text())
     except (OSError, ValueError):
         return None
-    scores: dict[str, list[float]] = {}
-    for arm, data in report["arms"].items():
-        if data.get("failed"):
-            continue
-        lines = jsonl_lines((run_dir / "predictions" / f"{arm}.jsonl").read_text(encoding="utf-8"))
-        scores[arm] = [float(json.loads(line)["score"]) for line in lines if line.strip()]
-    synergy = report.get("synergy") or {}
+    # checked: every arm's rows whole and the same rows (a paired bootstrap needs both)
+    scores = {arm: [float(row["score"]) for row in rows]
+              for arm, rows in read_scored_arms(run_dir, report).items()}
+    synergy, guard = report.get("synergy") or {}, report.get("guard") or {}
+    if not isinstance(synergy, dict) or not isinstance(guard, dict) or \
+            not all(isinstance(e, dict) for e in guard.values()):
+        raise PredictionsError(f"{run_dir / 'report.json'}: synergy or guard is not a mapping: "
+                               "not a report copa wrote (re-run `copa evaluate`)")
     return {"metric": report.get("metric"), "scores": scores,
             "failed_arms": [a for a, d in report["arms"].items() if d.get("failed")],
             "not_comparable": synergy.get("reason") if synergy.get("comparable") is False
             else None,
-            "guard": report.get("guard") or {}}
+            "guard": guard}
 
 
 def aggregate(plan: Mapping[str, Any], study_dir: Path, seed: int = 0) -> dict[str, Any]:

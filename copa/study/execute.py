@@ -11,19 +11,24 @@ killed training resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError
 
 from copa.files import atomic_write_json, sha256_file, sha256_json
+from copa.recipe import ARMS, Problem, RecipeError
+from copa.recipe.load import _describe, _loc
 from copa.runs import Emit
-from copa.study.spec import Cell, Study
+from copa.study.spec import Cell, Study, inside
+from copa.text import one_line
 
 CELL_FILE = "study-cell.json"
 PLAN_FILE = "plan.json"
@@ -195,6 +200,54 @@ def write_plan(study: Study) -> Path:
     path = study.dir / PLAN_FILE
     atomic_write_json(path, plan_data(study), sort_keys=False)
     return path
+
+
+class _PlanCell(BaseModel):
+    name: StrictStr
+    values: dict[str, Any]
+    seed: StrictInt
+    dir: StrictStr
+
+
+class _Plan(BaseModel):
+    """plan.json as plan_data writes it (what the report reads of it)."""
+
+    study: StrictStr
+    file: StrictStr | None = None
+    recipe: StrictStr
+    grid: dict[str, list[Any]]
+    seeds: list[StrictInt]
+    arms: list[Literal[ARMS]]  # type: ignore[valid-type]
+    bootstrap: StrictInt = Field(ge=1, le=1_000_000)
+    cells: list[_PlanCell]
+
+
+def read_plan(directory: Path) -> dict[str, Any]:
+    """DIR/plan.json, checked as plan_data writes it: a cut or hand-edited plan is a
+    RecipeError naming the file and key (the CLI's one line, exit 2), not a traceback; a cell
+    folder outside DIR is refused (the report reads only the study's own runs)."""
+    path = Path(directory) / PLAN_FILE
+    redo = ("write it again with `copa study STUDY.yaml --print-commands --out "
+            f"{shlex.quote(str(directory))}`")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecipeError([Problem(file=str(path), path="", message=(
+            f"not readable JSON ({one_line(str(exc), 120)}); {redo}"))]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError([Problem(file=str(path), path="", message=(
+            f"not a study plan (a JSON mapping of study, cells, ...); {redo}"))])
+    try:
+        plan = _Plan.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError([Problem(file=str(path), path=_loc(e["loc"]),
+                                   message=f"{_describe(e)}; {redo}")
+                           for e in exc.errors()]) from None
+    for i, cell in enumerate(plan.cells):
+        if not inside(Path(directory), cell.dir):
+            raise RecipeError([Problem(file=str(path), path=f"cells[{i}].dir", message=(
+                f"{cell.dir!r} is not a folder inside {directory}; {redo}"))])
+    return plan.model_dump()
 
 
 def set_value(value: Any) -> str:

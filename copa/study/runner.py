@@ -10,7 +10,14 @@ from typing import Any
 
 from copa.runs import Emit
 from copa.study.aggregate import aggregate
-from copa.study.execute import PLAN_FILE, cell_command, run_ray, run_sequential, write_plan
+from copa.study.execute import (
+    PLAN_FILE,
+    cell_command,
+    read_plan,
+    run_ray,
+    run_sequential,
+    write_plan,
+)
 from copa.study.spec import Cell, Study, load_study, read_study_file
 from copa.study.write import write_study
 from copa.track import study_results, study_tracking
@@ -103,6 +110,6 @@ def report_study(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise RecipeError([Problem(file=str(directory), path="", message=(
             f"not a study folder: it has no {PLAN_FILE} (run `copa study STUDY.yaml` or "
             "--print-commands first)"))])
-    data = aggregate(json.loads(plan_path.read_text()), directory)
+    data = aggregate(read_plan(directory), directory)
     write_study(directory, data)
     return data

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from copa.files import missing_file_reason
+from copa.files import missing_file_reason, output_problem, sha256_json
 from copa.recipe import ARMS, Problem, RecipeError, load_recipe
 from copa.recipe.data_schema import Section
 from copa.recipe.load import _describe, _loc
@@ -85,8 +85,22 @@ class StudyFile(Section):
         for key, values in value.items():
             if not values:
                 raise ValueError(f"{key}: give at least one value, e.g. {key}: [1, 2]")
-            if len({repr(v) for v in values}) != len(values):
-                raise ValueError(f"{key}: values repeat")
+            seen: dict[Any, Any] = {}
+            for v in values:  # 8 and 8.0 are one value: two cells would repeat one run
+                if _same_as(v) in seen:
+                    raise ValueError(f"{key}: values {seen[_same_as(v)]!r} and {v!r} are the "
+                                     "same value (two cells would repeat one run); keep one")
+                seen[_same_as(v)] = v
+        return value
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_values(cls, value: Any) -> Any:
+        # pydantic would read true as 1 and '3' as 3: a seed the file does not say
+        for v in value if isinstance(value, list) else ():
+            if isinstance(v, (bool, str)):
+                shown = str(v).lower() if isinstance(v, bool) else repr(v)
+                raise ValueError(f"seeds are whole numbers from 0 to {MAX_SEED} (got {shown})")
         return value
 
     @field_validator("seeds")
@@ -105,6 +119,40 @@ class StudyFile(Section):
     @classmethod
     def _arms(cls, value: list[str]) -> list[str]:
         return [a for a in ARMS if a in named_arms(value)]  # table order
+
+
+def _key_problems(spec: StudyFile, label: str) -> list[Problem]:
+    """Grid and set keys are recipe key paths that `copa run --set KEY=VALUE` can say again
+    (--print-commands): dotted non-blank parts, no '='. Said here, not as the base recipe's
+    '--set' problem: the user wrote them in the study file."""
+    problems = []
+    for section in ("grid", "set"):
+        for key in getattr(spec, section):
+            if not key.strip():
+                problems.append(Problem(file=label, path=section, message=(
+                    f"key {key!r} is not a key path: write section.key, e.g. finetune.lora_r")))
+            elif not all(part.strip() for part in key.split(".")):
+                problems.append(Problem(file=label, path=f"{section}.{key}", message=(
+                    "not a key path: write section.key, e.g. finetune.lora_r")))
+            elif "=" in key:
+                problems.append(Problem(file=label, path=f"{section}.{key}", message=(
+                    "a key with '=': `copa run --set KEY=VALUE` (the printed commands) would "
+                    "split it there; set it in the base recipe instead")))
+    return problems
+
+
+def _same_as(value: Any) -> Any:
+    """A grid value in a form equal for equal YAML values: numbers by value (8 and 8.0), yes/no
+    and text apart from numbers, lists and mappings by their parts."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return (type(value).__name__, value)
+    if isinstance(value, (int, float)):
+        return ("number", value)
+    if isinstance(value, list):
+        return ("list", tuple(_same_as(v) for v in value))
+    if isinstance(value, dict):
+        return ("map", tuple(sorted((str(k), _same_as(v)) for k, v in value.items())))
+    return ("other", repr(value))
 
 
 @dataclass(frozen=True)
@@ -165,10 +213,14 @@ def read_study_file(path: str | os.PathLike[str], seeds: list[int] | None = None
     if seeds is not None:
         raw["seeds"] = list(seeds)
     try:
-        return StudyFile.model_validate(raw)
+        spec = StudyFile.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError([Problem(file=str(path), path=_loc(e["loc"]), message=_study_problem(e))
                            for e in exc.errors()]) from None
+    problems = _key_problems(spec, str(path))
+    if problems:
+        raise RecipeError(problems)
+    return spec
 
 
 def folder_part(value: Any) -> str:
@@ -306,11 +358,16 @@ def load_study(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | N
     elif spec.run_dir:
         directory = Path(os.path.expanduser(spec.run_dir))
         directory = directory if directory.is_absolute() else file.resolve().parent / directory
+        problem = output_problem(directory, folder=True)  # as --out is checked: before any cell
+        if problem:
+            raise RecipeError([Problem(file=label, path="run_dir",
+                                       message=f"{spec.run_dir}: {problem}")])
     else:
         directory = Path.cwd() / "runs" / name
     study = Study(file=file.resolve(), spec=spec, name=name, recipe=recipe,
                   dir=directory.resolve())
     problems: list[Problem] = []
+    loaded: dict[str, Cell] = {}  # the first seed's recipes: a grid point's is its own
     for cell_name, values in cell_names(spec, label):
         for seed in spec.seeds:
             overrides = {**spec.set, **values, **{k: seed for k in seed_keys},
@@ -320,11 +377,26 @@ def load_study(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | N
                 raise RecipeError([Problem(file=label, path="grid", message=(
                     f"cell folder {cell.rel_dir!r} would leave the study folder"))])
             try:
-                load_recipe(recipe, overrides=overrides)
+                found = load_recipe(recipe, overrides=overrides)
             except RecipeError as exc:
                 problems += [p for p in _recipe_problems(exc, cell, spec, label)
                              if p not in problems]
+            else:
+                if seed == spec.seeds[0]:
+                    same = loaded.setdefault(sha256_json(found.model_dump(mode="json")), cell)
+                    if same is not cell:
+                        problems.append(_same_recipe(same, cell, label))
             study.cells.append(cell)
     if problems:
         raise RecipeError(problems)
     return study
+
+
+def _same_recipe(first: Cell, second: Cell, label: str) -> Problem:
+    """Two grid points whose values the recipe resolves alike (lora_r 8 and '8'): one run
+    twice, and a study that counts it as two cells."""
+    differ = [k for k in first.values if first.values[k] != second.values[k]]
+    said = "; ".join(f"{first.values[k]!r} and {second.values[k]!r}" for k in differ)
+    return Problem(file=label, path=f"grid.{differ[0]}" if len(differ) == 1 else "grid",
+                   message=f"{said} give the same recipe (cells {first.name} and {second.name} "
+                           "would repeat one run); keep one")

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from copa.files import jsonl_lines, sha256_json
+from copa.files import sha256_json
 from copa.pngfigure import png_bytes, pyplot
 from copa.registry import RECIPE_ARMS
+from copa.stages.predictions import PredictionsError, finite_number, read_scored_arms, row_key
 from copa.stats import paired_differences
 
 ARMS = RECIPE_ARMS  # the arms compared (copa.registry)
@@ -31,18 +32,9 @@ class CompareError(Exception):
     """Runs that cannot be compared (not finished, other test rows, other metric): one line."""
 
 
-def row_key(row: dict[str, Any]) -> str:
-    """A test row's identity: its inputs and gold answer (not its prediction or score)."""
-    return sha256_json([row.get("inputs"), row.get("gold")])
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8"))
-            if line.strip()]
-
-
 def read_run(path: str | Path, label: str | None = None) -> dict[str, Any]:
-    """One finished run: its report and, per scored arm, its rows' keys and scores."""
+    """One finished run: its report and, per scored arm, its rows' keys and scores (every arm's
+    predictions checked by copa.stages.predictions.read_scored_arms)."""
     root = Path(path)
     report_path = root / "report.json"
     if not report_path.is_file():
@@ -52,17 +44,18 @@ def read_run(path: str | Path, label: str | None = None) -> dict[str, Any]:
         report = json.loads(report_path.read_text())
     except ValueError as exc:
         raise CompareError(f"{report_path}: not readable JSON ({exc})") from None
-    arms: dict[str, dict[str, Any]] = {}
-    for arm, data in report.get("arms", {}).items():
-        if data.get("failed"):
-            continue
-        rows_path = root / "predictions" / f"{arm}.jsonl"
-        if not rows_path.is_file():
-            raise CompareError(f"{rows_path}: missing: the per-row scores copa compare pairs "
-                               "(re-run `copa evaluate`)")
-        rows = _read_rows(rows_path)
-        arms[arm] = {"keys": [row_key(r) for r in rows],
-                     "scores": [float(r["score"]) for r in rows]}
+    try:
+        scored = read_scored_arms(root, report)
+    except PredictionsError as exc:
+        raise CompareError(str(exc)) from None
+    for arm, data in report["arms"].items():  # the side-by-side shows the report's own numbers
+        ci = data.get("ci95")
+        if not ((data.get("score") is None or finite_number(data["score"])) and (ci is None or (
+                isinstance(ci, list) and len(ci) == 2 and all(finite_number(v) for v in ci)))):
+            raise CompareError(f"{report_path}: arms.{arm}: score or ci95 is not a number: "
+                               "not a report copa wrote (re-run `copa evaluate`)")
+    arms = {arm: {"keys": [row_key(r) for r in rows], "scores": [float(r["score"]) for r in rows]}
+            for arm, rows in scored.items()}
     keys = next(iter(arms.values()))["keys"] if arms else []
     return {"label": label or str(path), "dir": str(root), "report": report, "arms": arms,
             "test_hash": sha256_json(sorted(keys)), "test_keys": keys}

@@ -156,10 +156,11 @@ def verify(bundle: Any, gguf_file: Path, work: Path,
     from copa.dspy.search import dspy_chatter_to, evaluate_program
     from copa.inference.engine import release_model
     from copa.models import gguf_to_hf_dir
+    from copa.stages.predictions import read_predictions
 
     recipe = bundle.recipe
     rows = read_jsonl(bundle.root / "rendered" / "splits" / "test.jsonl")
-    expected = read_jsonl(bundle.root / "predictions" / f"{bundle.arm}.jsonl")
+    expected = read_predictions(bundle.root / "predictions" / f"{bundle.arm}.jsonl")
     start = time.time()
     model_dir = gguf_to_hf_dir(gguf_file, work / "loaded")
     loaded_s = time.time() - start
