@@ -145,3 +145,48 @@ def test_empty_input_texts_and_columns_the_recipe_does_not_use_are_data(tmp_path
     assert {r["text"] for r in everything} == {"", *(f"t{i}" for i in range(1, 10))}
     answers = {r["text"]: r["answers"] for r in everything}
     assert answers[""] == ["a", "c"] and answers["t1"] == ["b"] and answers["t2"] == []
+
+
+def _recipe(tmp_path: Path, data: str, header: str, rows: list[str], recipe: str) -> Path:
+    (tmp_path / data).write_text(header + "\n" + "".join(r + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(f"name: t\n{recipe}")
+    return tmp_path / "r.yaml"
+
+
+def test_number_format_shows_input_numbers_and_never_touches_gold_or_words(
+        tmp_path: Path) -> None:
+    """number_format is how input numbers are shown: a gold '4' stays '4' (it was '4.0', and
+    labels 0/1/2 no longer matched choices '0', '1', '2'), and a text float() happens to take
+    ('Nan', 'infinity', '1_000', ' 7') is a word, kept as written."""
+    words = ["Nan", "infinity", "1_000", " 7", "\u0661\u0662"]
+    path = _recipe(tmp_path, "d.csv", "question,weight,answer",
+                   [f"q{i},{words[i] if i < len(words) else i * 1.25},{i % 3}"
+                    for i in range(12)],
+                   "task: {signature: 'question, weight -> answer', choices: ['0', '1', '2']}\n"
+                   "data: {source: d.csv, splits: {train: 6, val: 3, test: 3}}\n"
+                   "prompt: {number_format: '.1f'}\n")
+    splits = load_splits(load_recipe(path))
+    rows = {r["question"]: r for s in (splits.train, splits.val, splits.test) for r in s}
+    assert {r["answer"] for r in rows.values()} == {"0", "1", "2"}
+    assert [rows[f"q{i}"]["weight"] for i in range(len(words))] == words
+    assert rows["q5"]["weight"] == "6.2" and rows["q8"]["weight"] == "10.0"
+    from copa.data import format_value
+
+    assert format_value("-1.5e-05", ".1e") == "-1.5e-05" and format_value("4", ".1f") == "4.0"
+    assert format_value(4, ".1f") == "4.0" and format_value(True, ".1f") == "true"
+
+
+def test_a_yes_no_label_is_its_json_text_and_never_silently_another_choice(
+        tmp_path: Path) -> None:
+    """A JSON true is 'true', as JSON and YAML write it: choices 'true' / 'false' match it,
+    choices 'True' / 'False' are refused naming the data's text (no silent mismatch)."""
+    (tmp_path / "d.jsonl").write_text("".join(
+        json.dumps({"text": f"t{i}", "label": i % 2 == 0}) + "\n" for i in range(10)))
+    (tmp_path / "r.yaml").write_text(
+        "name: t\ntask: {signature: 'text -> label', choices: ['true', 'false']}\n"
+        "data: {source: d.jsonl, splits: {train: 6, val: 2, test: 2}}\n")
+    splits = load_splits(load_recipe(tmp_path / "r.yaml"))
+    assert {r["label"] for r in splits.train} == {"true", "false"}
+    with pytest.raises(RecipeError, match="not among the choices: 'false', 'true'"):
+        load_splits(load_recipe(tmp_path / "r.yaml",
+                                overrides={"task.choices": ["True", "False"]}))

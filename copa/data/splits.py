@@ -35,28 +35,33 @@ class Splits:
 
 
 def format_value(value: Any, number_format: str | None) -> str:
-    """A data value as the text a prompt holds: numbers (and texts that are numbers) through
-    number_format. A number too large for a float is a ValueError, not 'inf'."""
-    if isinstance(value, bool) or value is None:
-        return "" if value is None else str(value)
+    """A data value as the text a prompt holds: a number, or a text that is a plain decimal
+    number (a CSV cell: '4', '-0.5', '1e-05'), through number_format; any other text as it is
+    ('nan', 'inf', '1_000' and ' 4' are words, not numbers, though float() takes them). A
+    yes/no value is written as JSON and YAML write it ('true'), not as Python does ('True').
+    A number too large for a float is a ValueError, not 'inf'."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, (int, float)) and number_format:
         try:
             return format(value, number_format)
         except OverflowError:  # an int past a float's range
             raise ValueError(_TOO_LARGE.format(number_format)) from None
     if isinstance(value, str):
-        if number_format:
-            try:
-                number = float(value)
-            except ValueError:
-                return value
-            if math.isinf(number) and "inf" not in value.lower():  # '1e400', 400 digits
+        if number_format and _DECIMAL.fullmatch(value):
+            number = float(value)
+            if math.isinf(number):  # '1e400', 400 digits
                 raise ValueError(_TOO_LARGE.format(number_format))
             return format(number, number_format)
         return value
     return str(value)
 
 
+# A number as a CSV writes one: ASCII digits, an optional sign, point and exponent; nothing
+# around it. float() takes more ('nan', 'Infinity', '1_000', ' 4 ', Arabic-Indic digits).
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _TOO_LARGE = "a number too large for number_format '{}' (a float stops at 1.8e308)"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _NOT_ONE_VALUE = (list, tuple, set, frozenset, Mapping, bytes, bytearray)
@@ -186,8 +191,11 @@ def map_columns(recipe: Recipe, rows: list[dict[str, Any]], key: str,
         raise DataError(problems)
     fmt = recipe.prompt.number_format
     outputs = set(recipe.task.output_fields)
-    used = [(name, column, "gold" if name in outputs else "input", fmt)
-            for name, column in columns.items()]
+    inputs = set(recipe.task.input_fields)
+    # number_format is how inputs are shown; what the model writes (a gold output, a CoT
+    # 'reasoning') stays the data's text: '4' is not '4.0' to task.choices or to a scorer.
+    used = [(name, column, "gold" if name in outputs else "input",
+             fmt if name in inputs else None) for name, column in columns.items()]
     if answers is not None:
         used.append(("answers", answers, "answers", None))
     if recipe.data.group_by is not None:

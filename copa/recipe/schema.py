@@ -141,8 +141,9 @@ class TaskSection(_Section):
 class PromptSection(_Section):
     template: str = Field("prompts/default.jinja", description="Jinja prompt template file.")
     number_format: str | None = Field(
-        None, description="Python format spec applied to float inputs, e.g. '.1f'."
-    )
+        None, description="Python format spec for input values that are numbers (JSON / "
+        "YAML numbers, CSV cells that are plain decimals), e.g. '.1f'; outputs keep the data's "
+        "text.")
 
     @field_validator("number_format")
     @classmethod
