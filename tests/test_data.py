@@ -190,3 +190,15 @@ def test_a_yes_no_label_is_its_json_text_and_never_silently_another_choice(
     with pytest.raises(RecipeError, match="not among the choices: 'false', 'true'"):
         load_splits(load_recipe(tmp_path / "r.yaml",
                                 overrides={"task.choices": ["True", "False"]}))
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+def test_csv_and_tsv_rows_may_end_in_any_line_ending(tmp_path: Path, ending: str) -> None:
+    """An old Mac export ends rows in a bare \\r (refused as 'new-line character seen in
+    unquoted field'); a quoted cell keeps its own line break whatever the file's endings."""
+    for suffix, sep in (("csv", ","), ("tsv", "\t")):
+        path = tmp_path / f"d.{suffix}"
+        path.write_bytes(ending.join([f"text{sep}label", f"a{sep}pos", f'"b{ending}c"{sep}neg',
+                                      ""]).encode())
+        assert read_table(path) == [{"text": "a", "label": "pos"},
+                                    {"text": f"b{ending}c", "label": "neg"}]
