@@ -202,3 +202,36 @@ def test_csv_and_tsv_rows_may_end_in_any_line_ending(tmp_path: Path, ending: str
                                       ""]).encode())
         assert read_table(path) == [{"text": "a", "label": "pos"},
                                     {"text": f"b{ending}c", "label": "neg"}]
+
+
+_LABELS = "task: {signature: 'text -> label', choices: [pos, neg, neutral]}\n"
+
+
+def _labelled(tmp_path: Path) -> Path:
+    return _recipe(tmp_path, "d.csv", "text,label",
+                   [f"t{i},{['pos', 'neg', 'neutral'][i % 3]}" for i in range(21)],
+                   _LABELS + "data: {source: d.csv, splits: {train: 6, val: 3, test: 3}}\n")
+
+
+def test_filter_labels_names_labels_of_the_data(tmp_path: Path) -> None:
+    """A misspelt label kept nothing of its class, silently, while task.choices still offered
+    it; an empty list was read as no filter."""
+    path = _labelled(tmp_path)
+    with pytest.raises(RecipeError) as caught:
+        load_splits(load_recipe(path, overrides={"data.filter_labels": ["pos", "neg",
+                                                                        "nuetral"]}))
+    assert [str(p) for p in caught.value.problems] == [
+        f"{path}: task.choices: 'neutral' is a choice that data.filter_labels drops (no row "
+        "keeps it as its label, so answering it is always wrong): add it to data.filter_labels "
+        "or remove it from task.choices",
+        f"{path}: data.filter_labels: no row has the label 'nuetral' (did you mean 'neutral'?)"]
+    with pytest.raises(RecipeError, match="data.filter_labels: no row has the label 'x' "
+                                          r"\(labels present: neg, neutral, pos\)"):
+        load_splits(load_recipe(path, overrides={"data.filter_labels": ["pos", "neg",
+                                                                        "neutral", "x"]}))
+    with pytest.raises(RecipeError, match="data.filter_labels: an empty list keeps no row: "
+                                          "write null to keep every label"):
+        load_recipe(path, overrides={"data.filter_labels": []})
+    kept = load_splits(load_recipe(path, overrides={"data.filter_labels": ["pos", "neg"],
+                                                    "task.choices": ["pos", "neg"]}))
+    assert {r["label"] for r in kept.train + kept.val + kept.test} == {"pos", "neg"}

@@ -6,6 +6,7 @@ Splits are deterministic for a seed, stratified by label for classification, and
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import random
@@ -301,6 +302,35 @@ def _check_labels(recipe: Recipe, rows: list[Row], key: str) -> None:
                        f"{shown}; add them to task.choices or drop rows with data.filter_labels")
 
 
+def _check_filter(recipe: Recipe, rows: list[Row]) -> None:
+    """data.filter_labels names labels of the data (a misspelt one would drop its class
+    silently), and keeps every label task.choices offers (a choice no row has is never a gold
+    label: the model is offered an answer that is always wrong)."""
+    keep = recipe.data.filter_labels or []
+    problems = []
+    dropped = [c for c in recipe.task.choices or [] if c not in keep]
+    if dropped:
+        problems.append(Problem(
+            file=str(recipe.source_path), path="task.choices",
+            message=f"{', '.join(map(repr, dropped))} "
+                    f"{'is a choice' if len(dropped) == 1 else 'are choices'} that "
+                    "data.filter_labels drops (no row keeps it as its label, so answering it "
+                    "is always wrong): add it to data.filter_labels or remove it from "
+                    "task.choices"))
+    present = sorted({_label(recipe, r) for r in rows})
+    for label in dict.fromkeys(keep):
+        if label in present:
+            continue
+        close = difflib.get_close_matches(label, present, n=1, cutoff=0.6)
+        hint = (f"did you mean {close[0]!r}?" if close else
+                f"labels present: {', '.join(present)}" if len(present) <= 20 else
+                f"{len(present)} labels present")
+        problems.append(Problem(file=str(recipe.source_path), path="data.filter_labels",
+                                message=f"no row has the label {label!r} ({hint})"))
+    if problems:
+        raise DataError(problems)
+
+
 def load_splits(recipe: Recipe) -> Splits:
     """Load, map, filter, dedupe and split the recipe's data."""
     rows = map_columns(recipe, load_source(recipe, recipe.data.source, "data.source"),
@@ -310,7 +340,8 @@ def load_splits(recipe: Recipe) -> Splits:
         test_rows = map_columns(
             recipe, load_source(recipe, recipe.data.test_source, "data.test_source"),
             "data.test_source", recipe.data.test_source)
-    if recipe.data.filter_labels:
+    if recipe.data.filter_labels is not None:
+        _check_filter(recipe, rows + (test_rows or []))
         allowed = set(recipe.data.filter_labels)
         rows = [r for r in rows if _label(recipe, r) in allowed]
         if test_rows is not None:

@@ -114,6 +114,13 @@ class DataSection(Section):
     )
     max_file_mb: int = 512
 
+    @field_validator("filter_labels")
+    @classmethod
+    def _filter_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list keeps no row: write null to keep every label")
+        return value
+
     @field_validator("loader")
     @classmethod
     def _loader(cls, value: str | None) -> str | None:
