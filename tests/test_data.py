@@ -235,3 +235,24 @@ def test_filter_labels_names_labels_of_the_data(tmp_path: Path) -> None:
     kept = load_splits(load_recipe(path, overrides={"data.filter_labels": ["pos", "neg"],
                                                     "task.choices": ["pos", "neg"]}))
     assert {r["label"] for r in kept.train + kept.val + kept.test} == {"pos", "neg"}
+
+
+def test_split_from_is_gone_and_copas_own_files_with_it_still_load(tmp_path: Path) -> None:
+    """data.split_from was never read (data.test_source decides): a recipe setting it is told
+    so, not sent to 'splits'; recipe.json and exports written while it existed still load, and
+    stage keys still hold it."""
+    from copa.recipe import recipe_from_dict, recipe_key_dict, recipe_read_back, recipe_to_write
+
+    path = _labelled(tmp_path)
+    with pytest.raises(RecipeError, match="data.split_from: no longer a key \\(copa never read "
+                                          "it\\): data.test_source decides"):
+        load_recipe(path, overrides={"data.split_from": "files"})
+    recipe = load_recipe(path)
+    written = recipe_to_write(recipe)
+    written["data"]["split_from"] = "source"  # as recipe.json held it
+    assert recipe_from_dict(recipe_read_back(written)) == recipe.model_copy(
+        update={"source_path": None})
+    (tmp_path / "export.yaml").write_text(path.read_text().replace(
+        "data: {", "data: {split_from: source, "))
+    assert load_recipe(tmp_path / "export.yaml", written=True).data == recipe.data
+    assert recipe_key_dict(recipe, "data")["data"]["split_from"] == "source"

@@ -95,7 +95,6 @@ class DataSection(Section):
         default_factory=dict, description="signature field -> column name in the data."
     )
     splits: SplitSizes = Field(default_factory=SplitSizes)
-    split_from: Literal["source", "files"] = "source"
     test_source: str | None = Field(
         None, description="Optional separate file for the test split (e.g. a dataset's test.csv)."
     )

@@ -188,7 +188,7 @@ def _open_export(root: Path, arm: str) -> Bundle:
     if missing:
         raise NotFinished(f"{root}: incomplete export, missing {', '.join(missing)}")
     try:
-        recipe = load_recipe(root / info["recipe"])
+        recipe = load_recipe(root / info["recipe"], written=True)
     except RecipeError as exc:
         raise NotFinished(f"{root}: its recipe does not load: {exc}") from None
     report = _read_json(root / "report.json") if (root / "report.json").is_file() else None
