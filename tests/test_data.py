@@ -256,3 +256,15 @@ def test_split_from_is_gone_and_copas_own_files_with_it_still_load(tmp_path: Pat
         "data: {", "data: {split_from: source, "))
     assert load_recipe(tmp_path / "export.yaml", written=True).data == recipe.data
     assert recipe_key_dict(recipe, "data")["data"]["split_from"] == "source"
+
+
+def test_a_label_in_another_unicode_form_than_its_choice_is_named_so(tmp_path: Path) -> None:
+    """'not among the choices: 'café'' beside a choice 'café' reads as a bug: say it is the
+    choice in other code points."""
+    path = _recipe(tmp_path, "d.csv", "text,label",
+                   [f"t{i},{['cafe' + chr(0x301), 'tea'][i % 2]}" for i in range(12)],
+                   "task: {signature: 'text -> label', choices: [caf\u00e9, tea]}\n"
+                   "data: {source: d.csv, splits: {train: 6, val: 3, test: 3}}\n")
+    with pytest.raises(RecipeError, match=r"\('cafe\\u0301' is the choice 'caf\\xe9' in another "
+                                          "Unicode form: write one form in both\\)"):
+        load_splits(load_recipe(path))

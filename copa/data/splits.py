@@ -11,6 +11,7 @@ import json
 import math
 import random
 import re
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -297,6 +298,12 @@ def _check_labels(recipe: Recipe, rows: list[Row], key: str) -> None:
     unknown = sorted({_label(recipe, r) for r in rows} - set(choices))
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        composed = {unicodedata.normalize("NFC", c): c for c in choices}
+        look_alike = next(((u, composed[n]) for u in unknown
+                           if (n := unicodedata.normalize("NFC", u)) in composed), None)
+        if look_alike:  # the same letters in other code points: say which, or it reads as a bug
+            shown += (f" ({ascii(look_alike[0])} is the choice {ascii(look_alike[1])} in another "
+                      "Unicode form: write one form in both)")
         raise data_problem(recipe, "task.choices",
                        f"{len(unknown)} label value(s) in {key} are not among the choices: "
                        f"{shown}; add them to task.choices or drop rows with data.filter_labels")
