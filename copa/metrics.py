@@ -9,6 +9,7 @@ import functools
 import math
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,11 +33,21 @@ _CLOSERS = "\"'`\u201d\u2019\u00bb)]}>*"
 _SENTENCE_END = ".,;:!?"
 
 
+def _fold(text: str) -> str:
+    """text case-folded in Unicode NFC: 'café' typed as one code point or as 'e' and a combining
+    accent is one text (a model may write either). Unicode's canonical caseless form (NFD,
+    then casefold), composed; an ASCII text is only lower-cased."""
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
+
+
 def normalize(text: Any) -> str:
-    """The form two answers are compared in: case-folded, whitespace collapsed, and stripped of
-    surrounding quotes, brackets, '*' and trailing .,;:!? (nothing else: a sign or a '#' may be
-    what tells two labels apart). Texts that differ only in what this removes are one answer."""
-    text = " ".join(("" if text is None else str(text)).casefold().split())
+    """The form two answers are compared in: case-folded, in Unicode NFC, whitespace collapsed,
+    and stripped of surrounding quotes, brackets, '*' and trailing .,;:!? (nothing else: a sign
+    or a '#' may be what tells two labels apart). Texts that differ only in what this removes
+    are one answer."""
+    text = " ".join(_fold("" if text is None else str(text)).split())
     while True:
         stripped = text.lstrip(_OPENERS).rstrip(_CLOSERS + _SENTENCE_END).strip()
         if stripped == text:
@@ -91,7 +102,7 @@ def named_choice(prediction: Any, choices: Sequence[str]) -> str | None:
     exact = match_choice(first, choices)
     if exact is not None:
         return exact
-    text = " ".join(first.casefold().split())
+    text = " ".join(_fold(first).split())
     spans: list[tuple[int, int, str]] = []
     for choice in dict.fromkeys(choices):
         key = normalize(choice)

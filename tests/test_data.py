@@ -144,3 +144,126 @@ def test_empty_input_texts_and_columns_the_recipe_does_not_use_are_data(tmp_path
     assert {r["text"] for r in everything} == {"", *(f"t{i}" for i in range(1, 10))}
     answers = {r["text"]: r["answers"] for r in everything}
     assert answers[""] == ["a", "c"] and answers["t1"] == ["b"] and answers["t2"] == []
+
+
+def _recipe(tmp_path: Path, data: str, header: str, rows: list[str], recipe: str) -> Path:
+    (tmp_path / data).write_text(header + "\n" + "".join(r + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(f"name: t\n{recipe}")
+    return tmp_path / "r.yaml"
+
+
+def test_number_format_shows_input_numbers_and_never_touches_gold_or_words(
+        tmp_path: Path) -> None:
+    """number_format is how input numbers are shown: a gold '4' stays '4' (it was '4.0', and
+    labels 0/1/2 no longer matched choices '0', '1', '2'), and a text float() happens to take
+    ('Nan', 'infinity', '1_000', ' 7') is a word, kept as written."""
+    words = ["Nan", "infinity", "1_000", " 7", "\u0661\u0662"]
+    path = _recipe(tmp_path, "d.csv", "question,weight,answer",
+                   [f"q{i},{words[i] if i < len(words) else i * 1.25},{i % 3}"
+                    for i in range(12)],
+                   "task: {signature: 'question, weight -> answer', choices: ['0', '1', '2']}\n"
+                   "data: {source: d.csv, splits: {train: 6, val: 3, test: 3}}\n"
+                   "prompt: {number_format: '.1f'}\n")
+    splits = load_splits(load_recipe(path))
+    rows = {r["question"]: r for s in (splits.train, splits.val, splits.test) for r in s}
+    assert {r["answer"] for r in rows.values()} == {"0", "1", "2"}
+    assert [rows[f"q{i}"]["weight"] for i in range(len(words))] == words
+    assert rows["q5"]["weight"] == "6.2" and rows["q8"]["weight"] == "10.0"
+    from copa.data import format_value
+
+    assert format_value("-1.5e-05", ".1e") == "-1.5e-05" and format_value("4", ".1f") == "4.0"
+    assert format_value(4, ".1f") == "4.0" and format_value(True, ".1f") == "true"
+
+
+def test_a_yes_no_label_is_its_json_text_and_never_silently_another_choice(
+        tmp_path: Path) -> None:
+    """A JSON true is 'true', as JSON and YAML write it: choices 'true' / 'false' match it,
+    choices 'True' / 'False' are refused naming the data's text (no silent mismatch)."""
+    (tmp_path / "d.jsonl").write_text("".join(
+        json.dumps({"text": f"t{i}", "label": i % 2 == 0}) + "\n" for i in range(10)))
+    (tmp_path / "r.yaml").write_text(
+        "name: t\ntask: {signature: 'text -> label', choices: ['true', 'false']}\n"
+        "data: {source: d.jsonl, splits: {train: 6, val: 2, test: 2}}\n")
+    splits = load_splits(load_recipe(tmp_path / "r.yaml"))
+    assert {r["label"] for r in splits.train} == {"true", "false"}
+    with pytest.raises(RecipeError, match="not among the choices: 'false', 'true'"):
+        load_splits(load_recipe(tmp_path / "r.yaml",
+                                overrides={"task.choices": ["True", "False"]}))
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+def test_csv_and_tsv_rows_may_end_in_any_line_ending(tmp_path: Path, ending: str) -> None:
+    """An old Mac export ends rows in a bare \\r (refused as 'new-line character seen in
+    unquoted field'); a quoted cell keeps its own line break whatever the file's endings."""
+    for suffix, sep in (("csv", ","), ("tsv", "\t")):
+        path = tmp_path / f"d.{suffix}"
+        path.write_bytes(ending.join([f"text{sep}label", f"a{sep}pos", f'"b{ending}c"{sep}neg',
+                                      ""]).encode())
+        assert read_table(path) == [{"text": "a", "label": "pos"},
+                                    {"text": f"b{ending}c", "label": "neg"}]
+
+
+_LABELS = "task: {signature: 'text -> label', choices: [pos, neg, neutral]}\n"
+
+
+def _labelled(tmp_path: Path) -> Path:
+    return _recipe(tmp_path, "d.csv", "text,label",
+                   [f"t{i},{['pos', 'neg', 'neutral'][i % 3]}" for i in range(21)],
+                   _LABELS + "data: {source: d.csv, splits: {train: 6, val: 3, test: 3}}\n")
+
+
+def test_filter_labels_names_labels_of_the_data(tmp_path: Path) -> None:
+    """A misspelt label kept nothing of its class, silently, while task.choices still offered
+    it; an empty list was read as no filter."""
+    path = _labelled(tmp_path)
+    with pytest.raises(RecipeError) as caught:
+        load_splits(load_recipe(path, overrides={"data.filter_labels": ["pos", "neg",
+                                                                        "nuetral"]}))
+    assert [str(p) for p in caught.value.problems] == [
+        f"{path}: task.choices: 'neutral' is a choice that data.filter_labels drops (no row "
+        "keeps it as its label, so answering it is always wrong): add it to data.filter_labels "
+        "or remove it from task.choices",
+        f"{path}: data.filter_labels: no row has the label 'nuetral' (did you mean 'neutral'?)"]
+    with pytest.raises(RecipeError, match="data.filter_labels: no row has the label 'x' "
+                                          r"\(labels present: neg, neutral, pos\)"):
+        load_splits(load_recipe(path, overrides={"data.filter_labels": ["pos", "neg",
+                                                                        "neutral", "x"]}))
+    with pytest.raises(RecipeError, match="data.filter_labels: an empty list keeps no row: "
+                                          "write null to keep every label"):
+        load_recipe(path, overrides={"data.filter_labels": []})
+    kept = load_splits(load_recipe(path, overrides={"data.filter_labels": ["pos", "neg"],
+                                                    "task.choices": ["pos", "neg"]}))
+    assert {r["label"] for r in kept.train + kept.val + kept.test} == {"pos", "neg"}
+
+
+def test_split_from_is_gone_and_copas_own_files_with_it_still_load(tmp_path: Path) -> None:
+    """data.split_from was never read (data.test_source decides): a recipe setting it is told
+    so, not sent to 'splits'; recipe.json and exports written while it existed still load, and
+    stage keys still hold it."""
+    from copa.recipe import recipe_from_dict, recipe_key_dict, recipe_read_back, recipe_to_write
+
+    path = _labelled(tmp_path)
+    with pytest.raises(RecipeError, match="data.split_from: no longer a key \\(copa never read "
+                                          "it\\): data.test_source decides"):
+        load_recipe(path, overrides={"data.split_from": "files"})
+    recipe = load_recipe(path)
+    written = recipe_to_write(recipe)
+    written["data"]["split_from"] = "source"  # as recipe.json held it
+    assert recipe_from_dict(recipe_read_back(written)) == recipe.model_copy(
+        update={"source_path": None})
+    (tmp_path / "export.yaml").write_text(path.read_text().replace(
+        "data: {", "data: {split_from: source, "))
+    assert load_recipe(tmp_path / "export.yaml", written=True).data == recipe.data
+    assert recipe_key_dict(recipe, "data")["data"]["split_from"] == "source"
+
+
+def test_a_label_in_another_unicode_form_than_its_choice_is_named_so(tmp_path: Path) -> None:
+    """'not among the choices: 'café'' beside a choice 'café' reads as a bug: say it is the
+    choice in other code points."""
+    path = _recipe(tmp_path, "d.csv", "text,label",
+                   [f"t{i},{['cafe' + chr(0x301), 'tea'][i % 2]}" for i in range(12)],
+                   "task: {signature: 'text -> label', choices: [caf\u00e9, tea]}\n"
+                   "data: {source: d.csv, splits: {train: 6, val: 3, test: 3}}\n")
+    with pytest.raises(RecipeError, match=r"\('cafe\\u0301' is the choice 'caf\\xe9' in another "
+                                          "Unicode form: write one form in both\\)"):
+        load_splits(load_recipe(path))

@@ -76,3 +76,21 @@ def test_choices_the_scorer_cannot_tell_apart_are_refused() -> None:
     TaskSection(signature="text -> label", choices=["C", "C++", "C#"])
     with pytest.raises(ValidationError, match="'Pos' and 'pos' are one label to the scorer"):
         TaskSection(signature="text -> label", choices=["Pos", "neg", "pos"])
+
+
+def test_a_label_in_either_unicode_form_is_one_label() -> None:
+    """'café' as one code point (NFC) or as 'e' and a combining accent (NFD): a model may write
+    either, and the scorer reads them as one; choices that differ only so are refused. An ASCII
+    label is untouched (the published runs' labels all are)."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    choices = [composed, "the"]
+    assert label_accuracy(composed, decomposed, choices) == 1.0
+    assert label_accuracy(composed, f"It is {decomposed.upper()}.", choices) == 1.0
+    assert label_accuracy(composed, "cafe", choices) == 0.0
+    assert exact_match(decomposed, composed) == 1.0
+    assert token_f1(f"le {decomposed}", f"le {composed}") == 1.0
+    with pytest.raises(ValidationError, match=r"'caf\\xe9' and 'cafe\\u0301' are one label "
+                                              "in two Unicode forms"):
+        TaskSection(signature="text -> label", choices=[composed, decomposed, "tea"])
+    with pytest.raises(ValidationError, match="one label to the scorer"):
+        TaskSection(signature="text -> label", choices=["Caf\u00e9", decomposed])

@@ -186,3 +186,29 @@ def test_fsdp_with_torchrun(tmp_path: Path) -> None:
 def test_single_process_uses_the_python_launcher(tmp_path: Path) -> None:
     recipe = load_recipe(REPO / "recipes" / "iris.yaml")
     assert launch_command(recipe, tmp_path / "a.yml")[-2:] == ["--launcher", "python"]
+
+
+def test_render_keeps_gold_as_the_data_writes_it_from_a_cr_only_csv(tmp_path: Path) -> None:
+    """An old Mac CSV (rows end in \\r) with number_format: the weights are shown as '.1f', the
+    gold counts stay '4' (they were '4.0'), and a misspelt filter label stops render with
+    exit 2, one line naming the key."""
+    rows = [f"how many items in box {i},{i * 1.25},{i % 5}" for i in range(20)]
+    (tmp_path / "count.csv").write_bytes("\r".join(["question,weight,answer", *rows, ""])
+                                         .encode())
+    path = tmp_path / "count.yaml"
+    path.write_text("name: count\nmodel: {base: smollm2-135m-instruct}\n"
+                    "task: {signature: 'question, weight -> answer'}\n"
+                    "data: {source: count.csv, splits: {train: 10, val: 5, test: 5}}\n"
+                    "prompt: {number_format: '.1f'}\nevaluate: {max_tokens: 8}\n")
+    result = CliRunner().invoke(cli, ["render", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    written = [json.loads(line) for split in ("train", "val", "test") for line in
+               (tmp_path / "out" / "splits" / f"{split}.jsonl").read_text().splitlines()]
+    assert {r["answer"] for r in written} == {"0", "1", "2", "3", "4"}
+    assert {r["weight"] for r in written if r["question"].endswith(" 3")} == {"3.8"}
+    result = CliRunner().invoke(cli, ["render", str(path), "-o", str(tmp_path / "typo"),
+                                      "--set", 'data.filter_labels=["0", "1", "2", "3", "44"]'])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].endswith(
+        "data.filter_labels: no row has the label '44' (did you mean '4'?)")
+    assert not (tmp_path / "typo").exists()

@@ -99,8 +99,10 @@ def _no_repeated_names(names: list[str], where: str) -> None:
 def _csv_rows(text: str, dialect: str) -> list[dict[str, Any]]:
     """A CSV's rows as {header name: cell}; a repeated header name, or a row with more or fewer
     cells than the header, is a ValueError naming the row and its line. Blank lines are
-    skipped (as csv.DictReader skips them)."""
-    reader = csv.reader(io.StringIO(text), dialect=dialect)
+    skipped (as csv.DictReader skips them). Rows may end in \n, \r\n or \r (an old Mac
+    export): newline='' hands csv every ending as it is, as csv wants (a quoted cell keeps its
+    own line breaks), where StringIO's default splits on \n only."""
+    reader = csv.reader(io.StringIO(text, newline=""), dialect=dialect)
     rows: list[dict[str, Any]] = []
     done = 0  # the line the last row read ended on
     try:

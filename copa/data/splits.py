@@ -6,10 +6,12 @@ Splits are deterministic for a seed, stratified by label for classification, and
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import random
 import re
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -35,28 +37,33 @@ class Splits:
 
 
 def format_value(value: Any, number_format: str | None) -> str:
-    """A data value as the text a prompt holds: numbers (and texts that are numbers) through
-    number_format. A number too large for a float is a ValueError, not 'inf'."""
-    if isinstance(value, bool) or value is None:
-        return "" if value is None else str(value)
+    """A data value as the text a prompt holds: a number, or a text that is a plain decimal
+    number (a CSV cell: '4', '-0.5', '1e-05'), through number_format; any other text as it is
+    ('nan', 'inf', '1_000' and ' 4' are words, not numbers, though float() takes them). A
+    yes/no value is written as JSON and YAML write it ('true'), not as Python does ('True').
+    A number too large for a float is a ValueError, not 'inf'."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, (int, float)) and number_format:
         try:
             return format(value, number_format)
         except OverflowError:  # an int past a float's range
             raise ValueError(_TOO_LARGE.format(number_format)) from None
     if isinstance(value, str):
-        if number_format:
-            try:
-                number = float(value)
-            except ValueError:
-                return value
-            if math.isinf(number) and "inf" not in value.lower():  # '1e400', 400 digits
+        if number_format and _DECIMAL.fullmatch(value):
+            number = float(value)
+            if math.isinf(number):  # '1e400', 400 digits
                 raise ValueError(_TOO_LARGE.format(number_format))
             return format(number, number_format)
         return value
     return str(value)
 
 
+# A number as a CSV writes one: ASCII digits, an optional sign, point and exponent; nothing
+# around it. float() takes more ('nan', 'Infinity', '1_000', ' 4 ', Arabic-Indic digits).
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _TOO_LARGE = "a number too large for number_format '{}' (a float stops at 1.8e308)"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _NOT_ONE_VALUE = (list, tuple, set, frozenset, Mapping, bytes, bytearray)
@@ -186,8 +193,11 @@ def map_columns(recipe: Recipe, rows: list[dict[str, Any]], key: str,
         raise DataError(problems)
     fmt = recipe.prompt.number_format
     outputs = set(recipe.task.output_fields)
-    used = [(name, column, "gold" if name in outputs else "input", fmt)
-            for name, column in columns.items()]
+    inputs = set(recipe.task.input_fields)
+    # number_format is how inputs are shown; what the model writes (a gold output, a CoT
+    # 'reasoning') stays the data's text: '4' is not '4.0' to task.choices or to a scorer.
+    used = [(name, column, "gold" if name in outputs else "input",
+             fmt if name in inputs else None) for name, column in columns.items()]
     if answers is not None:
         used.append(("answers", answers, "answers", None))
     if recipe.data.group_by is not None:
@@ -288,9 +298,44 @@ def _check_labels(recipe: Recipe, rows: list[Row], key: str) -> None:
     unknown = sorted({_label(recipe, r) for r in rows} - set(choices))
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        composed = {unicodedata.normalize("NFC", c): c for c in choices}
+        look_alike = next(((u, composed[n]) for u in unknown
+                           if (n := unicodedata.normalize("NFC", u)) in composed), None)
+        if look_alike:  # the same letters in other code points: say which, or it reads as a bug
+            shown += (f" ({ascii(look_alike[0])} is the choice {ascii(look_alike[1])} in another "
+                      "Unicode form: write one form in both)")
         raise data_problem(recipe, "task.choices",
                        f"{len(unknown)} label value(s) in {key} are not among the choices: "
                        f"{shown}; add them to task.choices or drop rows with data.filter_labels")
+
+
+def _check_filter(recipe: Recipe, rows: list[Row]) -> None:
+    """data.filter_labels names labels of the data (a misspelt one would drop its class
+    silently), and keeps every label task.choices offers (a choice no row has is never a gold
+    label: the model is offered an answer that is always wrong)."""
+    keep = recipe.data.filter_labels or []
+    problems = []
+    dropped = [c for c in recipe.task.choices or [] if c not in keep]
+    if dropped:
+        problems.append(Problem(
+            file=str(recipe.source_path), path="task.choices",
+            message=f"{', '.join(map(repr, dropped))} "
+                    f"{'is a choice' if len(dropped) == 1 else 'are choices'} that "
+                    "data.filter_labels drops (no row keeps it as its label, so answering it "
+                    "is always wrong): add it to data.filter_labels or remove it from "
+                    "task.choices"))
+    present = sorted({_label(recipe, r) for r in rows})
+    for label in dict.fromkeys(keep):
+        if label in present:
+            continue
+        close = difflib.get_close_matches(label, present, n=1, cutoff=0.6)
+        hint = (f"did you mean {close[0]!r}?" if close else
+                f"labels present: {', '.join(present)}" if len(present) <= 20 else
+                f"{len(present)} labels present")
+        problems.append(Problem(file=str(recipe.source_path), path="data.filter_labels",
+                                message=f"no row has the label {label!r} ({hint})"))
+    if problems:
+        raise DataError(problems)
 
 
 def load_splits(recipe: Recipe) -> Splits:
@@ -302,7 +347,8 @@ def load_splits(recipe: Recipe) -> Splits:
         test_rows = map_columns(
             recipe, load_source(recipe, recipe.data.test_source, "data.test_source"),
             "data.test_source", recipe.data.test_source)
-    if recipe.data.filter_labels:
+    if recipe.data.filter_labels is not None:
+        _check_filter(recipe, rows + (test_rows or []))
         allowed = set(recipe.data.filter_labels)
         rows = [r for r in rows if _label(recipe, r) in allowed]
         if test_rows is not None:

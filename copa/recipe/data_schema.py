@@ -95,7 +95,6 @@ class DataSection(Section):
         default_factory=dict, description="signature field -> column name in the data."
     )
     splits: SplitSizes = Field(default_factory=SplitSizes)
-    split_from: Literal["source", "files"] = "source"
     test_source: str | None = Field(
         None, description="Optional separate file for the test split (e.g. a dataset's test.csv)."
     )
@@ -113,6 +112,13 @@ class DataSection(Section):
         None, description="Keep only rows whose output value is one of these."
     )
     max_file_mb: int = 512
+
+    @field_validator("filter_labels")
+    @classmethod
+    def _filter_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list keeps no row: write null to keep every label")
+        return value
 
     @field_validator("loader")
     @classmethod

@@ -109,11 +109,34 @@ _OTHER_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Keys copa once had and never read, since removed: {(section, key): (the value a stage key
+# holds for it, what decides instead)}. Spelling distance would send such a key to a neighbour
+# ('split_from' -> 'splits'); copa's own files from before (recipe.json, an export's
+# recipe.yaml) still hold it, and are read with it dropped (drop_removed_keys).
+_REMOVED: dict[tuple[str, str], tuple[str, str]] = {
+    ("data", "split_from"): (
+        "source", "data.test_source decides: with it, test rows come from that file and train "
+        "/ val from data.source; without it, all three come from data.source"),
+}
+
+
+def drop_removed_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A recipe copa wrote (recipe.json, an export's recipe.yaml) without the keys it has
+    since removed, which it wrote down while they existed."""
+    for section, key in _REMOVED:
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(key, None)
+    return raw
+
+
 def _describe(error: dict[str, Any]) -> str:
     kind = error["type"]
     loc = error["loc"]
     if kind == "extra_forbidden":
         key = str(loc[-1])
+        gone = _REMOVED.get((str(loc[-2]) if len(loc) > 1 else "", key))
+        if gone:
+            return f"no longer a key (copa never read it): {gone[1]}"
         model = _section_model(loc)
         known = [k for k in model.model_fields if k != "source_path"] if model else []
         close = [k for k in _OTHER_NAMES.get(key.lower(), ()) if k in known] or \
@@ -135,8 +158,9 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def load_recipe(path: str | os.PathLike[str], env: dict[str, str] | None = None,
-                overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read, interpolate and validate a recipe file; raise RecipeError listing every problem."""
+                overrides: dict[str, Any] | None = None, written: bool = False) -> Recipe:
+    """Read, interpolate and validate a recipe file; raise RecipeError listing every problem.
+    `written`: a recipe copa wrote (an export's recipe.yaml), read without keys since removed."""
     file = Path(path)
     label = str(path)
     reason = missing_file_reason(file)
@@ -166,6 +190,8 @@ def load_recipe(path: str | os.PathLike[str], env: dict[str, str] | None = None,
         raise RecipeError([Problem(file=label, path=exc.path, message=exc.message)]) from None
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value, label)
+    if written:
+        drop_removed_keys(raw)
     return recipe_from_dict(raw, label, source_path=file.resolve())
 
 
@@ -220,6 +246,9 @@ def recipe_key_dict(recipe: Recipe, *sections: str) -> dict[str, Any]:
     content = recipe_section_dict(recipe, *sections)
     for name in sections:
         _drop_later_defaults(getattr(recipe, name, None), content.get(name))
+    for (section, key), (value, _) in _REMOVED.items():
+        if isinstance(content.get(section), dict):  # every key made while it existed holds it
+            content[section][key] = value
     return content
 
 
@@ -263,6 +292,7 @@ def recipe_to_write(recipe: Recipe) -> dict[str, Any]:
 def recipe_read_back(data: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     """recipe_to_write's data with the server keys from the environment (COPA_SERVER_API_KEY)."""
     env = dict(os.environ) if env is None else env
+    drop_removed_keys(data)
     for holder in _key_holders(data):
         if holder.get("api_key") == SERVER_KEY_PLACEHOLDER:
             holder["api_key"] = env.get(SERVER_KEY_ENV) or "copa"

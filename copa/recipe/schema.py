@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,11 +123,15 @@ class TaskSection(_Section):
             if len(set(value)) != len(value):
                 raise ValueError("choices must be unique")
             same = indistinguishable(value)
+            if same and unicodedata.normalize("NFC", same[0]) == unicodedata.normalize(
+                    "NFC", same[1]):  # they look the same: show the code points
+                raise ValueError(f"{ascii(same[0])} and {ascii(same[1])} are one label in two "
+                                 "Unicode forms (composed and decomposed): keep one")
             if same:
                 raise ValueError(
                     f"{same[0]!r} and {same[1]!r} are one label to the scorer (it ignores case, "
-                    "surrounding quotes, brackets and '*', and trailing .,;:!?), so no answer "
-                    "could tell them apart: rename one")
+                    "Unicode composition, surrounding quotes, brackets and '*', and trailing "
+                    ".,;:!?), so no answer could tell them apart: rename one")
         return value
 
     @property
@@ -141,8 +146,9 @@ class TaskSection(_Section):
 class PromptSection(_Section):
     template: str = Field("prompts/default.jinja", description="Jinja prompt template file.")
     number_format: str | None = Field(
-        None, description="Python format spec applied to float inputs, e.g. '.1f'."
-    )
+        None, description="Python format spec for input values that are numbers (JSON / "
+        "YAML numbers, CSV cells that are plain decimals), e.g. '.1f'; outputs keep the data's "
+        "text.")
 
     @field_validator("number_format")
     @classmethod

@@ -255,7 +255,7 @@ def _open_export(root: Path, arm: str) -> Bundle:
     _read_json(root / info["program"], EXPORT_AGAIN)  # damaged: said before the model loads
     _model_weights(root / info["model"], EXPORT_AGAIN)
     try:
-        recipe = load_recipe(root / info["recipe"])
+        recipe = load_recipe(root / info["recipe"], written=True)
     except RecipeError as exc:
         raise NotFinished(f"{root}: its recipe does not load: {exc}") from None
     report = _report(root / "report.json", EXPORT_AGAIN) if (root / "report.json").is_file() \
