@@ -92,8 +92,37 @@ def test_rows_joining_mid_flight_answer_as_alone(varied: LocalModel) -> None:
         steps += 1
     assert [answers[i] for i in range(len(CASES))] == [c["generation"] for c in CASES]
     batch = stream.decoder.batch
-    assert len(batch.members) > 3  # the rows really joined at different steps
-    assert all(t is None for layer in batch.buffers for t in layer)  # every tensor freed
+    assert batch._next_tensor > 3  # the rows really joined at different steps
+    assert not batch.rows and not batch.members  # every finished row forgotten
+    assert not any(batch.buffers)  # every tensor freed
+
+
+def test_a_finished_request_leaves_nothing_behind(varied: LocalModel) -> None:
+    """A stream lives as long as its engine (a server, a whole study): a request that ended must
+    not keep its prompt's keys and values. Prompts with retrieved demos each have their own
+    cached prefix; when the stream kept every finished row, a 77-intent evaluation grew by
+    gigabytes (its process was killed for memory)."""
+    import gc
+    import weakref
+
+    import torch
+
+    case = next(c for c in CASES if c["sampling"] is None)
+    stream = varied.stream()
+    assert stream is not None
+    with torch.inference_mode():
+        prepared = stream.prepare(case["chat"], 3)
+        kv = varied._prefix_kv(tuple(varied._ids("a prefix only this request has")))
+        prepared[0].prefix = kv  # as if its own demos had been computed for it
+        gone = weakref.ref(kv[0][0])
+        del kv
+        varied.clear_prefix_cache()
+        stream.add([prepared])
+        del prepared
+        while len(stream):
+            stream.step()
+    gc.collect()
+    assert gone() is None
 
 
 def test_short_requests_finish_while_a_long_one_runs(varied: LocalModel) -> None:
@@ -189,7 +218,7 @@ def test_decode_steps_attend_with_plain_products_as_sdpa_does(
     batch._plan([(0, 0, prompt), (1, prompt, prompt)])  # both prompts, as one prefill
     batch.update(torch.randn(1, kv_heads, 2 * prompt, dim, generator=gen),
                  torch.randn(1, kv_heads, 2 * prompt, dim, generator=gen), 0)
-    batch.lengths = [prompt, prompt]
+    batch.lengths = {0: prompt, 1: prompt}
     batch._plan([(0, 0, 1), (1, 1, 1)])  # one decode step of both rows
     batch.update(torch.randn(1, kv_heads, 2, dim, generator=gen),
                  torch.randn(1, kv_heads, 2, dim, generator=gen), 0)

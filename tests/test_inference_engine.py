@@ -212,7 +212,7 @@ def test_a_rows_logits_in_a_pack_are_bitwise_its_logits_alone(tiny: LocalModel) 
     def steps(batch: packed.PackedBatch, drop_first: bool) -> list[list[torch.Tensor]]:
         """Prefill, then two decode steps; with drop_first, row 0 leaves after the first."""
         seen: list[list[torch.Tensor]] = [[] for _ in batch.rows]
-        feed = {k: r.tokens for k, r in enumerate(batch.rows)}
+        feed = {k: r.tokens for k, r in batch.rows.items()}
         for step in range(3):
             logits = batch.forward(tiny.model, feed)
             for k, out in zip(feed, logits):

@@ -73,55 +73,66 @@ class PackedBatch:
     """
 
     def __init__(self, rows: Sequence[Row] = ()) -> None:
-        self.rows: list[Row] = []
-        self.lengths: list[int] = []  # tokens already in each row's buffer
-        self.members: list[list[int]] = []  # shared tensor -> its rows
-        self.slots: list[tuple[int, int]] = []  # row -> (shared tensor, index in it)
-        self.live: list[int] = []  # shared tensor -> its rows still decoding
-        # [layer][shared tensor], each made at its rows' first update, None once all left
-        self.buffers: list[list[KV | None]] = []
+        # Everything is keyed by row or tensor id and dropped when its rows finish: a batch
+        # that lives as long as a server's stream holds only the rows in flight (a finished
+        # row's prefix keys and values, one per retrieved-demos prompt, would otherwise stay).
+        self.rows: dict[int, Row] = {}
+        self.lengths: dict[int, int] = {}  # tokens already in each row's buffer
+        self.members: dict[int, list[int]] = {}  # shared tensor -> its rows
+        self.slots: dict[int, tuple[int, int]] = {}  # row -> (shared tensor, index in it)
+        self.live: dict[int, int] = {}  # shared tensor -> its rows still decoding
+        # [layer][shared tensor], each made at its rows' first update, dropped once all left
+        self.buffers: list[dict[int, KV]] = []
         # This forward's rows, as runs of consecutive rows that can attend in one call:
         # (start in packed input, tokens per row, keys per row after it, tensor, index, rows).
         self.runs: list[tuple[int, int, int, int, int, int]] = []
+        self._next_row = 0
+        self._next_tensor = 0
         self.add(rows)
 
     def add(self, rows: Sequence[Row]) -> list[int]:
-        """Take in more rows (between forwards); returns their indices. Rows added together
+        """Take in more rows (between forwards); returns their ids. Rows added together
         with equal capacity share a tensor; rows added later get tensors of their own."""
-        classes: dict[int, int] = {}  # capacity -> index of the tensor its rows share
+        classes: dict[int, int] = {}  # capacity -> id of the tensor its rows share
         added = []
         for row in rows:
-            i = len(self.rows)
-            self.rows.append(row)
-            self.lengths.append(row.prefix_len)
-            c = classes.setdefault(row.capacity, len(self.members))
-            if c == len(self.members):
-                self.members.append([])
-                self.live.append(0)
-            self.slots.append((c, len(self.members[c])))
+            i = self._next_row
+            self._next_row += 1
+            self.rows[i] = row
+            self.lengths[i] = row.prefix_len
+            c = classes.get(row.capacity)
+            if c is None:
+                c = classes[row.capacity] = self._next_tensor
+                self._next_tensor += 1
+                self.members[c] = []
+                self.live[c] = 0
+            self.slots[i] = (c, len(self.members[c]))
             self.members[c].append(i)
             self.live[c] += 1
             added.append(i)
         return added
 
     def release(self, row: int) -> None:
-        """A row has finished: once every row of its tensor has, the tensor is freed."""
-        c, _ = self.slots[row]
+        """A row has finished: it is forgotten, and once every row of its tensor has
+        finished, the tensor is freed."""
+        c, _ = self.slots.pop(row)
+        del self.rows[row], self.lengths[row]
         self.live[c] -= 1
         if not self.live[c]:
+            del self.live[c], self.members[c]
             for layer in self.buffers:
-                if c < len(layer):
-                    layer[c] = None
+                layer.pop(c, None)
 
     # --- the cache protocol the model's attention layers call ------------------------------
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> KV:
         while len(self.buffers) <= layer_idx:
-            self.buffers.append([])
+            self.buffers.append({})
         layer = self.buffers[layer_idx]
-        while len(layer) < len(self.members):  # tensors of rows added since the last forward
-            members = self.members[len(layer)]
+        for c, members in self.members.items():  # tensors of rows added since the last forward
+            if c in layer:
+                continue
             shape = (len(members), keys.shape[1], self.rows[members[0]].capacity,
                      keys.shape[3])
             k, v = keys.new_empty(shape), values.new_empty(shape)
@@ -131,7 +142,7 @@ class PackedBatch:
                     pk, pv = row.prefix[layer_idx]
                     k[j, :, :row.prefix_len] = pk[0]
                     v[j, :, :row.prefix_len] = pv[0]
-            layer.append((k, v))
+            layer[c] = (k, v)
         for start, n, total, c, j, g in self.runs:
             k, v = layer[c]
             k[j:j + g, :, total - n:total] = _rows_of(keys, start, n, g)
@@ -139,7 +150,7 @@ class PackedBatch:
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max(self.lengths, default=0)
+        return max(self.lengths.values(), default=0)
 
     # --- attention, row by row --------------------------------------------------------------
 
