@@ -80,3 +80,16 @@ def test_the_prompt_stage_shows_the_instruction_it_kept_and_what_the_optimizer_p
     text = markdown({**_report(STRONG), "prompt_optimization": {"combined": summary}})
     assert '  - instruction kept (self): "Label the text."; 0 demos' in text
     assert '  - the optimizer proposed (self): "Decide if the text is kind."' in text
+
+
+def test_a_kept_retrieved_program_says_its_demos_are_chosen_per_input() -> None:
+    """The retrieved-demos program holds no demos of its own: the report must not say '0 demos'
+    under a prompt stage that kept it with 3 demos a prompt."""
+    summary = {"winner": "optimized", "demos": 3, "optimized_demos": 3,
+               "val_scores": {"plain": 0.45, "optimized": 0.49},
+               "retrieved": {"k": 3, "by": "bm25"},
+               "kept": [{"predictor": "self", "instructions": "Label the text.", "demos": []}]}
+    text = markdown({**_report(STRONG), "prompt_optimization": {"combined": summary}})
+    assert ('  - instruction kept (self): "Label the text."; 3 demos chosen per input (bm25)'
+            in text)
+    assert "; 0 demos" not in text

@@ -93,9 +93,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- Prompt stage for {arm}: kept **{info.get('winner')}** "
                      f"({info.get('demos', 0)} demos{offered}); val: {scores or 'not compared'}"
                      + needed)
+        retrieved = info.get("retrieved") if info.get("winner") == "optimized" else None
         for view in info.get("kept") or []:
+            # a retrieved-demos program holds no demos of its own: they are chosen per input
+            demos = (f"{retrieved['k']} demos chosen per input ({retrieved['by']})" if retrieved
+                     else f"{len(view['demos'])} demos")
             lines.append(f"  - instruction kept ({view['predictor']}): "
-                         f"\"{one_line(view['instructions'])}\"; {len(view['demos'])} demos")
+                         f"\"{one_line(view['instructions'])}\"; {demos}")
             for demo in view["demos"]:
                 shown = "; ".join(f"{k}: {one_line(v)}" for k, v in demo.items())
                 lines.append(f"    - demo: {shown}")
