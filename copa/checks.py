@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from copa.data import Splits, load_splits
-from copa.models import check_model
+from copa.model_checks import check_model
 from copa.prompting import PromptError, PromptSpec, build_messages, spec_from_recipe
 from copa.recipe import Problem, Recipe, RecipeError
 from copa.recipe.schema import DEFAULT_STRATEGY

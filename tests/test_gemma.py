@@ -17,11 +17,11 @@ import pytest
 from conftest import write_tiny_recipe
 
 from copa.inference.local import LocalModel
+from copa.model_checks import check_model
 from copa.models import (
     EMBEDDED,
     GEMMA3_ALIAS,
     chat_template_text,
-    check_model,
     fix_chat_tokens,
     gemma3_gguf_path,
     model_type,

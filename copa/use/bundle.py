@@ -109,7 +109,7 @@ def _damaged(path: Path, what: str, fix: str) -> NotFinished:
 def _model_weights(model: Path, fix: str) -> None:
     """A model folder without its weights (or with a truncated weights file) is refused here,
     not by transformers' traceback once the model loads."""
-    from copa.models import weights_problem
+    from copa.model_checks import weights_problem
 
     problem = weights_problem(model)
     if problem:
