@@ -650,6 +650,32 @@ def test_serve_says_a_taken_port_before_loading_the_model(tmp_path: Path) -> Non
     assert output.startswith(f"--host 127.0.0.1 --port {port}: cannot listen there"), output
 
 
+@pytest.mark.parametrize("options, expected", [
+    (["--timeout", "nan"], "copa serve: Invalid value for '--timeout': 'nan' is not a number of "
+                           "seconds"),
+    (["--read-timeout", "NaN"], "copa serve: Invalid value for '--read-timeout': 'NaN' is not "
+                                "a number of seconds"),
+    (["--port", "0"], "copa serve: Invalid value for '--port': 0 is not in the range "
+                      "1<=x<=65535."),
+    (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: not an address of this "
+                                         "machine ("),
+], ids=["timeout-nan", "read-timeout-nan", "port-0", "unknown-host"])
+def test_serve_refuses_options_it_cannot_keep_before_loading_the_model(
+        tmp_path: Path, options: list[str], expected: str) -> None:
+    """Click's FloatRange lets NaN through (every comparison is false): --timeout nan answered
+    every request 408 "within nan s"; --port 0 listened on a port it never said ("on
+    http://127.0.0.1:0"); an unknown host was told to "choose another --port"."""
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    run = _finished_run_without_a_model(tmp_path)
+    result = CliRunner().invoke(cli, ["serve", str(run), *options])
+    output = result.output.strip()
+    assert result.exit_code == 2 and len(output.splitlines()) == 1, output
+    assert output.startswith(expected), output
+
+
 @pytest.mark.parametrize("name, content, expected", [
     ("deep.json", "[" * 100_000 + "]" * 100_000, "deep.json: JSON nested too deeply"),
     ("big.jsonl", '{"sepal_length": ' + "7" * 6000 + "}\n",
