@@ -63,9 +63,13 @@ def ui_command(errors: Callable[[Any], Any]) -> click.Command:
     def ui(store: str | None, port: int) -> None:
         """Start MLflow's UI on 127.0.0.1 (this machine only) on copa's tracking store: every
         run's recipe, training curves, arms with intervals, reports and predictions."""
-        from copa.track import run_ui, ui_command_line
+        from copa.track import run_ui, store_problem, ui_command_line
 
         command, uri = ui_command_line(store, port)
+        problem = store_problem(uri)
+        if problem:  # else MLflow's traceback, or minutes of retries on an sqlite file
+            raise click.BadParameter(problem, param_hint="--store" if store else
+                                     "the store (COPA_TRACK)")
         click.echo(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C stops)", err=True)
         sys.exit(run_ui(command))
 

@@ -27,7 +27,26 @@ class TrackSection(Section):
         if not value.strip():
             raise ValueError("write a tracking URI, e.g. sqlite:///runs/mlflow.db, or "
                              "'track: false' to turn tracking off")
+        problem = uri_problem(value.strip())
+        if problem:
+            raise ValueError(problem)
         return value.strip()
+
+
+# MLflow's stores without '://': Databricks workspaces. A bare path would be MLflow's file store,
+# which this MLflow refuses ("in maintenance mode"), in a traceback from `copa ui`.
+_NO_SCHEME_STORES = ("databricks", "databricks-uc", "uc")
+
+
+def uri_problem(uri: str) -> str | None:
+    """Why `uri` is no tracking URI copa can use (a bare path, an sqlite:/// naming no file),
+    or None: the recipe's track.mlflow, COPA_TRACK and `copa ui --store` are checked alike."""
+    if "://" not in uri and uri not in _NO_SCHEME_STORES:
+        return (f"{uri[:200]!r} is not a tracking URI: write sqlite:///{uri[:200]} (a local "
+                "file) or a tracking server's http(s):// address")
+    if uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].strip("/"):
+        return f"{uri!r} names no file: write e.g. {DEFAULT_STORE}"
+    return None
 
 
 def track_value(value: Any) -> Any:
