@@ -210,6 +210,28 @@ def test_malformed_bodies_are_refused_without_echoing_them(recipe: Any, raw: byt
     assert program.seen == []
 
 
+@pytest.mark.parametrize("raw, content_type, said", [
+    (json.dumps(ROW).encode(), "text/plain", "body: sent as text/plain: send a JSON object with "
+                                             "Content-Type: application/json"),
+    (json.dumps(ROW).encode(), None, "body: sent as no Content-Type: send a JSON object with "
+                                     "Content-Type: application/json"),
+    (b"", "application/json", "body: empty: send a JSON object of the input fields"),
+    (json.dumps([ROW]).encode(), "application/json; charset=utf-8",
+     "body: not a JSON object of the input fields"),
+], ids=["text-plain", "no-content-type", "empty", "array"])
+def test_a_body_refused_as_a_whole_says_why(recipe: Any, raw: bytes, content_type: str | None,
+                                            said: str) -> None:
+    """FastAPI reads a body as JSON only under a JSON content type: a valid JSON object sent as
+    text/plain was refused as "Input should be a valid dictionary", as was an array, and an
+    empty body as "body: Field required"."""
+    program = Program(recipe, guessed_limit(16))
+    headers = {"content-type": content_type} if content_type else {}
+    response = client(program).post("/predict", content=raw, headers=headers)
+    assert response.status_code == 422, response.text[:300]
+    assert response.json()["message"] == f"{said} (the inputs are {', '.join(FIELDS)})"
+    assert program.seen == []
+
+
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_a_number_that_is_not_finite_gets_422_naming_the_field(recipe: Any, value: str) -> None:
     """Python's JSON parser takes NaN and Infinity (not JSON) and reads 1e400 as inf."""
