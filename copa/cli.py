@@ -268,6 +268,7 @@ def init(name: str, output: str | None) -> None:
     """Write a starter recipe NAME.yaml (Iris + the embedded model) that validates as is."""
     import re
 
+    from copa.files import atomic_write_text
     from copa.prompting import templates_dir
 
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name):
@@ -276,9 +277,9 @@ def init(name: str, output: str | None) -> None:
     target = Path(output or f"{name}.yaml")
     if target.exists():
         _user_error(f"{target} exists; choose another name or -o")
-    _check_output(str(target), "-o/--output")
+    _check_output(output or str(target), "-o/--output")  # as typed: "sub/" is no file name
     text = (templates_dir() / "recipe" / "starter.yaml").read_text().replace("{{ name }}", name)
-    target.write_text(text)
+    atomic_write_text(target, text)  # its folder made, as output_problem allowed
     click.echo(f"wrote {target}: edit it, then `copa validate {shlex.quote(str(target))}`")
 
 

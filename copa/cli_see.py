@@ -34,9 +34,13 @@ def compare_command(errors: Callable[[Any], Any]) -> click.Command:
         """The arms of several finished runs side by side, and each run's difference from the
         first run (RUN_A), arm by arm, with a paired-bootstrap 95% interval: did my change
         help? Runs must share their test rows (checked by hash; refused otherwise)."""
-        from copa.files import atomic_write_bytes, atomic_write_text
+        from copa.files import atomic_write_bytes, atomic_write_text, output_problem
         from copa.use import compare as view
 
+        for path, option in ((html_path, "--html"), (png_path, "--png")):
+            problem = output_problem(path) if path else None
+            if problem:
+                raise click.BadParameter(f"{path}: {problem}", param_hint=option)
         try:
             data = view.compare(list(run_dirs), resamples=bootstrap, seed=seed)
         except view.CompareError as exc:
