@@ -70,11 +70,12 @@ def test_a_recipe_turns_tracking_off_or_names_its_store_in_one_line(tmp_path: Pa
     assert len(caught.value.problems) == 1 and caught.value.problems[0].path == "track"
 
 
-def test_a_store_copa_cannot_use_is_said_at_once_in_one_line(tmp_path: Path) -> None:
+def test_a_store_or_experiment_copa_cannot_use_is_said_at_once_in_one_line(tmp_path: Path) -> None:
     """A bare path (MLflow's file store, refused by this MLflow in a traceback), an sqlite URI
     naming a folder (COPA_TRACK=sqlite:/// is the current folder: MLflow retried it for minutes,
     logging every try) or a file that is no database: the recipe refuses it, a run warns once
-    and goes on untracked, `copa ui` exits 2 in one line without starting MLflow."""
+    and goes on untracked, `copa ui` exits 2 in one line without starting MLflow. An
+    experiment name MLflow refuses (past 500 characters) is the recipe's error too."""
     from click.testing import CliRunner
 
     from copa.cli import cli
@@ -108,6 +109,13 @@ def test_a_store_copa_cannot_use_is_said_at_once_in_one_line(tmp_path: Path) -> 
         assert result.exit_code == 2 and len(output.splitlines()) == 1, output
         assert output.startswith("copa ui: Invalid value for --store: "), output
     assert not_a_database.read_text() == "hello\n"
+    for name, length in (("x" * 501, 501), ("  ", 0)):
+        recipe.write_text(base + f"track: {{experiment: '{name}'}}\n")
+        with pytest.raises(RecipeError) as caught:
+            load_recipe(recipe)
+        assert [p.path for p in caught.value.problems] == ["track.experiment"]
+        assert f"an experiment name of 1 to 500 characters (got {length})" in \
+            caught.value.problems[0].message
 
 
 def test_report_data_becomes_params_and_metrics() -> None:

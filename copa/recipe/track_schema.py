@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from copa.recipe.data_schema import Section
 
+MAX_EXPERIMENT_CHARS = 500  # MLflow's limit
 DEFAULT_STORE = "sqlite:///runs/mlflow.db"  # relative to the folder copa runs in (as MLflow)
 
 
@@ -31,6 +32,15 @@ class TrackSection(Section):
         if problem:
             raise ValueError(problem)
         return value.strip()
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, value: str | None) -> str | None:
+        # MLflow refuses a name past 500 characters: the run went on untracked, with a warning
+        if value is not None and not 0 < len(value.strip()) <= MAX_EXPERIMENT_CHARS:
+            raise ValueError(f"an experiment name of 1 to {MAX_EXPERIMENT_CHARS} characters "
+                             f"(got {len(value.strip())})")
+        return value
 
 
 # MLflow's stores without '://': Databricks workspaces. A bare path would be MLflow's file store,
