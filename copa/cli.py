@@ -268,6 +268,7 @@ def init(name: str, output: str | None) -> None:
     """Write a starter recipe NAME.yaml (Iris + the embedded model) that validates as is."""
     import re
 
+    from copa.files import atomic_write_text
     from copa.prompting import templates_dir
 
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name):
@@ -276,9 +277,9 @@ def init(name: str, output: str | None) -> None:
     target = Path(output or f"{name}.yaml")
     if target.exists():
         _user_error(f"{target} exists; choose another name or -o")
-    _check_output(str(target), "-o/--output")
+    _check_output(output or str(target), "-o/--output")  # as typed: "sub/" is no file name
     text = (templates_dir() / "recipe" / "starter.yaml").read_text().replace("{{ name }}", name)
-    target.write_text(text)
+    atomic_write_text(target, text)  # its folder made, as output_problem allowed
     click.echo(f"wrote {target}: edit it, then `copa validate {shlex.quote(str(target))}`")
 
 
@@ -294,6 +295,7 @@ def _limit_tokens(bundle: Any, max_input_tokens: int | None) -> int:
 
 def _check_port(host: str, port: int) -> None:
     """A port taken (or a host this machine does not have) is said before the model loads."""
+    import errno
     import socket
 
     try:
@@ -302,8 +304,25 @@ def _check_port(host: str, port: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(infos[0][4])
     except OSError as exc:
+        # a name that resolves to nothing, or an address of another machine: the host is wrong
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            _user_error(f"--host {host}: not an address of this machine ({exc.strerror or exc}); "
+                        "give one such as 127.0.0.1 (this machine only) or 0.0.0.0 (all)")
         _user_error(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
                     "choose another --port")
+
+
+class _Seconds(click.FloatRange):
+    """A FloatRange that refuses NaN (every comparison with it is false, so click's range lets
+    it through: `--timeout nan` answered every request 408 at once)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return number
 
 
 max_input_tokens_opt = click.option(
@@ -380,17 +399,18 @@ def predict(run_dir: str, input_path: str, output: str | None, arm: str,
 @use_dir_arg
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback: only this machine).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="Port to listen on (1-65535).")
 @arm_opt
 @click.option("--api-key", envvar="COPA_API_KEY", metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on /predict (or set COPA_API_KEY).")
 @max_input_tokens_opt
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1, max=3600), default=60.0,
+@click.option("--timeout", "timeout_s", type=_Seconds(min=0.1, max=3600), default=60.0,
               show_default=True, help="One request's time limit in seconds (504 past it).")
 @click.option("--max-body-bytes", type=click.IntRange(min=256), metavar="N",
               help="Largest request body read (413 over it; default: every field at its token "
                    "limit).")
-@click.option("--read-timeout", "read_timeout_s", type=click.FloatRange(min=0.1, max=3600),
+@click.option("--read-timeout", "read_timeout_s", type=_Seconds(min=0.1, max=3600),
               default=10.0, show_default=True,
               help="Seconds a client has to send a request head (then its connection is closed) "
                    "and again to send the body (408 past it): idle connections hold no place.")

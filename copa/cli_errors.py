@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -119,6 +118,6 @@ def check_output(path: str | None, option: str, folder: bool = False) -> None:
     from copa.files import output_problem
     from copa.use.predict import InputError
 
-    problem = output_problem(Path(path), folder) if path else None
+    problem = output_problem(path, folder) if path else None
     if problem:
         raise InputError(f"{path}: {problem} ({option})")

@@ -34,9 +34,13 @@ def compare_command(errors: Callable[[Any], Any]) -> click.Command:
         """The arms of several finished runs side by side, and each run's difference from the
         first run (RUN_A), arm by arm, with a paired-bootstrap 95% interval: did my change
         help? Runs must share their test rows (checked by hash; refused otherwise)."""
-        from copa.files import atomic_write_bytes, atomic_write_text
+        from copa.files import atomic_write_bytes, atomic_write_text, output_problem
         from copa.use import compare as view
 
+        for path, option in ((html_path, "--html"), (png_path, "--png")):
+            problem = output_problem(path) if path else None
+            if problem:
+                raise click.BadParameter(f"{path}: {problem}", param_hint=option)
         try:
             data = view.compare(list(run_dirs), resamples=bootstrap, seed=seed)
         except view.CompareError as exc:
@@ -63,9 +67,13 @@ def ui_command(errors: Callable[[Any], Any]) -> click.Command:
     def ui(store: str | None, port: int) -> None:
         """Start MLflow's UI on 127.0.0.1 (this machine only) on copa's tracking store: every
         run's recipe, training curves, arms with intervals, reports and predictions."""
-        from copa.track import run_ui, ui_command_line
+        from copa.track import run_ui, store_problem, ui_command_line
 
         command, uri = ui_command_line(store, port)
+        problem = store_problem(uri)
+        if problem:  # else MLflow's traceback, or minutes of retries on an sqlite file
+            raise click.BadParameter(problem, param_hint="--store" if store else
+                                     "the store (COPA_TRACK)")
         click.echo(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C stops)", err=True)
         sys.exit(run_ui(command))
 

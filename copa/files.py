@@ -32,10 +32,13 @@ def missing_file_reason(path: Path) -> str | None:
     return f"not a regular file ({kind})"
 
 
-def output_problem(path: Path, folder: bool = False) -> str | None:
+def output_problem(path: str | Path, folder: bool = False) -> str | None:
     """Why `path` cannot be written (as a file, or with folder=True as a folder copa creates or
     fills), or None: checked before any work, so an hour of work is never lost to a typo.
-    The nearest existing folder above it must be a writable folder."""
+    The nearest existing folder above it must be a writable folder. A file named as a folder
+    ("out/", as typed: Path drops the slash) is refused, not written as the file "out"."""
+    if not folder and str(path).endswith(("/", os.sep)):
+        return "ends in a slash, as a folder does; give a file name"
     path = Path(os.path.expanduser(str(path)))
     if path.exists():
         if folder and not path.is_dir():

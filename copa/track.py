@@ -64,6 +64,31 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+def store_problem(uri: str) -> str | None:
+    """Why copa cannot use the store `uri`, said at once, or None: not a tracking URI, or an
+    sqlite file that cannot be opened (a folder, a place no file can be made, a file that is no
+    SQLite database), which MLflow retries for minutes, logging each try."""
+    from copa.recipe.track_schema import uri_problem
+
+    problem = uri_problem(uri)
+    path = sqlite_path(uri)
+    if problem or path is None:
+        return problem
+    from copa.files import output_problem
+
+    problem = output_problem(path)
+    if problem is None and path.exists():
+        import contextlib
+        import sqlite3
+
+        try:
+            with contextlib.closing(sqlite3.connect(str(path), timeout=5)) as db:
+                db.execute("PRAGMA schema_version")
+        except sqlite3.Error as exc:
+            problem = f"not an SQLite database ({exc})"
+    return f"{path}: {problem}" if problem else None
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     """Nested recipe data as MLflow params: dotted keys, values as text."""
     if isinstance(data, dict):
@@ -157,6 +182,9 @@ class Tracker:
     # ---- opening ------------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        problem = store_problem(self.uri)
+        if problem:  # said at once: MLflow retries an sqlite file it cannot open for minutes
+            raise ValueError(problem)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a dead server: seconds
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         if self.uri.startswith(("http://", "https://")):

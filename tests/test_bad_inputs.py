@@ -716,12 +716,22 @@ def _one_line_exit_2(result: Any) -> str:
     (["report", "{tmp}"], "report.md does not exist: run `copa run` or `copa evaluate`"),
     (["study", "--report", "{tmp}"], "not a study folder"),
     (["nosuch"], "copa: No such command 'nosuch'."),
+    # a file named as a folder was written as the file: "-o out/" made a file "out"
+    (["init", "x", "-o", "{tmp}/sub/"], "{tmp}/sub/: ends in a slash, as a folder does; give a "
+                                        "file name (-o/--output)"),
+    (["predict", "{tmp}/no-run", "-i", "{tmp}/no-rows.csv", "-o", "{tmp}/out/"],
+     "{tmp}/out/: ends in a slash"),
+    (["compare", "{tmp}/a", "{tmp}/b", "--html", "{tmp}/page/"],
+     "copa compare: Invalid value for --html: {tmp}/page/: ends in a slash"),
+    (["compare", "{tmp}/a", "{tmp}/b", "--png", "{file}/x.png"],
+     "copa compare: Invalid value for --png: {file}/x.png: {file} is not a folder"),
 ], ids=["set-yaml", "set-duplicate", "set-huge-int", "set-bad-seed", "predict-output",
         "render-output", "render-run-dir", "render-both", "run-dir", "train-run-dir",
         "export-output", "init-output", "init-name",
         "study-out",
         "missing-option", "bad-option-value", "missing-dir", "report-missing", "not-a-study",
-        "unknown-command"])
+        "unknown-command", "init-slash", "predict-slash", "compare-html-slash",
+        "compare-png-in-a-file"])
 def test_command_line_user_errors_are_one_line_with_exit_2(tmp_path: Path, args: list[str],
                                                            expected: str) -> None:
     recipe = _write_case(tmp_path, {})
@@ -729,8 +739,19 @@ def test_command_line_user_errors_are_one_line_with_exit_2(tmp_path: Path, args:
     file.write_text("not a folder\n")
     (tmp_path / "s.yaml").write_text("recipe: recipe.yaml\n")
     fill = {"recipe": str(recipe), "tmp": str(tmp_path), "file": str(file)}
+    before = sorted(p.name for p in tmp_path.iterdir())
     result = CliRunner().invoke(cli, [a.format(**fill) for a in args])
     assert expected.format(**fill) in _one_line_exit_2(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_init_makes_the_folder_its_output_is_in(tmp_path: Path) -> None:
+    """-o in a folder that does not exist yet: the check before any work allows it (its
+    nearest existing folder is writable), and init wrote with no folder made (ENOENT)."""
+    target = tmp_path / "new" / "deeper" / "task.yaml"
+    result = CliRunner().invoke(cli, ["init", "task", "-o", str(target)])
+    assert result.exit_code == 0, result.output
+    assert "name: task" in target.read_text()
 
 
 def test_a_failed_render_leaves_none_of_its_files(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -104,6 +104,16 @@ def test_strategy_is_normalized_and_checked(tmp_path: Path, tiny_model_dir: Path
     assert [p.path for p in strategy_problems(plain, "r.yaml")] == ["finetune.demos"]
 
 
+@pytest.mark.parametrize("max_tokens", [0, -5, 2.5, True, "16"])
+def test_copa_lm_refuses_a_max_tokens_that_is_no_token_count(tmp_path: Path,
+                                                             max_tokens: object) -> None:
+    """Before any model loads: 0 became the recipe's evaluate.max_tokens without a word, -5
+    failed only at the first call."""
+    with pytest.raises(ValueError, match="^max_tokens must be a whole number >= 1"):
+        copa.lm(str(tmp_path / "no-model"), max_tokens=max_tokens, run_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_copa_lm_runs_on_the_model_its_id_names(tmp_path: Path, tiny_model_dir: Path) -> None:
     from copa.inference import engine as engines
     from copa.inference.router import model_id

@@ -210,6 +210,28 @@ def test_malformed_bodies_are_refused_without_echoing_them(recipe: Any, raw: byt
     assert program.seen == []
 
 
+@pytest.mark.parametrize("raw, content_type, said", [
+    (json.dumps(ROW).encode(), "text/plain", "body: sent as text/plain: send a JSON object with "
+                                             "Content-Type: application/json"),
+    (json.dumps(ROW).encode(), None, "body: sent as no Content-Type: send a JSON object with "
+                                     "Content-Type: application/json"),
+    (b"", "application/json", "body: empty: send a JSON object of the input fields"),
+    (json.dumps([ROW]).encode(), "application/json; charset=utf-8",
+     "body: not a JSON object of the input fields"),
+], ids=["text-plain", "no-content-type", "empty", "array"])
+def test_a_body_refused_as_a_whole_says_why(recipe: Any, raw: bytes, content_type: str | None,
+                                            said: str) -> None:
+    """FastAPI reads a body as JSON only under a JSON content type: a valid JSON object sent as
+    text/plain was refused as "Input should be a valid dictionary", as was an array, and an
+    empty body as "body: Field required"."""
+    program = Program(recipe, guessed_limit(16))
+    headers = {"content-type": content_type} if content_type else {}
+    response = client(program).post("/predict", content=raw, headers=headers)
+    assert response.status_code == 422, response.text[:300]
+    assert response.json()["message"] == f"{said} (the inputs are {', '.join(FIELDS)})"
+    assert program.seen == []
+
+
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_a_number_that_is_not_finite_gets_422_naming_the_field(recipe: Any, value: str) -> None:
     """Python's JSON parser takes NaN and Infinity (not JSON) and reads 1e400 as inf."""
@@ -228,21 +250,10 @@ def test_an_integer_the_number_format_cannot_take_is_refused_naming_the_field(
     """The tiny recipe formats numbers with '.1f', which turns an int into a float: one of 401
     digits cannot be (OverflowError, a 500 from copa serve before). copa serve answers 422, copa
     predict fails that row, both saying which field; the program never sees it."""
-    from contextlib import ExitStack
-
-    from copa.use.load import LoadedProgram
     from copa.use.predict import predict_rows
 
     seen: list[dict[str, Any]] = []
-
-    def program(**values: Any) -> Any:
-        seen.append(values)
-        return SimpleNamespace(species="setosa")
-
-    bundle = SimpleNamespace(recipe=recipe, arm="baseline", model_role="base",
-                             input_fields=FIELDS, output_fields=["species"])
-    loaded = LoadedProgram(bundle, program, None, None, ExitStack(),  # type: ignore[arg-type]
-                           guessed_limit(16))
+    loaded = _loaded(recipe, seen)
     huge = b'{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1' + b"0" * 400 + \
         b', "petal_width": 0.2}'
     app = client(loaded)  # type: ignore[arg-type]
@@ -262,6 +273,57 @@ def test_an_integer_the_number_format_cannot_take_is_refused_naming_the_field(
     assert out[1]["error"].startswith("row 2: petal_length: cannot be formatted"), \
         out[1]["error"]
     assert len(seen) == 2
+
+
+def _loaded(recipe: Any, seen: list[dict[str, Any]]) -> Any:
+    """A LoadedProgram (copa.load's, serve's and predict's) over a stand-in program that
+    records what reached it."""
+    from contextlib import ExitStack
+
+    from copa.use.load import LoadedProgram
+
+    def program(**values: Any) -> Any:
+        seen.append(values)
+        return SimpleNamespace(species="setosa")
+
+    bundle = SimpleNamespace(recipe=recipe, arm="baseline", model_role="base",
+                             input_fields=FIELDS, output_fields=["species"])
+    return LoadedProgram(bundle, program, None, None, ExitStack(),  # type: ignore[arg-type]
+                         guessed_limit(16))
+
+
+def test_an_input_no_data_cell_could_hold_is_refused_and_numpy_numbers_are_numbers(
+        recipe: Any) -> None:
+    """A loaded run takes what data loading takes, formatted as it formats it: a lone surrogate
+    (a JSON "\\ud800" escape) was a 500 from copa serve and a tokenizer TypeError from
+    copa.load; a frozenset or bytearray reached the model as its Python repr; a numpy int (a
+    pandas row) was "5" where number_format '.1f' made the training data's "5.0", and a numpy
+    float32 NaN passed as "nan"."""
+    import numpy as np
+
+    from copa.use.limits import InputRefused
+
+    seen: list[dict[str, Any]] = []
+    loaded = _loaded(recipe, seen)
+    raw = json.dumps({**ROW, "sepal_width": "x"}).encode().replace(b'"x"', b'"a\\ud800"')
+    response = client(loaded).post("/predict", content=raw,
+                                   headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text[:300]
+    assert response.json()["message"] == ("sepal_width: a lone surrogate \\ud800 (half of a "
+                                          "UTF-16 pair) is not text")
+    with pytest.raises(InputRefused, match="^sepal_width: a lone surrogate"):
+        loaded(**{**ROW, "sepal_width": "\ud800"})
+    for value, kind in ((frozenset(), "a frozenset"), (bytearray(b"x"), "bytes"),
+                        ({"a": 1}, "an object")):
+        with pytest.raises(TypeError, match=f"^sepal_width is {kind}: give it one text or"):
+            loaded(**{**ROW, "sepal_width": value})
+    with pytest.raises(InputRefused, match="^sepal_width: not a finite number"):
+        loaded(**{**ROW, "sepal_width": np.float32("nan")})
+    assert seen == []
+    assert loaded(**{**ROW, "sepal_width": np.int64(5), "petal_width": np.float32(0.25)}) \
+        .species == "setosa"
+    assert seen == [{"sepal_length": "5.1", "sepal_width": "5.0", "petal_length": "1.4",
+                     "petal_width": "0.2"}]
 
 
 def test_a_request_past_its_time_limit_gets_504_and_others_still_answer(recipe: Any) -> None:
@@ -608,6 +670,32 @@ def test_serve_says_a_taken_port_before_loading_the_model(tmp_path: Path) -> Non
     output = result.output.strip()
     assert result.exit_code == 2 and len(output.splitlines()) == 1, output
     assert output.startswith(f"--host 127.0.0.1 --port {port}: cannot listen there"), output
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--timeout", "nan"], "copa serve: Invalid value for '--timeout': 'nan' is not a number of "
+                           "seconds"),
+    (["--read-timeout", "NaN"], "copa serve: Invalid value for '--read-timeout': 'NaN' is not "
+                                "a number of seconds"),
+    (["--port", "0"], "copa serve: Invalid value for '--port': 0 is not in the range "
+                      "1<=x<=65535."),
+    (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: not an address of this "
+                                         "machine ("),
+], ids=["timeout-nan", "read-timeout-nan", "port-0", "unknown-host"])
+def test_serve_refuses_options_it_cannot_keep_before_loading_the_model(
+        tmp_path: Path, options: list[str], expected: str) -> None:
+    """Click's FloatRange lets NaN through (every comparison is false): --timeout nan answered
+    every request 408 "within nan s"; --port 0 listened on a port it never said ("on
+    http://127.0.0.1:0"); an unknown host was told to "choose another --port"."""
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    run = _finished_run_without_a_model(tmp_path)
+    result = CliRunner().invoke(cli, ["serve", str(run), *options])
+    output = result.output.strip()
+    assert result.exit_code == 2 and len(output.splitlines()) == 1, output
+    assert output.startswith(expected), output
 
 
 @pytest.mark.parametrize("name, content, expected", [

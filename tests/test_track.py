@@ -70,6 +70,54 @@ def test_a_recipe_turns_tracking_off_or_names_its_store_in_one_line(tmp_path: Pa
     assert len(caught.value.problems) == 1 and caught.value.problems[0].path == "track"
 
 
+def test_a_store_or_experiment_copa_cannot_use_is_said_at_once_in_one_line(tmp_path: Path) -> None:
+    """A bare path (MLflow's file store, refused by this MLflow in a traceback), an sqlite URI
+    naming a folder (COPA_TRACK=sqlite:/// is the current folder: MLflow retried it for minutes,
+    logging every try) or a file that is no database: the recipe refuses it, a run warns once
+    and goes on untracked, `copa ui` exits 2 in one line without starting MLflow. An
+    experiment name MLflow refuses (past 500 characters) is the recipe's error too."""
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+    from copa.recipe import RecipeError, load_recipe
+    from copa.track import Tracker
+
+    recipe = write_tiny_recipe(tmp_path, tmp_path / "model")
+    base = recipe.read_text()
+    for store, said in (("runs/mlflow.db", "'runs/mlflow.db' is not a tracking URI: write "
+                                           "sqlite:///runs/mlflow.db"),
+                        ("sqlite:///", "'sqlite:///' names no file")):
+        recipe.write_text(base + f"track: {{mlflow: '{store}'}}\n")
+        with pytest.raises(RecipeError) as caught:
+            load_recipe(recipe)
+        assert [(p.path, p.message) for p in caught.value.problems] == [
+            ("track.mlflow", caught.value.problems[0].message)]
+        assert said in caught.value.problems[0].message
+    not_a_database = tmp_path / "notes.db"
+    not_a_database.write_text("hello\n")
+    for store, said in ((f"sqlite:///{tmp_path}", f"{tmp_path}: is a folder; give a file name"),
+                        (f"sqlite:///{not_a_database}", f"{not_a_database}: not an SQLite "
+                                                        "database"),
+                        ("runs/mlflow.db", "'runs/mlflow.db' is not a tracking URI")):
+        warnings: list[str] = []
+        tracker = Tracker(store, emit=warnings.append)
+        tracker.open("exp", "run", {}, {})
+        assert not tracker.on and len(warnings) == 1 and said in warnings[0], warnings
+    for store in (f"sqlite:///{not_a_database}", "runs/mlflow.db"):
+        result = CliRunner().invoke(cli, ["ui", "--store", store, "--port", "5999"])
+        output = result.output.strip()
+        assert result.exit_code == 2 and len(output.splitlines()) == 1, output
+        assert output.startswith("copa ui: Invalid value for --store: "), output
+    assert not_a_database.read_text() == "hello\n"
+    for name, length in (("x" * 501, 501), ("  ", 0)):
+        recipe.write_text(base + f"track: {{experiment: '{name}'}}\n")
+        with pytest.raises(RecipeError) as caught:
+            load_recipe(recipe)
+        assert [p.path for p in caught.value.problems] == ["track.experiment"]
+        assert f"an experiment name of 1 to 500 characters (got {length})" in \
+            caught.value.problems[0].message
+
+
 def test_report_data_becomes_params_and_metrics() -> None:
     assert flatten({"finetune": {"max_steps": 3, "axolotl": {}}, "arms": ["a"]}) == {
         "finetune.max_steps": "3", "arms": '["a"]'}

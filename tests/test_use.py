@@ -604,3 +604,22 @@ def test_a_model_folder_without_weights_is_one_line_where_it_loads(tmp_path: Pat
     result = CliRunner().invoke(fails, ["own"])
     assert (result.exit_code, result.output.strip()) == (1, "error: OSError: copa's own (run "
                                                             "with --debug for the traceback)")
+
+
+def test_export_refuses_a_folder_inside_the_arms_model(tmp_path: Path) -> None:
+    """The baseline arm's model is the base model's own folder: an export into it became part
+    of the model, so every later export of that arm copied it (export inside export)."""
+    from types import SimpleNamespace
+
+    from copa.use.export import ExportRefused, check_destination
+
+    model = tmp_path / "base-model"
+    model.mkdir()
+    bundle = SimpleNamespace(root=tmp_path / "run", model_path=str(model), arm="baseline")
+    for inside in (model / "exported", model / "a" / "b"):
+        with pytest.raises(ExportRefused, match="is inside the baseline arm's model folder"):
+            check_destination(inside, bundle)  # type: ignore[arg-type]
+    assert check_destination(tmp_path / "elsewhere", bundle) == tmp_path / "elsewhere"
+    hub = SimpleNamespace(root=tmp_path / "run", model_path="org/name", arm="baseline")
+    assert check_destination(tmp_path / "x", hub) == tmp_path / "x"  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base-model"]

@@ -6,12 +6,14 @@ blank. Numbers are shown as data.number_format says (inputs only).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from copa.data.sources import DataError, data_problem
 from copa.recipe import Problem, Recipe
+from copa.text import lone_surrogate
 
 # A task example: signature field -> text; `answers` (data.answers_column) is a list of texts.
 Row = dict[str, Any]
@@ -27,6 +29,10 @@ def format_value(value: Any, number_format: str | None) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+        # numpy's (a pandas row, a user loader's rows): formatted as the number they are, not
+        # str()'s "5" where number_format '.1f' made the training data's ints "5.0"
+        value = int(value) if isinstance(value, numbers.Integral) else float(value)
     if isinstance(value, (int, float)) and number_format:
         try:
             return format(value, number_format)
@@ -46,7 +52,6 @@ def format_value(value: Any, number_format: str | None) -> str:
 # around it. float() takes more ('nan', 'Infinity', '1_000', ' 4 ', Arabic-Indic digits).
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _TOO_LARGE = "a number too large for number_format '{}' (a float stops at 1.8e308)"
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _NOT_ONE_VALUE = (list, tuple, set, frozenset, Mapping, bytes, bytearray)
 
 
@@ -55,19 +60,27 @@ def _kind(value: Any) -> str:
             "bytes" if isinstance(value, (bytes, bytearray)) else f"a {type(value).__name__}")
 
 
+def not_one_value(value: Any) -> str | None:
+    """What a value is when it cannot be one field's text ("null", "a list", "an object",
+    "bytes", ...), else None: one rule for data cells and the inputs of a loaded run."""
+    if value is None:
+        return "null"
+    return _kind(value) if isinstance(value, _NOT_ONE_VALUE) else None
+
+
 def _text_problem(value: Any, where: str, fmt: str | None) -> tuple[str, str | None]:
     """(the value as text, None) or ("", why it is no text: null, a list, an object, bytes, a
     number past number_format, a lone surrogate)."""
-    if value is None:
-        return "", f"has null {where}"
-    if isinstance(value, _NOT_ONE_VALUE):
-        return "", f"has {_kind(value)} {where}, where one text or number belongs"
+    kind = not_one_value(value)
+    if kind is not None:
+        return "", (f"has null {where}" if value is None else
+                    f"has {kind} {where}, where one text or number belongs")
     try:
         text = format_value(value, fmt)
     except ValueError:
         return "", f"has {_TOO_LARGE.format(fmt)} {where}"
-    if not text.isascii() and (found := _SURROGATE.search(text)):
-        return "", (f"has a lone surrogate \\u{ord(found.group()):04x} {where}: half of a "
+    if (lone := lone_surrogate(text)) is not None:
+        return "", (f"has a lone surrogate \\u{ord(lone):04x} {where}: half of a "
                     "UTF-16 pair, which is not text")
     return text, None
 
@@ -106,13 +119,13 @@ def _row_problems(recipe: Recipe, key: str, source: str,
     label = str(recipe.source_path) if recipe.source_path else "<recipe>"
     where = f"{source}: " if source else ""
     problems = []
-    for why, numbers in bad.items():
+    for why, rows in bad.items():
         more = ""
-        if len(numbers) > 1:
-            shown = ", ".join(map(str, numbers[1:6])) + (", ..." if len(numbers) > 6 else "")
-            more = f" (and {len(numbers) - 1} more: row {shown})"
+        if len(rows) > 1:
+            shown = ", ".join(map(str, rows[1:6])) + (", ..." if len(rows) > 6 else "")
+            more = f" (and {len(rows) - 1} more: row {shown})"
         problems.append(Problem(file=label, path=key,
-                                message=f"{where}row {numbers[0]} {why}{more}"))
+                                message=f"{where}row {rows[0]} {why}{more}"))
     return DataError(problems)
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from copa.files import jsonl_lines, missing_file_reason
 from copa.registry import LOADERS, builtin
+from copa.text import lone_surrogate
 from copa.usercode import import_object
 
 _CALCULATION = re.compile(r"<<[^<>]*>>")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # where json.loads may make one
 
 
@@ -170,14 +170,14 @@ def _lone_surrogate(data: Any) -> tuple[str, str] | None:
     while stack:
         path, value = stack.pop()
         if isinstance(value, str):
-            found = _SURROGATE.search(value)
+            found = lone_surrogate(value)
             if found:
-                return path or "the text", found.group()
+                return path or "the text", found
         elif isinstance(value, dict):
             for key in value:
-                found = _SURROGATE.search(key)
+                found = lone_surrogate(key)
                 if found:
-                    return f"{path} key {ascii(key)}".lstrip(), found.group()
+                    return f"{path} key {ascii(key)}".lstrip(), found
             stack.extend((f"{path}.{key}" if path else key, item)
                          for key, item in reversed(value.items()))
         elif isinstance(value, list):

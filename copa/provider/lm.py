@@ -213,13 +213,17 @@ def provider_lm(model: str, *, recipe: str | os.PathLike[str] | Recipe | None = 
     from copa.recipe import load_recipe
     from copa.runs import run_dir_for
 
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 1):  # 0 fell back to the recipe's silently
+        raise ValueError(f"max_tokens must be a whole number >= 1, or None for the recipe's "
+                         f"evaluate.max_tokens (got {max_tokens!r})")
     if recipe is None:
         loaded = _default_recipe(model)
     elif isinstance(recipe, Recipe):
         loaded = recipe
     else:
         loaded = load_recipe(recipe)
-    max_tokens = max_tokens or loaded.evaluate.max_tokens
+    max_tokens = loaded.evaluate.max_tokens if max_tokens is None else max_tokens
     directory = Path(run_dir) if run_dir else run_dir_for(loaded)
     folder = router_model_of(model) if is_copa_model(model) else resolve_model(model,
                                                                                loaded.base_dir)

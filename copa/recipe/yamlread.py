@@ -9,11 +9,12 @@ graph is small, so its expanded size is counted on the graph (each node once) an
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from copa.text import lone_surrogate
 
 MAX_YAML_BYTES = 1_000_000
 MAX_DEPTH = 40  # a recipe is 3-4 levels deep; Axolotl pass-through maps a few more
@@ -72,9 +73,6 @@ def _check_int(node: ScalarNode, path: str) -> None:
                           f"64-bit range", path)
 
 
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
 def check_graph(root: Node) -> None:
     """Expanded size, expanded depth, recursive aliases and duplicate keys of a composed
     document, visiting each node once (aliases share nodes); raises YAMLProblem."""
@@ -92,9 +90,9 @@ def check_graph(root: Node) -> None:
         size, height = 1, 0
         if isinstance(node, ScalarNode) and node.tag == _INT:
             _check_int(node, path)
-        lone = isinstance(node, ScalarNode) and _SURROGATE.search(node.value)
+        lone = isinstance(node, ScalarNode) and lone_surrogate(node.value)
         if lone:  # "\ud800" in double quotes: no file, tokenizer or UTF-8 text can hold it
-            raise YAMLProblem(f"line {_line(node)}: a lone surrogate (U+{ord(lone.group()):04X}) "
+            raise YAMLProblem(f"line {_line(node)}: a lone surrogate (U+{ord(lone):04X}) "
                               "is not text", path)
         if isinstance(node, SequenceNode):
             for i, child in enumerate(node.value):

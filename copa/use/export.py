@@ -114,6 +114,13 @@ def check_destination(out_dir: str | Path, bundle: Bundle) -> Path:
         raise ExportRefused(f"{out_dir} exists and is not empty: choose a new folder")
     if out == bundle.root or bundle.root in out.parents:
         raise ExportRefused(f"{out_dir} is inside {bundle.root}: export to a folder outside it")
+    model = Path(bundle.model_path).expanduser()
+    model = model.resolve() if model.is_dir() else None  # a hub id: its cache is not the user's
+    if model is not None and (out == model or model in out.parents):
+        # the export would become part of the model it copies: every later export (and the
+        # hash that keys the run's response cache) would carry it
+        raise ExportRefused(f"{out_dir} is inside the {bundle.arm} arm's model folder {model}: "
+                            "export to a folder outside it")
     return out
 
 

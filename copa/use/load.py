@@ -12,10 +12,12 @@ from typing import Any
 import dspy
 
 from copa.data import format_value
+from copa.data.columns import not_one_value
 from copa.dspy.kit import make_adapter
 from copa.dspy.lms import model_lm
 from copa.dspy.program import make_program
 from copa.dspy.retrieved import load_program
+from copa.text import lone_surrogate
 from copa.use.bundle import Bundle, open_bundle
 from copa.use.limits import (
     InputLimit,
@@ -63,9 +65,9 @@ class LoadedProgram:
             said = ([f"missing {', '.join(missing)}"] if missing else []) + \
                    ([f"unknown {', '.join(unknown)}"] if unknown else [])
             raise TypeError(f"{'; '.join(said)}: this task takes {', '.join(self.input_fields)}")
-        for f in self.input_fields:  # format_value makes null "" and a list its Python repr
-            if values[f] is None or isinstance(values[f], (list, tuple, dict, set, bytes)):
-                kind = "null" if values[f] is None else f"a {type(values[f]).__name__}"
+        for f in self.input_fields:  # as a data cell: format_value makes a list its repr
+            kind = not_one_value(values[f])
+            if kind is not None:
                 raise TypeError(f"{f} is {kind}: give it one text or number")
         check_finite(values)
         number_format = self.bundle.recipe.prompt.number_format
@@ -103,10 +105,15 @@ def formatted_input(field: str, value: Any, number_format: str | None) -> str:
     """One input field as data loading formats it (copa.data.format_value); a value that format
     cannot take is an InputRefused naming the field, not an OverflowError from deep inside."""
     try:
-        return format_value(value, number_format)
+        text = format_value(value, number_format)
     except (OverflowError, ValueError) as exc:  # the messages name types, never the value
         raise InputRefused(f"{field}: cannot be formatted as the training data's numbers were "
                            f"(prompt.number_format {number_format!r}): {exc}") from None
+    lone = lone_surrogate(text)
+    if lone is not None:  # a JSON "\\ud800" escape: no tokenizer takes it (a TypeError deep inside)
+        raise InputRefused(f"{field}: a lone surrogate \\u{ord(lone):04x} (half of a UTF-16 "
+                           "pair) is not text")
+    return text
 
 
 def load(path: str | Path, arm: str = "best", emit: Callable[[str], None] = lambda _: None,

@@ -137,7 +137,7 @@ def response_model(fields: list[str]) -> type[BaseModel]:
     return create_model("PredictResponse", **definitions)
 
 
-def _explain(errors: list[dict[str, Any]], fields: list[str]) -> str:
+def _explain(errors: list[dict[str, Any]], fields: list[str], content_type: str = "") -> str:
     """One clause per field at fault, e.g. "petal_width: missing" (FastAPI's own detail is
     kept beside it). A value of the wrong type fails each member of the union: said once."""
     said: dict[str, str] = {}
@@ -145,7 +145,9 @@ def _explain(errors: list[dict[str, Any]], fields: list[str]) -> str:
         loc = [str(p) for p in error.get("loc", ()) if p != "body"]
         where = loc[0] if loc else "body"
         kind = error.get("type", "")
-        if where == "body" or where not in fields and kind != "extra_forbidden":
+        if where == "body":  # pydantic's "a valid dictionary" misleads: JSON sent as text/plain
+            what = _body_problem(kind, content_type)
+        elif where not in fields and kind != "extra_forbidden":
             what = error.get("msg", "invalid")  # not a JSON object, or not JSON at all
         elif kind == "missing":
             what = "missing"
@@ -156,6 +158,17 @@ def _explain(errors: list[dict[str, Any]], fields: list[str]) -> str:
         said.setdefault(one_line(where, 60), what)
     return "; ".join(f"{k}: {v}" for k, v in list(said.items())[:10]) + \
         f" (the inputs are {', '.join(fields)})"
+
+
+def _body_problem(kind: str, content_type: str) -> str:
+    """Why the body as a whole is refused: FastAPI reads JSON only under a JSON content type
+    (else it sees bytes), and says "Field required" of an empty body."""
+    if "json" not in content_type.lower():
+        return (f"sent as {one_line(content_type, 60) or 'no Content-Type'}: send a JSON object "
+                "with Content-Type: application/json")
+    if kind == "missing":
+        return "empty: send a JSON object of the input fields"
+    return "not a JSON object of the input fields"
 
 
 def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
@@ -222,7 +235,8 @@ def make_app(program: Any, api_key: str | None = None, timeout_s: float = DEFAUL
     @app.exception_handler(RequestValidationError)
     async def unprocessable(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = jsonable_encoder(exc.errors())
-        return JSONResponse(status_code=422, content={"message": _explain(errors, inputs),
+        message = _explain(errors, inputs, request.headers.get("content-type", ""))
+        return JSONResponse(status_code=422, content={"message": message,
                                                       "detail": _without_input(errors)})
 
     engine = getattr(getattr(program, "lm", None), "engine", None)
