@@ -67,10 +67,10 @@ def ui_command(errors: Callable[[Any], Any]) -> click.Command:
     def ui(store: str | None, port: int) -> None:
         """Start MLflow's UI on 127.0.0.1 (this machine only) on copa's tracking store: every
         run's recipe, training curves, arms with intervals, reports and predictions."""
-        from copa.track import run_ui, store_problem, ui_command_line
+        from copa.track.store import run_ui, ui_command_line, ui_store_problem
 
         command, uri = ui_command_line(store, port)
-        problem = store_problem(uri)
+        problem = ui_store_problem(uri)
         if problem:  # else MLflow's traceback, or minutes of retries on an sqlite file
             raise click.BadParameter(problem, param_hint="--store" if store else
                                      "the store (COPA_TRACK)")

@@ -24,7 +24,8 @@ import pytest
 from conftest import write_tiny_recipe
 
 from copa import pipeline
-from copa.track import ENV, environ_set, flatten, report_metrics, store_uri
+from copa.track import environ_set, flatten, report_metrics
+from copa.track.store import ENV, store_uri
 
 
 def tracking_on(uri: str) -> AbstractContextManager[None]:
@@ -74,7 +75,8 @@ def test_a_store_or_experiment_copa_cannot_use_is_said_at_once_in_one_line(tmp_p
     """A bare path (MLflow's file store, refused by this MLflow in a traceback), an sqlite URI
     naming a folder (COPA_TRACK=sqlite:/// is the current folder: MLflow retried it for minutes,
     logging every try) or a file that is no database: the recipe refuses it, a run warns once
-    and goes on untracked, `copa ui` exits 2 in one line without starting MLflow. An
+    and goes on untracked, `copa ui` exits 2 in one line without starting MLflow (also for a
+    scheme its UI has no store for, where MLflow printed a traceback, or a tracking server). An
     experiment name MLflow refuses (past 500 characters) is the recipe's error too."""
     from click.testing import CliRunner
 
@@ -103,11 +105,15 @@ def test_a_store_or_experiment_copa_cannot_use_is_said_at_once_in_one_line(tmp_p
         tracker = Tracker(store, emit=warnings.append)
         tracker.open("exp", "run", {}, {})
         assert not tracker.on and len(warnings) == 1 and said in warnings[0], warnings
-    for store in (f"sqlite:///{not_a_database}", "runs/mlflow.db"):
+    for store, said in ((f"sqlite:///{not_a_database}", "not an SQLite database"),
+                        ("runs/mlflow.db", "is not a tracking URI"),
+                        ("ftp://host/runs", "MLflow's UI has no store for 'ftp://'"),
+                        ("https://mlflow.example", "is a tracking server")):
         result = CliRunner().invoke(cli, ["ui", "--store", store, "--port", "5999"])
         output = result.output.strip()
         assert result.exit_code == 2 and len(output.splitlines()) == 1, output
         assert output.startswith("copa ui: Invalid value for --store: "), output
+        assert said in output, output
     assert not_a_database.read_text() == "hello\n"
     for name, length in (("x" * 501, 501), ("  ", 0)):
         recipe.write_text(base + f"track: {{experiment: '{name}'}}\n")
@@ -284,7 +290,7 @@ def test_a_tracking_server_that_does_not_answer_is_one_warning(tmp_path: Path,
 def test_copa_ui_runs_mlflow_ui_on_loopback_on_the_store(tmp_path: Path) -> None:
     """The command line only: a test that starts MLflow's server took 70-230 s on this
     shared machine (four uvicorn imports), too much for the suite; it was run by hand."""
-    from copa.track import ui_command_line
+    from copa.track.store import ui_command_line
 
     command, uri = ui_command_line(f"sqlite:///{tmp_path / 'm.db'}", 5001)
     assert command[1:4] == ["-m", "mlflow", "ui"]
