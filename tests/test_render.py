@@ -158,6 +158,21 @@ def _recipe_with(tmp_path: Path, distributed: str) -> object:
     return load_recipe(path)
 
 
+def test_cpu_training_forks_no_dataloader_worker(tmp_path: Path) -> None:
+    """Axolotl's default is one dataloader worker, forked each epoch from the trainer, which then
+    grows toward a second copy of the trainer's memory (two ~6 GB processes for a 40-row
+    Banking77 training). What Axolotl hands the trainer on CPU has none."""
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+
+    recipe = load_recipe(REPO / "recipes" / "iris.yaml")
+    config = render_config(recipe, "/models/x", tmp_path / "t.jsonl", tmp_path,
+                           Hardware(cuda=False))
+    trainer_config = validate_config(DictDefault(config))
+    assert trainer_config.dataloader_num_workers == 0
+    assert not trainer_config.dataloader_pin_memory
+
+
 def test_cuda_renders_qlora_bf16_and_flash_attention(tmp_path: Path) -> None:
     recipe = load_recipe(REPO / "recipes" / "iris.yaml")
     config = render_config(recipe, "/models/x", tmp_path / "t.jsonl", tmp_path,
