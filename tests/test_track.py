@@ -272,6 +272,27 @@ def test_a_study_cells_synergy_and_interaction_become_metrics() -> None:
         "lr_0.001/interaction/ci_high": 0.2}
 
 
+def test_recipe_keys_mlflow_would_refuse_are_logged_under_names_it_takes(tmp_path: Path) -> None:
+    """A user's optimize.params or finetune.axolotl key becomes a param name: past 250
+    characters, with characters MLflow refuses, or a path ('a//b', 'x/') it refused the whole
+    batch, and the run went on untracked ('store not usable'). Now each is logged, apart."""
+    from copa.track import Tracker
+
+    long_key = "optimize.params." + "k" * 300
+    params = {long_key: "1", "finetune.axolotl.a$b": "2", "finetune.axolotl.a%b": "3",
+              "optimize.params.a//b": "4", "optimize.params.x/": "5", "data.columns.tür": "6",
+              "task.name": "7"}
+    warnings: list[str] = []
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", emit=warnings.append)
+    tracker.open("exp", "run", params, {})
+    assert tracker.on and not warnings, warnings
+    logged = tracker.client.get_run(tracker.run_id).data.params
+    assert sorted(logged.values()) == ["1", "2", "3", "4", "5", "6", "7"]
+    assert logged["task.name"] == "7" and logged["data.columns.tür"] == "6"  # kept as they were
+    assert all(len(name) <= 250 for name in logged)
+    assert any(name.startswith("optimize.params.kkk") for name in logged)
+
+
 @pytest.mark.slow
 def test_a_tracking_server_that_does_not_answer_is_one_warning(tmp_path: Path,
                                                                tiny_model_dir: Path) -> None:

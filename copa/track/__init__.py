@@ -21,8 +21,10 @@ tracking is on (the import and a new sqlite store take seconds: docs/performance
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import posixpath
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -49,11 +51,31 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 
 _BAD = re.compile(r"[^\w./\- :]")
+MAX_NAME = 250  # MLflow's limit for a param or metric key
 
 
-def metric_name(name: str) -> str:
-    """A name MLflow accepts (letters, digits, _ - . / space and :)."""
-    return _BAD.sub("_", name)
+def mlflow_name(name: str, always_tag: bool = False) -> str:
+    """A param or metric key MLflow accepts, from any dotted recipe key or cell name: only
+    letters, digits, _ - . / space and :, no path that normalizes to another ('a//b', 'a/../b',
+    '/a', 'a/'), at most 250 characters (a longer one keeps its start and ends in a hash of the
+    whole; always_tag: a hash even when it fits, to tell apart two names made one)."""
+    safe = _BAD.sub("_", name)
+    if posixpath.normpath(safe) != safe or safe.startswith(("/", "..")) or safe in ("", "."):
+        safe = safe.replace("/", "_") or "_"
+    if len(safe) <= MAX_NAME and not always_tag:
+        return safe
+    tag = "-" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return safe[:MAX_NAME - len(tag)] + tag
+
+
+def mlflow_params(params: Mapping[str, str]) -> dict[str, str]:
+    """Params under names MLflow accepts; two keys made one name keep apart by their hashes
+    (MLflow refuses a batch that names a key twice)."""
+    names: dict[str, list[str]] = {}
+    for key in params:
+        names.setdefault(mlflow_name(key), []).append(key)
+    return {mlflow_name(key, always_tag=len(keys) > 1): params[key]
+            for keys in names.values() for key in keys}
 
 
 def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
@@ -81,7 +103,7 @@ def study_metrics(data: Mapping[str, Any]) -> dict[str, float]:
     """study.json's cells as metrics: <cell>/<arm>, <cell>/<effect> and their intervals."""
     out: dict[str, float] = {}
     for cell in data.get("cells") or []:
-        name = metric_name(cell["cell"])
+        name = mlflow_name(cell["cell"])
         for arm, entry in (cell.get("arms") or {}).items():
             out[f"{name}/{arm}"] = float(entry["mean"])
             out[f"{name}/{arm}/ci_low"], out[f"{name}/{arm}/ci_high"] = map(float,
@@ -173,7 +195,7 @@ class Tracker:
     def _params(self, run_id: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in params.items()]
+        items = [Param(k, v) for k, v in mlflow_params(params).items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(run_id, params=items[i:i + 100])
 
@@ -185,7 +207,7 @@ class Tracker:
             from mlflow.entities import Metric
 
             stamp = int(time.time() * 1000)
-            items = [Metric(metric_name(k), float(v), stamp, step) for k, v in values.items()]
+            items = [Metric(mlflow_name(k), float(v), stamp, step) for k, v in values.items()]
             for i in range(0, len(items), 500):
                 self.client.log_batch(run_id or self.run_id, metrics=items[i:i + 500])
 
