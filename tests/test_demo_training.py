@@ -104,7 +104,10 @@ def test_the_retrieved_program_comes_back_through_load_predict_and_export(
     from copa.dspy.retrieved import RetrievedDemos
     from copa.use.export import export
 
-    _, run, _ = demo_run
+    _, run, messages = demo_run
+    kept = [m for m in messages if m.startswith("  kept instruction")]
+    # the program holds no demos of its own: the log says how many each input gets
+    assert kept and all(m.endswith(", 2 demos chosen per input (bm25)") for m in kept), kept
     saved = json.loads((run.optimize_dir / "program_combined.json").read_text())
     assert saved["copa_retrieved"]["k"] == 2
     assert len(saved["copa_retrieved"]["rows"]) == 12  # the train split, nothing else

@@ -80,3 +80,11 @@ def candidate_table(rows: list[dict[str, Any]]) -> list[str]:
         text = " / ".join(one_line(i, 120) for i in row["instructions"]).replace("|", "\\|")
         lines.append(f"| {row['source']} | {score} | {row['demos']} | {text} |")
     return lines
+
+
+def kept_demos_text(view: dict[str, Any], retrieved: dict[str, Any] | None) -> str:
+    """How many demos a kept program shows its model: its own, or (a retrieved-demos program,
+    which holds none of its own) k chosen per input. For the optimize stage's log and the report."""
+    if retrieved:
+        return f"{retrieved['k']} demos chosen per input ({retrieved['by']})"
+    return f"{len(view['demos'])} demos"

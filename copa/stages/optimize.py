@@ -18,7 +18,7 @@ from typing import Any
 
 import dspy
 
-from copa.dspy.candidates import candidate_table
+from copa.dspy.candidates import candidate_table, kept_demos_text
 from copa.dspy.kit import TaskKit, base_model_path, run_retriever, task_kit
 from copa.dspy.lms import in_process, model_lm, role_lm
 from copa.dspy.search import PromptResult, prompt_optimize, with_demos
@@ -57,11 +57,14 @@ def _optimize_arm(run: Any, kit: TaskKit, arm: str, model_path: str, lm_name: st
                                      log_path=out / f"dspy-{arm}.log", proposer=proposer,
                                      teacher=teacher, log_dir=out / f"optimizer-{arm}")
             lasting = lm if in_process(recipe) else None
-        for view in result.summary()["kept"]:
+        summary = result.summary()
+        # the optimizer's pick's retrieval settings, when the guard kept that pick
+        retrieved = summary.get("retrieved") if result.winner == "optimized" else None
+        for view in summary["kept"]:
             run.emit(f"  kept instruction ({view['predictor']}): "
                      f"{' '.join(view['instructions'].split())[:200]!r}, "
-                     f"{len(view['demos'])} demos")
-        candidates = result.summary()["candidates"]
+                     f"{kept_demos_text(view, retrieved)}")
+        candidates = summary["candidates"]
         if candidates:
             run.emit(f"  the optimizer scored {len(candidates)} candidates on val:")
             for line in candidate_table(candidates):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from copa.backends.valcurve import curve_text
-from copa.dspy.candidates import candidate_table
+from copa.dspy.candidates import candidate_table, kept_demos_text
 from copa.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from copa.pngfigure import png_bytes, pyplot
 from copa.registry import ARMS, SINGLE_ARMS
@@ -95,9 +95,7 @@ def markdown(report: dict[str, Any]) -> str:
                      + needed)
         retrieved = info.get("retrieved") if info.get("winner") == "optimized" else None
         for view in info.get("kept") or []:
-            # a retrieved-demos program holds no demos of its own: they are chosen per input
-            demos = (f"{retrieved['k']} demos chosen per input ({retrieved['by']})" if retrieved
-                     else f"{len(view['demos'])} demos")
+            demos = kept_demos_text(view, retrieved)
             lines.append(f"  - instruction kept ({view['predictor']}): "
                          f"\"{one_line(view['instructions'])}\"; {demos}")
             for demo in view["demos"]:
