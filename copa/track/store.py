@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from copa.recipe.track_schema import DEFAULT_STORE
+
 ENV = "COPA_TRACK"  # a tracking URI, or off
 OFF = ("0", "off", "false", "no", "none")
-DEFAULT_STORE = "sqlite:///runs/mlflow.db"
 
 
 def store_uri(track: Any = True, environ: Mapping[str, str] | None = None) -> str | None:
