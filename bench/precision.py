@@ -79,7 +79,8 @@ def engine_run(name: str, n: int, threads: int, demos: int, model_path: str | No
     from copa.checks import check_recipe
     from copa.dspy.kit import base_model_path, task_kit
     from copa.dspy.program import to_examples
-    from copa.inference.engine import BatchingEngine, LocalModel
+    from copa.inference.engine import BatchingEngine
+    from copa.inference.local import LocalModel
     from copa.recipe import load_recipe
 
     logging.getLogger("dspy").setLevel(logging.ERROR)

@@ -23,8 +23,9 @@ from dspy.lm15 import Message, Request
 # MKL_CBWR itself is set by conftest, before any torch import
 import copa.inference.engine as lm_mod
 from copa.inference import packed
-from copa.inference.engine import BatchingEngine, EngineClosed
-from copa.inference.local import Generation, LocalModel
+from copa.inference.batcher import EngineClosed
+from copa.inference.engine import BatchingEngine
+from copa.inference.local import Generation, LocalModel, matmul_is_batch_invariant
 
 WORDS = "the a cat dog runs blue quickly seven over under house tree red green why how".split()
 
@@ -90,7 +91,7 @@ def test_batch_invariance_is_active(tiny: LocalModel) -> None:
         # The mode the model got is the one this CPU needs: MKL's own GEMM where strict mode
         # makes rows independent (Intel), a row floor, padded or blocked rows where it does not
         # (AMD).
-        if lm_mod.matmul_is_batch_invariant():
+        if matmul_is_batch_invariant():
             assert tiny.gemm == "native"
         else:
             assert tiny.gemm in ("floor4", "floor8", "padded", "blocked")
