@@ -104,13 +104,26 @@ class OneLineErrors(click.Group):
             from copa.text import one_line
 
             ctx = getattr(exc, "ctx", None)
-            where = ctx.command_path if ctx is not None else prog_name
+            where = ctx.command_path if ctx is not None else self.command_named(args, prog_name)
             hint = f" ({where} --help)" if isinstance(exc, click.UsageError) else ""
             click.echo(f"{where}: {one_line(exc.format_message(), 500)}{hint}", err=True)
             sys.exit(EXIT_RECIPE if isinstance(exc, click.UsageError) else exc.exit_code)
         except click.exceptions.Abort:
             click.echo("aborted", err=True)
             sys.exit(EXIT_FAILED)
+
+    def command_named(self, args: Any, prog_name: str) -> str:
+        """The command path the arguments name ("copa validate"), for the errors click raises
+        without a context (an option missing its value)."""
+        words = list(sys.argv[1:] if args is None else args)
+        path, group = [prog_name], self
+        for word in words:
+            command = group.commands.get(word) if isinstance(group, click.Group) else None
+            if command is None:
+                break
+            path.append(word)
+            group = command
+        return " ".join(path)
 
 
 def check_output(path: str | None, option: str, folder: bool = False) -> None:

@@ -716,6 +716,9 @@ def _one_line_exit_2(result: Any) -> str:
     (["report", "{tmp}"], "report.md does not exist: run `copa run` or `copa evaluate`"),
     (["study", "--report", "{tmp}"], "not a study folder"),
     (["nosuch"], "copa: No such command 'nosuch'."),
+    # click raises "requires an argument" with no context: the line still names the command
+    (["validate", "{recipe}", "--set"], "copa validate: Option '--set' requires an argument. "
+                                        "(copa validate --help)"),
     # a file named as a folder was written as the file: "-o out/" made a file "out"
     (["init", "x", "-o", "{tmp}/sub/"], "{tmp}/sub/: ends in a slash, as a folder does; give a "
                                         "file name (-o/--output)"),
@@ -730,7 +733,7 @@ def _one_line_exit_2(result: Any) -> str:
         "export-output", "init-output", "init-name",
         "study-out",
         "missing-option", "bad-option-value", "missing-dir", "report-missing", "not-a-study",
-        "unknown-command", "init-slash", "predict-slash", "compare-html-slash",
+        "unknown-command", "option-without-value", "init-slash", "predict-slash", "compare-html-slash",
         "compare-png-in-a-file"])
 def test_command_line_user_errors_are_one_line_with_exit_2(tmp_path: Path, args: list[str],
                                                            expected: str) -> None:
