@@ -122,7 +122,10 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 def jsonl_lines(text: str) -> list[str]:
     """The lines of a JSONL text, split on "\\n" only (a trailing "\\r" dropped): never on the
     other breaks str.splitlines() knows (U+2028, U+0085, \\x1c ...), which a JSON string may
-    hold raw, as copa's own files (json.dumps with ensure_ascii=False) do."""
+    hold raw, as copa's own files (json.dumps with ensure_ascii=False) do. A text with no "\n"
+    but some "\r" is an old Mac file: split on "\r" (JSON text holds no raw "\r" in a string)."""
+    if "\n" not in text and "\r" in text:
+        return text.split("\r")
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 

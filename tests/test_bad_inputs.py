@@ -733,7 +733,8 @@ def _one_line_exit_2(result: Any) -> str:
         "export-output", "init-output", "init-name",
         "study-out",
         "missing-option", "bad-option-value", "missing-dir", "report-missing", "not-a-study",
-        "unknown-command", "option-without-value", "init-slash", "predict-slash", "compare-html-slash",
+        "unknown-command", "option-without-value", "init-slash", "predict-slash",
+        "compare-html-slash",
         "compare-png-in-a-file"])
 def test_command_line_user_errors_are_one_line_with_exit_2(tmp_path: Path, args: list[str],
                                                            expected: str) -> None:

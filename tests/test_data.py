@@ -91,7 +91,7 @@ def test_env_interpolation_and_relative_paths(tmp_path: Path) -> None:
 def test_jsonl_with_raw_line_separators_inside_strings_reads_back(tmp_path: Path) -> None:
     """U+2028, U+0085 and the like are line breaks to str.splitlines() but may stand raw in a
     JSON string, as in copa's own files (write_jsonl: ensure_ascii=False): one row per "\\n"
-    line, CRLF endings too."""
+    line, CRLF and CR-only endings too."""
     from copa.data import write_jsonl
 
     rows = [{"text": f"a\u2028b\x85c\x1cd\u2029e {i}", "label": "pos"} for i in range(3)]
@@ -102,6 +102,9 @@ def test_jsonl_with_raw_line_separators_inside_strings_reads_back(tmp_path: Path
     crlf = tmp_path / "crlf.jsonl"
     crlf.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
     assert read_table(crlf) == rows
+    old_mac = tmp_path / "cr.jsonl"  # rows end in "\r" only (a raw "\r" is not JSON text)
+    old_mac.write_bytes(path.read_bytes().replace(b"\n", b"\r"))
+    assert read_table(old_mac) == rows
 
 
 def test_run_files_with_raw_line_separators_read_back(tmp_path: Path) -> None:
