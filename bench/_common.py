@@ -47,7 +47,7 @@ def score_on_engine(engine: Any, name: str, kit: Any, program: Any, testset: lis
     mean metric, the per-row results and the wall seconds. The engine is closed afterwards."""
     import dspy
 
-    from copa.dspy.search import score
+    from copa.dspy.scoring import score
 
     lm = dspy.LM(f"local/{name}", engine=engine, cache=False, max_tokens=max_tokens)
     try:

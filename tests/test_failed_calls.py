@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import engine_lm, label_exact, label_examples
 
-from copa.dspy.search import OptimizeError, ScoreError, evaluate_program, prompt_optimize
+from copa.dspy.scoring import ScoreError, evaluate_program
+from copa.dspy.search import OptimizeError, prompt_optimize
 from copa.inference.local import Generation
 from copa.metrics import MetricValueError
 from copa.recipe.schema import Recipe

@@ -36,7 +36,7 @@ def hand_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     from copa.dspy.kit import task_kit
     from copa.dspy.lms import local_lm
     from copa.dspy.program import make_program, to_examples
-    from copa.dspy.search import evaluate_program
+    from copa.dspy.scoring import evaluate_program
     from copa.inference.engine import release_model
     from copa.recipe import load_recipe
 

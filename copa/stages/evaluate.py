@@ -239,7 +239,7 @@ def _score_on_test(run: Any, kit: Any, testset: list[Any], name: str, arm: str, 
     import dspy
 
     from copa.dspy.lms import model_lm
-    from copa.dspy.search import ScoreError, dspy_chatter_to, evaluate_program
+    from copa.dspy.scoring import ScoreError, dspy_chatter_to, evaluate_program
     from copa.files import atomic_write_text
 
     recipe = run.recipe
@@ -333,7 +333,8 @@ def _val_scores(run: Any, kit: Any, arms: list[str],
     from copa.data import read_jsonl
     from copa.dspy.lms import model_lm
     from copa.dspy.program import to_examples
-    from copa.dspy.search import demo_count, dspy_chatter_to, evaluate_program
+    from copa.dspy.scoring import dspy_chatter_to, evaluate_program
+    from copa.dspy.search import demo_count
     from copa.stages.val import val_scores_from_optimize, val_section
 
     recipe = run.recipe

@@ -21,13 +21,8 @@ import dspy
 from copa.dspy.adapter import finetune_rows_adapter
 from copa.dspy.kit import TaskKit, base_model_path
 from copa.dspy.lms import role_lm
-from copa.dspy.search import (
-    build_optimizer,
-    compile_params,
-    demo_count,
-    dspy_chatter_to,
-    program_view,
-)
+from copa.dspy.scoring import dspy_chatter_to
+from copa.dspy.search import build_optimizer, compile_params, demo_count, program_view
 from copa.inference.router import model_of
 from copa.provider.lm import provider_lm
 

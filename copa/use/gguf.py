@@ -153,7 +153,7 @@ def verify(bundle: Any, gguf_file: Path, work: Path,
     from copa.dspy.kit import run_retriever, task_kit
     from copa.dspy.lms import local_lm
     from copa.dspy.program import to_examples
-    from copa.dspy.search import dspy_chatter_to, evaluate_program
+    from copa.dspy.scoring import dspy_chatter_to, evaluate_program
     from copa.inference.engine import release_model
     from copa.models import gguf_to_hf_dir
     from copa.stages.predictions import read_predictions
