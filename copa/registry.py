@@ -55,11 +55,13 @@ class Metric:
     # score(every accepted answer, prediction) -> float, the best match (data.answers_column)
     function: str
     golds: bool = False
+    # scores the answer's first line only: a gold answer of several lines never matches
+    first_line: bool = False
 
 
 METRICS: dict[str, Metric] = {
     "exact_match": Metric("copa.metrics:exact_match"),
-    "label_accuracy": Metric("copa.metrics:label_accuracy"),
+    "label_accuracy": Metric("copa.metrics:label_accuracy", first_line=True),
     "gsm8k_answer": Metric("copa.metrics:gsm8k_answer"),
     "token_f1": Metric("copa.metrics:token_f1"),
     "squad_em": Metric("copa.metrics:squad_em", golds=True),

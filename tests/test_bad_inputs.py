@@ -555,6 +555,26 @@ CASES += [
 ]
 
 
+# Round 4: label text no answer can match. A blank choice, one with spaces around it (never the
+# data's label), one over two lines, or a gold answer over two lines that label_accuracy (the
+# answer's first line) never matches: every such row scored 0 without a word.
+CASES += [
+    ("choice-blank", {"set": {"task.choices": ["pos", "neg", ""]}},
+     "task.choices: '' is blank: no answer can be scored as it"),
+    ("choice-spaced", {"set": {"task.choices": ["pos ", "neg"]}},
+     "task.choices: 'pos ' has spaces around it: write it without them"),
+    ("choice-two-lines", {"set": {"task.choices": ["pos", "neg", "neg\nreally"]}},
+     "task.choices: 'neg\\nreally' spans lines; a choice is one line"),
+    ("label-two-lines", {"set": {"data.source": "d.jsonl", "task.choices": None},
+                         "files": {"d.jsonl": _jsonl({3: {"label": "pos\nreally"}})}},
+     "data.source: d.jsonl: row 3 has a gold 'label' of several lines, which label_accuracy "
+     "never matches (it reads the answer's first line)"),
+    ("label-spaced", {"set": {"data.source": "d.jsonl"},
+                      "files": {"d.jsonl": _jsonl({2: {"label": " pos"}})}},
+     "not among the choices: ' pos' (' pos' is the choice 'pos' with spaces around it: strip "
+     "them in the data)"),
+]
+
 def _write_case(tmp_path: Path, case: dict[str, Any]) -> Path:
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     for name, content in case.get("files", {}).items():

@@ -13,6 +13,7 @@ from typing import Any
 
 from copa.data.sources import DataError, data_problem
 from copa.recipe import Problem, Recipe
+from copa.registry import METRICS
 from copa.text import lone_surrogate
 
 # A task example: signature field -> text; `answers` (data.answers_column) is a list of texts.
@@ -53,6 +54,16 @@ def format_value(value: Any, number_format: str | None) -> str:
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _TOO_LARGE = "a number too large for number_format '{}' (a float stops at 1.8e308)"
 _NOT_ONE_VALUE = (list, tuple, set, frozenset, Mapping, bytes, bytearray)
+_FIRST_LINE = " / ".join(n for n, m in METRICS.items() if m.first_line)
+
+
+def first_line_scored(recipe: Recipe) -> bool:
+    """Whether a metric of the recipe scores the answer's first line only (evaluate.metric, or
+    finetune.eval's own): then every gold answer must be one line."""
+    names = [recipe.evaluate.metric]
+    if recipe.finetune.eval is not None and recipe.finetune.eval.metric:
+        names.append(recipe.finetune.eval.metric)
+    return any(n in METRICS and METRICS[n].first_line for n in names)
 
 
 def _kind(value: Any) -> str:
@@ -88,7 +99,8 @@ def _text_problem(value: Any, where: str, fmt: str | None) -> tuple[str, str | N
 def _cell(row: Mapping[str, Any], column: str, kind: str,
           fmt: str | None) -> tuple[Any, str | None]:
     """One data cell as its field's value, or why it cannot be: kind is 'input' (any text, the
-    empty one too), 'gold' (an output the model is trained and scored on: not blank), 'answers'
+    empty one too), 'gold' (an output the model is trained and scored on: not blank), 'label'
+    (the answer a first-line metric scores: a gold of one line), 'answers'
     (data.answers_column: a list of gold texts, or one) or 'group' (data.group_by)."""
     if column not in row:
         return None, f"lacks '{column}'"
@@ -108,8 +120,12 @@ def _cell(row: Mapping[str, Any], column: str, kind: str,
             answers.append(text)
         return answers, None
     text, problem = _text_problem(value, f"for '{column}'", fmt)
-    if problem is None and kind == "gold" and not text.strip():
+    if problem is None and kind in ("gold", "label") and not text.strip():
         problem = f"has an empty gold '{column}'"
+    if problem is None and kind == "label" and "\n" in text.strip():
+        problem = (f"has a gold '{column}' of several lines, which {_FIRST_LINE} never "
+                   "matches (it reads the answer's first line): make it one line, or score "
+                   "with exact_match")
     return text, problem
 
 
@@ -190,7 +206,9 @@ def map_columns(recipe: Recipe, rows: list[dict[str, Any]], key: str,
     inputs = set(recipe.task.input_fields)
     # number_format is how inputs are shown; what the model writes (a gold output, a CoT
     # 'reasoning') stays the data's text: '4' is not '4.0' to task.choices or to a scorer.
-    used = [(name, column, "gold" if name in outputs else "input",
+    answer = recipe.task.output_fields[-1]
+    gold = "label" if first_line_scored(recipe) else "gold"
+    used = [(name, column, (gold if name == answer else "gold") if name in outputs else "input",
              fmt if name in inputs else None) for name, column in columns.items()]
     if answers is not None:
         used.append(("answers", answers, "answers", None))

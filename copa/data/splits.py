@@ -119,6 +119,10 @@ def _check_labels(recipe: Recipe, rows: list[Row], key: str) -> None:
         if look_alike:  # the same letters in other code points: say which, or it reads as a bug
             shown += (f" ({ascii(look_alike[0])} is the choice {ascii(look_alike[1])} in another "
                       "Unicode form: write one form in both)")
+        spaced = next((u for u in unknown if u.strip() in choices), None)
+        if spaced is not None:  # 'a, pos' in a CSV: the cell is ' pos'
+            shown += (f" ({spaced!r} is the choice {spaced.strip()!r} with spaces around it: "
+                      "strip them in the data)")
         raise data_problem(recipe, "task.choices",
                        f"{len(unknown)} label value(s) in {key} are not among the choices: "
                        f"{shown}; add them to task.choices or drop rows with data.filter_labels")

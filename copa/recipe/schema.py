@@ -122,6 +122,15 @@ class TaskSection(_Section):
                 raise ValueError("needs at least two choices (or leave it out)")
             if len(set(value)) != len(value):
                 raise ValueError("choices must be unique")
+            for choice in value:  # a label the model must write, on one line, as the data has it
+                if not choice.strip():
+                    raise ValueError(f"{choice!r} is blank: no answer can be scored as it")
+                if choice != choice.strip():
+                    raise ValueError(f"{choice!r} has spaces around it: write it without "
+                                     "them, and the data's labels too")
+                if "\n" in choice or "\r" in choice:
+                    raise ValueError(f"{choice!r} spans lines; a choice is one line (the scorer "
+                                     "reads the answer's first line)")
             same = indistinguishable(value)
             if same and unicodedata.normalize("NFC", same[0]) == unicodedata.normalize(
                     "NFC", same[1]):  # they look the same: show the code points
