@@ -270,3 +270,38 @@ def test_a_label_in_another_unicode_form_than_its_choice_is_named_so(tmp_path: P
     with pytest.raises(RecipeError, match=r"\('cafe\\u0301' is the choice 'caf\\xe9' in another "
                                           "Unicode form: write one form in both\\)"):
         load_splits(load_recipe(path))
+
+
+def _read_inputs(split: list[dict]) -> set[str]:
+    import unicodedata
+
+    return {" ".join(unicodedata.normalize("NFC", r["text"]).split()) for r in split}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_repeated_input_is_never_in_two_splits(tmp_path: Path, seed: int) -> None:
+    """data.dedupe: false keeps repeated inputs: each input's copies stay in one split (they
+    were split at random, a test row was a train row). Deduped, an input typed in another
+    Unicode form or with other runs of whitespace ('café' / 'cafe' + U+0301, 'a  b' / 'a b') is
+    the same input: one row kept, not one in train and one in test."""
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(12)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    (tmp_path / "r.yaml").write_text(
+        "name: t\ntask: {signature: 'text -> label', choices: [a, b]}\n"
+        f"data: {{source: d.jsonl, dedupe: false, splits: {{train: 18, val: 6, test: 9, "
+        f"seed: {seed}}}}}\n")
+    splits = load_splits(load_recipe(tmp_path / "r.yaml"))
+    assert [len(s) for s in (splits.train, splits.val, splits.test)] == [18, 6, 9]
+    parts = [_read_inputs(s) for s in (splits.train, splits.val, splits.test)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2]), parts
+    assert all("_group" not in r for s in (splits.train, splits.test) for r in s)
+
+    variants = [("caf\u00e9", "cafe\u0301"), ("a  b", "a b"), ("x\ty", " x y ")]
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(12)]
+    rows += [{"text": v, "label": "ab"[n % 2]} for pair in variants for n, v in enumerate(pair)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = load_splits(load_recipe(tmp_path / "r.yaml", overrides={
+        "data.dedupe": True, "data.splits": {"train": 9, "val": 3, "test": 3, "seed": seed}}))
+    everything = [_read_inputs([r]).pop()
+                  for s in (splits.train, splits.val, splits.test) for r in s]
+    assert len(everything) == len(set(everything)) == 15

@@ -32,7 +32,20 @@ class Splits:
 
 
 def _input_key(recipe: Recipe, row: Row) -> tuple[str, ...]:
-    return tuple(row[f].strip() for f in recipe.task.input_fields)
+    """A row's inputs as a reader sees them: Unicode NFC, each run of whitespace one space.
+    'café' composed or decomposed, 'a  b' and 'a b' are one input: one kept by dedupe, never
+    one in train and the other in test."""
+    return tuple(" ".join(unicodedata.normalize("NFC", row[f]).split())
+                 for f in recipe.task.input_fields)
+
+
+def _copies_together(recipe: Recipe, rows: list[Row]) -> list[Row]:
+    """The rows in their order, each input's copies right after its first (data.dedupe: false
+    keeps them; they must land in one split)."""
+    copies: dict[tuple[str, ...], list[Row]] = defaultdict(list)
+    for row in rows:
+        copies[_input_key(recipe, row)].append(row)
+    return [row for group in copies.values() for row in group]
 
 
 def dedupe(recipe: Recipe, rows: Iterable[Row]) -> list[Row]:
@@ -193,23 +206,30 @@ def load_splits(recipe: Recipe) -> Splits:
     sizes = recipe.data.splits
     rng = random.Random(sizes.seed)
     stratify = recipe.data.stratify and bool(recipe.task.choices) and not grouped
+    # data.dedupe: false keeps repeated inputs, each input's copies in one split (a group of
+    # their own), or a test row would be a train row
+    together = not recipe.data.dedupe and not grouped
+    if together:
+        rows = [{**r, GROUP: _input_key(recipe, r)} for r in rows]
 
     def order(items: list[Row]) -> list[Row]:
         items = list(items)
         if grouped:
             return _group_order(items, rng)
         if stratify:
-            return _stratified_order(recipe, items, rng)
-        rng.shuffle(items)
-        return items
+            items = _stratified_order(recipe, items, rng)
+        else:
+            rng.shuffle(items)
+        return _copies_together(recipe, items) if together else items
 
     pool = order(rows)
     total = len(pool) + (0 if test_rows is None else len(test_rows))
     n_train, n_val = _count(sizes.train, total), _count(sizes.val, total)
     n_test = _count(sizes.test, total)
-    whole = f" in whole groups of data.group_by '{recipe.data.group_by}'" if grouped else ""
+    whole = (f" in whole groups of data.group_by '{recipe.data.group_by}'" if grouped else
+             " with each input's copies in one split (data.dedupe: false)" if together else "")
     if test_rows is None:
-        parts = _cut(pool, [n_train, n_val, n_test], grouped)
+        parts = _cut(pool, [n_train, n_val, n_test], grouped or together)
         if parts is None:
             raise data_problem(recipe, "data.splits",
                            f"asks for {n_train + n_val + n_test} rows (train {n_train} + val "
@@ -217,7 +237,7 @@ def load_splits(recipe: Recipe) -> Splits:
                            "after dedupe/filters")
         train, val, test = parts
     else:
-        parts = _cut(pool, [n_train, n_val], grouped)
+        parts = _cut(pool, [n_train, n_val], grouped or together)
         if parts is None or n_test > len(test_rows):
             raise data_problem(recipe, "data.splits",
                            f"asks for train {n_train} + val {n_val} of {len(pool)} rows{whole} "
