@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,6 +41,8 @@ def output_problem(path: str | Path, folder: bool = False) -> str | None:
     if not folder and str(path).endswith(("/", os.sep)):
         return "ends in a slash, as a folder does; give a file name"
     path = Path(os.path.expanduser(str(path)))
+    if path.is_symlink() and not path.exists():
+        return dangling_link(path)
     if path.exists():
         if folder and not path.is_dir():
             return "exists and is not a folder"
@@ -62,6 +65,19 @@ def output_problem(path: str | Path, folder: bool = False) -> str | None:
     except OSError as exc:
         return f"cannot create it in {parent} ({exc.strerror or exc})"
     return None
+
+
+def dangling_link(path: Path) -> str:
+    """What a symbolic link that leads to no file is: one that loops (to itself, or through
+    others back to itself), or one whose target is gone."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python before 3.13 says a loop so, not as an OSError
+        return "a symbolic link that loops back to itself"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link that loops back to itself"
+    return f"a symbolic link to {os.readlink(path)}, which does not exist"
 
 
 class DamagedFile(ValueError):

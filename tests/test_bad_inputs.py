@@ -748,6 +748,13 @@ def _one_line_exit_2(result: Any) -> str:
      "copa compare: Invalid value for --html: {tmp}/page/: ends in a slash"),
     (["compare", "{tmp}/a", "{tmp}/b", "--png", "{file}/x.png"],
      "copa compare: Invalid value for --png: {file}/x.png: {file} is not a folder"),
+    # a symbolic link that loops: Path.resolve's RuntimeError, exit 1 (before Python 3.13)
+    (["render", "{recipe}", "--run-dir", "{tmp}/loop"],
+     "{tmp}/loop: a symbolic link that loops back to itself (--run-dir)"),
+    (["predict", "{tmp}/loop", "-i", "{recipe}"], "{tmp}/loop: a symbolic link that loops back"),
+    (["export", "{tmp}/loop", "{tmp}/out"], "{tmp}/loop: a symbolic link that loops back"),
+    (["init", "x", "-o", "{tmp}/loop"], "{tmp}/loop: a symbolic link that loops back to itself "
+                                        "(-o/--output)"),
 ], ids=["set-yaml", "set-duplicate", "set-huge-int", "set-bad-seed", "predict-output",
         "render-output", "render-run-dir", "render-both", "run-dir", "train-run-dir",
         "export-output", "init-output", "init-name",
@@ -755,13 +762,14 @@ def _one_line_exit_2(result: Any) -> str:
         "missing-option", "bad-option-value", "missing-dir", "report-missing", "not-a-study",
         "unknown-command", "option-without-value", "init-slash", "predict-slash",
         "compare-html-slash",
-        "compare-png-in-a-file"])
+        "compare-png-in-a-file", "run-dir-loop", "predict-loop", "export-loop", "init-loop"])
 def test_command_line_user_errors_are_one_line_with_exit_2(tmp_path: Path, args: list[str],
                                                            expected: str) -> None:
     recipe = _write_case(tmp_path, {})
     file = tmp_path / "a-file"
     file.write_text("not a folder\n")
     (tmp_path / "s.yaml").write_text("recipe: recipe.yaml\n")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     fill = {"recipe": str(recipe), "tmp": str(tmp_path), "file": str(file)}
     before = sorted(p.name for p in tmp_path.iterdir())
     result = CliRunner().invoke(cli, [a.format(**fill) for a in args])

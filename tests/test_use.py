@@ -623,3 +623,38 @@ def test_export_refuses_a_folder_inside_the_arms_model(tmp_path: Path) -> None:
     hub = SimpleNamespace(root=tmp_path / "run", model_path="org/name", arm="baseline")
     assert check_destination(tmp_path / "x", hub) == tmp_path / "x"  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base-model"]
+
+
+@pytest.mark.parametrize("path, arm, error, message", [
+    (None, "best", TypeError, "path must be a run directory or export folder (a str or Path), "
+                              "not NoneType"),
+    (b"runs/x", "best", TypeError, "not bytes"),
+    ("{run}", None, TypeError, "arm must be a str (best, baseline,"),
+    ("{run}", ["combined"], TypeError, "arm must be a str"),
+    ("{tmp}/loop", "best", "NotFinished", "{tmp}/loop: a symbolic link that loops back to itself"),
+    ("{tmp}/loop/run", "best", "NotFinished", "not a usable path"),
+    ("{tmp}/gone", "best", "NotFinished", "{tmp}/gone: a symbolic link to {tmp}/nowhere, which "
+                                          "does not exist"),
+    ("x" * 5000, "best", "NotFinished", "not a usable path (File name too long)"),
+    ("a\0b", "best", "NotFinished", "not a usable path (embedded null byte)"),
+], ids=["none", "bytes", "arm-none", "arm-list", "loop", "inside-a-loop", "dangling", "long",
+        "nul"])
+def test_load_names_a_path_or_arm_it_cannot_take(tmp_path: Path, path: Any, arm: Any,
+                                                 error: Any, message: str) -> None:
+    """copa.load's arguments as a Python caller may pass them: the wrong type is a TypeError
+    naming the argument (it was pathlib's 'expected str, bytes or os.PathLike object'), a path
+    that loops or cannot be a path is NotFinished naming it (a symlink loop was RuntimeError,
+    'copa predict' exit 1)."""
+    import re
+
+    import copa
+    from copa.use.bundle import NotFinished
+
+    run = _finished_run_with_a_program(tmp_path)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    fill = {"run": str(run), "tmp": str(tmp_path)}
+    path = path.format(**fill) if isinstance(path, str) and "{" in path else path
+    expected = NotFinished if error == "NotFinished" else error
+    with pytest.raises(expected, match=re.escape(message.format(**fill))):
+        copa.load(path, arm=arm)

@@ -7,15 +7,17 @@ before anything slow starts.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from copa.files import DamagedFile, json_keys, read_json_object
+from copa.files import DamagedFile, dangling_link, json_keys, read_json_object
 from copa.prompting import PromptSpec, PromptTemplate, default_instructions
 from copa.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_read_back
 from copa.registry import ARMS, DEMO_ARM, OPTIMIZED_ARMS, RECIPE_ARMS
 from copa.stages.val import best_arm, demo_count, val_scores_from_optimize
+from copa.text import one_line
 
 EXPORT_MANIFEST = "copa-export.json"
 EXPORT_FORMAT = 1
@@ -65,7 +67,20 @@ class Bundle:
 
 def open_bundle(path: str | Path, arm: str = "best") -> Bundle:
     """The arm `arm` ("best" = the best on val) of a run directory or an exported folder."""
-    root = Path(path).expanduser().resolve()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a run directory or export folder (a str or Path), not "
+                        f"{type(path).__name__}")
+    if not isinstance(arm, str):
+        raise TypeError(f"arm must be a str (best, {', '.join(KNOWN_ARMS)}), not "
+                        f"{type(arm).__name__}")
+    try:
+        root = Path(path).expanduser()
+        if root.is_symlink() and not root.exists():
+            raise NotFinished(f"{path}: {dangling_link(root)}")
+        root = root.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a loop above it, a NUL, a long name
+        raise NotFinished(f"{one_line(repr(str(path)), 100)}: not a usable path "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
     if not root.is_dir():
         raise NotFinished(f"{path}: no such directory (give a run directory such as runs/iris, "
                           "or a folder written by `copa export`)")
