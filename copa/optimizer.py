@@ -6,7 +6,7 @@ program worse there than the plain (zero-demo) program. It drives the pipeline, 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import dspy
@@ -32,6 +32,13 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
                  run_dir: str | os.PathLike[str] | None = None, order: str | None = None,
                  emit: Emit = print, wait: bool = False):
         super().__init__()
+        if metric is not None and not callable(metric):
+            raise TypeError(f"metric must be a function metric(example, prediction, trace=None) "
+                            f"-> float, or None for the recipe's evaluate.metric (got "
+                            f"{type(metric).__name__} {metric!r:.60})")
+        if not callable(emit):
+            raise TypeError(f"emit must be a function taking a line of text (got "
+                            f"{type(emit).__name__})")
         self.wait = wait  # another process in the run directory: wait for it (else RunDirBusy)
         self.recipe_path = recipe
         self.metric = metric
@@ -42,8 +49,8 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
         self.model_path: str | None = None
         self.adapter: dspy.Adapter | None = None
 
-    def compile(self, student: dspy.Module, *, trainset: list[dspy.Example],
-                valset: list[dspy.Example] | None = None, **_: Any) -> dspy.Module:
+    def compile(self, student: dspy.Module, *, trainset: Sequence[dspy.Example],
+                valset: Sequence[dspy.Example] | None = None, **_: Any) -> dspy.Module:
         """Fine-tune on `trainset` (rendered through the recipe's template, as `copa train`
         would render the recipe's own train split), then prompt-optimize, choosing on `valset`.
         Without a valset, a seeded fifth of the trainset is held out as val (and not trained
@@ -60,6 +67,9 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
         from copa.runs import open_run
         from copa.stages.optimize import combined_arm, kit_for
 
+        if not isinstance(student, dspy.Module):
+            raise TypeError(f"student must be a dspy.Module, the program to optimize (got "
+                            f"{type(student).__name__})")
         overrides = {"optimize.order": self.order} if self.order else None
         # the run directory stays locked while this writes there (stages, the response cache)
         with open_run(self.recipe_path, run_dir=self.run_dir, emit=self.emit,
@@ -89,22 +99,26 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
             program.set_lm(lm)
         return program
 
-    def _split_rows(self, recipe: Any, trainset: list[dspy.Example],
-                    valset: list[dspy.Example] | None) -> tuple[list[dict], list[dict]]:
-        """Rows (the signature's fields, as strings) of the train and val examples."""
+    def _split_rows(self, recipe: Any, trainset: Sequence[Any],
+                    valset: Sequence[Any] | None) -> tuple[list[dict], list[dict]]:
+        """Rows of the train and val examples, each value checked and written as a data cell is
+        (copa.data.columns: one text or number, number_format on inputs, a gold answer not
+        blank and among task.choices); a bad one is a ValueError naming the set and the example
+        (numbered from 1), not a row trained on as 'None' or a list's repr."""
         import random
 
-        fields = [*recipe.task.input_fields, *recipe.task.output_fields]
-
-        def rows(examples: list[dspy.Example]) -> list[dict]:
-            missing = sorted({f for e in examples for f in fields if f not in e})
-            if missing:
-                raise ValueError(f"examples lack the signature's field(s) {', '.join(missing)}")
-            return [{f: str(e[f]) for f in fields} for e in examples]
-
-        train = rows(list(trainset))
-        if valset:
-            return train, rows(list(valset))
+        train = _rows(recipe, trainset, "trainset")
+        if not train:
+            raise ValueError("trainset is empty: give the examples to fine-tune on")
+        val = _rows(recipe, valset, "valset") if valset is not None else []
+        if val:
+            shared = _shared_inputs(recipe, train, val)
+            if shared:
+                more = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
+                raise ValueError(f"valset example {shared[0] + 1}{more} has the inputs of a "
+                                 "trainset example: val chooses the program, and choosing on "
+                                 "trained rows rewards memorising them")
+            return train, val
         if len(train) < 2:
             raise ValueError("compile needs a valset, or a trainset of at least 2 examples to "
                              "hold some out as val")
@@ -117,3 +131,44 @@ class COPAOptimizer(dspy.teleprompt.Teleprompter):
                   f"the other {len(train) - n_val}")
         return ([r for i, r in enumerate(train) if i not in held],
                 [r for i, r in enumerate(train) if i in held])
+
+
+def _examples(examples: Any, name: str) -> list[Any]:
+    """A list of examples (dspy.Example or mappings), else a TypeError naming the argument."""
+    if isinstance(examples, (str, bytes, Mapping, dspy.Example)) or not isinstance(
+            examples, Iterable):
+        raise TypeError(f"{name} must be a list of dspy.Example (got {type(examples).__name__})")
+    listed = list(examples)
+    for n, example in enumerate(listed):
+        if not isinstance(example, (dspy.Example, Mapping)):
+            raise TypeError(f"{name} example {n + 1} must be a dspy.Example (got "
+                            f"{type(example).__name__})")
+    return listed
+
+
+def _rows(recipe: Any, examples: Any, name: str) -> list[dict]:
+    """The examples as rows of the signature's fields, checked as data.source's rows are."""
+    from copa.data.columns import map_columns
+    from copa.data.splits import check_labels
+    from copa.recipe import RecipeError
+
+    listed = _examples(examples, name)
+    if not listed:
+        return []
+    # the examples are keyed by field name: no column mapping, answers or groups to read
+    plain = recipe.model_copy(update={"data": recipe.data.model_copy(update={
+        "columns": {}, "answers_column": None, "group_by": None})})
+    try:
+        rows = map_columns(plain, [dict(e) for e in listed], name)
+        check_labels(plain, rows, name)
+    except RecipeError as exc:
+        raise ValueError("; ".join(f"{p.path}: {p.message}" for p in exc.problems)) from None
+    return rows
+
+
+def _shared_inputs(recipe: Any, train: list[dict], val: list[dict]) -> list[int]:
+    """The val rows (by index) whose inputs are a train row's."""
+    from copa.data.splits import input_key
+
+    trained = {input_key(recipe, r) for r in train}
+    return [i for i, r in enumerate(val) if input_key(recipe, r) in trained]

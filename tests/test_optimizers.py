@@ -177,3 +177,55 @@ def test_mipro_proposes_distinct_instructions_by_sampling(tmp_path: Path,
     assert len(proposals) >= 3, block  # candidate 0 is the recipe's own instruction
     summary = json.loads((run.optimize_dir / "optimize.json").read_text())
     assert summary["prompt_only"]["candidates"]  # the trials MIPROv2 scored on val
+
+
+def _iris_examples(n: int, **change: object) -> list[dspy.Example]:
+    species = ["setosa", "versicolor", "virginica"]
+    return [dspy.Example(**{"sepal_length": 5.0 + i / 10, "sepal_width": 3.1,
+                            "petal_length": 1.4, "petal_width": 0.2, "species": species[i % 3],
+                            **change}).with_inputs(
+        "sepal_length", "sepal_width", "petal_length", "petal_width") for i in range(n)]
+
+
+@pytest.mark.parametrize("trainset, valset, error, message", [
+    ("setosa", None, TypeError, "trainset must be a list of dspy.Example (got str)"),
+    ({"species": "setosa"}, None, TypeError, "trainset must be a list of dspy.Example (got "
+                                             "dict)"),
+    ([1, 2], None, TypeError, "trainset example 1 must be a dspy.Example (got int)"),
+    ([], _iris_examples(3), ValueError, "trainset is empty"),
+    (_iris_examples(6, species=None), None, ValueError,
+     "trainset: row 1 has null for 'species' (and 5 more"),
+    (_iris_examples(6, sepal_width=[3.1]), None, ValueError,
+     "trainset: row 1 has a list for 'sepal_width', where one text or number belongs"),
+    (_iris_examples(6, species=" "), None, ValueError, "trainset: row 1 has an empty gold"),
+    (_iris_examples(6, species="rose"), None, ValueError,
+     "1 label value(s) in trainset are not among the choices: 'rose'"),
+    (_iris_examples(6), _iris_examples(2), ValueError,
+     "valset example 1 (and 1 more) has the inputs of a trainset example"),
+], ids=["str", "dict", "ints", "empty", "null-label", "list-input", "blank-label",
+        "label-not-a-choice", "val-in-train"])
+def test_copa_optimizer_names_examples_it_cannot_train_on(
+        tmp_path: Path, tiny_model_dir: Path, trainset: object, valset: object, error: type,
+        message: str) -> None:
+    """compile's examples are checked as data.source's rows are, before anything trains:
+    a None or a list reached the training rows as 'None' or the list's repr, a label outside
+    task.choices was trained on; an empty trainset failed deep in rendering."""
+    import re
+
+    from copa import COPAOptimizer
+    from copa.dspy.program import make_program
+
+    recipe = write_tiny_recipe(tmp_path, tiny_model_dir)
+    optimizer = COPAOptimizer(recipe, run_dir=tmp_path / "run", emit=lambda _: None)
+    with pytest.raises(error, match=re.escape(message)):
+        optimizer.compile(make_program(load_recipe(recipe)), trainset=trainset, valset=valset)
+    assert not (tmp_path / "run" / "rendered").exists()  # nothing rendered or trained
+
+
+def test_copa_optimizer_refuses_arguments_of_the_wrong_kind(tmp_path: Path) -> None:
+    from copa import COPAOptimizer
+
+    with pytest.raises(TypeError, match="metric must be a function metric"):
+        COPAOptimizer(tmp_path / "r.yaml", metric="label_accuracy")
+    with pytest.raises(TypeError, match="emit must be a function"):
+        COPAOptimizer(tmp_path / "r.yaml", emit="log.txt")

@@ -31,7 +31,7 @@ class Splits:
         return {"train": self.train, "val": self.val, "test": self.test}
 
 
-def _input_key(recipe: Recipe, row: Row) -> tuple[str, ...]:
+def input_key(recipe: Recipe, row: Row) -> tuple[str, ...]:
     """A row's inputs as a reader sees them: Unicode NFC, each run of whitespace one space.
     'café' composed or decomposed, 'a  b' and 'a b' are one input: one kept by dedupe, never
     one in train and the other in test."""
@@ -44,7 +44,7 @@ def _copies_together(recipe: Recipe, rows: list[Row]) -> list[Row]:
     keeps them; they must land in one split)."""
     copies: dict[tuple[str, ...], list[Row]] = defaultdict(list)
     for row in rows:
-        copies[_input_key(recipe, row)].append(row)
+        copies[input_key(recipe, row)].append(row)
     return [row for group in copies.values() for row in group]
 
 
@@ -52,7 +52,7 @@ def dedupe(recipe: Recipe, rows: Iterable[Row]) -> list[Row]:
     seen: set[tuple[str, ...]] = set()
     kept = []
     for row in rows:
-        key = _input_key(recipe, row)
+        key = input_key(recipe, row)
         if key not in seen:
             seen.add(key)
             kept.append(row)
@@ -119,7 +119,7 @@ def _count(size: int | float, total: int) -> int:
     return int(size) if isinstance(size, int) or float(size) >= 1 else int(round(size * total))
 
 
-def _check_labels(recipe: Recipe, rows: list[Row], key: str) -> None:
+def check_labels(recipe: Recipe, rows: list[Row], key: str) -> None:
     choices = recipe.task.choices
     if not choices:
         return
@@ -187,9 +187,9 @@ def load_splits(recipe: Recipe) -> Splits:
             test_rows = [r for r in test_rows if _label(recipe, r) in allowed]
         if not rows:
             raise data_problem(recipe, "data.filter_labels", "no row has any of these labels")
-    _check_labels(recipe, rows, "data.source")
+    check_labels(recipe, rows, "data.source")
     if test_rows is not None:
-        _check_labels(recipe, test_rows, "data.test_source")
+        check_labels(recipe, test_rows, "data.test_source")
     if recipe.data.dedupe:
         rows = dedupe(recipe, rows)
         if test_rows is not None:
@@ -198,10 +198,10 @@ def load_splits(recipe: Recipe) -> Splits:
     if test_rows is not None:
         # Keep the held-out test split clean: no train/val row may repeat a test input, nor
         # share a group (an article, a paragraph) with one.
-        test_keys = {_input_key(recipe, r) for r in test_rows}
+        test_keys = {input_key(recipe, r) for r in test_rows}
         test_groups = {r[GROUP] for r in test_rows} if grouped else set()
         rows = [r for r in rows
-                if _input_key(recipe, r) not in test_keys and r.get(GROUP) not in test_groups]
+                if input_key(recipe, r) not in test_keys and r.get(GROUP) not in test_groups]
 
     sizes = recipe.data.splits
     rng = random.Random(sizes.seed)
@@ -210,7 +210,7 @@ def load_splits(recipe: Recipe) -> Splits:
     # their own), or a test row would be a train row
     together = not recipe.data.dedupe and not grouped
     if together:
-        rows = [{**r, GROUP: _input_key(recipe, r)} for r in rows]
+        rows = [{**r, GROUP: input_key(recipe, r)} for r in rows]
 
     def order(items: list[Row]) -> list[Row]:
         items = list(items)
