@@ -163,6 +163,9 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
      "data.source: /dev/zero: not a regular file (a character device)"),
     ("data-source-directory", {"set": {"data.source": "."}},
      "data.source: .: not a regular file (a directory)"),
+    # the hint named data.source on a line about data.test_source
+    ("test-source-directory", {"set": {"data.test_source": "."}},
+     "data.test_source: .: not a regular file (a directory); point it at a CSV, JSONL"),
     ("template-device", {"set": {"prompt.template": "/dev/zero"}},
      "prompt.template: /dev/zero: not a regular file (a character device), not a template"),
     ("missing-template", {"set": {"prompt.template": "prompts/none.jinja"}},

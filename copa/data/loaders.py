@@ -41,8 +41,9 @@ def read_table(path: Path, fmt: str = "auto", max_mb: int = 512,
     if reason == "no such file":
         raise FileNotFoundError(f"no such file: {path}")
     if reason:
-        raise ValueError(f"{reason}; " + (f"point {section}.source at a CSV, JSONL, JSON or "
-                                          "Parquet file" if section else "give a data file"))
+        # the line names the key (data.source, data.test_source, retrieve.corpus) before this
+        raise ValueError(f"{reason}; " + ("point it at a CSV, JSONL, JSON or Parquet file"
+                                          if section else "give a data file"))
     size_mb = path.stat().st_size / 1e6
     if size_mb > max_mb:
         raise ValueError(f"file is {size_mb:.0f} MB, over " + (
