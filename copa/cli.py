@@ -203,10 +203,20 @@ def _with_downstream(stages: tuple[str, ...]) -> list[str]:
 @_errors
 def report(run_dir: str) -> None:
     """Print the report table of a finished run directory."""
+    from copa.use.bundle import NotFinished, check_finished
+
     path = Path(run_dir) / "report.md"
     if not path.is_file():
         _user_error(f"{path} does not exist: run `copa run` or `copa evaluate`")
-    click.echo(path.read_text())
+    try:
+        check_finished(Path(run_dir))  # a stage before evaluate ran again: not this run's table
+        text = path.read_text(encoding="utf-8")
+    except NotFinished as exc:
+        _user_error(str(exc))
+    except UnicodeDecodeError as exc:
+        _user_error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}): not a report "
+                    "copa wrote; `copa evaluate RECIPE --force` writes it again")
+    click.echo(text)
 
 
 @cli.command()

@@ -177,26 +177,39 @@ class Stage:
     arguments: Callable[[Run], dict[str, Any]] = _no_arguments  # run first, passed to function
     work: Callable[[Run], Path] | None = None  # cleared of checkpoints when its inputs change
     help: str | None = None  # the help of its own `copa <name>` command (None: no command)
+    reads: tuple[str, ...] = ()  # the earlier stages whose artifacts it reads
 
 
 RECORD: tuple[Stage, ...] = (
     Stage("render", "copa.stages.render:render_stage", _render_inputs,
           arguments=_prompts_first),
     Stage("train", "copa.stages.train:train_stage", _train_inputs, applies=_finetunes,
-          work=lambda run: run.train_dir,
+          work=lambda run: run.train_dir, reads=("render",),
           help="Fine-tune with Axolotl (renders first if needed). LoRA on CPU, QLoRA on CUDA. "
                "A killed run resumes from its last checkpoint."),
     Stage("merge", "copa.stages.merge:merge_stage", _merge_inputs, applies=_finetunes,
+          reads=("train",),
           help="Merge the trained adapter into a standalone model at runs/<name>/merged."),
     Stage("plain_finetune", "copa.stages.plain:plain_finetune_stage", _plain_finetune_inputs,
-          applies=_trains_plain, work=lambda run: run.plain_dir / "train"),
+          applies=_trains_plain, work=lambda run: run.plain_dir / "train", reads=("render",)),
     Stage("optimize", "copa.stages.optimize:optimize_stage", _optimize_inputs,
+          reads=("render", "merge"),
           help="Run the recipe's DSPy optimizer on the base and the merged model."),
     Stage("evaluate", "copa.stages.evaluate:evaluate_stage", _evaluate_inputs,
+          reads=("render", "merge", "plain_finetune", "optimize"),
           help="Evaluate the four arms on the test split and write the report."),
 )
 STAGES = tuple(stage.name for stage in RECORD)  # in order
 _BY_NAME = {stage.name: stage for stage in RECORD}
+
+
+def dependents(stage: str) -> list[str]:
+    """The later stages that read `stage`'s artifacts, directly or through another stage."""
+    found: list[str] = []
+    for later in RECORD[STAGES.index(stage) + 1:]:
+        if any(read == stage or read in found for read in later.reads):
+            found.append(later.name)
+    return found
 
 
 def stage_key(run: Run, stage: str) -> str:
@@ -220,6 +233,17 @@ def _invalidate(run: Run, stage: Stage, forced: bool = False) -> None:
         work = stage.work(run)
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
         shutil.rmtree(work / "prepared", ignore_errors=True)
+
+
+def _mark_stale(run: Run, name: str) -> None:
+    """A stage about to write its artifacts anew: the finished stages that read them are no
+    longer done (status 'stale'), so a run that stops before re-running them (a failure, `copa
+    merge` alone) never shows their old report, program or scores as this run's."""
+    for later in dependents(name):
+        entry = run.manifest.recorded(later)
+        if entry.get("status") == "done":
+            entry.update({"status": "stale", "stale_since": name})
+    run.manifest.save()
 
 
 def _paths(artifacts: Any) -> list[Path]:
@@ -254,10 +278,12 @@ def run_stages(run: Run, stages: Sequence[str] = STAGES, force: Sequence[str] = 
             run.emit(f"[{name}] unchanged, skipped")
             continue
         _invalidate(run, stage, forced=name in force)
+        _mark_stale(run, name)
         run.emit(f"[{name}] running")
         entry = run.manifest.stage(name)
         entry.update({"key": key, "status": "running", "started": now()})
         entry.pop("ended", None)
+        entry.pop("stale_since", None)
         run.manifest.save()
         start = time.time()
         try:

@@ -780,6 +780,14 @@ def test_command_line_user_errors_are_one_line_with_exit_2(tmp_path: Path, args:
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+def test_a_report_that_is_not_text_is_one_line(tmp_path: Path) -> None:
+    """copa report on a report.md that is not UTF-8 (a damaged file): one line naming it,
+    exit 2, not 'error: UnicodeDecodeError'."""
+    (tmp_path / "report.md").write_bytes(b"| arm | score |\n| base \xff\xfe |\n")
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert f"{tmp_path / 'report.md'}: not UTF-8 text" in _one_line_exit_2(result)
+
+
 def test_init_makes_the_folder_its_output_is_in(tmp_path: Path) -> None:
     """-o in a folder that does not exist yet: the check before any work allows it (its
     nearest existing folder is writable), and init wrote with no folder made (ENOENT)."""

@@ -117,6 +117,19 @@ def test_the_stage_record_gives_the_cli_its_commands_and_force_choices() -> None
             assert result.exit_code != 0 and "No such command" in result.output
 
 
+def test_a_stage_that_runs_again_makes_stale_exactly_the_stages_reading_it() -> None:
+    """merge re-run: optimize (the combined arm's model) and evaluate; the demo-free fine-tune
+    (plain_finetune) reads only render's rows, so re-merging never re-trains it."""
+    from copa.pipeline import STAGES, dependents
+
+    assert dependents("render") == list(STAGES[1:])
+    assert dependents("train") == ["merge", "optimize", "evaluate"]
+    assert dependents("merge") == ["optimize", "evaluate"]
+    assert dependents("plain_finetune") == ["evaluate"]
+    assert dependents("optimize") == ["evaluate"]
+    assert dependents("evaluate") == []
+
+
 def test_the_cli_reads_the_tables_without_loading_the_recipe_or_run_modules() -> None:
     """`copa --help` stays fast: the stage record and the tables load nothing of the recipe
     schema (pydantic), the data or the run directory."""

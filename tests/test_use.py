@@ -120,6 +120,37 @@ def test_load_refuses_an_unfinished_run(finished_run: Path, tmp_path: Path) -> N
         copa.load(str(tmp_path))
 
 
+@slow
+def test_a_stage_that_runs_again_leaves_the_stages_after_it_unfinished(finished_run: Path,
+                                                                        tmp_path: Path) -> None:
+    """merge re-run alone (`copa merge --force`): the program and report that were scored on
+    the old merged model are not this run's any more. copa.load, copa report and copa compare
+    say so (evaluate: stale) instead of pairing the new weights with the old numbers."""
+    import copa
+    from copa import pipeline
+    from copa.cli import cli
+    from copa.use.bundle import NotFinished
+
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy, symlinks=True)
+    recipe = json.loads((copy / "manifest.json").read_text())["recipe"]
+    pipeline.run(recipe, run_dir=copy, stages=["merge"], force=["merge"], emit=lambda _: None)
+    stages = json.loads((copy / "manifest.json").read_text())["stages"]
+    assert stages["merge"]["status"] == "done"
+    assert {s: stages[s]["status"] for s in ("optimize", "evaluate")} == {
+        "optimize": "stale", "evaluate": "stale"}
+    said = r"not finished \(evaluate: stale \(merge ran again since\)\)"
+    with pytest.raises(NotFinished, match=said):
+        copa.load(str(copy))
+    for args in (["report", str(copy)], ["compare", str(finished_run), str(copy)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert "evaluate: stale (merge ran again since)" in result.output
+    result = CliRunner().invoke(cli, ["report", str(finished_run)])
+    assert result.exit_code == 0 and "baseline" in result.output  # a finished run: its table
+
+
 def run_cli(*args: str) -> Any:
     from copa.cli import cli
 

@@ -153,8 +153,14 @@ def _run_recipe(root: Path, manifest: dict[str, Any]) -> tuple[Recipe, str]:
 
 
 def _stage_status(manifest: dict[str, Any], stage: str) -> str:
+    """'done', 'running', 'failed', 'not run', or 'stale (train ran again since)'."""
     info = manifest.get("stages", {}).get(stage, {})
-    return str(info.get("status", "not run")) if isinstance(info, dict) else "not run"
+    if not isinstance(info, dict):
+        return "not run"
+    status = str(info.get("status", "not run"))
+    if status == "stale" and info.get("stale_since"):
+        status += f" ({info['stale_since']} ran again since)"
+    return status
 
 
 def _run_val(root: Path, report: dict[str, Any], arms: list[str]) -> dict[str, Any]:
@@ -201,15 +207,31 @@ def _report(path: Path, fix: str) -> dict[str, Any]:
     return report
 
 
-def _open_run(root: Path, arm: str) -> Bundle:
-    manifest = _read_json(root / "manifest.json", "the run directory is damaged: run its recipe "
-                          "again into a new run directory (`copa run RECIPE --run-dir NEW`)",
-                          stages=dict)
-    name = manifest.get("name", root.name)
+def _run_manifest(root: Path) -> dict[str, Any]:
+    return _read_json(root / "manifest.json", "the run directory is damaged: run its recipe "
+                      "again into a new run directory (`copa run RECIPE --run-dir NEW`)",
+                      stages=dict)
+
+
+def check_finished(root: Path) -> None:
+    """A run directory whose evaluate stage is not done (never run, failed, or stale: a stage
+    before it ran again since) is a NotFinished saying so: its report, program and scores are
+    not this run's. A folder without manifest.json (an export) has no stages to check."""
+    if (root / "manifest.json").exists():
+        _check_evaluated(root, _run_manifest(root))
+
+
+def _check_evaluated(root: Path, manifest: dict[str, Any]) -> None:
     status = _stage_status(manifest, "evaluate")
     if status != "done":
         raise NotFinished(f"{root}: the run is not finished (evaluate: {status}); finish it "
-                          f"with `copa run {manifest.get('recipe', 'RECIPE')}` (recipe {name})")
+                          f"with `copa run {manifest.get('recipe', 'RECIPE')}` (recipe "
+                          f"{manifest.get('name', root.name)})")
+
+
+def _open_run(root: Path, arm: str) -> Bundle:
+    manifest = _run_manifest(root)
+    _check_evaluated(root, manifest)
     try:
         recipe, template = _run_recipe(root, manifest)
     except RecipeError as exc:

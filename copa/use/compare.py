@@ -21,6 +21,7 @@ from copa.pngfigure import png_bytes, pyplot
 from copa.registry import RECIPE_ARMS
 from copa.stages.predictions import PredictionsError, finite_number, read_scored_arms, row_key
 from copa.stats import paired_differences
+from copa.use.bundle import NotFinished, check_finished
 
 ARMS = RECIPE_ARMS  # the arms compared (copa.registry)
 METHOD = ("each run minus the first run, arm by arm, on the test rows they share (matched by a "
@@ -40,6 +41,10 @@ def read_run(path: str | Path, label: str | None = None) -> dict[str, Any]:
     if not report_path.is_file():
         raise CompareError(f"{path}: no report.json: not a finished run (run `copa run` or "
                            "`copa evaluate` on it first)")
+    try:
+        check_finished(root)  # a stage before evaluate ran again since: not this run's scores
+    except NotFinished as exc:
+        raise CompareError(str(exc)) from None
     try:
         report = json.loads(report_path.read_text())
     except ValueError as exc:
