@@ -178,11 +178,14 @@ class Stage:
     work: Callable[[Run], Path] | None = None  # cleared of checkpoints when its inputs change
     help: str | None = None  # the help of its own `copa <name>` command (None: no command)
     reads: tuple[str, ...] = ()  # the earlier stages whose artifacts it reads
+    # the stages reading it hash its files into their keys: one it made stale whose key comes
+    # out unchanged read the very same content, and is done as it was (render's rows, splits)
+    content_keyed: bool = False
 
 
 RECORD: tuple[Stage, ...] = (
     Stage("render", "copa.stages.render:render_stage", _render_inputs,
-          arguments=_prompts_first),
+          arguments=_prompts_first, content_keyed=True),
     Stage("train", "copa.stages.train:train_stage", _train_inputs, applies=_finetunes,
           work=lambda run: run.train_dir, reads=("render",),
           help="Fine-tune with Axolotl (renders first if needed). LoRA on CPU, QLoRA on CUDA. "
@@ -242,8 +245,23 @@ def _mark_stale(run: Run, name: str) -> None:
     for later in dependents(name):
         entry = run.manifest.recorded(later)
         if entry.get("status") == "done":
-            entry.update({"status": "stale", "stale_since": name})
+            entry.update({"status": "stale", "stale_since": [name]})
+        elif entry.get("status") == "stale" and name not in entry.get("stale_since", []):
+            entry["stale_since"] = [*entry.get("stale_since", []), name]
     run.manifest.save()
+
+
+def _revive(run: Run, name: str, key: str) -> None:
+    """A stale stage whose key is unchanged, made stale only by stages whose files its key
+    hashes (render's), read the same content as when it ran: it is done again (a forced
+    re-render of the same rows does not re-train)."""
+    entry = run.manifest.recorded(name)
+    causes = entry.get("stale_since", [])
+    if (entry.get("status") == "stale" and entry.get("key") == key
+            and all(_BY_NAME[c].content_keyed for c in causes if c in _BY_NAME)):
+        entry["status"] = "done"
+        entry.pop("stale_since", None)
+        run.manifest.save()
 
 
 def _paths(artifacts: Any) -> list[Path]:
@@ -274,6 +292,7 @@ def run_stages(run: Run, stages: Sequence[str] = STAGES, force: Sequence[str] = 
             continue
         key = stage_key(run, name)
         run.keys[name] = key
+        _revive(run, name, key)
         if name not in force and is_current(run, name, key):
             run.emit(f"[{name}] unchanged, skipped")
             continue

@@ -151,6 +151,28 @@ def test_a_stage_that_runs_again_leaves_the_stages_after_it_unfinished(finished_
     assert result.exit_code == 0 and "baseline" in result.output  # a finished run: its table
 
 
+@slow
+def test_a_forced_render_of_the_same_rows_trains_nothing_again(tmp_path: Path,
+                                                               varied_model_dir: Path) -> None:
+    """render re-run by --force makes every later stage stale while it runs; each whose key
+    comes out unchanged (it hashes render's files) is done again as it was: no training. (In
+    place: a copied run's rendered config names other folders, a new train key.)"""
+    import copa
+    from copa import pipeline
+
+    recipe = write_tiny_recipe(tmp_path, varied_model_dir)
+    copy = pipeline.run(recipe, run_dir=tmp_path / "run", emit=lambda _: None).dir
+    messages: list[str] = []
+    pipeline.run(recipe, run_dir=copy, force=["render"], emit=messages.append)
+    assert "[render] running" in messages
+    for stage in ("train", "merge", "optimize", "evaluate"):
+        assert f"[{stage}] unchanged, skipped" in messages, messages
+    stages = json.loads((copy / "manifest.json").read_text())["stages"]
+    assert all(entry["status"] == "done" and "stale_since" not in entry
+               for entry in stages.values())
+    assert copa.load(str(copy)).arm
+
+
 def run_cli(*args: str) -> Any:
     from copa.cli import cli
 

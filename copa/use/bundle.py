@@ -158,8 +158,9 @@ def _stage_status(manifest: dict[str, Any], stage: str) -> str:
     if not isinstance(info, dict):
         return "not run"
     status = str(info.get("status", "not run"))
-    if status == "stale" and info.get("stale_since"):
-        status += f" ({info['stale_since']} ran again since)"
+    since = info.get("stale_since")
+    if status == "stale" and isinstance(since, list) and since:
+        status += f" ({', '.join(map(str, since))} ran again since)"
     return status
 
 
