@@ -128,6 +128,8 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("optimizer-name-code", {"set": {"optimize.optimizer": "__import__('os')"}},
      "optimize.optimizer:"),
     ("split-negative", {"set": {"data.splits.train": -3}}, "data.splits.train: must be > 0"),
+    ("split-one-point-zero", {"set": {"data.splits.train": 1.0}},
+     "data.splits.train: 1.0 reads as one row"),
     ("name-path", {"set": {"name": "../../etc"}}, "name: use letters"),
     ("missing-task", {"delete": ["task"]}, "task: required key is missing"),
     ("missing-signature", {"delete": ["task.signature"]}, "task.signature: required key"),

@@ -278,6 +278,18 @@ def _read_inputs(split: list[dict]) -> set[str]:
     return {" ".join(unicodedata.normalize("NFC", r["text"]).split()) for r in split}
 
 
+def test_fractions_that_fit_the_rows_never_ask_for_more_rows(tmp_path: Path) -> None:
+    """0.9 / 0.05 / 0.05 of 12 rows, each rounded alone, asked for 11 + 1 + 1 = 13 rows and the
+    recipe was refused; the split rounded up the most gives a row back (no split goes to 0)."""
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(12)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(
+        "name: t\ntask: {signature: 'text -> label', choices: [a, b]}\n"
+        "data: {source: d.jsonl, splits: {train: 0.9, val: 0.05, test: 0.05}}\n")
+    splits = load_splits(load_recipe(tmp_path / "r.yaml"))
+    assert [len(s) for s in (splits.train, splits.val, splits.test)] == [10, 1, 1]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_repeated_input_is_never_in_two_splits(tmp_path: Path, seed: int) -> None:
     """data.dedupe: false keeps repeated inputs: each input's copies stay in one split (they

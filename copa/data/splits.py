@@ -119,6 +119,24 @@ def _count(size: int | float, total: int) -> int:
     return int(size) if isinstance(size, int) or float(size) >= 1 else int(round(size * total))
 
 
+def _counts(sizes: list[int | float], total: int) -> list[int]:
+    """Row counts of the splits: counts as given, fractions of `total` rounded. Fractions that
+    fit in the rows (0.9 / 0.05 / 0.05) never ask for more rows than there are: where each
+    rounded alone overshoots (13 of 12), the ones rounded up the most give a row back."""
+    counts = [_count(size, total) for size in sizes]
+    fractions = [i for i, size in enumerate(sizes) if not isinstance(size, int) and size < 1]
+    exact = {i: float(sizes[i]) * total for i in fractions}
+    fitting = sum(exact.values()) + sum(
+        c for i, c in enumerate(counts) if i not in exact) <= total + 1e-9
+    while fitting and sum(counts) > total:
+        # a split keeps at least one row: never rounded down to none
+        giving = [i for i in fractions if counts[i] > 1]
+        if not giving:
+            break
+        counts[max(giving, key=lambda i: counts[i] - exact[i])] -= 1
+    return counts
+
+
 def check_labels(recipe: Recipe, rows: list[Row], key: str) -> None:
     choices = recipe.task.choices
     if not choices:
@@ -224,8 +242,7 @@ def load_splits(recipe: Recipe) -> Splits:
 
     pool = order(rows)
     total = len(pool) + (0 if test_rows is None else len(test_rows))
-    n_train, n_val = _count(sizes.train, total), _count(sizes.val, total)
-    n_test = _count(sizes.test, total)
+    n_train, n_val, n_test = _counts([sizes.train, sizes.val, sizes.test], total)
     whole = (f" in whole groups of data.group_by '{recipe.data.group_by}'" if grouped else
              " with each input's copies in one split (data.dedupe: false)" if together else "")
     if test_rows is None:

@@ -64,6 +64,9 @@ class SplitSizes(Section):
             raise ValueError("must be > 0 (a row count, or a fraction below 1)")
         if isinstance(value, float) and value >= 1 and not value.is_integer():
             raise ValueError("a fraction must be below 1; write a whole number for a row count")
+        if isinstance(value, float) and value == 1.0:  # "all the rows" is no split
+            raise ValueError("1.0 reads as one row, not all of them: write 1 for one row, or a "
+                             "fraction below 1 for a share of the rows")
         return value
 
     @field_validator("seed")
