@@ -100,6 +100,8 @@ def validate(recipe: str, full: bool, overrides: dict[str, Any]) -> None:
     s = checked.splits
     click.echo(f"{recipe}: ok ({checked.recipe.task.signature}; "
                f"train {len(s.train)}, val {len(s.val)}, test {len(s.test)})")
+    for note in s.notes:
+        click.echo(f"  note: {note}")
 
 
 @cli.command()

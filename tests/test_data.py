@@ -278,6 +278,27 @@ def _read_inputs(split: list[dict]) -> set[str]:
     return {" ".join(unicodedata.normalize("NFC", r["text"]).split()) for r in split}
 
 
+def test_rows_dropped_as_repeats_are_said_with_how_many_disagreed(tmp_path: Path) -> None:
+    """dedupe keeps an input's first row; the rows it drops (one of them labelled otherwise)
+    are said by `copa validate`, not dropped without a word."""
+    from click.testing import CliRunner
+
+    from copa.cli import cli
+
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(12)]
+    rows += [{"text": "t0", "label": "a"}, {"text": " t1 ", "label": "a"}]  # t1 was 'b'
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(
+        "name: t\ntask: {signature: 'text -> label', choices: [a, b]}\n"
+        "data: {source: d.jsonl, splits: {train: 6, val: 2, test: 2}}\n")
+    splits = load_splits(load_recipe(tmp_path / "r.yaml"))
+    said = ("data.source: 2 row(s) repeat an earlier row's input and were dropped "
+            "(data.dedupe), 1 of them with another label than the row kept")
+    assert splits.notes == [said]
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0 and f"note: {said}" in result.output
+
+
 def test_fractions_that_fit_the_rows_never_ask_for_more_rows(tmp_path: Path) -> None:
     """0.9 / 0.05 / 0.05 of 12 rows, each rounded alone, asked for 11 + 1 + 1 = 13 rows and the
     recipe was refused; the split rounded up the most gives a row back (no split goes to 0)."""

@@ -12,7 +12,7 @@ import random
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ class Splits:
     train: list[Row]
     val: list[Row]
     test: list[Row]
+    # what reading the data dropped without it being an error (render and validate say it)
+    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[Row]]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -49,14 +51,27 @@ def _copies_together(recipe: Recipe, rows: list[Row]) -> list[Row]:
 
 
 def dedupe(recipe: Recipe, rows: Iterable[Row]) -> list[Row]:
-    seen: set[tuple[str, ...]] = set()
-    kept = []
+    return _dedupe(recipe, rows)[0]
+
+
+def _dedupe(recipe: Recipe, rows: Iterable[Row], key: str = "data.source"
+            ) -> tuple[list[Row], str | None]:
+    """The rows with each input once (the first row kept), and a note of what was dropped:
+    how many rows repeated an input, and how many of those said another answer."""
+    kept: dict[tuple[str, ...], Row] = {}
+    dropped = conflicting = 0
+    outputs = recipe.task.output_fields
     for row in rows:
-        key = input_key(recipe, row)
-        if key not in seen:
-            seen.add(key)
-            kept.append(row)
-    return kept
+        first = kept.setdefault(input_key(recipe, row), row)
+        if first is not row:
+            dropped += 1
+            conflicting += any(first.get(f) != row.get(f) for f in outputs)
+    if not dropped:
+        return list(kept.values()), None
+    other = (f", {conflicting} of them with another {'/'.join(outputs)} than the row kept"
+             if conflicting else "")
+    return list(kept.values()), (f"{key}: {dropped} row(s) repeat an earlier row's input and "
+                                 f"were dropped (data.dedupe){other}")
 
 
 def _label(recipe: Recipe, row: Row) -> str:
@@ -208,10 +223,13 @@ def load_splits(recipe: Recipe) -> Splits:
     check_labels(recipe, rows, "data.source")
     if test_rows is not None:
         check_labels(recipe, test_rows, "data.test_source")
+    notes: list[str] = []
     if recipe.data.dedupe:
-        rows = dedupe(recipe, rows)
+        rows, note = _dedupe(recipe, rows)
+        notes += [note] if note else []
         if test_rows is not None:
-            test_rows = dedupe(recipe, test_rows)
+            test_rows, note = _dedupe(recipe, test_rows, "data.test_source")
+            notes += [note] if note else []
     grouped = recipe.data.group_by is not None
     if test_rows is not None:
         # Keep the held-out test split clean: no train/val row may repeat a test input, nor
@@ -267,7 +285,7 @@ def load_splits(recipe: Recipe) -> Splits:
                            "this split is empty: give it at least one row")
     train, val, test = ([{k: v for k, v in r.items() if k != GROUP} for r in split]
                         for split in (train, val, test))
-    return Splits(train=train, val=val, test=test)
+    return Splits(train=train, val=val, test=test, notes=notes)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -120,6 +120,8 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     out_dir = Path(out_dir).resolve()
     work_dir = Path(work_dir).resolve() if work_dir else out_dir / "train"
     write_splits(checked, out_dir)
+    for note in splits.notes:
+        emit(f"  note: {note}")
     train, val = splits.train, splits.val
     retriever = build_index(recipe, out_dir, emit)
     if retriever is not None:
