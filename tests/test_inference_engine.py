@@ -130,6 +130,30 @@ def test_chat_end_of_turn_ends_an_answer(tiny: LocalModel) -> None:
     assert tiny.tokenizer.convert_tokens_to_ids("<|im_end|>") in tiny.eos_ids
 
 
+def test_an_answer_stops_where_the_models_context_ends(tiny: LocalModel) -> None:
+    """The tiny model has 1024 positions: a prompt that fills them is refused (a ValueError
+    naming the context), and one near the end gets only the room that is left, alone or
+    batched, packed or through generate(), never positions the model never learned."""
+    context = tiny.model.config.max_position_embeddings
+    words = " ".join(WORDS * 80)
+    long_chat = [{"role": "user", "content": words}]
+    assert len(tiny.split_prompt(long_chat)[1]) > context
+    with pytest.raises(ValueError, match=f"this model's context {context}"):
+        tiny.generate_detailed([long_chat], [8], [None])
+    near = [{"role": "user", "content": " ".join(words.split()[:context - 40])}]
+    used = len(tiny._ids(tiny.render(near)))
+    assert context - 64 < used < context
+    for packed_decoding in (True, False):
+        tiny.packed = packed_decoding
+        try:
+            gens = tiny.generate_detailed([near, prompt(1)], [64, 64], [None, None])
+        finally:
+            tiny.packed = True
+        # this model writes on without an end (64 tokens where it has the room)
+        assert (gens[0].output_tokens, gens[0].finish_reason) == (context - used, "length")
+        assert gens[1].output_tokens == 64
+
+
 # --- (a') the prefix cache: turns before the last are computed once --------------------------
 
 SYSTEMS = ["Answer briefly.", "You name colours. Reply with one word only, please."]

@@ -286,9 +286,22 @@ class LocalModel:
         model decodes through generate() (no packed decoding)."""
         return Stream(self) if self.packed else None
 
+    def room(self, prompt_tokens: int, max_new: int) -> int:
+        """The answer tokens a prompt has room for: max_new, cut where the model's context
+        (max_position_embeddings) ends. A prompt that fills the context is a ValueError: past
+        its positions a model answers, but from positions it never learned."""
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if not isinstance(context, int) or context < 1:
+            return max_new
+        if prompt_tokens >= context:
+            raise ValueError(f"the prompt is {prompt_tokens} tokens, this model's context "
+                             f"{context} (max_position_embeddings): no room for an answer; "
+                             "shorten the prompt (fewer demos or passages, a shorter input)")
+        return min(max_new, context - prompt_tokens)
+
     def _row(self, chat: Chat, max_new: int, sampling: packed.Sampling | None) -> packed.Row:
         prefix, rest = self.split_prompt(chat)
-        return packed.Row(tokens=rest, max_new=max_new,
+        return packed.Row(tokens=rest, max_new=self.room(len(prefix) + len(rest), max_new),
                           prefix=self._prefix_kv(prefix) if prefix else [], sampling=sampling)
 
     def _generate_packed(self, prompts: list[Chat], max_new: list[int], stops: list[list[str]],
@@ -326,6 +339,7 @@ class LocalModel:
         with `sampling`, one prompt sampled from its seed."""
         pad_id = self.tokenizer.pad_token_id
         rows = [self._ids(self.render(p)) for p in prompts]
+        max_new = [self.room(len(r), m) for r, m in zip(rows, max_new, strict=True)]
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows],
                                  device=self.device)
