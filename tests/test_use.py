@@ -690,8 +690,9 @@ def test_export_refuses_a_folder_inside_the_arms_model(tmp_path: Path) -> None:
                                           "does not exist"),
     ("x" * 5000, "best", "NotFinished", "not a usable path (File name too long)"),
     ("a\0b", "best", "NotFinished", "not a usable path (embedded null byte)"),
+    ("  ", "best", "NotFinished", "path '  ' is empty: give a run directory"),
 ], ids=["none", "bytes", "arm-none", "arm-list", "loop", "inside-a-loop", "dangling", "long",
-        "nul"])
+        "nul", "blank"])
 def test_load_names_a_path_or_arm_it_cannot_take(tmp_path: Path, path: Any, arm: Any,
                                                  error: Any, message: str) -> None:
     """copa.load's arguments as a Python caller may pass them: the wrong type is a TypeError

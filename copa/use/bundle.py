@@ -73,6 +73,9 @@ def open_bundle(path: str | Path, arm: str = "best") -> Bundle:
     if not isinstance(arm, str):
         raise TypeError(f"arm must be a str (best, {', '.join(KNOWN_ARMS)}), not "
                         f"{type(arm).__name__}")
+    if not os.fspath(path).strip():  # Path("") is the current folder: say what was given
+        raise NotFinished(f"path {os.fspath(path)!r} is empty: give a run directory such as "
+                          "runs/iris, or a folder written by `copa export`")
     try:
         root = Path(path).expanduser()
         if root.is_symlink() and not root.exists():
