@@ -299,6 +299,16 @@ def test_rows_dropped_as_repeats_are_said_with_how_many_disagreed(tmp_path: Path
     assert result.exit_code == 0 and f"note: {said}" in result.output
 
 
+def test_a_choice_no_row_has_is_noted(tmp_path: Path) -> None:
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(12)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(
+        "name: t\ntask: {signature: 'text -> label', choices: [a, b, c]}\n"
+        "data: {source: d.jsonl, splits: {train: 6, val: 2, test: 2}}\n")
+    notes = load_splits(load_recipe(tmp_path / "r.yaml")).notes
+    assert notes == ["task.choices: 1 of 3 choices have no row in the data: 'c'"]
+
+
 def test_fractions_that_fit_the_rows_never_ask_for_more_rows(tmp_path: Path) -> None:
     """0.9 / 0.05 / 0.05 of 12 rows, each rounded alone, asked for 11 + 1 + 1 = 13 rows and the
     recipe was refused; the split rounded up the most gives a row back (no split goes to 0)."""

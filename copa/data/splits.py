@@ -224,6 +224,13 @@ def load_splits(recipe: Recipe) -> Splits:
     if test_rows is not None:
         check_labels(recipe, test_rows, "data.test_source")
     notes: list[str] = []
+    if recipe.task.choices:  # a choice no row has is a label the model never sees
+        seen = {_label(recipe, r) for r in rows + (test_rows or [])}
+        absent = [c for c in recipe.task.choices if c not in seen]
+        if absent:
+            shown = ", ".join(map(repr, absent[:10])) + (" ..." if len(absent) > 10 else "")
+            notes.append(f"task.choices: {len(absent)} of {len(recipe.task.choices)} choices "
+                         f"have no row in the data: {shown}")
     if recipe.data.dedupe:
         rows, note = _dedupe(recipe, rows)
         notes += [note] if note else []
