@@ -50,12 +50,8 @@ def _copies_together(recipe: Recipe, rows: list[Row]) -> list[Row]:
     return [row for group in copies.values() for row in group]
 
 
-def dedupe(recipe: Recipe, rows: Iterable[Row]) -> list[Row]:
-    return _dedupe(recipe, rows)[0]
-
-
-def _dedupe(recipe: Recipe, rows: Iterable[Row], key: str = "data.source"
-            ) -> tuple[list[Row], str | None]:
+def dedupe(recipe: Recipe, rows: Iterable[Row], key: str = "data.source"
+           ) -> tuple[list[Row], str | None]:
     """The rows with each input once (the first row kept), and a note of what was dropped:
     how many rows repeated an input, and how many of those said another answer."""
     kept: dict[tuple[str, ...], Row] = {}
@@ -232,10 +228,10 @@ def load_splits(recipe: Recipe) -> Splits:
             notes.append(f"task.choices: {len(absent)} of {len(recipe.task.choices)} choices "
                          f"have no row in the data: {shown}")
     if recipe.data.dedupe:
-        rows, note = _dedupe(recipe, rows)
+        rows, note = dedupe(recipe, rows)
         notes += [note] if note else []
         if test_rows is not None:
-            test_rows, note = _dedupe(recipe, test_rows, "data.test_source")
+            test_rows, note = dedupe(recipe, test_rows, "data.test_source")
             notes += [note] if note else []
     grouped = recipe.data.group_by is not None
     if test_rows is not None:
