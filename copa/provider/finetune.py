@@ -79,9 +79,6 @@ def axolotl_rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
             raise FinetuneError(f"training row {n}: its last message is "
                                 f"'{messages[-1]['role']}'; the answer to learn must be the "
                                 "last, an assistant message")
-        if not messages[-1]["content"].strip():  # trained on, it teaches to answer nothing
-            raise FinetuneError(f"training row {n}: its answer (the last, assistant message) "
-                                "is blank: nothing to learn")
         out.append(target_row([{"role": m["role"], "content": m["content"]} for m in messages]))
     return out
 
