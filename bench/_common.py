@@ -20,6 +20,16 @@ def timed(cmd: list[str], **kwargs: Any) -> tuple[float, subprocess.CompletedPro
     return time.time() - start, result
 
 
+def keep_or_remove(folder: Path, keep: bool, shown: Path | None = None) -> None:
+    """A benchmark's scratch folder: printed and kept with --keep, else removed."""
+    import shutil
+
+    if keep:
+        print(f"run directory: {shown or folder}")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def children_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 

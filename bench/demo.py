@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, children_peak_rss_mb, timed, write_result  # noqa: E402
+from _common import REPO, children_peak_rss_mb, keep_or_remove, timed, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -38,10 +37,7 @@ def main() -> None:
         "prompt_optimization": report.get("prompt_optimization"),
         "report_md": (run_dir / "report.md").read_text(),
     })
-    if args.keep:
-        print(f"run directory: {run_dir}")
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    keep_or_remove(run_dir, args.keep)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, children_peak_rss_mb, timed, write_result  # noqa: E402
+from _common import REPO, children_peak_rss_mb, keep_or_remove, timed, write_result  # noqa: E402
 
 SETTINGS = ["--set", "optimize.optimizer=MIPROv2",
             "--set", "optimize.params={auto: light, max_bootstrapped_demos: 2, "
@@ -85,10 +85,7 @@ def main() -> None:
                                + result.stderr)[-3000:],
         })
     finally:
-        if args.keep:
-            print(f"run directory: {run_dir}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        keep_or_remove(work, args.keep, shown=run_dir)
 
 
 if __name__ == "__main__":
