@@ -219,6 +219,17 @@ def end_token_ids(tokenizer: Any, generation_config: Any) -> set[int]:
     return {int(i) for i in ids}
 
 
+def context_length(config: dict[str, Any]) -> int | None:
+    """A model's context in tokens, from its config (config.json as a dict):
+    max_position_embeddings, or its text model's where the config nests one (multimodal
+    families such as Gemma 3's larger models keep it under text_config); None if unknown."""
+    for section in (config, config.get("text_config")):
+        context = section.get("max_position_embeddings") if isinstance(section, dict) else None
+        if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+            return context
+    return None
+
+
 @functools.lru_cache(maxsize=8)
 def _content_hash(path: Path, size: int, mtime_ns: int) -> str:  # size, mtime: the cache's key
     return sha256_file(path)

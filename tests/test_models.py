@@ -4,6 +4,7 @@ which names the converted folder in axolotl.yml) instead of adding another 520 M
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -64,3 +65,23 @@ def test_training_a_config_whose_model_folder_is_gone_says_how_to_render_again(
     with pytest.raises(TrainError, match=r"base_model .*0123456789ab.*--force render"):
         pipeline.run(recipe, stages=["train"], run_dir=run_dir, emit=lambda _: None)
     assert not (run_dir / "train" / "axolotl-train.log").exists()  # Axolotl never launched
+
+
+def test_a_models_context_is_read_where_its_config_keeps_it(tmp_path: Path) -> None:
+    """max_position_embeddings at the top (Llama, Gemma 3 270M), or under text_config (Gemma 3's
+    multimodal configs): every reader of a context (token limits, the engine's room for an
+    answer, the Ollama Modelfile) agrees; a missing, zero or true/false value is unknown."""
+    from copa.models import context_length
+    from copa.use.limits import model_context
+
+    assert context_length({"max_position_embeddings": 8192}) == 8192
+    nested = {"model_type": "gemma3", "text_config": {"max_position_embeddings": 131072},
+              "vision_config": {"max_position_embeddings": 64}}
+    assert context_length(nested) == 131072
+    for unknown in ({}, {"max_position_embeddings": 0}, {"max_position_embeddings": True},
+                    {"text_config": None}, {"text_config": {"max_position_embeddings": -1}}):
+        assert context_length(unknown) is None, unknown
+    (tmp_path / "config.json").write_text(json.dumps(nested))
+    assert model_context(str(tmp_path)) == 131072
+    (tmp_path / "config.json").write_text("[1, 2]")  # JSON, but not a config
+    assert model_context(str(tmp_path)) is None

@@ -11,10 +11,9 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 # MKL's float32 GEMM picks kernels by matrix size, so a row's result depends on how many rows
 # share the call (a batch of 8 vs 1 differs by ~1e-5). On Intel CPUs strict conditional-
@@ -32,16 +31,12 @@ from transformers.cache_utils import (  # noqa: E402
 )
 
 from copa import precision as _precision  # noqa: E402
-from copa.inference import (
-    packed,
-    rowgemm,  # noqa: E402
-)
-from copa.models import ModelFolderError, end_token_ids  # noqa: E402
+from copa.inference import packed, padded, rowgemm  # noqa: E402
+from copa.models import ModelFolderError, context_length, end_token_ids  # noqa: E402
 from copa.text import one_line  # noqa: E402
 
 Chat = list[dict[str, str]]
 log = logging.getLogger(__name__)
-ROWWISE_ATTENTION = "copa_rowwise_sdpa"
 
 
 @dataclass(frozen=True)
@@ -52,60 +47,6 @@ class Generation:
     prompt_tokens: int
     output_tokens: int
     finish_reason: str  # "stop" (eos or a stop string) or "length" (its max tokens reached)
-
-
-class _PerRowStop(transformers.StoppingCriteria):
-    """Marks each row done when is_done(row, new ids) says so, or at its own max tokens.
-
-    Returns a per-row bool tensor, so generate() pads finished rows and ends when all are done.
-    It records where each row ended, so the caller cuts exactly there (not at the batch's end).
-    """
-
-    def __init__(self, prompt_len: int, max_new: Sequence[int],
-                 is_done: Callable[[int, list[int]], str | None]) -> None:
-        self.prompt_len = prompt_len
-        self.max_new = list(max_new)
-        self.is_done = is_done
-        self.ended_at: list[int | None] = [None] * len(self.max_new)
-        self.reason: list[str] = ["length"] * len(self.max_new)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_len:]
-        n = new.shape[1]
-        for i in range(new.shape[0]):
-            if self.ended_at[i] is not None:
-                continue
-            reason = self.is_done(i, new[i].tolist())
-            if reason is not None:
-                self.ended_at[i], self.reason[i] = n, reason
-            elif n >= self.max_new[i]:
-                self.ended_at[i] = n
-        done = [end is not None for end in self.ended_at]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _rowwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                  value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
-                  scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Inside a packed forward (.packed), attention row by row over each row's own keys,
-    so a row's result is bitwise what it is alone; anywhere else, transformers' SDPA."""
-    batch = packed.ACTIVE.get()
-    if batch is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    gqa = getattr(module, "num_key_value_groups", 1) > 1
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    return batch.attend(module.layer_idx, query, scaling, gqa, window), None
-
-
-def _register_rowwise_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ROWWISE_ATTENTION, _rowwise_sdpa)
-    AttentionMaskInterface.register(ROWWISE_ATTENTION, sdpa_mask)
 
 
 def matmul_is_batch_invariant() -> bool:
@@ -166,11 +107,11 @@ class LocalModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # Per-row attention: a greedy answer must not depend on its batch mates.
-        _register_rowwise_attention()
+        packed.register_attention()
         with _folder_errors(self.path):
             try:
                 self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                    self.path, dtype=self.dtype, attn_implementation=ROWWISE_ATTENTION, **trust)
+                    self.path, dtype=self.dtype, attn_implementation=packed.ATTENTION, **trust)
                 self.rowwise_attention = True
             except (ValueError, TypeError) as exc:  # an architecture without the interface
                 log.warning("%s: row-wise attention unavailable (%s); batched greedy outputs "
@@ -199,6 +140,7 @@ class LocalModel:
                         "rows independently of each other: batched greedy outputs may differ "
                         "from one-at-a-time ones on near-ties", self.path)
         self.eos_ids = self._end_ids()
+        self.context = context_length(self.model.config.to_dict())
         self.prefix_cache = prefix_cache and self.packed
         self.prefix_cache_bytes = int(prefix_cache_bytes)
         self._prefixes: OrderedDict[tuple[int, ...], list[packed.KV]] = OrderedDict()
@@ -288,16 +230,16 @@ class LocalModel:
 
     def room(self, prompt_tokens: int, max_new: int) -> int:
         """The answer tokens a prompt has room for: max_new, cut where the model's context
-        (max_position_embeddings) ends. A prompt that fills the context is a ValueError: past
-        its positions a model answers, but from positions it never learned."""
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        if not isinstance(context, int) or context < 1:
+        (copa.models.context_length) ends. A prompt that fills the context is a ValueError:
+        past its positions a model answers, but from positions it never learned."""
+        if self.context is None:
             return max_new
-        if prompt_tokens >= context:
+        if prompt_tokens >= self.context:
             raise ValueError(f"the prompt is {prompt_tokens} tokens, this model's context "
-                             f"{context} (max_position_embeddings): no room for an answer; "
-                             "shorten the prompt (fewer demos or passages, a shorter input)")
-        return min(max_new, context - prompt_tokens)
+                             f"{self.context} (max_position_embeddings): no room for an "
+                             "answer; shorten the prompt (fewer demos or passages, a shorter "
+                             "input)")
+        return min(max_new, self.context - prompt_tokens)
 
     def _row(self, chat: Chat, max_new: int, sampling: packed.Sampling | None) -> packed.Row:
         prefix, rest = self.split_prompt(chat)
@@ -337,33 +279,13 @@ class LocalModel:
                          sampling: packed.Sampling | None = None) -> list[Generation]:
         """The fallback: one left-padded generate() (no prefix cache, no per-row attention);
         with `sampling`, one prompt sampled from its seed."""
-        pad_id = self.tokenizer.pad_token_id
         rows = [self._ids(self.render(p)) for p in prompts]
         max_new = [self.room(len(r), m) for r, m in zip(rows, max_new, strict=True)]
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows],
-                                 device=self.device)
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
-                                      device=self.device)
-        criteria = _PerRowStop(width, max_new, lambda i, new: self._stop_reason(new, stops[i]))
-        # A fresh config, so sampling settings in the model's generation_config.json are not
-        # merged in (they would warn with do_sample=False).
-        config = transformers.GenerationConfig(
-            max_new_tokens=max(max_new), do_sample=False, num_beams=1,
-            eos_token_id=sorted(self.eos_ids), pad_token_id=pad_id)
-        if sampling is not None:
-            config.update(do_sample=True, temperature=sampling.temperature,
-                          top_p=sampling.top_p or 1.0, top_k=sampling.top_k or 0)
-            torch.manual_seed(sampling.seed)
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-            stopping_criteria=transformers.StoppingCriteriaList([criteria]))
-        results = []
-        for i, row in enumerate(rows):
-            end = criteria.ended_at[i]
-            new = out[i, width:width + (end if end is not None else max_new[i])].tolist()
-            results.append(self._finish(new, criteria.reason[i], stops[i], len(row)))
-        return results
+        ends = padded.generate(self.model, rows, max_new, self.tokenizer.pad_token_id,
+                               self.eos_ids, lambda i, new: self._stop_reason(new, stops[i]),
+                               sampling)
+        return [self._finish(new, reason, stops[i], len(rows[i]))
+                for i, (new, reason) in enumerate(ends)]
 
     def _prefix_kv(self, prefix: tuple[int, ...]) -> list[packed.KV]:
         """The prefix's keys and values per layer, computed once (alone) and kept."""

@@ -8,7 +8,7 @@ logits are bitwise those it gets alone, a finished row simply leaves the batch, 
 spent on padding or on growing caches by concatenation.
 
 The model sees a `PackedBatch` as its cache (`past_key_values`): each attention layer hands it
-the new keys and values, and copa's attention function (registered in .local) reads the
+the new keys and values, and copa's attention function (ATTENTION, below) reads the
 active batch to attend per row. Imported only where a model runs (torch at import).
 """
 
@@ -344,3 +344,33 @@ def decode(model: torch.nn.Module, rows: Sequence[Row],
         for key, new, reason in decoder.step():
             ends[key] = (new, reason)
     return [ends[key] for key in keys]
+
+
+# The attention implementation's name in transformers' registry (LocalModel loads with it).
+ATTENTION = "copa_rowwise_sdpa"
+
+
+def _rowwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                  scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Inside a packed forward, attention row by row over each row's own keys, so a row's
+    result is bitwise what it is alone; anywhere else (generate(), training), transformers'
+    SDPA."""
+    batch = ACTIVE.get()
+    if batch is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    return batch.attend(module.layer_idx, query, scaling, gqa, window), None
+
+
+def register_attention() -> None:
+    """Registers copa's per-row attention with transformers under ATTENTION (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, _rowwise_sdpa)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)

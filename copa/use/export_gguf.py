@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from copa.files import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from copa.models import context_length
 from copa.use import ollama
 from copa.use.bundle import Bundle, open_bundle
 from copa.use.card import gguf_card
@@ -143,7 +144,7 @@ def _base_gguf(bundle: Bundle) -> Path | None:
 
 def _context_length(model_dir: Path) -> int:
     config = json.loads((model_dir / "config.json").read_text())
-    return int(min(config.get("max_position_embeddings") or 4096, 8192))
+    return min(context_length(config) or 4096, 8192)
 
 
 def export_gguf(path: str | Path, out_dir: str | Path, arm: str = "best", outtype: str = "f16",

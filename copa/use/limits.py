@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from copa.models import context_length
+
 if TYPE_CHECKING:
     from copa.recipe import Recipe
 
@@ -107,13 +109,13 @@ def choose_max_tokens(given: int | None, sequence_len: int, context: int | None,
 
 
 def model_context(model_path: str) -> int | None:
-    """A model folder's context length in tokens (config.json's max_position_embeddings)."""
+    """A model folder's context length in tokens (copa.models.context_length of its
+    config.json); None if unreadable."""
     try:
-        context = json.loads((Path(model_path) / "config.json").read_text()).get(
-            "max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
         return None
-    return int(context) if isinstance(context, int) and context > 0 else None
+    return context_length(config) if isinstance(config, dict) else None
 
 
 def limit_tokens(recipe: Recipe, model_path: str, given: int | None = None) -> int:
