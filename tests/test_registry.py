@@ -78,7 +78,7 @@ def test_a_loader_is_valid_and_dispatched_exactly_when_the_table_has_it(
 
 def test_the_arms_table_drives_validation_help_and_the_report() -> None:
     from copa.stages import report as report_files
-    from copa.stages.evaluate import ARM_MODELS
+    from copa.stages.arms import ARM_MODELS
     from copa.stats import SINGLE_ARMS
 
     in_recipe = [name for name, arm in ARMS.items() if arm.in_recipe]
