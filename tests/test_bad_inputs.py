@@ -580,6 +580,38 @@ CASES += [
      "them in the data)"),
 ]
 
+# Round 5: values that are not what they look like. YAML reads an unquoted yes/no/on/off as a
+# boolean and 1.10 as a number (the error said "got True" and no more). Python's JSON parser
+# takes NaN and Infinity (not JSON) and makes 1e999 inf; a user loader's pandas rows have NaN
+# for an empty cell: each became the word "nan" / "inf" in the prompts without a word (copa
+# predict and serve already refused such inputs).
+CASES += [
+    ("choice-yaml-boolean", {"set": {"task.choices": ["pos", "neg", True]}},
+     "task.choices[2]: Input should be a valid string (got True); YAML reads an unquoted "
+     "yes/no/on/off/true/false as a boolean: write text in quotes ('yes')"),
+    ("choice-yaml-number", {"set": {"task.choices": ["pos", "neg", 1.1]}},
+     "task.choices[2]: Input should be a valid string (got 1.1); YAML read an unquoted number: "
+     "write text in quotes"),
+    ("jsonl-nan", {"set": {"data.source": "d.jsonl"},
+                   "files": {"d.jsonl": _jsonl({}).replace('"row 3"', "NaN")}},
+     "data.source: d.jsonl: row 4 has nan for 'text', not a finite number (a missing value, or "
+     "past the float range): fill it in or drop the row"),
+    ("jsonl-infinity", {"set": {"data.source": "d.jsonl"},
+                        "files": {"d.jsonl": _jsonl({}).replace('"row 5"', "-Infinity")}},
+     "data.source: d.jsonl: row 6 has -inf for 'text', not a finite number"),
+    ("jsonl-past-float", {"set": {"data.source": "d.jsonl"},
+                          "files": {"d.jsonl": _jsonl({}).replace('"row 2"', "1e999")}},
+     "data.source: d.jsonl: row 3 has inf for 'text', not a finite number"),
+    ("user-loader-nan",
+     {"set": {"data.loader": "case_loader_nan:load"},
+      "files": {"case_loader_nan.py":
+                "def load(path):\n"
+                "    return [{'text': float('nan') if i == 7 else f'row {i}', 'label': 'pos'}\n"
+                "            for i in range(12)]\n"}},
+     "data.source: data.jsonl: row 8 has nan for 'text', not a finite number"),
+]
+
+
 def _write_case(tmp_path: Path, case: dict[str, Any]) -> Path:
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     for name, content in case.get("files", {}).items():

@@ -153,8 +153,21 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "literal_error":
         return f"{message} (got {error.get('input')!r})"
     if kind.endswith("_type") or kind.endswith("_parsing"):
-        return f"{message} (got {error.get('input')!r})"
+        return f"{message} (got {error.get('input')!r})" + _unquoted_hint(kind, error.get("input"))
     return message
+
+
+def _unquoted_hint(kind: str, value: Any) -> str:
+    """Text that YAML read as something else: an unquoted yes/no/on/off is a boolean to it,
+    an unquoted 1.10 a number (so a label 'yes' arrives as True)."""
+    if kind != "string_type":
+        return ""
+    if isinstance(value, bool):
+        return ("; YAML reads an unquoted yes/no/on/off/true/false as a boolean: write text "
+                "in quotes ('yes')")
+    if isinstance(value, int | float):
+        return "; YAML read an unquoted number: write text in quotes ('1.10')"
+    return ""
 
 
 def load_recipe(path: str | os.PathLike[str], env: dict[str, str] | None = None,
