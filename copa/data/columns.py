@@ -79,13 +79,24 @@ def not_one_value(value: Any) -> str | None:
     return _kind(value) if isinstance(value, _NOT_ONE_VALUE) else None
 
 
+def not_finite(value: Any) -> bool:
+    """A float NaN or infinity (numpy's too): Python's JSON parser takes NaN and Infinity (not
+    JSON) and makes 1e400 inf, pandas reads an empty CSV cell as NaN, and such a value has no
+    number for a model to read. One rule for data cells and the inputs of a loaded run."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
+            and not math.isfinite(value))
+
+
 def _text_problem(value: Any, where: str, fmt: str | None) -> tuple[str, str | None]:
     """(the value as text, None) or ("", why it is no text: null, a list, an object, bytes, a
-    number past number_format, a lone surrogate)."""
+    number that is not finite or past number_format, a lone surrogate)."""
     kind = not_one_value(value)
     if kind is not None:
         return "", (f"has null {where}" if value is None else
                     f"has {kind} {where}, where one text or number belongs")
+    if not_finite(value):
+        return "", (f"has {value!r} {where}, not a finite number (a missing value, or past "
+                    "the float range): fill it in or drop the row")
     try:
         text = format_value(value, fmt)
     except ValueError:

@@ -12,13 +12,12 @@ Light: the tokenizer is handed in; nothing here loads one.
 from __future__ import annotations
 
 import json
-import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from copa.data.columns import not_finite
 from copa.models import context_length
 
 if TYPE_CHECKING:
@@ -37,9 +36,7 @@ def check_finite(values: Mapping[str, Any]) -> None:
     """An InputRefused naming each field whose value is a float NaN or infinity: Python's JSON
     parser takes NaN and Infinity (not JSON) and makes 1e400 inf, and such a value has no
     number for the model to read. The one check copa serve, copa predict and copa.load share."""
-    odd = [f for f, v in values.items()  # numpy's floats too (float32 is no Python float)
-           if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral)
-           and not math.isfinite(v)]
+    odd = [f for f, v in values.items() if not_finite(v)]
     if odd:
         raise InputRefused(f"{', '.join(odd)}: not a finite number (NaN, Infinity or past the "
                            "float range)")
