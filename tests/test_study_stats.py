@@ -16,8 +16,9 @@ from conftest import REPO, write_tiny_recipe
 
 from copa.recipe import Recipe, RecipeError, load_recipe
 from copa.stats import effect, pooled_resampled_means, seed_interval, study_cell
+from copa.study.cells import folder_part
 from copa.study.execute import cell_command
-from copa.study.spec import Study, folder_part, load_study
+from copa.study.spec import Study, load_study
 from copa.study.write import markdown, plot
 
 ARMS = ("baseline", "prompt_only", "finetune_only", "combined")
@@ -148,6 +149,32 @@ def test_a_missing_base_recipe_is_named(tmp_path: Path) -> None:
     path.write_text("recipe: nowhere.yaml\n")
     assert "s.yaml: recipe: " in _problems(path)[0]
     assert "no such file" in _problems(path)[0]
+
+
+def test_a_study_too_large_to_run_is_refused_before_its_cells_are_built(tmp_path: Path) -> None:
+    """A grid of 5 keys x 10 values is 100000 runs (each a training): --print-commands spent
+    six minutes and 650 MB checking every cell's recipe before anything said so. The count is
+    grid points x seeds, said at once; at the limit a study is still read."""
+    keys = ["finetune.lora_r", "finetune.lora_alpha", "finetune.num_epochs",
+            "finetune.micro_batch_size", "finetune.gradient_accumulation_steps"]
+    grid = "grid:\n" + "".join(f"  {k}: [{', '.join(str(v) for v in range(1, 11))}]\n"
+                               for k in keys)
+    problems = _problems(_study(tmp_path, grid))
+    assert problems == [f"{tmp_path}/s.yaml: grid: 100000 grid points x 1 seed(s) = 100000 runs; a study "
+                        "runs at most 1000: give fewer values, or split it into studies"]
+    assert "= 1200 runs" in _problems(_study(tmp_path, (
+        "grid: {finetune.lora_r: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}\n"
+        f"seeds: [{', '.join(str(s) for s in range(100))}]\n")))[0]
+    few = f"seeds: [{', '.join(str(s) for s in range(100))}]\ngrid: {{finetune.lora_r: " \
+          "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}\n"
+    assert len(load_study(_study(tmp_path, few)).cells) == 1000
+
+
+def test_a_study_naming_itself_as_its_recipe_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("recipe: s.yaml\ngrid: {finetune.lora_r: [8, 16]}\n")
+    assert _problems(path) == [f"{path}: recipe: names this study file itself; write the base "
+                               "recipe's path, relative to the study file"]
 
 
 def test_cells_are_the_grid_product_times_the_seeds(tmp_path: Path) -> None:

@@ -27,7 +27,8 @@ from copa.files import atomic_write_json, sha256_file, sha256_json
 from copa.recipe import ARMS, Problem, RecipeError
 from copa.recipe.load import _describe, _loc
 from copa.runs import Emit
-from copa.study.spec import Cell, Study, inside
+from copa.study.cells import inside
+from copa.study.spec import Cell, Study
 from copa.text import one_line
 
 CELL_FILE = "study-cell.json"
