@@ -228,12 +228,14 @@ def report(run_dir: str) -> None:
 @_errors
 def init(name: str, output: str | None) -> None:
     """Write a starter recipe NAME.yaml (Iris + the embedded model) that validates as is."""
-    import re
-
     from copa.files import atomic_write_text
     from copa.prompting import templates_dir
+    from copa.recipe.schema import NAME
 
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name):
+    for suffix in (".yaml", ".yml"):  # `copa init my-task.yaml` means my-task.yaml
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[:-len(suffix)]
+    if not NAME.match(name):
         _user_error(f"NAME {name[:80]!r}: use letters, digits, '-', '_' or '.' (it names the "
                     "recipe and its run folder); -o says where the file goes")
     target = Path(output or f"{name}.yaml")

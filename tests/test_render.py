@@ -40,6 +40,16 @@ def test_init_writes_a_recipe_that_validates(tmp_path: Path,
     assert result.exit_code == 0, result.output
 
 
+def test_init_given_a_file_name_writes_that_file(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`copa init my-task.yaml` wrote my-task.yaml.yaml, a recipe named 'my-task.yaml'."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["init", "my-task.yaml"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-task.yaml"]
+    assert yaml.safe_load((tmp_path / "my-task.yaml").read_text())["name"] == "my-task"
+
+
 def test_render_iris_writes_valid_files_deterministically(tmp_path: Path) -> None:
     runner = CliRunner()
     outputs = []

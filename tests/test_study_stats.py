@@ -160,8 +160,9 @@ def test_a_study_too_large_to_run_is_refused_before_its_cells_are_built(tmp_path
     grid = "grid:\n" + "".join(f"  {k}: [{', '.join(str(v) for v in range(1, 11))}]\n"
                                for k in keys)
     problems = _problems(_study(tmp_path, grid))
-    assert problems == [f"{tmp_path}/s.yaml: grid: 100000 grid points x 1 seed(s) = 100000 runs; a study "
-                        "runs at most 1000: give fewer values, or split it into studies"]
+    assert problems == [f"{tmp_path}/s.yaml: grid: 100000 grid points x 1 seed(s) = 100000 "
+                        "runs; a study runs at most 1000: give fewer values, or split it into "
+                        "studies"]
     assert "= 1200 runs" in _problems(_study(tmp_path, (
         "grid: {finetune.lora_r: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}\n"
         f"seeds: [{', '.join(str(s) for s in range(100))}]\n")))[0]

@@ -61,6 +61,9 @@ BUILTIN_METRICS = tuple(METRICS)
 DEFAULT_STRATEGY = "w -> p"  # copa's own pipeline: fine-tune, then prompts on the merged model
 
 
+# What may name a run, a study or a starter recipe: it names a folder (and a file).
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
 class Problem(BaseModel):
     """One thing wrong with a recipe, located by file and dotted key path."""
 
@@ -320,7 +323,7 @@ class Recipe(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", value):
+        if not NAME.match(value):
             raise ValueError("use letters, digits, '-', '_' or '.' (it names the run folder)")
         return value
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,11 +29,10 @@ from copa.files import missing_file_reason, output_problem, sha256_json
 from copa.recipe import ARMS, Problem, RecipeError, load_recipe
 from copa.recipe.data_schema import Section
 from copa.recipe.load import _describe, _loc
-from copa.recipe.schema import MAX_SEED, named_arms
+from copa.recipe.schema import MAX_SEED, NAME, named_arms
 from copa.recipe.yamlread import MAX_YAML_BYTES, YAMLProblem, read_yaml
 from copa.study.cells import cell_names, inside
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # The recipe keys one seed sets: the data split, the fine-tune (and through it the optimizer's
 # seed, copa.dspy.search); a recipe that names optimize.params.seed gets it set too.
 SEED_KEYS = ("data.splits.seed", "finetune.seed")
