@@ -6,13 +6,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from copa.recipe import Problem, RecipeError
-
-if TYPE_CHECKING:
-    from copa.study.spec import StudyFile
 
 
 def folder_part(value: Any) -> str:
@@ -51,24 +49,24 @@ def _cell_name(parts: list[str]) -> str:
     return name
 
 
-def cell_names(spec: StudyFile, label: str) -> list[tuple[str, dict[str, Any]]]:
+def cell_names(grid: Mapping[str, list[Any]], label: str) -> list[tuple[str, dict[str, Any]]]:
     """(folder name, grid values) of every grid point, in the grid's order. A name is made of
     letters, digits and _ . + - = , only: it never leaves the study folder."""
-    keys = list(spec.grid)
+    keys = list(grid)
     if not keys:
         return [("base", {})]
     labels = _labels(keys, label)
     points = []
-    for combo in itertools.product(*(spec.grid[k] for k in keys)):
+    for combo in itertools.product(*(grid[k] for k in keys)):
         values = dict(zip(keys, combo))
         points.append((_cell_name([f"{labels[k]}={folder_part(v)}" for k, v in values.items()]),
                        values))
     names = [n for n, _ in points]
     for key in keys:
-        parts = [folder_part(v) for v in spec.grid[key]]
+        parts = [folder_part(v) for v in grid[key]]
         if len(set(parts)) != len(parts):
             raise RecipeError([Problem(file=label, path=f"grid.{key}", message=(
-                f"values {spec.grid[key]} give the same folder name twice ({parts}); "
+                f"values {grid[key]} give the same folder name twice ({parts}); "
                 "make them differ in letters or digits"))])
     if len(set(names)) != len(names):
         raise RecipeError([Problem(file=label, path="grid", message=(

@@ -309,7 +309,7 @@ def load_study(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | N
                   dir=directory.resolve())
     problems: list[Problem] = []
     loaded: dict[str, Cell] = {}  # the first seed's recipes: a grid point's is its own
-    for cell_name, values in cell_names(spec, label):
+    for cell_name, values in cell_names(spec.grid, label):
         for seed in spec.seeds:
             overrides = {**spec.set, **values, **{k: seed for k in seed_keys},
                          "evaluate.arms": list(spec.arms)}
