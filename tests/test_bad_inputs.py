@@ -592,6 +592,9 @@ CASES += [
     ("choice-yaml-number", {"set": {"task.choices": ["pos", "neg", 1.1]}},
      "task.choices[2]: Input should be a valid string (got 1.1); YAML read an unquoted number: "
      "write text in quotes"),
+    ("instructions-empty-value", {"set": {"task.instructions": None}},
+     "task.instructions: Input should be a valid string (got None); YAML reads a key with "
+     "nothing after it (or null, ~) as null: write the text, in quotes if it is empty ('')"),
     ("jsonl-nan", {"set": {"data.source": "d.jsonl"},
                    "files": {"d.jsonl": _jsonl({}).replace('"row 3"', "NaN")}},
      "data.source: d.jsonl: row 4 has nan for 'text', not a finite number (a missing value, or "

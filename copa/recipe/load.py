@@ -159,9 +159,12 @@ def _describe(error: dict[str, Any]) -> str:
 
 def _unquoted_hint(kind: str, value: Any) -> str:
     """Text that YAML read as something else: an unquoted yes/no/on/off is a boolean to it,
-    an unquoted 1.10 a number (so a label 'yes' arrives as True)."""
+    an unquoted 1.10 a number (so a label 'yes' arrives as True), an empty value null."""
     if kind != "string_type":
         return ""
+    if value is None:
+        return ("; YAML reads a key with nothing after it (or null, ~) as null: write the text, "
+                "in quotes if it is empty ('')")
     if isinstance(value, bool):
         return ("; YAML reads an unquoted yes/no/on/off/true/false as a boolean: write text "
                 "in quotes ('yes')")
