@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from copa.text import on_one_line
+
 EXIT_RECIPE = 2
 EXIT_FAILED = 1
 
@@ -38,13 +40,13 @@ def errors(func):
             if debug:
                 raise
             for problem in exc.problems:
-                click.echo(str(problem), err=True)
+                click.echo(on_one_line(str(problem)), err=True)
             sys.exit(EXIT_RECIPE)
         except (PromptError, RunDirBusy, NotFinished, InputError, ExportRefused,
                 MetricValueError, DamagedFile, ModelFolderError) as exc:
             if debug:
                 raise
-            click.echo(str(exc), err=True)
+            click.echo(on_one_line(str(exc)), err=True)
             sys.exit(EXIT_RECIPE)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -58,7 +60,7 @@ def errors(func):
                 _failed(exc)
             # a path the user gave that cannot be read or written: theirs to fix
             where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
-            click.echo(f"{where}: {exc.strerror or exc}", err=True)
+            click.echo(on_one_line(f"{where}: {exc.strerror or exc}"), err=True)
             sys.exit(EXIT_RECIPE)
         except Exception as exc:
             if debug:

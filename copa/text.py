@@ -13,6 +13,16 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+# Everything str.splitlines() breaks a line at, as the escape that shows it.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def on_one_line(text: str) -> str:
+    """text with every line break written as its escape ('\\n'): a user error stays one line
+    even when it quotes a value that holds one (".1f\\n" in an exception's own text)."""
+    return str(text).translate(_LINE_BREAKS)
+
+
 def lone_surrogate(text: str) -> str | None:
     """The first lone surrogate in text (half of a UTF-16 pair: a JSON or YAML "\\ud800" escape
     parses to one), or None. No file, tokenizer or UTF-8 text can hold it."""

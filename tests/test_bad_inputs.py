@@ -587,14 +587,20 @@ CASES += [
 # predict and serve already refused such inputs).
 CASES += [
     ("choice-yaml-boolean", {"set": {"task.choices": ["pos", "neg", True]}},
-     "task.choices[2]: Input should be a valid string (got True); YAML reads an unquoted "
-     "yes/no/on/off/true/false as a boolean: write text in quotes ('yes')"),
+     "task.choices[2]: Input should be a valid string (got True); in YAML an unquoted "
+     "yes/no/on/off/true/false is a boolean: write text in quotes ('yes')"),
     ("choice-yaml-number", {"set": {"task.choices": ["pos", "neg", 1.1]}},
-     "task.choices[2]: Input should be a valid string (got 1.1); YAML read an unquoted number: "
-     "write text in quotes"),
+     "task.choices[2]: Input should be a valid string (got 1.1); in YAML an unquoted 1.10 is a "
+     "number: write text in quotes"),
     ("instructions-empty-value", {"set": {"task.instructions": None}},
-     "task.instructions: Input should be a valid string (got None); YAML reads a key with "
-     "nothing after it (or null, ~) as null: write the text, in quotes if it is empty ('')"),
+     "task.instructions: Input should be a valid string (got None); in YAML a key with "
+     "nothing after it (or null, ~) is null: write the text, in quotes if it is empty ('')"),
+    # "$" matches before a final newline: the name "bad\n" passed and named a run folder
+    ("name-trailing-newline", {"set": {"name": "bad\n"}},
+     "name: use letters, digits, '-', '_' or '.' (it names the run folder)"),
+    # a value with a line break, quoted raw by a message: the error ran over two lines
+    ("source-with-line-break", {"set": {"data.source": "d\nx.jsonl"}},
+     "data.source: no such file: "),
     ("jsonl-nan", {"set": {"data.source": "d.jsonl"},
                    "files": {"d.jsonl": _jsonl({}).replace('"row 3"', "NaN")}},
      "data.source: d.jsonl: row 4 has nan for 'text', not a finite number (a missing value, or "

@@ -48,6 +48,8 @@ def test_init_given_a_file_name_writes_that_file(tmp_path: Path,
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my-task.yaml"]
     assert yaml.safe_load((tmp_path / "my-task.yaml").read_text())["name"] == "my-task"
+    assert CliRunner().invoke(cli, ["init", "other.yml"]).exit_code == 0  # the file as typed
+    assert yaml.safe_load((tmp_path / "other.yml").read_text())["name"] == "other"
 
 
 def test_render_iris_writes_valid_files_deterministically(tmp_path: Path) -> None:

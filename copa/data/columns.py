@@ -95,7 +95,7 @@ def _text_problem(value: Any, where: str, fmt: str | None) -> tuple[str, str | N
         return "", (f"has null {where}" if value is None else
                     f"has {kind} {where}, where one text or number belongs")
     if not_finite(value):
-        return "", (f"has {value!r} {where}, not a finite number (a missing value, or past "
+        return "", (f"has {float(value)!r} {where}, not a finite number (a missing value, or past "
                     "the float range): fill it in or drop the row")
     try:
         text = format_value(value, fmt)

@@ -20,7 +20,7 @@ from pydantic import (
 from copa.recipe.values import ADDED_LATER
 from copa.registry import LOADERS
 
-USER_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+USER_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
 
 def _is_number_type(annotation: Any) -> bool:

@@ -163,13 +163,13 @@ def _unquoted_hint(kind: str, value: Any) -> str:
     if kind != "string_type":
         return ""
     if value is None:
-        return ("; YAML reads a key with nothing after it (or null, ~) as null: write the text, "
+        return ("; in YAML a key with nothing after it (or null, ~) is null: write the text, "
                 "in quotes if it is empty ('')")
     if isinstance(value, bool):
-        return ("; YAML reads an unquoted yes/no/on/off/true/false as a boolean: write text "
-                "in quotes ('yes')")
+        return ("; in YAML an unquoted yes/no/on/off/true/false is a boolean: write text in "
+                "quotes ('yes')")
     if isinstance(value, int | float):
-        return "; YAML read an unquoted number: write text in quotes ('1.10')"
+        return "; in YAML an unquoted 1.10 is a number: write text in quotes ('1.10')"
     return ""
 
 

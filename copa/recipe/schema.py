@@ -62,7 +62,9 @@ DEFAULT_STRATEGY = "w -> p"  # copa's own pipeline: fine-tune, then prompts on t
 
 
 # What may name a run, a study or a starter recipe: it names a folder (and a file).
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# (\Z, not $: "$" also matches before a final newline, and "iris\n" named a folder.)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
 
 class Problem(BaseModel):
     """One thing wrong with a recipe, located by file and dotted key path."""

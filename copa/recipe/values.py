@@ -8,7 +8,7 @@ import keyword
 import math
 import re
 
-FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 # Field names a signature cannot use, and who holds each: the prompt template's own variables
 # (a field by that name would replace them: the instruction or the choices line vanishes from
@@ -50,7 +50,7 @@ def field_name_problem(name: str) -> str | None:
     return None
 
 
-_FORMAT_SPEC = re.compile(r"^(?:.?[<>=^])?[+\- ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?[eEfFgGn%]?$")
+_FORMAT_SPEC = re.compile(r"^(?:.?[<>=^])?[+\- ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?[eEfFgGn%]?\Z")
 
 
 def number_format_checked(spec: str) -> str:
