@@ -232,12 +232,10 @@ def init(name: str, output: str | None) -> None:
     from copa.prompting import templates_dir
     from copa.recipe.schema import NAME
 
-    typed = name  # `copa init my-task.yaml` means the file my-task.yaml, the recipe my-task
-    for suffix in (".yaml", ".yml"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            name = name[:-len(suffix)]
-            output = output or typed
-            break
+    if name.endswith((".yaml", ".yml")) and not name.startswith("."):
+        # `copa init my-task.yaml` means the file my-task.yaml, the recipe my-task
+        output = output or name
+        name = name.rsplit(".", 1)[0]
     if not NAME.match(name):
         _user_error(f"NAME {name[:80]!r}: use letters, digits, '-', '_' or '.' (it names the "
                     "recipe and its run folder); -o says where the file goes")

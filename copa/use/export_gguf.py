@@ -19,7 +19,6 @@ the text copa's adapter sends for a test row. --verify adds the round trip (copa
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from typing import Any
 import yaml
 
 from copa.files import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
-from copa.models import context_length
 from copa.use import ollama
 from copa.use.bundle import Bundle, open_bundle
 from copa.use.card import gguf_card
@@ -51,6 +49,7 @@ from copa.use.gguf import (
     install_hint,
     verify,
 )
+from copa.use.limits import model_context
 
 # What makes Ollama and llama.cpp decode as copa does: greedy, no repetition penalty (Ollama's
 # default is 1.1), the recipe's answer budget.
@@ -143,8 +142,7 @@ def _base_gguf(bundle: Bundle) -> Path | None:
 
 
 def _context_length(model_dir: Path) -> int:
-    config = json.loads((model_dir / "config.json").read_text())
-    return min(context_length(config) or 4096, 8192)
+    return min(model_context(str(model_dir)) or 4096, 8192)
 
 
 def export_gguf(path: str | Path, out_dir: str | Path, arm: str = "best", outtype: str = "f16",

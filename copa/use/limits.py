@@ -33,9 +33,9 @@ class InputRefused(ValueError):
 
 
 def check_finite(values: Mapping[str, Any]) -> None:
-    """An InputRefused naming each field whose value is a float NaN or infinity: Python's JSON
-    parser takes NaN and Infinity (not JSON) and makes 1e400 inf, and such a value has no
-    number for the model to read. The one check copa serve, copa predict and copa.load share."""
+    """An InputRefused naming each field whose value is not a finite number
+    (copa.data.columns.not_finite, the rule data cells follow too). The one check copa serve,
+    copa predict and copa.load share."""
     odd = [f for f, v in values.items() if not_finite(v)]
     if odd:
         raise InputRefused(f"{', '.join(odd)}: not a finite number (NaN, Infinity or past the "
