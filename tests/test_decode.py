@@ -163,7 +163,9 @@ def _old_blocked(x, weight, bias):
 
     from copa.inference import rowgemm
 
-    rows, n = rowgemm._pad_rows(x)
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    rows = torch.cat([rows, rows.new_zeros((-n) % rowgemm.ROW_BLOCK, rows.shape[1])])
     blocks = rows.view(-1, rowgemm.ROW_BLOCK, rows.shape[1])
     out = torch.bmm(blocks, weight.t().expand(blocks.shape[0], -1, -1))
     out = out.view(-1, weight.shape[0])[:n]
@@ -188,41 +190,51 @@ def test_blocked_products_keep_their_bits_with_a_kept_transposed_weight(
         for rows in (1, 5, 17, 40):
             x = torch.randn(1, rows, 40, generator=gen).to(dtype)
             old = _old_blocked(x, weight, bias)
-            assert torch.equal(rowgemm.blocked_linear(x, weight, bias), old)
-            assert torch.equal(rowgemm.blocked_linear_t(x, weight.t().contiguous(), bias), old)
+            assert torch.equal(rowgemm.MODES["blocked"](x, weight, bias), old)
+            assert torch.equal(rowgemm.MODES["blocked"].apply(x, weight.t().contiguous(), bias),
+                               old)
     model = varied.model
     layer = model.model.layers[0].mlp.up_proj
     x = torch.randn(1, 3, layer.in_features, generator=gen)
     try:
         assert rowgemm.use(model, "blocked") > 0
-        assert layer.copa_weight_t.shape == (layer.in_features, layer.out_features)
-        assert layer.copa_weight_t.is_contiguous()
+        assert layer.copa_prepared.shape == (layer.in_features, layer.out_features)
+        assert layer.copa_prepared.is_contiguous()
         with torch.inference_mode():
             assert torch.equal(layer(x), _old_blocked(x, layer.weight, layer.bias))
     finally:
         rowgemm.use(model, varied.gemm)
-    assert "copa_weight_t" not in vars(layer)
+    assert ("copa_prepared" in vars(layer)) == (varied.gemm != "native")
 
 
-@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize(("window", "dtype"), [(None, "float32"), (7, "float32"),
+                                               (None, "bfloat16"), (7, "bfloat16")])
 def test_decode_steps_attend_with_plain_products_as_sdpa_does(
-        window: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+        window: int | None, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A decode step (one new query per row) attends through one_query_attention, not SDPA:
     per row, query heads grouped per key/value head (GQA), a sliding window as the last
-    `window` keys; its output is SDPA's up to float rounding."""
+    `window` keys; its output is SDPA's up to float rounding. A bf16 model's keys and values
+    are kept in fp32 on CPU (exact copies), so its decode steps attend in fp32 too."""
     import torch
 
+    dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(5)
     heads, kv_heads, dim, prompt = 6, 2, 8, 20
+
+    def states(tokens: int, n_heads: int = kv_heads) -> torch.Tensor:
+        return torch.randn(1, n_heads, tokens, dim, generator=gen).to(dtype)
+
     batch = packed.PackedBatch([packed.Row(tokens=[0] * prompt, max_new=2)] * 2)
     batch._plan([(0, 0, prompt), (1, prompt, prompt)])  # both prompts, as one prefill
-    batch.update(torch.randn(1, kv_heads, 2 * prompt, dim, generator=gen),
-                 torch.randn(1, kv_heads, 2 * prompt, dim, generator=gen), 0)
+    prompt_keys = states(2 * prompt)
+    batch.update(prompt_keys, states(2 * prompt), 0)
+    assert batch.buffers[0][0][0].dtype == torch.float32
+    assert torch.equal(batch.buffers[0][0][0][1, :, :prompt].to(dtype),
+                       prompt_keys[0, :, prompt:])  # fp32 keeps bf16 keys exactly
     batch.lengths = {0: prompt, 1: prompt}
     batch._plan([(0, 0, 1), (1, 1, 1)])  # one decode step of both rows
-    batch.update(torch.randn(1, kv_heads, 2, dim, generator=gen),
-                 torch.randn(1, kv_heads, 2, dim, generator=gen), 0)
-    query = torch.randn(1, heads, 2, dim, generator=gen)
+    batch.update(states(2), states(2), 0)
+    query = states(2, heads)
 
     def no_sdpa(*args: object, **kwargs: object) -> None:
         raise AssertionError("a decode step went through SDPA")
@@ -232,7 +244,40 @@ def test_decode_steps_attend_with_plain_products_as_sdpa_does(
     out = batch.attend(0, query, 0.3, gqa=True, window=window)
     keys, values = batch.buffers[0][0]
     first = prompt + 1 - window if window else 0
+    assert out.dtype == dtype
     for r in range(2):
-        expected = sdpa(query[:, :, r:r + 1], keys[r:r + 1, :, first:prompt + 1],
+        expected = sdpa(query[:, :, r:r + 1].float(), keys[r:r + 1, :, first:prompt + 1],
                         values[r:r + 1, :, first:prompt + 1], scale=0.3, enable_gqa=True)
-        torch.testing.assert_close(out[0, r], expected[0, :, 0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out[0, r], expected[0, :, 0].to(dtype), atol=1e-6,
+                                   rtol=1e-5 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("mode", ["onednn", "onednn-floor4", "onednn-floor8", "onednn-padded"])
+def test_onednn_products_answer_as_the_previous_engine(varied: LocalModel, mode: str) -> None:
+    """Products through oneDNN on weights packed once (copa.inference.rowgemm, tried first):
+    the same values as a plain linear layer, the recorded greedy answers alone, and batched
+    too wherever the load-time probe finds the mode's rows independent on this CPU."""
+    import torch
+
+    from copa.inference import rowgemm
+
+    model = varied.model
+    gen = torch.Generator().manual_seed(4)
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(1, 3, layer.in_features, generator=gen)
+    greedy = [c for c in CASES if c["sampling"] is None]
+    try:
+        assert rowgemm.use(model, mode) > 0
+        assert layer.copa_prepared.is_mkldnn  # the weight in oneDNN's layout, kept
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight))
+            alone = [packed.decode(model, rows_of(varied, [c]), never_stop(varied))[0][0]
+                     for c in greedy]
+            together = [new for new, _ in
+                        packed.decode(model, rows_of(varied, greedy), never_stop(varied))]
+    finally:
+        rowgemm.use(model, varied.gemm)
+    assert alone == [c["ids"] for c in greedy]
+    if all(rowgemm.rows_independent(rowgemm.MODES[mode], n_in, n_out)
+           for n_in, n_out in rowgemm.linear_shapes(model)):
+        assert together == alone

@@ -85,16 +85,23 @@ def test_batch_invariance_is_active(tiny: LocalModel) -> None:
     """Both halves of the fix are on: row-independent matrix products and per-row attention."""
     import torch
 
+    from copa.inference import rowgemm
+
     assert tiny.rowwise_attention
     if tiny.device == "cpu":
         assert tiny.batch_invariant
-        # The mode the model got is the one this CPU needs: MKL's own GEMM where strict mode
-        # makes rows independent (Intel), a row floor, padded or blocked rows where it does not
-        # (AMD).
-        if matmul_is_batch_invariant():
-            assert tiny.gemm == "native"
-        else:
-            assert tiny.gemm in ("floor4", "floor8", "padded", "blocked")
+        # The mode the model got is the cheapest (first in MODES) whose rows are independent
+        # of their batch mates on this CPU, for every shape of the model's layers.
+        shapes = rowgemm.linear_shapes(tiny.model)
+        names = list(rowgemm.MODES)
+        assert all(rowgemm.rows_independent(rowgemm.MODES[tiny.gemm], n_in, n_out, tiny.dtype)
+                   for n_in, n_out in shapes)
+        for cheaper in names[:names.index(tiny.gemm)]:
+            assert not all(rowgemm.rows_independent(rowgemm.MODES[cheaper], n_in, n_out,
+                                                   tiny.dtype)
+                           for n_in, n_out in shapes), cheaper
+        if matmul_is_batch_invariant():  # MKL strict mode (Intel): the model's own layers do
+            assert names.index(tiny.gemm) <= names.index("native")
         linears = [m for m in tiny.model.modules() if isinstance(m, torch.nn.Linear)]
         patched = ["forward" in vars(m) for m in linears]
         assert all(patched) if tiny.gemm != "native" else not any(patched)
@@ -111,14 +118,15 @@ def test_blocked_linear_rows_do_not_depend_on_their_batch_mates() -> None:
     gen = torch.Generator().manual_seed(1)
     weight, bias = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
     x = torch.randn(1, 70, 40, generator=gen)  # [batch, tokens, features], as a layer sees it
-    full = rowgemm.blocked_linear(x, weight, bias)
+    blocked = rowgemm.MODES["blocked"]
+    full = blocked(x, weight, bias)
     assert full.shape == (1, 70, 96)
     torch.testing.assert_close(full, torch.nn.functional.linear(x, weight, bias))
-    torch.testing.assert_close(rowgemm.padded_linear(x, weight, bias), full)
+    torch.testing.assert_close(rowgemm.MODES["padded"](x, weight, bias), full)
     for start, rows in [(0, 1), (7, 1), (3, 2), (0, 16), (15, 2), (9, 33), (1, 69)]:
-        part = rowgemm.blocked_linear(x[:, start:start + rows], weight, bias)
+        part = blocked(x[:, start:start + rows], weight, bias)
         assert torch.equal(part, full[:, start:start + rows]), (start, rows)
-    assert rowgemm.rows_independent(rowgemm.blocked_linear, 576, 1536)
+    assert rowgemm.rows_independent(blocked, 576, 1536)
     # A row floor computes the same values; below the floor a call keeps its own row count.
     floor4 = rowgemm.MODES["floor4"]
     torch.testing.assert_close(floor4(x, weight, bias), full)

@@ -74,9 +74,10 @@ def model_fingerprint(model: str | os.PathLike[str], index: Path,
 
 # What the local engine's arithmetic is: bump it whenever a change may move a logit's bits
 # (a greedy answer on a near-tie could then differ), so no cached answer of the old arithmetic
-# is mistaken for the new one's. "decode-bmm-attention": decode steps attend with two plain
-# products and a softmax instead of SDPA (copa.inference.packed.one_query_attention).
-ENGINE_NUMERICS = "decode-bmm-attention"
+# is mistaken for the new one's. Decode steps attend with two plain products and a softmax
+# instead of SDPA, in fp32 also for bf16 models (copa.inference.packed.one_query_attention);
+# products may run through oneDNN's pre-packed kernels (copa.inference.rowgemm).
+ENGINE_NUMERICS = "onednn-products-fp32-decode-attention"
 
 
 def cache_tag(digest: str | None, precision: str = "fp32") -> str | None:

@@ -135,7 +135,8 @@ class PackedBatch:
                 continue
             shape = (len(members), keys.shape[1], self.rows[members[0]].capacity,
                      keys.shape[3])
-            k, v = keys.new_empty(shape), values.new_empty(shape)
+            dtype = buffer_dtype(keys)
+            k, v = keys.new_empty(shape, dtype=dtype), values.new_empty(shape, dtype=dtype)
             for j, i in enumerate(members):
                 row = self.rows[i]
                 if row.prefix_len:
@@ -163,14 +164,16 @@ class PackedBatch:
         layer = self.buffers[layer_idx]
         for start, n, total, c, j, g in self.runs:
             k, v = layer[c]
-            if n == 1 and query.dtype == torch.float32:  # decode steps: one query per row
+            if n == 1 and k.dtype == torch.float32:  # decode steps: one query per row
                 first = total - window if window is not None and total > window else 0
                 for r in range(g):  # each row on its own: the same call alone or batched
                     out[0, start + r] = one_query_attention(
-                        query[0, :, start + r], k[j + r, :, first:total],
+                        query[0, :, start + r].float(), k[j + r, :, first:total],
                         v[j + r, :, first:total], scaling)
                 continue
             q = _rows_of(query, start, n, g).contiguous()
+            # a prefill attends in the model's dtype (bf16 keys kept in fp32 are exact copies)
+            k, v = k[j:j + g, :, :total].to(q.dtype), v[j:j + g, :, :total].to(q.dtype)
             mask = None
             if window is not None and total > window:
                 # query i sits at position total - n + i and sees keys in (it - window, it]
@@ -179,7 +182,7 @@ class PackedBatch:
             elif 1 < n < total:  # the queries are the last n of total positions
                 mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
             o = torch.nn.functional.scaled_dot_product_attention(
-                q, k[j:j + g, :, :total], v[j:j + g, :, :total], attn_mask=mask,
+                q, k, v, attn_mask=mask,
                 scale=scaling, is_causal=mask is None and 1 < n == total, enable_gqa=gqa)
             out[0, start:start + g * n] = o.transpose(1, 2).reshape(g * n, o.shape[1],
                                                                      o.shape[3])
@@ -235,6 +238,14 @@ class PackedBatch:
                 for layer in self.buffers]
 
 
+def buffer_dtype(keys: torch.Tensor) -> torch.dtype:
+    """The dtype a row's keys and values are kept in: float32 on CPU whatever the model's
+    (bf16 keys and values are exact in it), so decode steps attend in float32 through two
+    plain products (one_query_attention): SDPA's bf16 kernel for one query per row took half
+    of a bf16 step at a 2k-token context (bench/decode.py, AMD Zen 4). Elsewhere, the model's."""
+    return torch.float32 if keys.device.type == "cpu" else keys.dtype
+
+
 def one_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                         scaling: float | None) -> torch.Tensor:
     """Attention of one position's queries [heads, dim] over a row's keys and values
@@ -243,7 +254,8 @@ def one_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     A decode step has one query row per head, where SDPA's CPU kernel ran at a third of memory
     speed over a long cache (bench/decode.py). Here it is two plain products and a softmax;
     query heads that share a key/value head (GQA) are grouped as the rows of one product
-    instead of repeating the keys. fp32 only: a bf16 product would round the scores to bf16.
+    instead of repeating the keys. fp32 only (a bf16 product would round the scores to bf16):
+    a bf16 model's keys and values are kept in fp32 on CPU (buffer_dtype) and its query cast.
     """
     kv_heads, dim = keys.shape[0], keys.shape[2]
     scale = dim ** -0.5 if scaling is None else scaling

@@ -3,7 +3,12 @@
 Greedy batched decoding is only "the" answer if a row's logits do not depend on its batch mates.
 Attention is already per row (.packed); this module covers the matrix products. A BLAS picks
 its float32 GEMM kernel (and with it the order of the sums) by matrix size, so a row computed
-with 3 others can differ in the last bit from the same row computed with 63 others:
+with 3 others can differ in the last bit from the same row computed with 63 others. Products
+run through one of two libraries torch ships, each under the same row rules:
+- oneDNN's products on weights laid out once in its own format (`torch.ops.mkldnn`), tried
+  first: for the one-row products of a long generation they stream the weights at memory
+  speed where MKL's reached a quarter of it (AMD Zen 4, bench/decode.py); on Zen 4 only a
+  single row takes another kernel, so "onednn-floor4" computes at least 4;
 - on Intel CPUs MKL's strict reproducibility mode (MKL_CBWR=AUTO,STRICT) rules this out, so
   the model's own `nn.Linear` is kept ("native");
 - elsewhere (seen on AMD EPYC) it does not. There, where only small products take other kernels
@@ -20,13 +25,19 @@ not assumed from the CPU's name. Imported only where a model runs (torch at impo
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 ROW_BLOCK = 16  # rows per product in padded/blocked mode: 8-16 cost least (bench/inference)
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# A product on a weight prepared once (as it is, transposed, packed for oneDNN): rows [n, in]
+# to [n, out].
+Product = Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]
 
 # (first row, rows) slices compared against the same rows of one 160-row call: single rows and
 # small groups (where BLAS libraries switch to GEMV or small-matrix kernels), odd offsets, groups
@@ -36,62 +47,78 @@ _PROBES = ((5, 1), (3, 5), (9, 13), (20, 40), (7, 64), (30, 100),
            *((0, rows) for rows in range(1, 18)))
 
 
+@dataclass(frozen=True)
+class Mode:
+    """How a linear layer computes x @ weight.T (+ bias): a product on a weight prepared once
+    when the mode is applied, after zero rows are appended to a call of fewer than `floor`
+    rows or up to a multiple of `multiple` rows (so small calls take the kernel big ones do)."""
+
+    prepare: Callable[[torch.Tensor], Any]
+    product: Product
+    floor: int = 1
+    multiple: int = 1
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+        """The product with the weight prepared on the spot (probes and tests; a model's
+        layers keep theirs, see use())."""
+        return self.apply(x, self.prepare(weight), bias)
+
+    def apply(self, x: torch.Tensor, prepared: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
+        pad = max(self.floor - n, (-n) % self.multiple)
+        if pad > 0:
+            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+        out = self.product(rows, prepared, bias)
+        return out[:n].view(*x.shape[:-1], out.shape[-1])
+
+
+def _as_is(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+def _transposed(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().t().contiguous()
+
+
+def _blocked_product(rows: torch.Tensor, weight_t: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """Rows (a multiple of ROW_BLOCK) as a batch of [ROW_BLOCK, in] @ [in, out] products with
+    the weight already transposed and contiguous: bmm over weight.t().expand() copied the whole
+    weight on every call (a bf16 decode step spent ~95 % of its time there, bench/decode.py)."""
+    blocks = rows.view(-1, ROW_BLOCK, rows.shape[1])
+    out = torch.bmm(blocks, weight_t.expand(blocks.shape[0], -1, -1)).view(-1, weight_t.shape[1])
+    return out if bias is None else out + bias
+
+
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in oneDNN's own layout, laid out once: a product then streams it at memory
+    speed (F.linear through MKL read a one-row product's weights at ~1/4 of it on AMD Zen 4)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def _onednn_product(rows: torch.Tensor, packed_weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, packed_weight, bias, "none", [], "")
+
+
 def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def _pad_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """x as [rows, in] with zero rows appended up to a multiple of ROW_BLOCK; the real count."""
-    rows = x.reshape(-1, x.shape[-1])
-    n = rows.shape[0]
-    pad = (-n) % ROW_BLOCK
-    if pad:
-        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-    return rows, n
-
-
-def floored(floor: int) -> Linear:
-    """x @ weight.T (+ bias) with at least `floor` rows in the product (zero rows appended to a
-    smaller call), for BLAS libraries that take other kernels only for the smallest products."""
-
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        n = rows.shape[0]
-        if n < floor:
-            rows = torch.cat([rows, rows.new_zeros(floor - n, rows.shape[1])])
-        out = torch.nn.functional.linear(rows, weight, bias)[:n]
-        return out.view(*x.shape[:-1], weight.shape[0])
-
-    return linear
-
-
-def padded_linear(x: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T (+ bias), rows padded to a multiple of ROW_BLOCK, in one product."""
-    rows, n = _pad_rows(x)
-    out = torch.nn.functional.linear(rows, weight, bias)[:n]
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def blocked_linear(x: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T (+ bias) over any leading shape, as equal-shape row blocks (see module doc)."""
-    return blocked_linear_t(x, weight.t().contiguous(), bias)
-
-
-def blocked_linear_t(x: torch.Tensor, weight_t: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-    """blocked_linear with the weight already transposed and contiguous ([in, out]): a model
-    keeps that copy (use()), so no call re-lays its weight out. bmm over weight.t().expand()
-    copied the whole weight on every call: a bf16 decode step of one sequence spent ~95 % of
-    its time there (bench/decode.py's profile). Same products, bitwise the same rows."""
-    rows, n = _pad_rows(x)
-    blocks = rows.view(-1, ROW_BLOCK, rows.shape[1])
-    out = torch.bmm(blocks, weight_t.expand(blocks.shape[0], -1, -1))
-    out = out.view(-1, weight_t.shape[1])[:n]
-    if bias is not None:
-        out = out + bias
-    return out.view(*x.shape[:-1], weight_t.shape[1])
+_TORCH = (_as_is, native_linear)
+_ONEDNN = (_onednn_pack, _onednn_product)
+# Every way a model's products may run, cheapest first (bench/decode.py); choose() takes the
+# first whose rows are independent of their batch mates. oneDNN's pre-packed products come first
+# (2-4x MKL's for one row on Zen 4, 1.2-2.5x for 64); "native" is the model's own nn.Linear (MKL
+# in strict mode is row-independent on Intel); "blocked" needs nothing of the BLAS.
+MODES: dict[str, Mode] = {
+    "onednn": Mode(*_ONEDNN), "onednn-floor4": Mode(*_ONEDNN, floor=4),
+    "onednn-floor8": Mode(*_ONEDNN, floor=8), "onednn-padded": Mode(*_ONEDNN, multiple=ROW_BLOCK),
+    "native": Mode(*_TORCH), "floor4": Mode(*_TORCH, floor=4), "floor8": Mode(*_TORCH, floor=8),
+    "padded": Mode(*_TORCH, multiple=ROW_BLOCK),
+    "blocked": Mode(_transposed, _blocked_product, multiple=ROW_BLOCK)}
 
 
 def rows_independent(linear: Linear, n_in: int, n_out: int,
@@ -103,9 +130,20 @@ def rows_independent(linear: Linear, n_in: int, n_out: int,
     weight = torch.randn(n_out, n_in, generator=gen).to(dtype)
     x = torch.randn(_PROBE_ROWS, n_in, generator=gen).to(dtype)
     with torch.inference_mode():
-        full = linear(x, weight, None)
-        return all(torch.equal(linear(x[s:s + m], weight, None), full[s:s + m])
-                   for s, m in _PROBES)
+        try:
+            if isinstance(linear, Mode):  # the weight laid out once, as a model's layer keeps it
+                prepared = linear.prepare(weight)
+                linear = functools.partial(_apply_prepared, linear, prepared)
+            full = linear(x, weight, None)
+            return all(torch.equal(linear(x[s:s + m], weight, None), full[s:s + m])
+                       for s, m in _PROBES)
+        except (RuntimeError, AttributeError, NotImplementedError):  # a kernel this build lacks
+            return False
+
+
+def _apply_prepared(mode: Mode, prepared: Any, x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    return mode.apply(x, prepared, bias)
 
 
 def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
@@ -114,48 +152,34 @@ def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
                    if isinstance(m, torch.nn.Linear)})
 
 
-MODES: dict[str, Linear] = {"native": native_linear, "floor4": floored(4),
-                            "floor8": floored(8), "padded": padded_linear,
-                            "blocked": blocked_linear}  # cheapest first
-
-
 def choose(shapes: Iterable[tuple[int, int]], dtype: torch.dtype = torch.float32) -> str:
-    """The cheapest mode that computes rows independently for every shape (native, floor4,
-    floor8, padded, blocked) in `dtype`, or "none" (batched answers may then differ from
-    one-at-a-time ones on near-ties)."""
+    """The first mode of MODES (cheapest first) that computes rows independently for every
+    shape in `dtype`, or "none" (batched answers may then differ from one-at-a-time ones on
+    near-ties)."""
     shapes = list(shapes)
-    for mode, linear in MODES.items():
-        if all(rows_independent(linear, n_in, n_out, dtype) for n_in, n_out in shapes):
-            return mode
+    for name, mode in MODES.items():
+        if all(rows_independent(mode, n_in, n_out, dtype) for n_in, n_out in shapes):
+            return name
     return "none"
 
 
-def _forward_through(linear: Linear) -> Callable[[torch.nn.Linear, torch.Tensor], torch.Tensor]:
-    def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-    return forward
-
-
-def _forward_blocked(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return blocked_linear_t(x, self.copa_weight_t, self.bias)
+def _forward_prepared(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return self.copa_mode.apply(x, self.copa_prepared, self.bias)
 
 
 def use(model: torch.nn.Module, mode: str) -> int:
     """Route every plain `nn.Linear` of the model through `mode`'s product ("native" restores
-    the class's own forward); returns how many layers were routed. "blocked" keeps a
-    transposed copy of each weight (taken now: weights changed later are not seen)."""
-    linear = MODES[mode]
+    the class's own forward); returns how many layers were routed. A layer keeps its weight as
+    the mode prepares it (transposed, packed for oneDNN: one more copy of the weights, taken
+    now, so weights changed later are not seen)."""
     count = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear:  # not quantized or LoRA subclasses
-            vars(module).pop("forward", None)
-            vars(module).pop("copa_weight_t", None)
-            if mode == "blocked":
-                module.copa_weight_t = module.weight.detach().t().contiguous()
-                module.forward = types.MethodType(_forward_blocked, module)
-                count += 1
-            elif mode != "native":
-                module.forward = types.MethodType(_forward_through(linear), module)
+            for name in ("forward", "copa_mode", "copa_prepared"):
+                vars(module).pop(name, None)
+            if mode != "native":
+                module.copa_mode = MODES[mode]
+                module.copa_prepared = MODES[mode].prepare(module.weight)
+                module.forward = types.MethodType(_forward_prepared, module)
                 count += 1
     return count
