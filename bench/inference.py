@@ -6,6 +6,7 @@ predictions.
 Results: bench/results/inference.json (inference_bf16.json with --precision bf16).
 
     python bench/inference.py [--recipes iris banking77] [--n 64] [--threads 8] [--precision bf16]
+    python bench/inference.py --recipes gsm8k --n 40 --demos 0 --arms engine --name gsm8k_eval
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ NATIVE_ARM = ("engine_native_gemm", True, None)
 
 
 def bench_recipe(name: str, n: int, threads: int, batch_size: int,
-                 demos: int, precision: str = "fp32") -> dict[str, Any]:
+                 demos: int, precision: str = "fp32",
+                 only: list[str] | None = None) -> dict[str, Any]:
     import logging
 
     from copa.checks import check_recipe
@@ -65,6 +67,7 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
     from copa.inference import rowgemm
 
     arms_here = ARMS + ((NATIVE_ARM,) if model.gemm in ("padded", "blocked") else ())
+    arms_here = tuple(a for a in arms_here if only is None or a[0] in only)
     for arm, copa_decoding, size in arms_here:
         size = size or batch_size
         if arm == NATIVE_ARM[0]:
@@ -83,6 +86,8 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
         arms[arm] = {"copa_decoding": copa_decoding, "max_batch_size": size,
                      "seconds": round(seconds, 2),
                      "generating_s": round(engine.generate_seconds, 2),
+                     "generated_tokens": engine.generated_tokens,
+                     "generated_tokens_per_s": round(engine.generated_tokens / seconds, 1),
                      "examples_per_s": round(len(testset) / seconds, 3),
                      "metric": round(mean, 4),
                      "batch_sizes": {str(k): v for k, v in
@@ -90,16 +95,17 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
     prompt = model.split_prompt(kit.adapter.format(
         program.predictors()[0].signature, program.predictors()[0].demos,
         {k: testset[0][k] for k in testset[0].inputs().keys()}))
-    base = predictions["one_at_a_time"]
     native = predictions.pop(NATIVE_ARM[0], None)
+    base = predictions[next(iter(predictions))]  # one at a time, unless --arms left it out
     mismatches = sorted({i for arm in predictions for i, (a, b)
                          in enumerate(zip(base, predictions[arm])) if a != b})
     per_s = {arm: arms[arm]["examples_per_s"] for arm in arms}
+    speedups = {} if only is not None else {  # a ratio needs both of its arms
+        "speedup": round(per_s["engine"] / per_s["one_at_a_time"], 2),
+        "speedup_from_batching": round(per_s["engine"] / per_s["engine_batch_1"], 2)}
     return {"n": len(testset), "demos": demos, "max_tokens": recipe.evaluate.max_tokens,
             "prompt_tokens": {"cached_prefix": len(prompt[0]), "rest": len(prompt[1])},
-            "gemm": model.gemm, "arms": arms,
-            "speedup": round(per_s["engine"] / per_s["one_at_a_time"], 2),
-            "speedup_from_batching": round(per_s["engine"] / per_s["engine_batch_1"], 2),
+            "gemm": model.gemm, "arms": arms, **speedups,
             "outputs_identical": not mismatches, "mismatched_rows": mismatches,
             **({"row_blocks_cost": round(per_s[NATIVE_ARM[0]] / per_s["engine"], 3),
                 "native_gemm_mismatched_rows": sum(a != b for a, b in zip(base, native))}
@@ -117,14 +123,19 @@ def main() -> None:
                         help="programs to time: with this many few-shot demos each")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="the dtype the model computes in (serve.precision)")
+    parser.add_argument("--arms", nargs="+", choices=[a[0] for a in (*ARMS, NATIVE_ARM)],
+                        help="time only these arms (e.g. engine: GSM8K's evaluation)")
+    parser.add_argument("--name", help="result file bench/results/NAME.json")
     args = parser.parse_args()
     import torch
 
     load = os.getloadavg()[0]
     results = {f"{name}, {demos} demos": bench_recipe(name, args.n, args.threads,
-                                                      args.batch_size, demos, args.precision)
+                                                      args.batch_size, demos, args.precision,
+                                                      args.arms)
                for name in args.recipes for demos in args.demos}
-    write_result("inference" if args.precision == "fp32" else f"inference_{args.precision}",
+    default = "inference" if args.precision == "fp32" else f"inference_{args.precision}"
+    write_result(args.name or default,
                  {"precision": args.precision, "threads": args.threads,
                   "torch_threads": torch.get_num_threads(), "mkl_cbwr": os.environ.get("MKL_CBWR"),
                   "load_average_at_start": round(load, 2), "recipes": results})
