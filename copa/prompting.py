@@ -339,11 +339,14 @@ def spec_from_recipe(recipe: Any) -> PromptSpec:
     return load_spec(path, instructions, inputs, outputs, recipe.task.choices, label=str(path))
 
 
-def preview(spec: PromptSpec, examples: Sequence[Mapping[str, Any]]) -> str:
-    """Human-readable rendering of training rows, for prompt_preview.txt."""
+def preview(spec: PromptSpec, examples: Sequence[Mapping[str, Any]],
+            with_targets: bool = True) -> str:
+    """Human-readable rendering of training rows (or of prompts only), for
+    prompt_preview.txt."""
     chunks = []
     for n, example in enumerate(examples, 1):
         chunks.append(f"===== example {n} =====")
-        for message in build_messages(spec, example, target=example):
+        for message in build_messages(spec, example,
+                                      target=example if with_targets else None):
             chunks.append(f"--- {message['role']} ---\n{message['content']}")
     return "\n".join(chunks) + "\n"

@@ -149,6 +149,34 @@ def test_chain_of_thought_needs_room_for_the_answer_line_not_the_gold_reasoning(
     assert says in result.output, result.output
 
 
+def test_chain_of_thought_without_fine_tuning_renders(tmp_path: Path) -> None:
+    """A chain-of-thought recipe with finetune.enabled: false (the prompt half only) renders:
+    GSM8K keeps its worked solutions (labeled demos show them) and its training rows, and a
+    recipe whose data has no reasoning column renders no training rows and previews prompts
+    only (both ended in "example lacks output field(s) ['reasoning']", exit 2)."""
+    sizes = json.dumps(FIXTURE_SPLITS["gsm8k"])
+    out = tmp_path / "gsm8k"
+    result = CliRunner().invoke(cli, ["render", str(REPO / "recipes" / "gsm8k.yaml"), "-o",
+                                      str(out), "--set", f"data.splits={sizes}",
+                                      "--set", "finetune.enabled=false"])
+    assert result.exit_code == 0, result.output
+    train = [json.loads(line) for line in (out / "splits" / "train.jsonl").open()]
+    assert all(row["reasoning"] for row in train)
+    assert (out / "train.jsonl").read_text().count("\n") == len(train)
+    text = (REPO / "recipes" / "iris.yaml").read_text().replace(
+        "  module: predict\n", "  module: chain_of_thought\n", 1).replace(
+        "finetune:\n", "finetune:\n  enabled: false\n", 1)
+    recipe = tmp_path / "iris_cot.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "iris"
+    result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(out),
+                                      "--set", "evaluate.max_tokens=64"])
+    assert result.exit_code == 0, result.output
+    assert (out / "train.jsonl").read_text() == ""
+    preview = (out / "prompt_preview.txt").read_text()
+    assert "--- user ---" in preview and "--- assistant ---" not in preview
+
+
 def test_no_tokenizer_skips_the_answer_check_only_where_nothing_trains(tmp_path: Path) -> None:
     from copa.recipe import RecipeError
     from copa.stages.render import load_tokenizer

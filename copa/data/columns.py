@@ -162,12 +162,16 @@ def map_columns(recipe: Recipe, rows: list[dict[str, Any]], key: str,
     hold every column the recipe uses, each one text or number (a list for data.answers_column)
     and each gold output not blank; else a DataError naming the source, the row and the
     column. Rows are numbered from 1 as the source gives them (a CSV's header is no row)."""
-    fields = recipe.task.input_fields + recipe.task.output_fields
-    if recipe.task.module == "chain_of_thought" and recipe.finetune.enabled:
-        fields = [*recipe.task.input_fields, "reasoning", *recipe.task.output_fields]
     if not rows:
         raise data_problem(recipe, key, "no rows in the data")
     present = list(dict.fromkeys(k for row in rows for k in row))
+    fields = recipe.task.input_fields + recipe.task.output_fields
+    # A chain-of-thought fine-tune trains on the data's reasoning; without fine-tuning the
+    # column is still kept where the data has it (labeled demos show worked solutions).
+    if recipe.task.module == "chain_of_thought" and (
+            recipe.finetune.enabled or recipe.data.columns.get("reasoning", "reasoning")
+            in present):
+        fields = [*recipe.task.input_fields, "reasoning", *recipe.task.output_fields]
     problems = []
     columns = {name: recipe.data.columns.get(name, name) for name in fields}
     reader: dict[str, str] = {}  # column -> the first field that reads it

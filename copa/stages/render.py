@@ -133,15 +133,20 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
         demos = choose_fixed_demos(recipe, train) if recipe.finetune.demos == "fixed" else []
     demos = list(demos)
     distribution = recipe.finetune.demos if is_distribution(recipe.finetune.demos) else None
+    # A chain-of-thought recipe that does not fine-tune may have no reasoning to train on:
+    # then it has no training rows (and its preview shows prompts only).
+    trainable = recipe.finetune.enabled or all(f in row for row in [*train, *val]
+                                               for f in spec.output_fields)
     if distribution is not None:
         rows, val_rows = distributed_rows(recipe, spec, train, val, out_dir, emit)
     else:
-        rows, val_rows = training_rows(spec, train, demos), training_rows(spec, val, demos)
+        rows, val_rows = ((training_rows(spec, train, demos), training_rows(spec, val, demos))
+                          if trainable else ([], []))
         (out_dir / TRAIN_DEMOS).unlink(missing_ok=True)
     write_jsonl(out_dir / TRAIN_ROWS, rows)
     write_jsonl(out_dir / "val.jsonl", val_rows)
     atomic_write_text(out_dir / "demos.json", json.dumps(demos, indent=2) + "\n")
-    atomic_write_text(out_dir / "prompt_preview.txt", preview(spec, train[:2]))
+    atomic_write_text(out_dir / "prompt_preview.txt", preview(spec, train[:2], trainable))
 
     if base_model is None:
         emit(f"resolving model {recipe.model.base}")
@@ -158,7 +163,7 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     config_path = out_dir / TRAIN_CONFIG
     backend.write_config(config, config_path)
     # The fair fine-tune-only arm: the same rows without demos, trained beside (copa.runs).
-    plain_rows = training_rows(spec, train)
+    plain_rows = training_rows(spec, train) if trainable else []
     plain = out_dir / PLAIN_DIR
     if trains_with_demos(recipe) and plain_rows != rows:
         write_jsonl(plain / TRAIN_ROWS, plain_rows)
