@@ -68,6 +68,9 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
 
     arms_here = ARMS + ((NATIVE_ARM,) if model.gemm in ("padded", "blocked") else ())
     arms_here = tuple(a for a in arms_here if only is None or a[0] in only)
+    if not arms_here:
+        sys.exit(f"--arms {' '.join(only or [])}: none of them runs here (the native-GEMM arm "
+                 f"only where the model computes in padded or blocked rows; it has {model.gemm})")
     for arm, copa_decoding, size in arms_here:
         size = size or batch_size
         if arm == NATIVE_ARM[0]:
@@ -96,7 +99,7 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
         program.predictors()[0].signature, program.predictors()[0].demos,
         {k: testset[0][k] for k in testset[0].inputs().keys()}))
     native = predictions.pop(NATIVE_ARM[0], None)
-    base = predictions[next(iter(predictions))]  # one at a time, unless --arms left it out
+    base = next(iter(predictions.values()), native)  # one at a time unless --arms left it out
     mismatches = sorted({i for arm in predictions for i, (a, b)
                          in enumerate(zip(base, predictions[arm])) if a != b})
     per_s = {arm: arms[arm]["examples_per_s"] for arm in arms}
@@ -109,7 +112,7 @@ def bench_recipe(name: str, n: int, threads: int, batch_size: int,
             "outputs_identical": not mismatches, "mismatched_rows": mismatches,
             **({"row_blocks_cost": round(per_s[NATIVE_ARM[0]] / per_s["engine"], 3),
                 "native_gemm_mismatched_rows": sum(a != b for a, b in zip(base, native))}
-               if native is not None else {})}
+               if native is not None and "engine" in per_s else {})}
 
 
 def main() -> None:

@@ -197,6 +197,10 @@ def test_blocked_products_keep_their_bits_with_a_kept_transposed_weight(
     layer = model.model.layers[0].mlp.up_proj
     x = torch.randn(1, 3, layer.in_features, generator=gen)
     try:
+        # a mode that keeps the weight as it is keeps a plain tensor, not a second parameter,
+        # so switching to another mode re-prepares the layer
+        assert rowgemm.use(model, "floor4") > 0
+        assert dict(layer.named_parameters()).keys() == {"weight"}
         assert rowgemm.use(model, "blocked") > 0
         assert layer.copa_prepared.shape == (layer.in_features, layer.out_features)
         assert layer.copa_prepared.is_contiguous()
@@ -278,6 +282,6 @@ def test_onednn_products_answer_as_the_previous_engine(varied: LocalModel, mode:
     finally:
         rowgemm.use(model, varied.gemm)
     assert alone == [c["ids"] for c in greedy]
-    if all(rowgemm.rows_independent(rowgemm.MODES[mode], n_in, n_out)
-           for n_in, n_out in rowgemm.linear_shapes(model)):
+    if all(rowgemm.rows_independent(rowgemm.MODES[mode], n_in, n_out, bias=bias)
+           for n_in, n_out, bias in rowgemm.linear_shapes(model)):
         assert together == alone

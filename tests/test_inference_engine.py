@@ -94,12 +94,12 @@ def test_batch_invariance_is_active(tiny: LocalModel) -> None:
         # of their batch mates on this CPU, for every shape of the model's layers.
         shapes = rowgemm.linear_shapes(tiny.model)
         names = list(rowgemm.MODES)
-        assert all(rowgemm.rows_independent(rowgemm.MODES[tiny.gemm], n_in, n_out, tiny.dtype)
-                   for n_in, n_out in shapes)
+        assert all(rowgemm.rows_independent(rowgemm.MODES[tiny.gemm], n_in, n_out, tiny.dtype,
+                                            bias) for n_in, n_out, bias in shapes)
         for cheaper in names[:names.index(tiny.gemm)]:
             assert not all(rowgemm.rows_independent(rowgemm.MODES[cheaper], n_in, n_out,
-                                                   tiny.dtype)
-                           for n_in, n_out in shapes), cheaper
+                                                   tiny.dtype, bias)
+                           for n_in, n_out, bias in shapes), cheaper
         if matmul_is_batch_invariant():  # MKL strict mode (Intel): the model's own layers do
             assert names.index(tiny.gemm) <= names.index("native")
         linears = [m for m in tiny.model.modules() if isinstance(m, torch.nn.Linear)]
@@ -131,6 +131,31 @@ def test_blocked_linear_rows_do_not_depend_on_their_batch_mates() -> None:
     floor4 = rowgemm.MODES["floor4"]
     torch.testing.assert_close(floor4(x, weight, bias), full)
     assert floor4(x[:, :2], weight, bias).shape == (1, 2, 96)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_probe_sees_a_one_row_kernel_that_sums_in_another_order(dtype: str) -> None:
+    """A kernel that sums a single row in another order than it sums rows among others breaks
+    batched == one-at-a-time answers. In bf16 the output's rounding hides most reorderings, so
+    the probe passed such kernels on random data (Zen 4: SmolLM2's bf16 answers differed
+    batched); its data now makes a sum's order show."""
+    import torch
+
+    from copa.inference import rowgemm
+
+    blocked = rowgemm.MODES["blocked"]
+
+    def product(rows, weight_t, bias):  # row-independent blocks; a lone row summed backwards
+        if rows.shape[0] == 1:
+            return blocked.apply(rows.flip(-1), weight_t.flip(0), bias)
+        return blocked.apply(rows, weight_t, bias)
+
+    dtype = getattr(torch, dtype)
+    lone_row_reversed = rowgemm.Mode(blocked.prepare, product)
+    assert not rowgemm.rows_independent(lone_row_reversed, 1536, 576, dtype)
+    assert not rowgemm.rows_independent(lone_row_reversed, 1536, 576, dtype, bias=True)
+    floored = rowgemm.Mode(blocked.prepare, product, floor=2)  # no call of one row left
+    assert rowgemm.rows_independent(floored, 1536, 576, dtype, bias=True)
 
 
 def test_chat_end_of_turn_ends_an_answer(tiny: LocalModel) -> None:

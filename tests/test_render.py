@@ -168,13 +168,15 @@ def test_chain_of_thought_without_fine_tuning_renders(tmp_path: Path) -> None:
         "finetune:\n", "finetune:\n  enabled: false\n", 1)
     recipe = tmp_path / "iris_cot.yaml"
     recipe.write_text(text)
-    out = tmp_path / "iris"
-    result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(out),
-                                      "--set", "evaluate.max_tokens=64"])
-    assert result.exit_code == 0, result.output
-    assert (out / "train.jsonl").read_text() == ""
-    preview = (out / "prompt_preview.txt").read_text()
-    assert "--- user ---" in preview and "--- assistant ---" not in preview
+    for demos in ("none", "{k: [1, 2], pick: random}"):  # none, or drawn for every row
+        out = tmp_path / f"iris-{len(demos)}"
+        result = CliRunner().invoke(cli, ["render", str(recipe), "-o", str(out), "--set",
+                                          "evaluate.max_tokens=64", "--set",
+                                          f"finetune.demos={demos}"])
+        assert result.exit_code == 0, result.output
+        assert (out / "train.jsonl").read_text() == ""
+        preview = (out / "prompt_preview.txt").read_text()
+        assert "--- user ---" in preview and "--- assistant ---" not in preview
 
 
 def test_no_tokenizer_skips_the_answer_check_only_where_nothing_trains(tmp_path: Path) -> None:

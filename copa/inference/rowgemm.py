@@ -43,6 +43,9 @@ Product = Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]
 # small groups (where BLAS libraries switch to GEMV or small-matrix kernels), odd offsets, groups
 # that straddle a row block, and larger groups (where threading may split the work otherwise).
 _PROBE_ROWS = 160
+# The probe's huge input: its rounding error (2^-3 at 2^21 in fp32) exceeds a bf16 step of a
+# typical sum, so a sum that takes it in another order shows through bf16's rounding too.
+_HUGE = 2.0 ** 21
 _PROBES = ((5, 1), (3, 5), (9, 13), (20, 40), (7, 64), (30, 100),
            *((0, rows) for rows in range(1, 18)))
 
@@ -75,7 +78,7 @@ class Mode:
 
 
 def _as_is(weight: torch.Tensor) -> torch.Tensor:
-    return weight
+    return weight.detach()  # a plain tensor: an nn.Parameter kept on the layer would register
 
 
 def _transposed(weight: torch.Tensor) -> torch.Tensor:
@@ -122,20 +125,32 @@ MODES: dict[str, Mode] = {
 
 
 def rows_independent(linear: Linear, n_in: int, n_out: int,
-                     dtype: torch.dtype = torch.float32) -> bool:
-    """Whether `linear` gives every row of a [rows, n_in] @ [n_in, n_out] product bitwise the
-    same result whatever rows share its call (checked on random data of that shape and dtype:
-    bf16 products take other kernels than fp32 ones)."""
+                     dtype: torch.dtype = torch.float32, bias: bool = False) -> bool:
+    """Whether `linear` gives every row of a [rows, n_in] @ [n_in, n_out] product (+ bias)
+    bitwise the same result whatever rows share its call, checked in `dtype` (bf16 products
+    take other kernels than fp32 ones) on data that shows a sum's order: plain random data hid
+    it in bf16, whose rounding covers most reorderings (seen on Zen 4: the probe passed one-row
+    kernels whose greedy answers then differed batched). Here some rows add and take away again
+    a huge term (equal weight columns, inputs +L and -L), so the low bits of their sums depend
+    on where the kernel adds the rest."""
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(n_out, n_in, generator=gen).to(dtype)
-    x = torch.randn(_PROBE_ROWS, n_in, generator=gen).to(dtype)
+    weight = torch.randn(n_out, n_in, generator=gen)
+    x = torch.randn(_PROBE_ROWS, n_in, generator=gen)
+    half = n_in // 2
+    pairs = max(1, min(8, half // 2))
+    for j in range(pairs):  # a pair of columns in either half, so in different blocks of K
+        first, second = j * (half // pairs), half + j * (half // pairs) + j % 3
+        weight[:, second] = weight[:, first]
+        x[j::pairs, first], x[j::pairs, second] = _HUGE, -_HUGE
+    weight, x = weight.to(dtype), x.to(dtype)
+    b = torch.randn(n_out, generator=gen).to(dtype) if bias else None
     with torch.inference_mode():
         try:
             if isinstance(linear, Mode):  # the weight laid out once, as a model's layer keeps it
                 prepared = linear.prepare(weight)
                 linear = functools.partial(_apply_prepared, linear, prepared)
-            full = linear(x, weight, None)
-            return all(torch.equal(linear(x[s:s + m], weight, None), full[s:s + m])
+            full = linear(x, weight, b)
+            return all(torch.equal(linear(x[s:s + m], weight, b), full[s:s + m])
                        for s, m in _PROBES)
         except (RuntimeError, AttributeError, NotImplementedError):  # a kernel this build lacks
             return False
@@ -146,19 +161,22 @@ def _apply_prepared(mode: Mode, prepared: Any, x: torch.Tensor, weight: torch.Te
     return mode.apply(x, prepared, bias)
 
 
-def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
-    """The distinct (in, out) shapes of a model's linear layers."""
-    return sorted({(m.in_features, m.out_features) for m in model.modules()
-                   if isinstance(m, torch.nn.Linear)})
+def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int, bool]]:
+    """The distinct (in, out, has a bias) shapes of a model's linear layers (a bias may be
+    added inside the product, in another order)."""
+    return sorted({(m.in_features, m.out_features, m.bias is not None)
+                   for m in model.modules() if isinstance(m, torch.nn.Linear)})
 
 
-def choose(shapes: Iterable[tuple[int, int]], dtype: torch.dtype = torch.float32) -> str:
+def choose(shapes: Iterable[tuple[int, int, bool]],
+           dtype: torch.dtype = torch.float32) -> str:
     """The first mode of MODES (cheapest first) that computes rows independently for every
-    shape in `dtype`, or "none" (batched answers may then differ from one-at-a-time ones on
-    near-ties)."""
+    (in, out, bias) shape in `dtype`, or "none" (batched answers may then differ from
+    one-at-a-time ones on near-ties)."""
     shapes = list(shapes)
     for name, mode in MODES.items():
-        if all(rows_independent(mode, n_in, n_out, dtype) for n_in, n_out in shapes):
+        if all(rows_independent(mode, n_in, n_out, dtype, bias)
+               for n_in, n_out, bias in shapes):
             return name
     return "none"
 

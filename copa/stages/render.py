@@ -137,7 +137,7 @@ def render(checked: Checked, out_dir: Path, *, work_dir: Path | None = None,
     # then it has no training rows (and its preview shows prompts only).
     trainable = recipe.finetune.enabled or all(f in row for row in [*train, *val]
                                                for f in spec.output_fields)
-    if distribution is not None:
+    if distribution is not None and trainable:
         rows, val_rows = distributed_rows(recipe, spec, train, val, out_dir, emit)
     else:
         rows, val_rows = ((training_rows(spec, train, demos), training_rows(spec, val, demos))
