@@ -52,7 +52,7 @@ class Generation:
 def matmul_is_batch_invariant() -> bool:
     """Whether the BLAS alone computes a GEMM row independently of its batch mates (MKL strict
     mode on Intel CPUs); where it does not, LocalModel computes in row blocks (.rowgemm)."""
-    return rowgemm.rows_independent(rowgemm.native_linear, 512, 256)
+    return rowgemm.rows_independent(rowgemm.MODES["native"], 512, 256)
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

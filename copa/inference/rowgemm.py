@@ -25,7 +25,6 @@ not assumed from the CPU's name. Imported only where a model runs (torch at impo
 
 from __future__ import annotations
 
-import functools
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from typing import Any
 import torch
 
 ROW_BLOCK = 16  # rows per product in padded/blocked mode: 8-16 cost least (bench/inference)
-Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 # A product on a weight prepared once (as it is, transposed, packed for oneDNN): rows [n, in]
 # to [n, out].
 Product = Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]
@@ -106,11 +104,7 @@ def _onednn_product(rows: torch.Tensor, packed_weight: torch.Tensor,
     return torch.ops.mkldnn._linear_pointwise(rows, packed_weight, bias, "none", [], "")
 
 
-def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-_TORCH = (_as_is, native_linear)
+_TORCH = (_as_is, torch.nn.functional.linear)
 _ONEDNN = (_onednn_pack, _onednn_product)
 # Every way a model's products may run, cheapest first (bench/decode.py); choose() takes the
 # first whose rows are independent of their batch mates. oneDNN's pre-packed products come first
@@ -124,9 +118,9 @@ MODES: dict[str, Mode] = {
     "blocked": Mode(_transposed, _blocked_product, multiple=ROW_BLOCK)}
 
 
-def rows_independent(linear: Linear, n_in: int, n_out: int,
+def rows_independent(mode: Mode, n_in: int, n_out: int,
                      dtype: torch.dtype = torch.float32, bias: bool = False) -> bool:
-    """Whether `linear` gives every row of a [rows, n_in] @ [n_in, n_out] product (+ bias)
+    """Whether `mode` gives every row of a [rows, n_in] @ [n_in, n_out] product (+ bias)
     bitwise the same result whatever rows share its call, checked in `dtype` (bf16 products
     take other kernels than fp32 ones) on data that shows a sum's order: plain random data hid
     it in bf16, whose rounding covers most reorderings (seen on Zen 4: the probe passed one-row
@@ -146,19 +140,12 @@ def rows_independent(linear: Linear, n_in: int, n_out: int,
     b = torch.randn(n_out, generator=gen).to(dtype) if bias else None
     with torch.inference_mode():
         try:
-            if isinstance(linear, Mode):  # the weight laid out once, as a model's layer keeps it
-                prepared = linear.prepare(weight)
-                linear = functools.partial(_apply_prepared, linear, prepared)
-            full = linear(x, weight, b)
-            return all(torch.equal(linear(x[s:s + m], weight, b), full[s:s + m])
+            prepared = mode.prepare(weight)  # laid out once, as a model's layer keeps it
+            full = mode.apply(x, prepared, b)
+            return all(torch.equal(mode.apply(x[s:s + m], prepared, b), full[s:s + m])
                        for s, m in _PROBES)
         except (RuntimeError, AttributeError, NotImplementedError):  # a kernel this build lacks
             return False
-
-
-def _apply_prepared(mode: Mode, prepared: Any, x: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
-    return mode.apply(x, prepared, bias)
 
 
 def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int, bool]]:
