@@ -194,7 +194,7 @@ def test_blocked_products_keep_their_bits_with_a_kept_transposed_weight(
             assert torch.equal(rowgemm.MODES["blocked"].apply(x, weight.t().contiguous(), bias),
                                old)
     model = varied.model
-    layer = model.model.layers[0].mlp.up_proj
+    layer = model.model.layers[0].mlp.down_proj
     x = torch.randn(1, 3, layer.in_features, generator=gen)
     try:
         # a mode that keeps the weight as it is keeps a plain tensor, not a second parameter,
@@ -285,3 +285,55 @@ def test_onednn_products_answer_as_the_previous_engine(varied: LocalModel, mode:
     if all(rowgemm.rows_independent(rowgemm.MODES[mode], n_in, n_out, bias=bias)
            for n_in, n_out, bias in rowgemm.linear_shapes(model)):
         assert together == alone
+
+
+def test_sibling_layers_share_one_product(varied: LocalModel) -> None:
+    """q/k/v (and gate/up) compute as one product on their stacked weights: one call gives all
+    three their columns, the values of each layer's own product; a sibling called on another
+    input computes anew; nothing is held once every sibling has its output; and the load-time
+    probe checks the stacked shape too. (The golden tests above check the answers.)"""
+    import torch
+
+    from copa.inference import rowgemm
+
+    model = varied.model
+    attention = model.model.layers[0].self_attn
+    siblings = [attention.q_proj, attention.k_proj, attention.v_proj]
+    stacked = sum(layer.out_features for layer in siblings)
+    mlp = model.model.layers[0].mlp
+    shapes = rowgemm.linear_shapes(model)
+    assert (attention.q_proj.in_features, stacked, attention.q_proj.bias is not None) in shapes
+    assert (mlp.up_proj.in_features, 2 * mlp.up_proj.out_features, False) in shapes
+    gen = torch.Generator().manual_seed(6)
+    x, other = (torch.randn(1, 3, attention.q_proj.in_features, generator=gen)
+                for _ in range(2))
+    calls = []
+    try:
+        assert rowgemm.use(model, "floor4") > 0
+        shared = attention.q_proj.copa_shared
+        assert all(layer.copa_shared is shared for layer in siblings)
+        product = shared.mode.product
+
+        def counted(*args: object) -> torch.Tensor:
+            calls.append(1)
+            return product(*args)
+
+        shared.mode = rowgemm.Mode(shared.mode.prepare, counted, shared.mode.floor)
+        with torch.inference_mode():
+            q, k = attention.q_proj(x), attention.k_proj(x)
+            assert len(calls) == 1
+            k_other = attention.k_proj(other)  # another input: computed for it
+            assert len(calls) == 2 and shared.last is not None
+            v_other, q_other = attention.v_proj(other), attention.q_proj(other)
+            assert len(calls) == 2 and shared.last is None  # all three had theirs
+            v = attention.v_proj(x)
+            assert len(calls) == 3
+            for layer, got, got_other in zip(siblings, (q, k, v), (q_other, k_other, v_other),
+                                             strict=True):
+                torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight))
+                torch.testing.assert_close(got_other,
+                                           torch.nn.functional.linear(other, layer.weight))
+                assert got.is_contiguous()
+    finally:
+        rowgemm.use(model, varied.gemm)
+    assert "copa_shared" not in vars(attention.q_proj) or varied.gemm != "native"

@@ -148,11 +148,35 @@ def rows_independent(mode: Mode, n_in: int, n_out: int,
             return False
 
 
+# Linear layers of one module that read the same input, as Llama, Qwen, Mistral and Gemma name
+# them: use() computes each group as one product on their weights stacked, so a decode step
+# streams a layer's weights in 4 products instead of 7 (bench/decode.py).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def sibling_groups(model: torch.nn.Module) -> list[list[torch.nn.Linear]]:
+    """The groups of SIBLINGS a model has as plain linear layers of one module that agree on
+    input size, bias, dtype and device (so their weights stack into one)."""
+    groups = []
+    for module in model.modules():
+        for names in SIBLINGS:
+            layers = [vars(module)["_modules"].get(name) for name in names]
+            if all(type(layer) is torch.nn.Linear for layer in layers) and len(
+                    {(layer.in_features, layer.bias is not None, layer.weight.dtype,
+                      layer.weight.device) for layer in layers}) == 1:
+                groups.append(layers)
+    return groups
+
+
 def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int, bool]]:
-    """The distinct (in, out, has a bias) shapes of a model's linear layers (a bias may be
-    added inside the product, in another order)."""
-    return sorted({(m.in_features, m.out_features, m.bias is not None)
-                   for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    """The distinct (in, out, has a bias) shapes of a model's products: each linear layer's,
+    and each sibling group's stacked (a bias may be added inside the product, in another
+    order)."""
+    shapes = {(m.in_features, m.out_features, m.bias is not None)
+              for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    shapes |= {(group[0].in_features, sum(m.out_features for m in group),
+                group[0].bias is not None) for group in sibling_groups(model)}
+    return sorted(shapes)
 
 
 def choose(shapes: Iterable[tuple[int, int, bool]],
@@ -172,19 +196,63 @@ def _forward_prepared(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return self.copa_mode.apply(x, self.copa_prepared, self.bias)
 
 
+class SharedProduct:
+    """One product for sibling layers that read the same input (SIBLINGS): the first of them
+    called on an input computes all their outputs; each other takes its columns when called on
+    that same tensor, as transformers calls q, k and v on one hidden state in turn. Called on
+    another input, a sibling computes anew, so the outputs are always those of its input."""
+
+    def __init__(self, mode: Mode, layers: list[torch.nn.Linear]) -> None:
+        self.mode = mode
+        self.prepared = mode.prepare(torch.cat([layer.weight for layer in layers]))
+        self.bias = None if layers[0].bias is None else \
+            torch.cat([layer.bias for layer in layers]).detach()
+        self.sizes = [layer.out_features for layer in layers]
+        # (input, its outputs, siblings yet to take theirs), replaced as one: a forward on
+        # another thread never reads a half-updated pair
+        self.last: tuple[torch.Tensor, tuple[torch.Tensor, ...], set[int]] | None = None
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        last = self.last
+        if last is None or last[0] is not x or index not in last[2]:
+            outputs = self.mode.apply(x, self.prepared, self.bias).split(self.sizes, -1)
+            last = self.last = (x, outputs, set(range(len(self.sizes))))
+        last[2].discard(index)
+        if not last[2]:  # every sibling has its output: hold no activations between calls
+            self.last = None
+        return last[1][index].contiguous()
+
+
+def _forward_shared(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return self.copa_shared.output(self.copa_index, x)
+
+
+_ROUTED = ("forward", "copa_mode", "copa_prepared", "copa_shared", "copa_index")
+
+
 def use(model: torch.nn.Module, mode: str) -> int:
     """Route every plain `nn.Linear` of the model through `mode`'s product ("native" restores
-    the class's own forward); returns how many layers were routed. A layer keeps its weight as
-    the mode prepares it (transposed, packed for oneDNN: one more copy of the weights, taken
-    now, so weights changed later are not seen)."""
+    the class's own forward); returns how many layers were routed. Sibling layers (SIBLINGS)
+    share one product on their stacked weights. A layer keeps its weight as the mode prepares
+    it (transposed, packed for oneDNN, stacked: one more copy of the weights, taken now, so
+    weights changed later are not seen)."""
     count = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear:  # not quantized or LoRA subclasses
-            for name in ("forward", "copa_mode", "copa_prepared"):
+            for name in _ROUTED:
                 vars(module).pop(name, None)
-            if mode != "native":
+    if mode == "native":
+        return count
+    for group in sibling_groups(model):
+        shared = SharedProduct(MODES[mode], group)
+        for index, layer in enumerate(group):
+            layer.copa_shared, layer.copa_index = shared, index
+            layer.forward = types.MethodType(_forward_shared, layer)
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            count += 1
+            if "copa_shared" not in vars(module):
                 module.copa_mode = MODES[mode]
                 module.copa_prepared = MODES[mode].prepare(module.weight)
                 module.forward = types.MethodType(_forward_prepared, module)
-                count += 1
     return count
