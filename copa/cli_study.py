@@ -17,8 +17,12 @@ def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
         return None
     from copa.recipe.schema import MAX_SEED
 
+    parts = [part.strip() for part in value.split(",")]
+    if value.strip() and not all(parts):  # "1,,2" or "1,": a seed left out, not a spacing
+        raise click.BadParameter(f"{value!r}: a seed is missing between commas, "
+                                 "e.g. --seeds 0,1")
     try:
-        seeds = [int(part) for part in value.split(",") if part.strip()]
+        seeds = [int(part) for part in parts if part]
     except ValueError:
         raise click.BadParameter(f"{value!r}: write whole numbers separated by commas, "
                                  "e.g. --seeds 0,1") from None

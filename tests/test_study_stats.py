@@ -467,7 +467,8 @@ def test_seeds_on_the_command_line_choose_which_seeds_run_now(tmp_path: Path) ->
     assert sorted({c["dir"] for c in plan["cells"]}) == sorted(
         f"lora_r={r}/seed-{s}" for r in (8, 16) for s in (0, 1, 2, 7))
     for bad, said in (("one", "e.g. --seeds 0,1"), ("1,1", "a seed is repeated"),
-                      ("", "give at least one seed"), ("-1", "from 0 to 4294967295")):
+                      ("", "give at least one seed"), ("-1", "from 0 to 4294967295"),
+                      ("1,,2", "a seed is missing"), ("1,", "a seed is missing")):
         result = CliRunner().invoke(cli, ["study", str(path), "--seeds", bad])
         assert result.exit_code == 2 and "'--seeds'" in result.output and said in result.output
 
