@@ -20,7 +20,9 @@ run through one of two libraries torch ships, each under the same row rules:
   goes through the same kernel whatever else shares the call ("blocked", ~20% slower).
 
 Which one a model gets is measured when it loads (`choose`), on the model's own layer shapes,
-not assumed from the CPU's name. Imported only where a model runs (torch at import).
+not assumed from the CPU's name. Layers that read the same input (q/k/v, gate/up) share one
+product on their stacked weights (`SharedProduct`): fewer, larger products per decode step.
+Imported only where a model runs (torch at import).
 """
 
 from __future__ import annotations
