@@ -312,6 +312,10 @@ def test_sibling_layers_share_one_product(varied: LocalModel) -> None:
         assert rowgemm.use(model, "floor4") > 0
         shared = attention.q_proj.copa_shared
         assert all(layer.copa_shared is shared for layer in siblings)
+        assert mlp.gate_proj.copa_shared is mlp.up_proj.copa_shared is not shared
+        # a mode that keeps weights as they are keeps one copy: the layers' are views of it
+        assert all(layer.weight.untyped_storage().data_ptr()
+                   == shared.prepared.untyped_storage().data_ptr() for layer in siblings)
         product = shared.mode.product
 
         def counted(*args: object) -> torch.Tensor:

@@ -201,15 +201,28 @@ def _forward_prepared(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 class SharedProduct:
     """One product for sibling layers that read the same input (SIBLINGS): the first of them
     called on an input computes all their outputs; each other takes its columns when called on
-    that same tensor, as transformers calls q, k and v on one hidden state in turn. Called on
-    another input, a sibling computes anew, so the outputs are always those of its input."""
+    that same (unchanged) tensor, as transformers calls q, k and v on one hidden state in turn.
+    Called on another input, a sibling computes anew, so the outputs are those of its input.
+    Until every sibling has its output, one input and its outputs stay held (a forward that
+    stops half-way leaves them to the next call)."""
 
     def __init__(self, mode: Mode, layers: list[torch.nn.Linear]) -> None:
         self.mode = mode
-        self.prepared = mode.prepare(torch.cat([layer.weight for layer in layers]))
-        self.bias = None if layers[0].bias is None else \
-            torch.cat([layer.bias for layer in layers]).detach()
+        weight = torch.cat([layer.weight.detach() for layer in layers])
+        bias = None if layers[0].bias is None else \
+            torch.cat([layer.bias.detach() for layer in layers])
+        self.prepared, self.bias = mode.prepare(weight), bias
         self.sizes = [layer.out_features for layer in layers]
+        if mode.prepare is _as_is:
+            # A mode that computes on the weights as they are: the layers' weights become views
+            # of the stack, which is then their only copy (not a second one beside them).
+            start = 0
+            for layer in layers:
+                end = start + layer.out_features
+                layer.weight.data = weight[start:end]
+                if bias is not None:
+                    layer.bias.data = bias[start:end]
+                start = end
         # (input, its outputs, siblings yet to take theirs), replaced as one: a forward on
         # another thread never reads a half-updated pair
         self.last: tuple[torch.Tensor, tuple[torch.Tensor, ...], set[int]] | None = None
@@ -236,8 +249,9 @@ def use(model: torch.nn.Module, mode: str) -> int:
     """Route every plain `nn.Linear` of the model through `mode`'s product ("native" restores
     the class's own forward); returns how many layers were routed. Sibling layers (SIBLINGS)
     share one product on their stacked weights. A layer keeps its weight as the mode prepares
-    it (transposed, packed for oneDNN, stacked: one more copy of the weights, taken now, so
-    weights changed later are not seen)."""
+    it (transposed or packed for oneDNN: one more copy of the weights, taken now, so weights
+    changed later are not seen; modes that keep weights as they are make sibling weights views
+    of their stack)."""
     count = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear:  # not quantized or LoRA subclasses
