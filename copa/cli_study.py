@@ -21,11 +21,13 @@ def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
     if value.strip() and not all(parts):  # "1,,2" or "1,": a seed left out, not a spacing
         raise click.BadParameter(f"{value!r}: a seed is missing between commas, "
                                  "e.g. --seeds 0,1")
-    try:
-        seeds = [int(part) for part in parts if part]
-    except ValueError:
+    # int() also reads '+2', '1_0' and other scripts' digits: a seed is written in plain
+    # digits ('-1' goes on to the range's message)
+    if not all(part.removeprefix("-").isascii() and part.removeprefix("-").isdigit()
+               for part in parts if part):
         raise click.BadParameter(f"{value!r}: write whole numbers separated by commas, "
-                                 "e.g. --seeds 0,1") from None
+                                 "e.g. --seeds 0,1")
+    seeds = [int(part) for part in parts if part]
     if not seeds:
         raise click.BadParameter("give at least one seed, e.g. --seeds 0")
     if any(not 0 <= seed <= MAX_SEED for seed in seeds):

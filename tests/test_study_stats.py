@@ -468,7 +468,9 @@ def test_seeds_on_the_command_line_choose_which_seeds_run_now(tmp_path: Path) ->
         f"lora_r={r}/seed-{s}" for r in (8, 16) for s in (0, 1, 2, 7))
     for bad, said in (("one", "e.g. --seeds 0,1"), ("1,1", "a seed is repeated"),
                       ("", "give at least one seed"), ("-1", "from 0 to 4294967295"),
-                      ("1,,2", "a seed is missing"), ("1,", "a seed is missing")):
+                      ("1,,2", "a seed is missing"), ("1,", "a seed is missing"),
+                      ("1_0", "e.g. --seeds 0,1"), ("+2", "e.g. --seeds 0,1"),
+                      ("\u0663", "e.g. --seeds 0,1")):
         result = CliRunner().invoke(cli, ["study", str(path), "--seeds", bad])
         assert result.exit_code == 2 and "'--seeds'" in result.output and said in result.output
 
