@@ -3,6 +3,7 @@ library quieting: this module imports nothing of copa's CLI, so there is no impo
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -23,8 +24,7 @@ def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
                                  "e.g. --seeds 0,1")
     # int() also reads '+2', '1_0' and other scripts' digits: a seed is written in plain
     # digits ('-1' goes on to the range's message)
-    if not all(part.removeprefix("-").isascii() and part.removeprefix("-").isdigit()
-               for part in parts if part):
+    if not all(re.fullmatch(r"-?[0-9]+", part) for part in parts if part):
         raise click.BadParameter(f"{value!r}: write whole numbers separated by commas, "
                                  "e.g. --seeds 0,1")
     seeds = [int(part) for part in parts if part]
