@@ -50,10 +50,10 @@ def bandwidth_gbs(n_bytes: int, repeats: int = 7) -> float:
 
 
 def copa_decode(model: Any, ids: list[int], new: int) -> dict[str, float]:
-    """copa's decode loop (copa.inference.packed.decode), one row, no early stop."""
+    """copa's decode loop (copa.inference.decoder.decode), one row, no early stop."""
     import torch
 
-    from copa.inference import packed
+    from copa.inference import decoder, packed
 
     first: list[float] = []
 
@@ -63,7 +63,7 @@ def copa_decode(model: Any, ids: list[int], new: int) -> dict[str, float]:
 
     start = time.perf_counter()
     with torch.inference_mode():
-        out = packed.decode(model, [packed.Row(tokens=ids, max_new=new)], never_done)
+        out = decoder.decode(model, [packed.Row(tokens=ids, max_new=new)], never_done)
     end = time.perf_counter()
     assert len(out[0][0]) == new
     return _speeds(start, first[0], end, new) | {"ids": out[0][0]}

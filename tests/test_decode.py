@@ -1,4 +1,4 @@
-"""The decode loop (copa.inference.packed.Decoder, LocalModel.stream, the engine's continuous
+"""The decode loop (copa.inference.decoder.Decoder, LocalModel.stream, the engine's continuous
 batching): the same answers as the engine before it was rewritten for long generations
 (tests/fixtures/decode_golden.json, recorded from the old code by make_decode_golden.py), alone,
 batched and joining mid-flight; and short requests finish while a long one is still running."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import save_varied_llama
 
-from copa.inference import packed
+from copa.inference import decoder, packed
 from copa.inference.engine import BatchingEngine
 from copa.inference.local import LocalModel
 
@@ -54,10 +54,10 @@ def test_greedy_and_sampled_ids_are_the_previous_engines_alone_and_batched(
     import torch
 
     with torch.inference_mode():
-        alone = [packed.decode(varied.model, rows_of(varied, [c]), never_stop(varied))[0][0]
+        alone = [decoder.decode(varied.model, rows_of(varied, [c]), never_stop(varied))[0][0]
                  for c in CASES]
         together = [new for new, _ in
-                    packed.decode(varied.model, rows_of(varied, CASES), never_stop(varied))]
+                    decoder.decode(varied.model, rows_of(varied, CASES), never_stop(varied))]
     expected = [c["ids"] for c in CASES]
     assert alone == expected
     assert together == expected
@@ -229,14 +229,14 @@ def test_decode_steps_attend_with_plain_products_as_sdpa_does(
         return torch.randn(1, n_heads, tokens, dim, generator=gen).to(dtype)
 
     batch = packed.PackedBatch([packed.Row(tokens=[0] * prompt, max_new=2)] * 2)
-    batch._plan([(0, 0, prompt), (1, prompt, prompt)])  # both prompts, as one prefill
+    batch._plan([(0, 0, prompt, False), (1, prompt, prompt, False)])  # both prompts, one prefill
     prompt_keys = states(2 * prompt)
     batch.update(prompt_keys, states(2 * prompt), 0)
     assert batch.buffers[0][0][0].dtype == torch.float32
     assert torch.equal(batch.buffers[0][0][0][1, :, :prompt].to(dtype),
                        prompt_keys[0, :, prompt:])  # fp32 keeps bf16 keys exactly
     batch.lengths = {0: prompt, 1: prompt}
-    batch._plan([(0, 0, 1), (1, 1, 1)])  # one decode step of both rows
+    batch._plan([(0, 0, 1, False), (1, 1, 1, False)])  # one decode step of both rows
     batch.update(states(2), states(2), 0)
     query = states(2, heads)
 
@@ -275,10 +275,10 @@ def test_onednn_products_answer_as_the_previous_engine(varied: LocalModel, mode:
         assert layer.copa_prepared.is_mkldnn  # the weight in oneDNN's layout, kept
         with torch.inference_mode():
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight))
-            alone = [packed.decode(model, rows_of(varied, [c]), never_stop(varied))[0][0]
+            alone = [decoder.decode(model, rows_of(varied, [c]), never_stop(varied))[0][0]
                      for c in greedy]
             together = [new for new, _ in
-                        packed.decode(model, rows_of(varied, greedy), never_stop(varied))]
+                        decoder.decode(model, rows_of(varied, greedy), never_stop(varied))]
     finally:
         rowgemm.use(model, varied.gemm)
     assert alone == [c["ids"] for c in greedy]

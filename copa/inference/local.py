@@ -31,7 +31,7 @@ from transformers.cache_utils import (  # noqa: E402
 )
 
 from copa import precision as _precision  # noqa: E402
-from copa.inference import packed, padded, rowgemm  # noqa: E402
+from copa.inference import decoder, packed, padded, rowgemm  # noqa: E402
 from copa.models import ModelFolderError, context_length, end_token_ids  # noqa: E402
 from copa.text import one_line  # noqa: E402
 
@@ -244,13 +244,14 @@ class LocalModel:
     def _row(self, chat: Chat, max_new: int, sampling: packed.Sampling | None) -> packed.Row:
         prefix, rest = self.split_prompt(chat)
         return packed.Row(tokens=rest, max_new=self.room(len(prefix) + len(rest), max_new),
-                          prefix=self._prefix_kv(prefix) if prefix else [], sampling=sampling)
+                          prefix=self._prefix_kv(prefix) if prefix else [], sampling=sampling,
+                          history=prefix)
 
     def _generate_packed(self, prompts: list[Chat], max_new: list[int], stops: list[list[str]],
                          sampling: list[packed.Sampling | None]) -> list[Generation]:
         rows = [self._row(chat, m, sampled)
                 for chat, m, sampled in zip(prompts, max_new, sampling, strict=True)]
-        ends = packed.decode(self.model, rows, lambda i, new: self._stop_reason(new, stops[i]))
+        ends = decoder.decode(self.model, rows, lambda i, new: self._stop_reason(new, stops[i]))
         return [self._finish(new, reason, stops[i], row.prefix_len + len(row.tokens))
                 for i, (row, (new, reason)) in enumerate(zip(rows, ends, strict=True))]
 
@@ -321,7 +322,7 @@ class Stream:
 
     def __init__(self, model: LocalModel) -> None:
         self.model = model
-        self.decoder = packed.Decoder(model.model, self._stop_reason)
+        self.decoder = decoder.Decoder(model.model, self._stop_reason)
         self._requests: dict[int, tuple[list[str], int]] = {}  # row -> (stops, prompt tokens)
 
     def __len__(self) -> int:

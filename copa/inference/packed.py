@@ -15,7 +15,7 @@ active batch to attend per row. Imported only where a model runs (torch at impor
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,12 +47,14 @@ class Sampling:
 @dataclass
 class Row:
     """One prompt to continue: cached prefix keys/values per layer (maybe none), then tokens;
-    sampling=None decodes greedily."""
+    sampling=None decodes greedily. `history`: the prefix's token ids, where drafts are also
+    looked up (copa.inference.draft)."""
 
     tokens: list[int]
     max_new: int
     prefix: list[KV] = field(default_factory=list)
     sampling: Sampling | None = None
+    history: Sequence[int] = ()
 
     @property
     def prefix_len(self) -> int:
@@ -84,8 +86,9 @@ class PackedBatch:
         # [layer][shared tensor], each made at its rows' first update, dropped once all left
         self.buffers: list[dict[int, KV]] = []
         # This forward's rows, as runs of consecutive rows that can attend in one call:
-        # (start in packed input, tokens per row, keys per row after it, tensor, index, rows).
-        self.runs: list[tuple[int, int, int, int, int, int]] = []
+        # (start in packed input, tokens per row, keys per row after it, tensor, index, rows,
+        # whether each token attends as a decode step of its own: see forward's `stepwise`).
+        self.runs: list[tuple[int, int, int, int, int, int, bool]] = []
         self._next_row = 0
         self._next_tensor = 0
         self.add(rows)
@@ -144,7 +147,7 @@ class PackedBatch:
                     k[j, :, :row.prefix_len] = pk[0]
                     v[j, :, :row.prefix_len] = pv[0]
             layer[c] = (k, v)
-        for start, n, total, c, j, g in self.runs:
+        for start, n, total, c, j, g, _ in self.runs:
             k, v = layer[c]
             k[j:j + g, :, total - n:total] = _rows_of(keys, start, n, g)
             v[j:j + g, :, total - n:total] = _rows_of(values, start, n, g)
@@ -162,14 +165,18 @@ class PackedBatch:
         layer (Gemma 3's local layers) sees only its last `window` keys, as transformers does."""
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
         layer = self.buffers[layer_idx]
-        for start, n, total, c, j, g in self.runs:
+        for start, n, total, c, j, g, stepwise in self.runs:
             k, v = layer[c]
-            if n == 1 and k.dtype == torch.float32:  # decode steps: one query per row
-                first = total - window if window is not None and total > window else 0
-                for r in range(g):  # each row on its own: the same call alone or batched
-                    out[0, start + r] = one_query_attention(
-                        query[0, :, start + r].float(), k[j + r, :, first:total],
-                        v[j + r, :, first:total], scaling)
+            if (n == 1 or stepwise) and k.dtype == torch.float32:  # decode steps
+                # each query on its own over the keys up to its position: the same call
+                # alone, batched, or as one of a draft's positions
+                for r in range(g):
+                    for i in range(n):
+                        at, end = start + r * n + i, total - n + i + 1
+                        first = end - window if window is not None and end > window else 0
+                        out[0, at] = one_query_attention(
+                            query[0, :, at].float(), k[j + r, :, first:end],
+                            v[j + r, :, first:end], scaling)
                 continue
             q = _rows_of(query, start, n, g).contiguous()
             # a prefill attends in the model's dtype (bf16 keys kept in fp32 are exact copies)
@@ -188,36 +195,42 @@ class PackedBatch:
                                                                      o.shape[3])
         return out
 
-    def _plan(self, segments: list[tuple[int, int, int]]) -> None:
-        """Group this forward's rows (row, start, tokens) into runs that attend in one call:
-        consecutive in the packed input and in a shared tensor, with equal lengths."""
+    def _plan(self, segments: list[tuple[int, int, int, bool]]) -> None:
+        """Group this forward's rows (row, start, tokens, stepwise) into runs that attend in
+        one call: consecutive in the packed input and in a shared tensor, with equal lengths."""
         self.runs = []
-        for row, start, n in segments:
+        for row, start, n, stepwise in segments:
             c, j = self.slots[row]
             total = self.lengths[row] + n
             if self.runs:
-                r_start, r_n, r_total, r_c, r_j, g = self.runs[-1]
-                if (r_n, r_total, r_c, r_j + g) == (n, total, c, j) \
+                r_start, r_n, r_total, r_c, r_j, g, r_step = self.runs[-1]
+                if (r_n, r_total, r_c, r_j + g, r_step) == (n, total, c, j, stepwise) \
                         and r_start + g * r_n == start:
-                    self.runs[-1] = (r_start, r_n, r_total, r_c, r_j, g + 1)
+                    self.runs[-1] = (r_start, r_n, r_total, r_c, r_j, g + 1, r_step)
                     continue
-            self.runs.append((start, n, total, c, j, 1))
+            self.runs.append((start, n, total, c, j, 1, stepwise))
 
     # --- one forward --------------------------------------------------------------------------
 
-    def forward(self, model: torch.nn.Module, feed: dict[int, list[int]]) -> torch.Tensor:
+    def forward(self, model: torch.nn.Module, feed: dict[int, list[int]],
+                stepwise: Collection[int] = ()) -> torch.Tensor:
         """Run the rows in `feed` (row -> its new tokens) as one packed forward; returns the
-        logits [rows, vocab] at each fed row's last token, in feed's order."""
+        logits at each fed row's last token, in feed's order ([rows, vocab]), and for the rows
+        in `stepwise` at every one of its tokens, each attending as a decode step of its own
+        (a draft's positions: logits bitwise those of one token at a time)."""
         ids: list[int] = []
         positions: list[int] = []
         segments = []
+        keep: list[int] = []
         for row, tokens in feed.items():
-            segments.append((row, len(ids), len(tokens)))
+            start, n = len(ids), len(tokens)
+            segments.append((row, start, n, row in stepwise))
+            keep.extend(range(start, start + n) if row in stepwise else [start + n - 1])
             ids.extend(tokens)
-            positions.extend(range(self.lengths[row], self.lengths[row] + len(tokens)))
+            positions.extend(range(self.lengths[row], self.lengths[row] + n))
         self._plan(segments)
         device = next(model.parameters()).device
-        last = torch.tensor([start + n - 1 for _, start, n in segments], device=device)
+        last = torch.tensor(keep, device=device)
         token = ACTIVE.set(self)
         try:
             out = model(input_ids=torch.tensor([ids], device=device),
@@ -226,9 +239,14 @@ class PackedBatch:
                         use_cache=True, logits_to_keep=last)
         finally:
             ACTIVE.reset(token)
-        for row, _, n in segments:
+        for row, _, n, _ in segments:
             self.lengths[row] += n
         return out.logits[0]
+
+    def rewind(self, row: int, n: int) -> None:
+        """Forget a row's last n tokens (a draft's rejected positions): the next forward
+        writes over their keys and values."""
+        self.lengths[row] -= n
 
     def prefix_of(self, row: int) -> list[KV]:
         """A row's keys and values so far, copied out (to cache them as a prefix)."""
@@ -270,92 +288,6 @@ def _rows_of(packed_states: torch.Tensor, start: int, n: int, g: int) -> torch.T
     [g, heads, n, dim] view."""
     heads, dim = packed_states.shape[1], packed_states.shape[3]
     return packed_states[0, :, start:start + g * n].view(heads, g, n, dim).transpose(0, 1)
-
-
-def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """One token from a row's logits: temperature, then top-k, then top-p (nucleus) filtering."""
-    scores = logits.float() / sampling.temperature
-    if sampling.top_k:
-        kth = torch.topk(scores, min(sampling.top_k, scores.numel())).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if sampling.top_p is not None and sampling.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=True)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        # Keep the smallest set whose probability reaches top_p (the first token always).
-        drop = cumulative - ordered.softmax(-1) >= sampling.top_p
-        scores = scores.scatter(0, order[drop], float("-inf"))
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
-
-
-class Decoder:
-    """Packed decoding one forward at a time, so rows can join between steps (continuous
-    batching) and each leaves, with its answer, as soon as it ends.
-
-    is_done(row, new_ids) gives the reason a row ends at its newest token (e.g. "stop"), or
-    None to go on; a row that reaches its max_new tokens ends with "length". A row's logits
-    do not depend on its batch mates (PackedBatch), so its answer is the same whenever it joins.
-    """
-
-    def __init__(self, model: torch.nn.Module,
-                 is_done: Callable[[int, list[int]], str | None]) -> None:
-        self.model = model
-        self.is_done = is_done
-        self.batch = PackedBatch()
-        self.feed: dict[int, list[int]] = {}  # row -> tokens its next forward takes
-        self.new: dict[int, list[int]] = {}  # row -> tokens generated so far
-        self.generators: dict[int, torch.Generator] = {}  # sampled rows' own random streams
-
-    def __len__(self) -> int:
-        return len(self.feed)
-
-    def add(self, rows: Sequence[Row]) -> list[int]:
-        """Rows to continue from the next step on; returns their indices."""
-        keys = self.batch.add(rows)
-        for key, row in zip(keys, rows, strict=True):
-            self.feed[key] = list(row.tokens)
-            self.new[key] = []
-            if row.sampling is not None:
-                self.generators[key] = torch.Generator().manual_seed(row.sampling.seed)
-        return keys
-
-    def step(self) -> list[tuple[int, list[int], str]]:
-        """One forward of every unfinished row; returns the rows that ended at it as
-        (row, new token ids, finish reason)."""
-        logits = self.batch.forward(self.model, self.feed)
-        picks = logits.argmax(-1).tolist()
-        still: dict[int, list[int]] = {}
-        ended = []
-        for k, key in enumerate(self.feed):
-            row = self.batch.rows[key]
-            token = int(picks[k]) if row.sampling is None else \
-                _sample(logits[k], row.sampling, self.generators[key])
-            new = self.new[key]
-            new.append(token)
-            reason = self.is_done(key, new)
-            if reason is None and len(new) < row.max_new:
-                still[key] = [token]
-                continue
-            ended.append((key, self.new.pop(key), reason or "length"))
-            self.generators.pop(key, None)
-            self.batch.release(key)
-        self.feed = still
-        return ended
-
-
-def decode(model: torch.nn.Module, rows: Sequence[Row],
-           is_done: Callable[[int, list[int]], str | None]) -> list[tuple[list[int], str]]:
-    """Continue every row, greedily or by its own sampling: (new token ids, finish reason).
-
-    is_done(row, new_ids) gives the reason a row ends at its newest token (e.g. "stop"), or
-    None to go on; a row that reaches its max_new tokens ends with "length".
-    """
-    decoder = Decoder(model, is_done)
-    keys = decoder.add(rows)
-    ends: dict[int, tuple[list[int], str]] = {}
-    while decoder:
-        for key, new, reason in decoder.step():
-            ends[key] = (new, reason)
-    return [ends[key] for key in keys]
 
 
 # The attention implementation's name in transformers' registry (LocalModel loads with it).

@@ -1,0 +1,51 @@
+"""Drafts for greedy decoding from a row's own text (prompt lookup): when the last few tokens
+appeared before, the tokens that followed them then are a guess at what follows now.
+
+A decode step reads every weight once whatever the number of rows it computes, so checking a
+guess of k tokens costs one forward of k + 1 positions instead of k + 1 forwards. The model's
+greedy pick at each position decides: the guess is kept up to its first wrong token, and that
+position's pick is the next token, so the answer is the one plain greedy decoding gives
+(copa.inference.packed: each position's logits are bitwise those it gets alone). Text that
+repeats what it read (field markers, restated numbers, quoted demos, a small model's loops)
+is where guesses hold. Imported without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Tokens guessed per step: on Zen 4 a product of up to 4 rows costs what one row does
+# (copa.inference.rowgemm's floor4); each guessed position also attends over the whole cache.
+DRAFT_TOKENS = 3
+
+
+class PromptLookup:
+    """The n-grams (`shortest` to `longest` tokens) of a row's text so far, each with where its
+    latest earlier occurrence was followed; `draft` looks up the text's last n-gram, longest
+    first. Kept up to date as tokens are added, so a step costs a few dict lookups."""
+
+    def __init__(self, tokens: Sequence[int], longest: int = 3, shortest: int = 2) -> None:
+        self.tokens: list[int] = []
+        self.longest, self.shortest = longest, shortest
+        self.follows: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after it
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Tokens added to the end of the text."""
+        for token in tokens:
+            # the old last token stops being the end of the text: its n-grams become lookable
+            end = len(self.tokens)
+            for n in range(self.shortest, min(self.longest, end) + 1):
+                self.follows[tuple(self.tokens[end - n:end])] = end
+            self.tokens.append(token)
+
+    def draft(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the text's ending, or
+        none when its last `shortest` tokens never appeared before."""
+        if k < 1:
+            return []
+        for n in range(min(self.longest, len(self.tokens)), self.shortest - 1, -1):
+            start = self.follows.get(tuple(self.tokens[-n:]))
+            if start is not None:
+                return self.tokens[start:start + k]
+        return []

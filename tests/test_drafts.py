@@ -1,0 +1,127 @@
+"""Drafted decoding (copa.inference.draft, decoder.Decoder): a greedy row guesses tokens from its
+own text and checks them in one forward. Whatever the guesses, right or wrong, the answer is
+plain greedy decoding's, token for token (tests/fixtures/decode_golden.json), in fp32 and bf16."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import save_varied_llama
+
+from copa.inference import decoder, packed
+from copa.inference.draft import PromptLookup
+from copa.inference.local import LocalModel
+
+GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "decode_golden.json").read_text())
+GREEDY = [c for c in GOLDEN["cases"] if c["sampling"] is None]
+
+
+@pytest.fixture(scope="module")
+def varied(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LocalModel:
+    return LocalModel(str(save_varied_llama(tiny_model_dir, tmp_path_factory.mktemp("varied"),
+                                            seed=0)))
+
+
+def test_prompt_lookup_drafts_what_followed_the_ending_before() -> None:
+    text = [1, 2, 3, 9, 2, 3, 5, 1, 2, 3]
+    lookup = PromptLookup(text)
+    # the ending's longest earlier n-gram (1 2 3, followed by 9) wins over 2 3 (followed by 5)
+    assert lookup.draft(3) == [9, 2, 3]
+    assert lookup.draft(0) == []
+    lookup.extend([7])  # "3 7" never appeared: no guess
+    assert lookup.draft(3) == []
+    lookup.extend([1, 2])  # "7 1 2" is new, "1 2" was followed by 3 at its latest
+    assert lookup.draft(2) == [3, 7]
+    assert PromptLookup([4, 4]).draft(5) == []  # nothing before the ending
+    assert PromptLookup([4, 4, 4]).draft(5) == [4]  # "4 4" followed by 4, as far as the text goes
+
+
+class Oracle:
+    """Drafts from the known answer, with every fifth guessed token wrong: exercises held and
+    rejected guesses where the tiny random model's text never repeats itself."""
+
+    answers: dict[tuple[int, ...], list[int]] = {}
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.prompt = len(tokens)
+        self.tokens = list(tokens)
+        self.answer = self.answers[tuple(tokens)]
+
+    def extend(self, tokens: list[int]) -> None:
+        self.tokens.extend(tokens)
+
+    def draft(self, k: int) -> list[int]:
+        done = len(self.tokens) - self.prompt
+        guess = self.answer[done:done + k]
+        return [t if (done + i) % 5 != 4 else (t + 1) % 50 for i, t in enumerate(guess)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_drafted_decoding_answers_as_plain_greedy(varied: LocalModel, precision: str,
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    model = varied if precision == "fp32" else LocalModel(varied.path, precision="bf16")
+
+    def decode(rows: list[packed.Row], draft_tokens: int, draft_rows: int = 1):
+        loop = decoder.Decoder(model.model, lambda row, new: model._stop_reason(new, []),
+                               draft_tokens, draft_rows)
+        keys = loop.add(rows)
+        ends = {}
+        with torch.inference_mode():
+            while loop:
+                ends.update({key: new for key, new, _ in loop.step()})
+        return [ends[key] for key in keys], loop
+
+    def rows() -> list[packed.Row]:
+        return [model._row(c["chat"], c["max_new"], None) for c in GREEDY]
+
+    plain = [decode([row], 0)[0][0] for row in rows()]
+    if precision == "fp32":
+        assert plain == [c["ids"] for c in GREEDY]
+    for row, answer in zip(rows(), plain, strict=True):
+        Oracle.answers[(*row.history, *row.tokens)] = answer
+    monkeypatch.setattr(decoder, "PromptLookup", Oracle)
+    for k in (1, 3, 6):
+        drafted, loops = zip(*(decode([row], k) for row in rows()), strict=True)
+        assert [new[0] for new in drafted] == plain
+        assert sum(loop.accepted for loop in loops) > 0  # guesses held ...
+        assert sum(loop.accepted for loop in loops) < sum(loop.drafted for loop in loops)
+    # rows decoding together, each checking its own guesses in the same forward
+    together, loop = decode(rows(), 3, draft_rows=len(GREEDY))
+    assert together == plain and loop.accepted > 0
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_drafts_positions_attend_as_single_steps(window: int | None) -> None:
+    """Each of a draft's positions attends over the keys up to its own position (the last
+    `window` of them on a sliding-window layer), bitwise as that position alone would."""
+    import torch
+
+    gen = torch.Generator().manual_seed(2)
+    heads, kv_heads, dim, prompt, n = 4, 2, 8, 9, 3
+
+    def states(tokens: int, n_heads: int = kv_heads) -> torch.Tensor:
+        return torch.randn(1, n_heads, tokens, dim, generator=gen)
+
+    keys, values, queries = states(prompt + n), states(prompt + n), states(n, heads)
+    batch = packed.PackedBatch([packed.Row(tokens=[0] * prompt, max_new=n + 1)])
+    batch._plan([(0, 0, prompt, False)])
+    batch.update(keys[:, :, :prompt], values[:, :, :prompt], 0)
+    batch.lengths[0] = prompt
+    batch._plan([(0, 0, n, True)])  # a fed token and two guesses after it
+    batch.update(keys[:, :, prompt:], values[:, :, prompt:], 0)
+    out = batch.attend(0, queries, 0.4, gqa=True, window=window)
+    for i in range(n):
+        single = packed.PackedBatch([packed.Row(tokens=[0] * prompt, max_new=n + 1)])
+        single._plan([(0, 0, prompt + i, False)])
+        single.update(keys[:, :, :prompt + i], values[:, :, :prompt + i], 0)
+        single.lengths[0] = prompt + i
+        single._plan([(0, 0, 1, False)])
+        single.update(keys[:, :, prompt + i:prompt + i + 1],
+                      values[:, :, prompt + i:prompt + i + 1], 0)
+        alone = single.attend(0, queries[:, :, i:i + 1], 0.4, gqa=True, window=window)
+        assert torch.equal(out[0, i], alone[0, 0])
