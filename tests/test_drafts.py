@@ -125,3 +125,28 @@ def test_a_drafts_positions_attend_as_single_steps(window: int | None) -> None:
                       values[:, :, prompt + i:prompt + i + 1], 0)
         alone = single.attend(0, queries[:, :, i:i + 1], 0.4, gqa=True, window=window)
         assert torch.equal(out[0, i], alone[0, 0])
+
+
+def test_pace_guesses_more_while_guesses_hold_and_pauses_when_they_fail() -> None:
+    from copa.inference.draft import Pace
+
+    pace = Pace(most=4, first=2)
+    assert pace.next() == 2
+    pace.record(2, 2)
+    pace.record(3, 3)
+    assert pace.next() == 4
+    pace.record(4, 4)
+    assert pace.next() == 4  # no more than `most`
+    pace.record(4, 1)  # partly right: as many again
+    assert pace.next() == 4
+    pace.record(4, 0)
+    pace.record(2, 0)
+    assert pace.next() == 1
+    pace.record(1, 0)  # a one-token guess failed: skip one step, then two after the next failure
+    assert [pace.next() for _ in range(2)] == [0, 1]
+    pace.record(1, 0)
+    assert [pace.next() for _ in range(3)] == [0, 0, 1]
+    pace.record(1, 1)  # held: the pauses start over
+    pace.record(2, 0)
+    pace.record(1, 0)
+    assert [pace.next() for _ in range(2)] == [0, 1]

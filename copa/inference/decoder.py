@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from copa.inference.draft import DRAFT_TOKENS, PromptLookup
+from copa.inference.draft import DRAFT_TOKENS, Pace, PromptLookup
 from copa.inference.packed import PackedBatch, Row, Sampling
 
 
@@ -58,6 +58,7 @@ class Decoder:
         self.new: dict[int, list[int]] = {}  # row -> tokens generated so far
         self.generators: dict[int, torch.Generator] = {}  # sampled rows' own random streams
         self.lookups: dict[int, PromptLookup] = {}  # greedy rows' texts, for drafts
+        self.paces: dict[int, Pace] = {}  # and how many tokens each guesses next
         self.drafted = 0  # tokens guessed, and how many of them held
         self.accepted = 0
 
@@ -74,6 +75,7 @@ class Decoder:
                 self.generators[key] = torch.Generator().manual_seed(row.sampling.seed)
             elif self.draft_tokens:
                 self.lookups[key] = PromptLookup([*row.history, *row.tokens])
+                self.paces[key] = Pace(self.draft_tokens)
         return keys
 
     def step(self) -> list[tuple[int, list[int], str]]:
@@ -94,6 +96,7 @@ class Decoder:
                 held = next((i for i, t in enumerate(fed[1:]) if t != tokens[i]), len(fed) - 1)
                 tokens = tokens[:held + 1]
                 self.batch.rewind(key, len(fed) - 1 - held)
+                self.paces[key].record(len(fed) - 1, held)
                 self.drafted += len(fed) - 1
                 self.accepted += held
                 at += len(fed)
@@ -116,6 +119,7 @@ class Decoder:
             ended.append((key, self.new.pop(key), reason or "length"))
             self.generators.pop(key, None)
             self.lookups.pop(key, None)
+            self.paces.pop(key, None)
             self.batch.release(key)
         self.feed = still
         return ended
@@ -131,7 +135,7 @@ class Decoder:
             if lookup is None or len(fed) != 1 or not self.new[key]:
                 continue
             room = self.batch.rows[key].max_new - len(self.new[key]) - 1
-            guess = lookup.draft(min(self.draft_tokens, room))
+            guess = lookup.draft(min(self.paces[key].next(), room))
             if guess:
                 drafts[key] = guess
         return drafts

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Tokens guessed per step: on Zen 4 a product of up to 4 rows costs what one row does
-# (copa.inference.rowgemm's floor4); each guessed position also attends over the whole cache.
-DRAFT_TOKENS = 3
+# The most tokens a row guesses per step (Pace): on Zen 4 a product of a few rows costs what
+# one row does (copa.inference.rowgemm's floor4), but each guessed position also attends over
+# the whole cache: a wrong guess of 3 tokens made a step at a 2k-token context ~1.6x as long.
+DRAFT_TOKENS = 4
 
 
 class PromptLookup:
@@ -49,3 +50,33 @@ class PromptLookup:
             if start is not None:
                 return self.tokens[start:start + k]
         return []
+
+
+class Pace:
+    """How many tokens a row guesses at its next step: one more after a guess that held
+    entirely (up to `most`), half as many after one that failed at its first token, and once a
+    one-token guess fails, no guess for a pause that doubles with each such failure (up to
+    64 steps): text that stopped repeating itself costs little."""
+
+    def __init__(self, most: int, first: int = 2) -> None:
+        self.most = most
+        self.size = min(first, most)
+        self.pause = 0  # steps left without a guess
+        self.wait = 1  # the next pause's length
+
+    def next(self) -> int:
+        """Tokens to guess now (0: none this step)."""
+        if self.pause:
+            self.pause -= 1
+            return 0
+        return self.size
+
+    def record(self, guessed: int, held: int) -> None:
+        """How the last guess went: `held` of its `guessed` tokens were right."""
+        if held == guessed:
+            self.size = min(self.most, self.size + 1)
+            self.wait = 1
+        elif held == 0:
+            if self.size == 1:
+                self.pause, self.wait = self.wait, min(2 * self.wait, 64)
+            self.size = max(1, self.size // 2)
