@@ -1,6 +1,7 @@
 """One long sequence at a time (a MIPROv2 proposal, a GEPA reflection, a chain of thought):
 tokens/s of copa's decode loop for one sequence with 128 / 512 / 2048 prompt tokens generating
-512, in fp32 and (where the CPU has it natively) bf16; next to it the memory-bandwidth bound
+512, in fp32 and (where the CPU has it natively) bf16, without and with drafted tokens
+(copa.inference.draft; the tokens must be the same); next to it the memory-bandwidth bound
 measured on this machine (a read of the model's weight bytes, best of several) and
 transformers' own `generate` on the same weights; and where one decode step's time goes
 (timing hooks around matrix products, attention, cache writes and sampling; the rest is Python
@@ -49,8 +50,11 @@ def bandwidth_gbs(n_bytes: int, repeats: int = 7) -> float:
     return n_bytes / best / 1e9
 
 
-def copa_decode(model: Any, ids: list[int], new: int) -> dict[str, float]:
-    """copa's decode loop (copa.inference.decoder.decode), one row, no early stop."""
+def copa_decode(model: Any, ids: list[int], new: int,
+                draft_tokens: int | None = None) -> dict[str, Any]:
+    """copa's decode loop (copa.inference.decoder), one row, no early stop; draft_tokens=0:
+    without drafts (None: copa's default). With them: how many tokens were guessed and how
+    many held."""
     import torch
 
     from copa.inference import decoder, packed
@@ -62,11 +66,17 @@ def copa_decode(model: Any, ids: list[int], new: int) -> dict[str, float]:
             first.append(time.perf_counter())
 
     start = time.perf_counter()
+    loop = decoder.Decoder(model, never_done, draft_tokens)
+    loop.add([packed.Row(tokens=ids, max_new=new)])
+    ended = []
     with torch.inference_mode():
-        out = decoder.decode(model, [packed.Row(tokens=ids, max_new=new)], never_done)
+        while loop:
+            ended += loop.step()
     end = time.perf_counter()
-    assert len(out[0][0]) == new
-    return _speeds(start, first[0], end, new) | {"ids": out[0][0]}
+    out = ended[0][1]
+    assert len(out) == new
+    drafts = {"drafted": loop.drafted, "held": loop.accepted} if draft_tokens != 0 else {}
+    return _speeds(start, first[0], end, new) | drafts | {"ids": out}
 
 
 def hf_generate(model: Any, ids: list[int], new: int) -> dict[str, float]:
@@ -208,10 +218,13 @@ def main() -> None:
             mid = n + args.new // 2  # the mean context while decoding
             entry: dict[str, Any] = {"bound_tokens_per_s": round(
                 gbs * 1e9 / (weights + kv_per_token * mid), 1)}
+            plain = copa_decode(model.model, ids, args.new, draft_tokens=0)
             ours = copa_decode(model.model, ids, args.new)
+            assert ours["ids"] == plain["ids"], "drafts changed the greedy answer"
+            entry["copa_without_drafts"] = {k: v for k, v in plain.items() if k != "ids"}
+            entry["copa_without_drafts_of_bound"] = round(
+                plain["decode_tokens_per_s"] / entry["bound_tokens_per_s"], 2)
             entry["copa"] = {k: v for k, v in ours.items() if k != "ids"}
-            entry["copa_of_bound"] = round(ours["decode_tokens_per_s"]
-                                           / entry["bound_tokens_per_s"], 2)
             if not args.no_hf:
                 theirs = hf_generate(model.model, ids, args.new)
                 entry["transformers_generate"] = {k: v for k, v in theirs.items() if k != "ids"}

@@ -1,6 +1,7 @@
 """Drafted decoding (copa.inference.draft, decoder.Decoder): a greedy row guesses tokens from its
 own text and checks them in one forward. Whatever the guesses, right or wrong, the answer is
-plain greedy decoding's, token for token (tests/fixtures/decode_golden.json), in fp32 and bf16."""
+plain decoding's, token for token (tests/fixtures/decode_golden.json), greedy or sampled from
+a seed, in fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from copa.inference.draft import PromptLookup
 from copa.inference.local import LocalModel
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "decode_golden.json").read_text())
-GREEDY = [c for c in GOLDEN["cases"] if c["sampling"] is None]
+CASES = GOLDEN["cases"]  # greedy and seeded-sampling ones
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ class Oracle:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_drafted_decoding_answers_as_plain_greedy(varied: LocalModel, precision: str,
+def test_drafted_decoding_answers_as_plain_decoding(varied: LocalModel, precision: str,
                                                   tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
@@ -77,11 +78,13 @@ def test_drafted_decoding_answers_as_plain_greedy(varied: LocalModel, precision:
         return [ends[key] for key in keys], loop
 
     def rows() -> list[packed.Row]:
-        return [model._row(c["chat"], c["max_new"], None) for c in GREEDY]
+        return [model._row(c["chat"], c["max_new"],
+                           packed.Sampling(**c["sampling"]) if c["sampling"] else None)
+                for c in CASES]
 
     plain = [decode([row], 0)[0][0] for row in rows()]
     if precision == "fp32":
-        assert plain == [c["ids"] for c in GREEDY]
+        assert plain == [c["ids"] for c in CASES]
     for row, answer in zip(rows(), plain, strict=True):
         Oracle.answers[(*row.history, *row.tokens)] = answer
     monkeypatch.setattr(decoder, "PromptLookup", Oracle)
@@ -91,7 +94,7 @@ def test_drafted_decoding_answers_as_plain_greedy(varied: LocalModel, precision:
         assert sum(loop.accepted for loop in loops) > 0  # guesses held ...
         assert sum(loop.accepted for loop in loops) < sum(loop.drafted for loop in loops)
     # rows decoding together, each checking its own guesses in the same forward
-    together, loop = decode(rows(), 3, draft_rows=len(GREEDY))
+    together, loop = decode(rows(), 3, draft_rows=len(CASES))
     assert together == plain and loop.accepted > 0
 
 

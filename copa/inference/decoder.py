@@ -1,6 +1,6 @@
 """The decode loop on a PackedBatch: each step one packed forward of every unfinished row, a
 token picked per row (greedy, or sampled from the row's own seeded stream), rows joining and
-leaving between steps (continuous batching), and greedy rows decoding alone checking drafts of
+leaving between steps (continuous batching), and rows decoding alone checking drafts of
 several tokens per forward (copa.inference.draft). A row's logits do not depend on its batch
 mates or on its drafts (copa.inference.packed), so its answer is the same however it ran.
 Imported only where a model runs (torch at import).
@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from copa.inference.draft import DRAFT_TOKENS, Pace, PromptLookup
+from copa.inference import draft
+from copa.inference.draft import Pace, PromptLookup
 from copa.inference.packed import PackedBatch, Row, Sampling
 
 
@@ -39,25 +40,27 @@ class Decoder:
     None to go on; a row that reaches its max_new tokens ends with "length". A row's logits
     do not depend on its batch mates (PackedBatch), so its answer is the same whenever it joins.
 
-    A greedy row decoding alone (or with up to `draft_rows - 1` others) guesses up to
-    `draft_tokens` tokens ahead from its own text (copa.inference.draft) and checks them in the
-    same forward: several tokens for one read of the weights, and the same answer.
+    A row decoding alone (or with up to `draft_rows - 1` others) guesses up to `draft_tokens`
+    tokens ahead from its own text and checks them in the same forward: several tokens for one
+    read of the weights, and the same answer (greedy, or sampled from the same seed). None:
+    copa.inference.draft's DRAFT_TOKENS and DRAFT_ROWS; 0 tokens: no guesses.
     """
 
     def __init__(self, model: torch.nn.Module,
                  is_done: Callable[[int, list[int]], str | None],
-                 draft_tokens: int = DRAFT_TOKENS, draft_rows: int = 1) -> None:
+                 draft_tokens: int | None = None, draft_rows: int | None = None) -> None:
         self.model = model
         self.is_done = is_done
         # drafts attend per position through the float32 decode path, kept on CPU only
         on_cpu = next(model.parameters()).device.type == "cpu"
-        self.draft_tokens = int(draft_tokens) if on_cpu else 0
-        self.draft_rows = int(draft_rows)
+        self.draft_tokens = (draft.DRAFT_TOKENS if draft_tokens is None else draft_tokens) \
+            if on_cpu else 0
+        self.draft_rows = draft.DRAFT_ROWS if draft_rows is None else draft_rows
         self.batch = PackedBatch()
         self.feed: dict[int, list[int]] = {}  # row -> tokens its next forward takes
         self.new: dict[int, list[int]] = {}  # row -> tokens generated so far
         self.generators: dict[int, torch.Generator] = {}  # sampled rows' own random streams
-        self.lookups: dict[int, PromptLookup] = {}  # greedy rows' texts, for drafts
+        self.lookups: dict[int, PromptLookup] = {}  # rows' texts, for drafts
         self.paces: dict[int, Pace] = {}  # and how many tokens each guesses next
         self.drafted = 0  # tokens guessed, and how many of them held
         self.accepted = 0
@@ -73,7 +76,7 @@ class Decoder:
             self.new[key] = []
             if row.sampling is not None:
                 self.generators[key] = torch.Generator().manual_seed(row.sampling.seed)
-            elif self.draft_tokens:
+            if self.draft_tokens:
                 self.lookups[key] = PromptLookup([*row.history, *row.tokens])
                 self.paces[key] = Pace(self.draft_tokens)
         return keys
@@ -91,19 +94,22 @@ class Decoder:
         at = 0
         for key, fed in self.feed.items():
             row = self.batch.rows[key]
-            if key in drafts:  # the picks after each fed token, up to the first wrong guess
-                tokens = picks[at:at + len(fed)]
-                held = next((i for i, t in enumerate(fed[1:]) if t != tokens[i]), len(fed) - 1)
-                tokens = tokens[:held + 1]
-                self.batch.rewind(key, len(fed) - 1 - held)
-                self.paces[key].record(len(fed) - 1, held)
-                self.drafted += len(fed) - 1
+            # the token picked after each fed one, up to the first guess it disagrees with: a
+            # sampled row draws once per token it keeps, as it would without guesses
+            n = len(fed) if key in drafts else 1
+            tokens = []
+            for i in range(n):
+                tokens.append(int(picks[at + i]) if row.sampling is None else
+                              _sample(logits[at + i], row.sampling, self.generators[key]))
+                if i + 1 == n or fed[i + 1] != tokens[-1]:
+                    break
+            at += n
+            if key in drafts:
+                held = len(tokens) - 1
+                self.batch.rewind(key, n - 1 - held)
+                self.paces[key].record(n - 1, held)
+                self.drafted += n - 1
                 self.accepted += held
-                at += len(fed)
-            else:
-                tokens = [int(picks[at]) if row.sampling is None else
-                          _sample(logits[at], row.sampling, self.generators[key])]
-                at += 1
             new = self.new[key]
             reason = None
             for token in tokens:
@@ -125,8 +131,8 @@ class Decoder:
         return ended
 
     def _drafts(self) -> dict[int, list[int]]:
-        """This step's guesses (row -> tokens after its fed one), for greedy rows past their
-        prompt while few rows decode; none longer than the row's room for new tokens."""
+        """This step's guesses (row -> tokens after its fed one), for rows past their prompt
+        while few rows decode; none longer than the row's room for new tokens."""
         if not self.draft_tokens or len(self.feed) > self.draft_rows:
             return {}
         drafts = {}
@@ -143,11 +149,11 @@ class Decoder:
 
 def decode(model: torch.nn.Module, rows: Sequence[Row],
            is_done: Callable[[int, list[int]], str | None],
-           draft_tokens: int = DRAFT_TOKENS) -> list[tuple[list[int], str]]:
+           draft_tokens: int | None = None) -> list[tuple[list[int], str]]:
     """Continue every row, greedily or by its own sampling: (new token ids, finish reason).
 
     is_done(row, new_ids) gives the reason a row ends at its newest token (e.g. "stop"), or
-    None to go on; a row that reaches its max_new tokens ends with "length". A greedy row
+    None to go on; a row that reaches its max_new tokens ends with "length". A row
     decoding alone checks drafts of up to `draft_tokens` tokens per step (Decoder).
     """
     decoder = Decoder(model, is_done, draft_tokens)

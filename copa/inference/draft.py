@@ -1,10 +1,11 @@
-"""Drafts for greedy decoding from a row's own text (prompt lookup): when the last few tokens
-appeared before, the tokens that followed them then are a guess at what follows now.
+"""Drafts from a row's own text (prompt lookup): when its last few tokens appeared before,
+the tokens that followed them then are a guess at what follows now.
 
 A decode step reads every weight once whatever the number of rows it computes, so checking a
-guess of k tokens costs one forward of k + 1 positions instead of k + 1 forwards. The model's
-greedy pick at each position decides: the guess is kept up to its first wrong token, and that
-position's pick is the next token, so the answer is the one plain greedy decoding gives
+guess of k tokens costs one forward of k + 1 positions instead of k + 1 forwards. The row's own
+pick at each position decides (its greedy pick, or its sample drawn from its seeded stream as
+it would be without guesses): the guess is kept up to its first token the pick disagrees
+with, and that pick is the next token, so the answer is the one plain decoding gives
 (copa.inference.packed: each position's logits are bitwise those it gets alone). Text that
 repeats what it read (field markers, restated numbers, quoted demos, a small model's loops)
 is where guesses hold. Imported without torch.
@@ -18,6 +19,9 @@ from collections.abc import Sequence
 # one row does (copa.inference.rowgemm's floor4), but each guessed position also attends over
 # the whole cache: a wrong guess of 3 tokens made a step at a 2k-token context ~1.6x as long.
 DRAFT_TOKENS = 4
+# Rows guess only while at most this many decode together: a batch's products already compute
+# several rows per weight read, and each guess adds rows to them.
+DRAFT_ROWS = 1
 
 
 class PromptLookup:
