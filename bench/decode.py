@@ -79,6 +79,28 @@ def copa_decode(model: Any, ids: list[int], new: int,
     return _speeds(start, first[0], end, new) | drafts | {"ids": out}
 
 
+def wrong_guesses(model: Any, ids: list[int], new: int) -> dict[str, Any]:
+    """copa_decode with every guess wrong: the lookup always guesses token 0 (never SmolLM2's
+    pick here), so this times what guessing costs when it never pays (Pace's pauses)."""
+    from copa.inference import decoder
+
+    class Wrong:
+        def __init__(self, tokens: list[int]) -> None:
+            pass
+
+        def extend(self, tokens: list[int]) -> None:
+            pass
+
+        def draft(self, k: int) -> list[int]:
+            return [0] * k
+
+    real, decoder.PromptLookup = decoder.PromptLookup, Wrong
+    try:
+        return copa_decode(model, ids, new)
+    finally:
+        decoder.PromptLookup = real
+
+
 def hf_generate(model: Any, ids: list[int], new: int) -> dict[str, float]:
     """transformers' generate on the same module (outside a packed batch copa's attention is
     transformers' SDPA), greedy, exactly `new` tokens."""
@@ -180,6 +202,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=512)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    parser.add_argument("--wrong-guesses", action="store_true",
+                        help="also time drafts that are always wrong (their worst case)")
     parser.add_argument("--profile-steps", type=int, default=24)
     parser.add_argument("--name", default="decode", help="result file bench/results/NAME.json")
     args = parser.parse_args()
@@ -225,6 +249,10 @@ def main() -> None:
             entry["copa_without_drafts_of_bound"] = round(
                 plain["decode_tokens_per_s"] / entry["bound_tokens_per_s"], 2)
             entry["copa"] = {k: v for k, v in ours.items() if k != "ids"}
+            if args.wrong_guesses:
+                worst = wrong_guesses(model.model, ids, args.new)
+                assert worst["ids"] == plain["ids"], "wrong guesses changed the greedy answer"
+                entry["copa_wrong_guesses"] = {k: v for k, v in worst.items() if k != "ids"}
             if not args.no_hf:
                 theirs = hf_generate(model.model, ids, args.new)
                 entry["transformers_generate"] = {k: v for k, v in theirs.items() if k != "ids"}
