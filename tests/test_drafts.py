@@ -46,9 +46,11 @@ class Oracle:
     answers: dict[tuple[int, ...], list[int]] = {}
 
     def __init__(self, tokens: list[int]) -> None:
-        self.prompt = len(tokens)
+        # made when a row first may guess: its prompt, then its answer so far
+        self.prompt, self.answer = next(
+            (len(p), a) for p, a in self.answers.items()
+            if tuple(tokens[:len(p)]) == p and tokens[len(p):] == a[:len(tokens) - len(p)])
         self.tokens = list(tokens)
-        self.answer = self.answers[tuple(tokens)]
 
     def extend(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
@@ -61,20 +63,26 @@ class Oracle:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_drafted_decoding_answers_as_plain_decoding(varied: LocalModel, precision: str,
-                                                  tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     model = varied if precision == "fp32" else LocalModel(varied.path, precision="bf16")
 
-    def decode(rows: list[packed.Row], draft_tokens: int, draft_rows: int = 1):
-        loop = decoder.Decoder(model.model, lambda row, new: model._stop_reason(new, []),
-                               draft_tokens, draft_rows)
-        keys = loop.add(rows)
-        ends = {}
+    def decode(rows: list[packed.Row], draft_tokens: int, draft_rows: int = 1,
+               is_done=lambda row, new: model._stop_reason(new, []), join_every: int = 0):
+        """Each row's (new ids, finish reason), and the loop; join_every=n: rows join one at a
+        time, every n steps, while the others decode."""
+        loop = decoder.Decoder(model.model, is_done, draft_tokens, draft_rows)
+        waiting = list(rows)
+        keys = loop.add(waiting if not join_every else waiting[:1])
+        del waiting[:len(keys)]
+        ends, steps = {}, 0
         with torch.inference_mode():
-            while loop:
-                ends.update({key: new for key, new, _ in loop.step()})
+            while loop or waiting:
+                ends.update({key: (new, why) for key, new, why in loop.step()})
+                steps += 1
+                if waiting and steps % join_every == 0:
+                    keys += loop.add([waiting.pop(0)])
         return [ends[key] for key in keys], loop
 
     def rows() -> list[packed.Row]:
@@ -84,18 +92,29 @@ def test_drafted_decoding_answers_as_plain_decoding(varied: LocalModel, precisio
 
     plain = [decode([row], 0)[0][0] for row in rows()]
     if precision == "fp32":
-        assert plain == [c["ids"] for c in CASES]
-    for row, answer in zip(rows(), plain, strict=True):
-        Oracle.answers[(*row.history, *row.tokens)] = answer
+        assert [new for new, _ in plain] == [c["ids"] for c in CASES]
+    Oracle.answers = {(*row.history, *row.tokens): new
+                      for row, (new, _) in zip(rows(), plain, strict=True)}
     monkeypatch.setattr(decoder, "PromptLookup", Oracle)
     for k in (1, 3, 6):
         drafted, loops = zip(*(decode([row], k) for row in rows()), strict=True)
-        assert [new[0] for new in drafted] == plain
+        assert [ends[0] for ends in drafted] == plain
         assert sum(loop.accepted for loop in loops) > 0  # guesses held ...
         assert sum(loop.accepted for loop in loops) < sum(loop.drafted for loop in loops)
-    # rows decoding together, each checking its own guesses in the same forward
+    # rows decoding together, each checking its own guesses in the same forward, and rows
+    # joining while others check theirs
     together, loop = decode(rows(), 3, draft_rows=len(CASES))
     assert together == plain and loop.accepted > 0
+    joining, loop = decode(rows(), 3, draft_rows=len(CASES), join_every=2)
+    assert joining == plain and loop.accepted > 0
+
+    # a stop inside a guess that held: the row ends at that token, as plain decoding ends it
+    def third(row: int, new: list[int]) -> str | None:
+        return "stop" if len(new) == 3 else None
+
+    stopped, loops = zip(*(decode([row], 3, is_done=third) for row in rows()), strict=True)
+    assert [ends[0] for ends in stopped] == [(new[:3], "stop") for new, _ in plain]
+    assert sum(loop.accepted for loop in loops) > 0
 
 
 @pytest.mark.parametrize("window", [None, 4])

@@ -76,23 +76,21 @@ class Decoder:
             self.new[key] = []
             if row.sampling is not None:
                 self.generators[key] = torch.Generator().manual_seed(row.sampling.seed)
-            if self.draft_tokens:
-                self.lookups[key] = PromptLookup([*row.history, *row.tokens])
-                self.paces[key] = Pace(self.draft_tokens)
         return keys
 
     def step(self) -> list[tuple[int, list[int], str]]:
         """One forward of every unfinished row; returns the rows that ended at it as
         (row, new token ids, finish reason)."""
         drafts = self._drafts()
-        for key, guess in drafts.items():
-            self.feed[key] = self.feed[key] + guess
-        logits = self.batch.forward(self.model, self.feed, drafts)
+        # this forward's tokens; self.feed changes only once it went through
+        fed_now = {key: fed + drafts[key] if key in drafts else fed
+                   for key, fed in self.feed.items()}
+        logits = self.batch.forward(self.model, fed_now, drafts)
         picks = logits.argmax(-1).tolist()
         still: dict[int, list[int]] = {}
         ended = []
         at = 0
-        for key, fed in self.feed.items():
+        for key, fed in fed_now.items():
             row = self.batch.rows[key]
             # the token picked after each fed one, up to the first guess it disagrees with: a
             # sampled row draws once per token it keeps, as it would without guesses
@@ -132,14 +130,21 @@ class Decoder:
 
     def _drafts(self) -> dict[int, list[int]]:
         """This step's guesses (row -> tokens after its fed one), for rows past their prompt
-        while few rows decode; none longer than the row's room for new tokens."""
+        while few rows decode; none longer than the row's room for new tokens. A row's text
+        is indexed the first time it may guess (rows that never decode alone never pay)."""
         if not self.draft_tokens or len(self.feed) > self.draft_rows:
             return {}
         drafts = {}
         for key, fed in self.feed.items():
-            lookup = self.lookups.get(key)
-            if lookup is None or len(fed) != 1 or not self.new[key]:
+            if len(fed) != 1 or not self.new[key]:
                 continue
+            lookup = self.lookups.get(key)
+            if lookup is None:
+                row = self.batch.rows[key]
+                # the fed token is the answer's last, already in new
+                lookup = self.lookups[key] = PromptLookup([*row.history, *row.tokens,
+                                                           *self.new[key]])
+                self.paces[key] = Pace(self.draft_tokens)
             room = self.batch.rows[key].max_new - len(self.new[key]) - 1
             guess = lookup.draft(min(self.paces[key].next(), room))
             if guess:
