@@ -360,6 +360,9 @@ def parse_signature(signature: str) -> tuple[list[str], list[str]]:
     if signature.count("->") != 1:
         raise ValueError("write it as 'input1, input2 -> output', with exactly one '->'")
     left, right = (side.strip() for side in signature.split("->"))
+    for side in (left, right):  # 'a,, b' or 'a, b,' would drop a field without a word
+        if "," in side and not all(f.strip() for f in side.split(",")):
+            raise ValueError(f"'{side}': an empty field between commas; remove the extra ','")
     fields = [f.strip() for f in left.split(",") + right.split(",") if f.strip()]
     for field in fields:  # DSPy's `name: type`; copa's fields are text, read as text
         name, _, kind = field.partition(":")
