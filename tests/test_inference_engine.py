@@ -221,6 +221,21 @@ def test_prefix_cache_keeps_batched_outputs_equal_to_one_at_a_time(tiny: LocalMo
     assert all(g.prompt_tokens == len(tiny._ids(tiny.render(p))) for g, p in zip(batched, prompts))
 
 
+def test_a_bf16_models_cached_prefixes_are_kept_in_bf16(varied_model_dir: Path) -> None:
+    """A bf16 model's keys and values are held in fp32 while decoding, exact copies of bf16
+    values: its cached prefixes keep them in bf16 (half the bytes) and answer as no cache."""
+    import torch
+
+    cached = LocalModel(str(varied_model_dir), precision="bf16")
+    uncached = LocalModel(str(varied_model_dir), precision="bf16", prefix_cache=False)
+    prompts = [few_shot(i) for i in range(4)]
+    answers = cached.generate_detailed(prompts, [12] * 4, [None] * 4)
+    assert answers == uncached.generate_detailed(prompts, [12] * 4, [None] * 4)
+    assert len(cached._prefixes) == 2
+    assert all(k.dtype == v.dtype == torch.bfloat16
+               for layers in cached._prefixes.values() for k, v in layers)
+
+
 def test_prefix_is_the_turns_before_the_last(tiny: LocalModel) -> None:
     chat = few_shot(0)
     prefix, rest = tiny.split_prompt(chat)

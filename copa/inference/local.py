@@ -295,7 +295,10 @@ class LocalModel:
             self.prefix_stats["misses"] += 1
             batch = packed.PackedBatch([packed.Row(tokens=list(prefix), max_new=0)])
             batch.forward(self.model, {0: list(prefix)})
-            layers = self._prefixes[prefix] = batch.prefix_of(0)
+            # kept in the model's dtype: a bf16 model's keys, held in fp32 while decoding
+            # (packed.buffer_dtype), are exact in bf16, so a prefix takes half the bytes
+            layers = self._prefixes[prefix] = [(k.to(self.dtype), v.to(self.dtype))
+                                               for k, v in batch.prefix_of(0)]
             self._evict()
         else:
             self.prefix_stats["hits"] += 1
