@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from copa.inference import draft
+from copa.inference import draft, packed
 from copa.inference.draft import Pace, PromptLookup
 from copa.inference.packed import PackedBatch, Row, Sampling
 
@@ -51,10 +51,10 @@ class Decoder:
                  draft_tokens: int | None = None, draft_rows: int | None = None) -> None:
         self.model = model
         self.is_done = is_done
-        # drafts attend per position through the float32 decode path, kept on CPU only
-        on_cpu = next(model.parameters()).device.type == "cpu"
+        # a draft's positions must attend as single decode steps do, query by query
+        stepwise = packed.attends_stepwise(next(model.parameters()).device)
         self.draft_tokens = (draft.DRAFT_TOKENS if draft_tokens is None else draft_tokens) \
-            if on_cpu else 0
+            if stepwise else 0
         self.draft_rows = draft.DRAFT_ROWS if draft_rows is None else draft_rows
         self.batch = PackedBatch()
         self.feed: dict[int, list[int]] = {}  # row -> tokens its next forward takes
@@ -138,14 +138,14 @@ class Decoder:
         for key, fed in self.feed.items():
             if len(fed) != 1 or not self.new[key]:
                 continue
+            row = self.batch.rows[key]
             lookup = self.lookups.get(key)
             if lookup is None:
-                row = self.batch.rows[key]
                 # the fed token is the answer's last, already in new
                 lookup = self.lookups[key] = PromptLookup([*row.history, *row.tokens,
                                                            *self.new[key]])
                 self.paces[key] = Pace(self.draft_tokens)
-            room = self.batch.rows[key].max_new - len(self.new[key]) - 1
+            room = row.max_new - len(self.new[key]) - 1
             guess = lookup.draft(min(self.paces[key].next(), room))
             if guess:
                 drafts[key] = guess

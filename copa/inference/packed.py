@@ -256,12 +256,19 @@ class PackedBatch:
                 for layer in self.buffers]
 
 
+def attends_stepwise(device: torch.device) -> bool:
+    """Whether decode steps (and a draft's positions) on `device` attend query by query through
+    one_query_attention, on float32 keys and values: on CPU. Elsewhere they go through SDPA."""
+    return device.type == "cpu"
+
+
 def buffer_dtype(keys: torch.Tensor) -> torch.dtype:
-    """The dtype a row's keys and values are kept in: float32 on CPU whatever the model's
-    (bf16 keys and values are exact in it), so decode steps attend in float32 through two
-    plain products (one_query_attention): SDPA's bf16 kernel for one query per row took half
-    of a bf16 step at a 2k-token context (bench/decode.py, AMD Zen 4). Elsewhere, the model's."""
-    return torch.float32 if keys.device.type == "cpu" else keys.dtype
+    """The dtype a row's keys and values are kept in: float32 where decode steps attend
+    stepwise (CPU) whatever the model's (bf16 keys and values are exact in it), so they attend
+    in float32 through two plain products (one_query_attention): SDPA's bf16 kernel for one
+    query per row took half of a bf16 step at a 2k-token context (bench/decode.py, AMD Zen 4).
+    Elsewhere, the model's."""
+    return torch.float32 if attends_stepwise(keys.device) else keys.dtype
 
 
 def one_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
